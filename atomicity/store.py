@@ -1,0 +1,89 @@
+"""The minimal async store protocol the atomicity strategies need.
+
+A store addresses objects by slash-separated paths. Directories are implicit:
+``list_prefix(p)`` yields every object whose path starts with ``p + "/"``.
+Implementations live outside this package (cloudckpt's backends implement it);
+this package only depends on the protocol.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One stored object as a listing reports it.
+
+    Attributes:
+        path: Full path of the object in the store's namespace.
+        size: Size in bytes.
+        mtime: Last modification time in seconds since the epoch, by the
+            store's clock, or None when the store does not report it.
+    """
+
+    path: str
+    size: int
+    mtime: float | None = None
+
+
+@runtime_checkable
+class Store(Protocol):
+    """What a temporary-path strategy needs from a store.
+
+    Contract:
+      * ``put_if_absent`` is a real conditional create (``If-None-Match: *``,
+        ``ifGenerationMatch=0``, ``O_EXCL``/link), never exists-then-put. It
+        returns True when this call created the object, False when another
+        writer's object was already there.
+      * ``get`` returns None for a missing object.
+      * ``delete`` of a missing object is a no-op.
+      * ``rename`` is only called when ``supports_atomic_rename`` is True; it
+        moves a whole directory atomically and raises ``FileExistsError`` when
+        the destination exists.
+    """
+
+    @property
+    def supports_atomic_rename(self) -> bool: ...
+
+    async def get(self, path: str) -> bytes | None: ...
+
+    async def exists(self, path: str) -> bool: ...
+
+    async def put(self, path: str, data: bytes) -> None: ...
+
+    async def put_if_absent(self, path: str, data: bytes) -> bool: ...
+
+    def list_prefix(self, prefix: str) -> AsyncIterator[ObjectInfo]: ...
+
+    async def delete(self, path: str) -> None: ...
+
+    async def delete_many(self, paths: Iterable[str]) -> None: ...
+
+    async def delete_prefix(self, prefix: str) -> None: ...
+
+    async def rename(self, src: str, dst: str) -> None: ...
+
+
+def join(*parts: str) -> str:
+    """Joins path parts with single slashes (no normalisation beyond that)."""
+    out = parts[0].rstrip("/")
+    for part in parts[1:]:
+        part = part.strip("/")
+        if part:
+            out = f"{out}/{part}" if out else part
+    return out
+
+
+def basename(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def parent(path: str) -> str:
+    stripped = path.rstrip("/")
+    if "/" not in stripped:
+        return ""
+    head = stripped.rsplit("/", 1)[0]
+    return head or "/"

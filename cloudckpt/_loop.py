@@ -1,0 +1,76 @@
+"""An asyncio event loop running in a thread of its own.
+
+Checkpointers own one each: blocking calls submit coroutines to it, and the
+background commit of an async save runs on it while training continues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from cloudckpt import backends
+
+T = TypeVar("T")
+
+
+class LoopThread:
+    """A daemon thread running an event loop until ``close``."""
+
+    def __init__(self, name: str = "cloudckpt-loop") -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._closed = False
+        self._thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_forever()
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Schedules ``coro`` on the loop; returns a thread-safe future."""
+        if self._closed:
+            coro.close()
+            raise RuntimeError("this checkpointer's event loop is closed; create a new one")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Runs ``coro`` on the loop and waits for its result."""
+        if threading.current_thread() is self._thread:
+            coro.close()
+            raise RuntimeError("LoopThread.run called from its own loop (deadlock)")
+        return self.submit(coro).result(timeout)
+
+    def close(self) -> None:
+        """Closes the backends' clients bound to this loop, then stops the loop."""
+        if self._closed:
+            return
+
+        async def shutdown() -> None:
+            for backend in backends.all_backends():
+                try:
+                    await backend.aclose()
+                except Exception:  # closing is best effort
+                    pass
+
+        try:
+            self.run(shutdown(), timeout=30)
+        finally:
+            self._closed = True
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=30)
+            if not self._thread.is_alive():
+                self._loop.close()
+
+    def __enter__(self) -> LoopThread:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

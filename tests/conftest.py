@@ -1,0 +1,48 @@
+"""Session fixtures: real S3 (SeaweedFS) and GCS (fake-gcs-server) servers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cloudckpt._loop import LoopThread
+from cloudckpt._servers import LocalServers, local_servers
+
+from .helpers import BUCKET
+
+
+@pytest.fixture(scope="session")
+def servers(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalServers]:
+    """Both servers for the whole session, with the client environment applied."""
+    workdir = tmp_path_factory.mktemp("servers")
+    with local_servers(buckets=(BUCKET, "cloudckpt-other"), workdir=workdir) as srv:
+        saved = {k: os.environ.get(k) for k in srv.env}
+        os.environ.update(srv.env)
+        reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"\n[cloudckpt] {srv.describe()}")
+        try:
+            yield srv
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def loop() -> Iterator[LoopThread]:
+    thread = LoopThread("cloudckpt-tests")
+    yield thread
+    thread.close()
+
+
+@pytest.fixture
+def file_root(tmp_path: Path) -> str:
+    return str(tmp_path / "ckpt")
