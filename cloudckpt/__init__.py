@@ -2,7 +2,36 @@
 
 from __future__ import annotations
 
-from cloudckpt import backends
-from cloudckpt.backends import Backend, RetryPolicy, resolve
+from cloudckpt import args, backends
+from cloudckpt._args_base import CheckpointArgs
+from cloudckpt.backends import Backend, RetryPolicy
+from cloudckpt.checkpointer import AsyncCheckpointer, Checkpointer
+from cloudckpt.composite import CompositeCheckpointHandler
+from cloudckpt.errors import CorruptCheckpointError
+from cloudckpt.handlers.base import AsyncCheckpointHandler, CheckpointHandler
+from cloudckpt.handlers.json import JsonCheckpointHandler
+from cloudckpt.metadata import StepMetadata
+from cloudckpt.multihost import MultiprocessingOptions, ProcessFailedError
+from cloudckpt.path import StoragePath
+from cloudckpt.registry import HandlerRegistry, register_with_handler
 
-__all__ = ["Backend", "RetryPolicy", "backends", "resolve"]
+__all__ = [
+    "AsyncCheckpointHandler",
+    "AsyncCheckpointer",
+    "Backend",
+    "CheckpointArgs",
+    "CheckpointHandler",
+    "Checkpointer",
+    "CompositeCheckpointHandler",
+    "CorruptCheckpointError",
+    "HandlerRegistry",
+    "JsonCheckpointHandler",
+    "MultiprocessingOptions",
+    "ProcessFailedError",
+    "RetryPolicy",
+    "StepMetadata",
+    "StoragePath",
+    "args",
+    "backends",
+    "register_with_handler",
+]

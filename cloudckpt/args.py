@@ -1,0 +1,11 @@
+"""Checkpoint args: what to save or restore, item by item.
+
+``cloudckpt.args.Composite(state=StandardSave(tree), meta=JsonSave({...}))``
+"""
+
+from __future__ import annotations
+
+from cloudckpt._args_base import CheckpointArgs, Composite
+from cloudckpt.handlers.json import JsonRestore, JsonSave
+
+__all__ = ["CheckpointArgs", "Composite", "JsonRestore", "JsonSave"]

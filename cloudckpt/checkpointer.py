@@ -1,0 +1,418 @@
+"""Checkpointer (blocking) and AsyncCheckpointer (background commit).
+
+A save has two phases:
+
+1. Copy, on the caller's thread: the handler validates its args and copies
+   what the caller may change afterwards (device arrays to host memory). No
+   I/O happens, so bad input fails before anything is written.
+2. Commit, on the checkpointer's event loop: the primary process claims the
+   step (temporary path ``create``), every process runs its writes, all
+   processes meet, and the primary writes the step metadata and commits
+   (marker or rename). A failure anywhere leaves the step uncommitted and
+   the writer removes what it wrote.
+
+``Checkpointer.save`` waits for phase 2; ``AsyncCheckpointer.save`` returns
+after phase 1 and reports a background failure once, at the next ``save``,
+``wait_until_finished`` or ``close``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import concurrent.futures
+import logging
+import os
+import threading
+import time
+from collections.abc import Awaitable, Mapping, Sequence
+from typing import Any
+
+import atomicity
+from cloudckpt._args_base import CheckpointArgs
+from cloudckpt._loop import LoopThread
+from cloudckpt.handlers.base import AsyncCheckpointHandler, CheckpointHandler
+from cloudckpt.metadata import StepMetadata, read_step_metadata, write_step_metadata
+from cloudckpt.multihost import MultiprocessingOptions, ProcessGroup
+from cloudckpt.path import StoragePath
+
+logger = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike[str] | StoragePath
+
+
+class Checkpointer:
+    """Saves and restores checkpoints with one handler; ``save`` blocks until committed.
+
+    Args:
+        handler: The handler for the checkpoint's contents (usually a
+            :class:`~cloudckpt.CompositeCheckpointHandler`).
+        storage_options: Backend options (``endpoint_url``, ``region``, ...)
+            overriding the environment.
+        multiprocessing_options: Primary process and active processes.
+        grace_s: How long an uncommitted save is protected from clean-up.
+    """
+
+    def __init__(
+        self,
+        handler: CheckpointHandler,
+        *,
+        storage_options: Mapping[str, Any] | None = None,
+        multiprocessing_options: MultiprocessingOptions | None = None,
+        grace_s: float = atomicity.DEFAULT_GRACE_S,
+    ) -> None:
+        if not isinstance(handler, CheckpointHandler):
+            raise TypeError(f"handler must be a CheckpointHandler, got {type(handler).__name__}")
+        self._handler = handler
+        self._storage_options = dict(storage_options or {})
+        self._group = ProcessGroup(multiprocessing_options)
+        self._grace_s = grace_s
+        self._loop = LoopThread(f"cloudckpt-{type(self).__name__}")
+        self._closed = False
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def handler(self) -> CheckpointHandler:
+        return self._handler
+
+    @property
+    def process_group(self) -> ProcessGroup:
+        return self._group
+
+    def location(self, path: PathLike) -> StoragePath:
+        return StoragePath.from_url(path, **self._storage_options)
+
+    def _run(self, coro: Any, timeout: float | None = None) -> Any:
+        self._check_open()
+        return self._loop.run(coro, timeout)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"this {type(self).__name__} is closed; create a new one")
+
+    # ----------------------------------------------------------------------- save
+    def _prepare(
+        self,
+        path: PathLike,
+        args: CheckpointArgs | None,
+        *,
+        force: bool,
+        metrics: Mapping[str, Any] | None,
+        custom: Mapping[str, Any] | None,
+    ) -> _Commit:
+        """Phase 1, on the caller's thread: validate and copy; no I/O."""
+        self._check_open()
+        if args is None:
+            raise ValueError("save needs args, e.g. args=cloudckpt.args.Composite(state=...)")
+        location = self.location(path)
+        strategy = location.backend.default_temporary_path_class()
+        tmp = strategy.from_final(
+            location.path,
+            location.backend,
+            attempt=self._group.next_attempt(),
+            grace_s=self._grace_s,
+        )
+        directory = StoragePath(location.backend, tmp.get())
+        init_ns = time.time_ns()
+        if isinstance(self._handler, AsyncCheckpointHandler):
+            writes = list(self._handler.async_save(directory, args))
+        else:
+            writes = [self._handler.save(directory, args)]
+        return _Commit(
+            checkpointer=self,
+            location=location,
+            tmp=tmp,
+            directory=directory,
+            writes=writes,
+            force=force,
+            metadata=StepMetadata(
+                item_handlers=_item_handlers(self._handler),
+                metrics=dict(metrics or {}),
+                init_timestamp_nsecs=init_ns,
+                custom=dict(custom or {}),
+            ),
+        )
+
+    def save(
+        self,
+        path: PathLike,
+        args: CheckpointArgs | None = None,
+        *,
+        force: bool = False,
+        metrics: Mapping[str, Any] | None = None,
+        custom: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Saves and commits a checkpoint at ``path``.
+
+        Raises:
+            FileExistsError: a committed checkpoint exists at ``path`` and
+                ``force`` is False, or another writer is saving there.
+        """
+        job = self._prepare(path, args, force=force, metrics=metrics, custom=custom)
+        self._run(job.run())
+
+    # -------------------------------------------------------------------- restore
+    async def _check_committed(self, location: StoragePath) -> None:
+        strategy = location.backend.default_temporary_path_class()
+        try:
+            await strategy.validate_final(location.path, location.backend)
+        except atomicity.ValidationError:
+            if not await _has_objects(location):
+                raise FileNotFoundError(f"no checkpoint at {location}") from None
+            raise
+
+    def restore(self, path: PathLike, args: CheckpointArgs | None = None) -> Any:
+        """Restores the committed checkpoint at ``path``.
+
+        Raises:
+            FileNotFoundError: nothing is stored at ``path``.
+            ValueError: the checkpoint at ``path`` is incomplete (uncommitted).
+        """
+        location = self.location(path)
+
+        async def run() -> Any:
+            await self._check_committed(location)
+            return await self._handler.restore(location, args)
+
+        return self._run(run())
+
+    def metadata(self, path: PathLike) -> StepMetadata:
+        """The step metadata of ``path`` with per-item metadata, reading no array data."""
+        location = self.location(path)
+
+        async def run() -> StepMetadata:
+            try:
+                await self._check_committed(location)
+            except atomicity.ValidationError as exc:
+                raise ValueError(
+                    f"{exc}. Finalize the save first (wait for it to commit) before reading "
+                    "its metadata"
+                ) from None
+            step = await read_step_metadata(location)
+            step.item_metadata = await self._handler.metadata(location)
+            return step
+
+        return self._run(run())
+
+    # ---------------------------------------------------------------------- close
+    def close(self) -> None:
+        """Closes the handler and the event loop."""
+        if self._closed:
+            return
+        try:
+            self._handler.close()
+        finally:
+            self._closed = True
+            self._loop.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+async def _has_objects(location: StoragePath) -> bool:
+    async for _ in location.backend.list_prefix(location.path):
+        return True
+    return False
+
+
+def _item_handlers(handler: CheckpointHandler) -> dict[str, str] | str:
+    step_item_handlers = getattr(handler, "step_item_handlers", None)
+    return step_item_handlers() if callable(step_item_handlers) else handler.typestr()
+
+
+class _Commit:
+    """Phase 2 of one save: claim, write everywhere, meet, commit."""
+
+    def __init__(
+        self,
+        *,
+        checkpointer: Checkpointer,
+        location: StoragePath,
+        tmp: atomicity.TemporaryPath,
+        directory: StoragePath,
+        writes: Sequence[Awaitable[None]],
+        force: bool,
+        metadata: StepMetadata,
+    ) -> None:
+        self.checkpointer = checkpointer
+        self.location = location
+        self.tmp = tmp
+        self.directory = directory
+        self.writes = writes
+        self.force = force
+        self.metadata = metadata
+
+    async def run(self) -> None:
+        group = self.checkpointer.process_group
+        handler = self.checkpointer.handler
+        backend = self.location.backend
+        attempt = self.tmp.claim.attempt
+        created = False
+        started = False
+        try:
+            error: BaseException | None = None
+            if group.is_primary:
+                try:
+                    if self.force and await atomicity.is_committed(backend, self.location.path):
+                        await atomicity.delete_checkpoint(backend, self.location.path)
+                    await self.tmp.create()
+                    created = True
+                except Exception as exc:
+                    error = exc
+            await group.sync(attempt, "created", error=error)
+            if error is not None:
+                raise error
+            started = True
+            try:
+                await _run_all(self.writes)
+            except Exception as exc:
+                error = exc
+            await group.sync(attempt, "written", error=error)
+            if error is not None:
+                raise error
+            if group.is_primary:
+                self.metadata.commit_timestamp_nsecs = time.time_ns()
+                await write_step_metadata(self.directory, self.metadata)
+                await handler.finalize(self.directory)
+                await self.tmp.finalize()
+        except BaseException:
+            if not started:
+                for write in self.writes:
+                    if asyncio.iscoroutine(write):
+                        write.close()
+            if created:
+                await _remove_own_attempt(backend, self.tmp)
+            raise
+
+
+async def _run_all(writes: Sequence[Awaitable[None]]) -> None:
+    """Runs every write; on the first failure cancels the rest and waits for them."""
+    async with asyncio.TaskGroup() as group:
+        for write in writes:
+            group.create_task(_await(write))
+
+
+async def _await(awaitable: Awaitable[None]) -> None:
+    await awaitable
+
+
+async def _remove_own_attempt(backend: Any, tmp: atomicity.TemporaryPath) -> None:
+    """Best effort: delete what a failed save wrote, if the path is still ours."""
+    try:
+        claim = await atomicity.read_claim(backend, tmp.get())
+        if claim is not None and claim.attempt == tmp.claim.attempt:
+            await atomicity.delete_stale(backend, tmp.get())
+    except Exception:  # the next clean-up finishes the job
+        logger.warning("could not remove the failed save at %s", tmp.get(), exc_info=True)
+
+
+class AsyncCheckpointer(Checkpointer):
+    """A checkpointer whose ``save`` returns once data is copied to host memory.
+
+    The commit runs on this checkpointer's event loop. A second ``save`` waits
+    for the one in flight. A background failure, or a commit exceeding
+    ``timeout_s``, is raised exactly once, at the next ``save``,
+    ``wait_until_finished`` or ``close``, naming the path and chaining the
+    original error; that step is never committed.
+    """
+
+    def __init__(
+        self,
+        handler: CheckpointHandler,
+        *,
+        timeout_s: float = 600.0,
+        storage_options: Mapping[str, Any] | None = None,
+        multiprocessing_options: MultiprocessingOptions | None = None,
+        grace_s: float | None = None,
+    ) -> None:
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+        grace = grace_s if grace_s is not None else max(atomicity.DEFAULT_GRACE_S, 2 * timeout_s)
+        if grace < timeout_s:
+            raise ValueError(f"grace_s ({grace}) must be at least timeout_s ({timeout_s})")
+        super().__init__(
+            handler,
+            storage_options=storage_options,
+            multiprocessing_options=multiprocessing_options,
+            grace_s=grace,
+        )
+        self._timeout_s = timeout_s
+        self._inflight: concurrent.futures.Future[None] | None = None
+        self._inflight_url = ""
+        self._lock = threading.Lock()
+
+    def save(
+        self,
+        path: PathLike,
+        args: CheckpointArgs | None = None,
+        *,
+        force: bool = False,
+        metrics: Mapping[str, Any] | None = None,
+        custom: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Copies now and commits in the background; see the class docstring."""
+        with self._lock:
+            self._wait_locked()
+            job = self._prepare(path, args, force=force, metrics=metrics, custom=custom)
+            self._inflight_url = job.location.url
+            self._inflight = self._loop.submit(asyncio.wait_for(job.run(), self._timeout_s))
+
+    def is_saving_in_progress(self) -> bool:
+        future = self._inflight
+        return future is not None and not future.done()
+
+    def wait_until_finished(self) -> None:
+        """Waits for the save in flight; raises its failure (once)."""
+        with self._lock:
+            self._wait_locked()
+
+    def _wait_locked(self) -> None:
+        future, self._inflight = self._inflight, None
+        if future is None:
+            return
+        url = self._inflight_url
+        try:
+            # The loop enforces timeout_s; the margin only guards against a wedged loop.
+            future.result(self._timeout_s + 60)
+        except (TimeoutError, concurrent.futures.TimeoutError) as exc:
+            if isinstance(exc, concurrent.futures.TimeoutError) and not future.done():
+                future.cancel()
+            raise TimeoutError(
+                f"background save of {url} did not finish within {self._timeout_s:.0f}s and was "
+                "abandoned; it was not committed. Raise timeout_s or check the storage channel"
+            ) from exc
+        except Exception as exc:
+            raise _named(exc, url) from exc
+
+    def close(self) -> None:
+        """Waits for the save in flight (raising its failure), then releases resources."""
+        if self._closed:
+            return
+        try:
+            self.wait_until_finished()
+        finally:
+            super().close()
+
+    def __enter__(self) -> AsyncCheckpointer:
+        return self
+
+
+def _named(exc: Exception, url: str) -> Exception:
+    """The same kind of error, with a message naming the checkpoint path."""
+    cls: type[Exception] = type(exc)
+    if getattr(builtins, cls.__name__, None) is not cls:
+        cls = next(
+            (
+                c
+                for c in cls.__mro__
+                if getattr(builtins, c.__name__, None) is c and issubclass(c, Exception)
+            ),
+            RuntimeError,
+        )
+    try:
+        return cls(f"background save of {url} failed: {exc}")
+    except TypeError:
+        return RuntimeError(f"background save of {url} failed: {exc}")

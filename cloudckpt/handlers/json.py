@@ -1,0 +1,51 @@
+"""JSON items: small configuration and bookkeeping objects."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from cloudckpt import _jsonio
+from cloudckpt._args_base import CheckpointArgs
+from cloudckpt.handlers.base import AsyncCheckpointHandler
+from cloudckpt.metadata import write_object
+from cloudckpt.path import StoragePath
+from cloudckpt.registry import register_with_handler
+
+_FILENAME = "data.json"
+
+
+class JsonCheckpointHandler(AsyncCheckpointHandler):
+    """Saves one JSON-serialisable object per item, as one checksummed object."""
+
+    def async_save(self, directory: StoragePath, args: CheckpointArgs) -> Sequence[Awaitable[None]]:
+        if not isinstance(args, JsonSave):
+            raise TypeError(f"JsonCheckpointHandler saves JsonSave args, got {type(args).__name__}")
+        # Serialising now is the copy: later mutation of args.item changes nothing.
+        payload = _jsonio.dumps(args.item, what=f"JsonSave item for {directory}")
+        return [write_object(directory / _FILENAME, payload)]
+
+    async def restore(self, directory: StoragePath, args: CheckpointArgs | None = None) -> Any:
+        target = directory / _FILENAME
+        data = await target.backend.get(target.path)
+        if data is None:
+            raise FileNotFoundError(f"no JSON item at {target}")
+        return _jsonio.loads(data, where=str(target))
+
+
+@register_with_handler(JsonCheckpointHandler, for_save=True)
+@dataclass(frozen=True)
+class JsonSave(CheckpointArgs):
+    """Save a JSON-serialisable object (dicts, lists, strings, numbers, bools, None)."""
+
+    item: Any
+
+
+@register_with_handler(JsonCheckpointHandler, for_restore=True)
+@dataclass(frozen=True)
+class JsonRestore(CheckpointArgs):
+    """Restore a JSON item."""
+
+
+JsonCheckpointHandler.default_restore_args = JsonRestore
