@@ -10,12 +10,14 @@ from cloudckpt.composite import CompositeCheckpointHandler
 from cloudckpt.errors import CorruptCheckpointError
 from cloudckpt.handlers.base import AsyncCheckpointHandler, CheckpointHandler
 from cloudckpt.handlers.json import JsonCheckpointHandler
+from cloudckpt.handlers.pytree import ArrayMetadata, StandardCheckpointHandler
 from cloudckpt.metadata import StepMetadata
 from cloudckpt.multihost import MultiprocessingOptions, ProcessFailedError
 from cloudckpt.path import StoragePath
 from cloudckpt.registry import HandlerRegistry, register_with_handler
 
 __all__ = [
+    "ArrayMetadata",
     "AsyncCheckpointHandler",
     "AsyncCheckpointer",
     "Backend",
@@ -29,6 +31,7 @@ __all__ = [
     "MultiprocessingOptions",
     "ProcessFailedError",
     "RetryPolicy",
+    "StandardCheckpointHandler",
     "StepMetadata",
     "StoragePath",
     "args",

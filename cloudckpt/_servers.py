@@ -368,6 +368,8 @@ def local_servers(
 class FaultStats:
     requests: int = 0
     faults: Counter[str] = field(default_factory=Counter)
+    #: (method, path with query) of every request, in arrival order.
+    log: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def total_faults(self) -> int:
@@ -409,9 +411,10 @@ class FaultProxy:
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._runner = None
 
-    def _choose_fault(self) -> str | None:
+    def _choose_fault(self, method: str, path: str) -> str | None:
         with self._lock:
             self.stats.requests += 1
+            self.stats.log.append((method, path))
             if self._rng.random() >= self.fault_rate:
                 return None
             mode = self._rng.choice(self.modes)
@@ -422,7 +425,7 @@ class FaultProxy:
         from aiohttp import web
 
         body = await request.read()
-        fault = self._choose_fault()
+        fault = self._choose_fault(request.method, request.path_qs)
         if fault in ("503", "429"):
             return self._error_response(int(fault))
         if fault == "drop":

@@ -7,5 +7,13 @@ from __future__ import annotations
 
 from cloudckpt._args_base import CheckpointArgs, Composite
 from cloudckpt.handlers.json import JsonRestore, JsonSave
+from cloudckpt.handlers.pytree import StandardRestore, StandardSave
 
-__all__ = ["CheckpointArgs", "Composite", "JsonRestore", "JsonSave"]
+__all__ = [
+    "CheckpointArgs",
+    "Composite",
+    "JsonRestore",
+    "JsonSave",
+    "StandardRestore",
+    "StandardSave",
+]

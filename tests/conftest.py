@@ -6,7 +6,11 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import jax
 import pytest
+
+# Eight CPU devices per test process, before anything initialises JAX's backend.
+jax.config.update("jax_num_cpu_devices", 8)
 
 from cloudckpt._loop import LoopThread
 from cloudckpt._servers import LocalServers, local_servers

@@ -1,0 +1,711 @@
+"""Sharded ``jax.Array`` pytrees, written straight to storage through tensorstore.
+
+Save: on the caller's thread each process copies the shards it writes
+(``replica_id == 0``) to host memory; in the background tensorstore writes
+them as zarr v3 arrays (crc32c on every chunk) or, for small arrays, as packed
+objects, with a bounded number of bytes in flight. The primary process writes
+``pytree.json``: the tree's skeleton, and per leaf its dtype, shape, sharding
+and where its bytes are. See docs/FORMAT.md.
+
+Restore: each array is read straight into the target's sharding; each process
+reads only the regions its devices need. Arrays the target does not name are
+never read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import warnings
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import google_crc32c
+import jax
+import numpy as np
+import tensorstore as ts
+
+from cloudckpt import _jsonio
+from cloudckpt._args_base import CheckpointArgs
+from cloudckpt.errors import CorruptCheckpointError
+from cloudckpt.handlers.base import AsyncCheckpointHandler
+from cloudckpt.handlers.pytree import _layout as layout
+from cloudckpt.handlers.pytree._budget import ByteBudget
+from cloudckpt.handlers.pytree._tree import flatten, rebuild, unflatten_like
+from cloudckpt.metadata import write_object
+from cloudckpt.path import StoragePath
+from cloudckpt.registry import register_with_handler
+
+logger = logging.getLogger(__name__)
+
+METADATA_NAME = "pytree.json"
+PYTREE_FORMAT = 1
+_MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class ArrayMetadata:
+    """What a saved array is, without its data (a ``jax.ShapeDtypeStruct`` look-alike).
+
+    Attributes:
+        shape: Global shape.
+        dtype: numpy dtype.
+        sharding: How it was sharded when saved (mesh axes and partition
+            spec for a ``NamedSharding``), or None for host values.
+        kind: ``jax``, ``ndarray``, ``np_scalar`` or ``py`` (Python scalar).
+        nbytes: Size in bytes.
+    """
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    sharding: dict[str, Any] | None = None
+    kind: str = "jax"
+    nbytes: int = 0
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+
+def _describe_sharding(sharding: Any) -> dict[str, Any] | None:
+    if sharding is None:
+        return None
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        spec = [list(p) if isinstance(p, tuple) else p for p in sharding.spec]
+        return {
+            "type": "NamedSharding",
+            "mesh": dict(zip(sharding.mesh.axis_names, sharding.mesh.devices.shape, strict=True)),
+            "spec": spec,
+        }
+    return {"type": type(sharding).__name__, "num_devices": len(sharding.device_set)}
+
+
+# ------------------------------------------------------------------------------ save plan
+@dataclass
+class _Region:
+    """A zarr region this process writes, with its host copy."""
+
+    leaf: int
+    index: layout.Index
+    data: np.ndarray | None
+
+
+@dataclass
+class _SavePlan:
+    leaves_json: list[dict[str, Any]] = field(default_factory=list)
+    skeleton: dict[str, Any] = field(default_factory=dict)
+    zarr_specs: dict[int, dict[str, Any]] = field(default_factory=dict)  # leaf -> zarr metadata
+    regions: list[_Region] = field(default_factory=list)
+    packed: dict[tuple[int, layout.Index], np.ndarray] = field(default_factory=dict)
+    pack_entries: list[layout.PackEntry] = field(default_factory=list)
+    nbytes: int = 0
+
+
+def _host_copy(value: Any) -> np.ndarray:
+    """A host copy the caller cannot change afterwards (CPU arrays alias device memory)."""
+    if isinstance(value, jax.Array) and next(iter(value.devices())).platform != "cpu":
+        return np.asarray(value)  # a fresh host buffer from the transfer
+    return np.array(value, copy=True)
+
+
+def _as_array(path: str, value: Any) -> tuple[str, Any]:
+    """Classifies a leaf; returns (kind, array-like)."""
+    if isinstance(value, jax.Array):
+        if value.is_deleted():
+            raise ValueError(f"leaf {path}: the array was deleted or donated before save")
+        return "jax", value
+    if isinstance(value, np.ndarray):
+        if value.dtype == object:
+            raise ValueError(f"leaf {path}: object arrays cannot be saved; use numeric dtypes")
+        return "ndarray", value
+    if isinstance(value, np.generic):
+        return "np_scalar", np.asarray(value)
+    if isinstance(value, bool):
+        return "py", np.asarray(value, dtype=np.bool_)
+    if isinstance(value, int):
+        if not -(2**63) <= value < 2**63:
+            raise ValueError(f"leaf {path}: int {value} does not fit in int64")
+        return "py", np.asarray(value, dtype=np.int64)
+    if isinstance(value, float):
+        return "py", np.asarray(value, dtype=np.float64)
+    if isinstance(value, complex):
+        return "py", np.asarray(value, dtype=np.complex128)
+    raise ValueError(
+        f"leaf {path}: cannot save a {type(value).__name__}; leaves must be jax.Array, numpy "
+        "arrays or scalars, Python scalars or strings"
+    )
+
+
+class StandardCheckpointHandler(AsyncCheckpointHandler):
+    """Saves and restores pytrees of sharded arrays, scalars and strings.
+
+    Args:
+        pack_below_bytes: Arrays whose largest shard is smaller are packed
+            with other small shards into a few objects instead of getting
+            objects of their own.
+        max_object_bytes: Largest object written (chunks and packs are split
+            to fit), bounding object size for upload and request rate.
+        inner_chunk_bytes: Target size of the independently readable pieces
+            inside a chunk, which a restore onto another sharding can fetch
+            alone with ranged reads.
+        max_inflight_bytes: Bytes being encoded, written or read at once;
+            host memory during a save stays near the data being saved plus
+            this.
+        primary_host: The process that writes metadata and host (numpy) values.
+    """
+
+    def __init__(
+        self,
+        *,
+        pack_below_bytes: int = 2 * _MiB,
+        max_object_bytes: int = 256 * _MiB,
+        inner_chunk_bytes: int = 8 * _MiB,
+        max_inflight_bytes: int = 256 * _MiB,
+        primary_host: int = 0,
+    ) -> None:
+        for name, value in (
+            ("pack_below_bytes", pack_below_bytes),
+            ("max_object_bytes", max_object_bytes),
+            ("inner_chunk_bytes", inner_chunk_bytes),
+            ("max_inflight_bytes", max_inflight_bytes),
+        ):
+            if value <= 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        self.pack_below_bytes = pack_below_bytes
+        self.max_object_bytes = max_object_bytes
+        self.inner_chunk_bytes = min(inner_chunk_bytes, max_object_bytes)
+        self.max_inflight_bytes = max_inflight_bytes
+        self.primary_host = primary_host
+
+    # ------------------------------------------------------------------- copy phase
+    def _plan(self, tree: Any) -> _SavePlan:
+        plan = _SavePlan()
+        leaves, plan.skeleton = flatten(tree)
+        me = jax.process_index()
+        packed_shards: list[tuple[int, layout.Shard]] = []
+        pending_copies: list[tuple[int, layout.Index, Any, bool]] = []
+        for i, (path, value) in enumerate(leaves):
+            if isinstance(value, str):
+                plan.leaves_json.append({"path": path, "kind": "str", "value": value})
+                continue
+            kind, array = _as_array(path, value)
+            dtype = np.dtype(array.dtype)
+            shape = tuple(int(n) for n in array.shape)
+            nbytes = math.prod(shape) * dtype.itemsize
+            plan.nbytes += nbytes
+            sharding = array.sharding if kind == "jax" else None
+            entry: dict[str, Any] = {
+                "path": path,
+                "kind": kind,
+                "dtype": dtype.name,
+                "shape": list(shape),
+                "sharding": _describe_sharding(sharding),
+            }
+            if kind == "py":
+                entry["py_type"] = type(value).__name__
+            plan.leaves_json.append(entry)
+            if nbytes == 0:
+                entry["storage"] = {"type": "empty"}
+                continue
+            shards = layout.global_shards(shape, dtype.itemsize, sharding)
+            if sharding is None:
+                shards = [layout.Shard(s.index, self.primary_host, s.nbytes) for s in shards]
+            if max(s.nbytes for s in shards) < self.pack_below_bytes:
+                entry["storage"] = {"type": "packed"}
+                packed_shards.extend((i, s) for s in shards)
+                to_pack = True
+            else:
+                stored = layout.storage_dtype(dtype)
+                chunk = layout.chunk_grid(shape, shards, dtype.itemsize, self.max_object_bytes)
+                inner = layout.split_to_fit(chunk, dtype.itemsize, self.inner_chunk_bytes)
+                meta = layout.zarr_metadata(shape, stored, chunk, inner)
+                plan.zarr_specs[i] = meta
+                entry["storage"] = {"type": "zarr", "key": f"arrays/{i}", "metadata": meta}
+                to_pack = False
+            own = [s.index for s in shards if s.writer == me]
+            if kind == "jax":
+                self._check_writers(path, array, shards, me)
+                by_index = {
+                    layout.normalize_index(sh.index, shape): sh.data
+                    for sh in array.addressable_shards
+                    if sh.replica_id == 0
+                }
+                pending_copies.extend((i, idx, by_index[idx], to_pack) for idx in own)
+            else:
+                pending_copies.extend((i, idx, array, to_pack) for idx in own)
+        # Start every device-to-host transfer before waiting on any of them.
+        for _, _, source, _ in pending_copies:
+            if isinstance(source, jax.Array):
+                source.copy_to_host_async()
+        for leaf, index, source, to_pack in pending_copies:
+            host = _host_copy(source)
+            if to_pack:
+                plan.packed[(leaf, index)] = host
+            else:
+                plan.regions.append(_Region(leaf, index, host))
+        plan.pack_entries = layout.pack_layout(packed_shards, self.max_object_bytes)
+        by_leaf: dict[int, list[Any]] = {}
+        for e in plan.pack_entries:
+            by_leaf.setdefault(e.leaf, []).append(e.to_json())
+        for leaf, entries in by_leaf.items():
+            plan.leaves_json[leaf]["storage"]["entries"] = entries
+        return plan
+
+    @staticmethod
+    def _check_writers(path: str, array: jax.Array, shards: list[layout.Shard], me: int) -> None:
+        expected = {s.index for s in shards if s.writer == me}
+        actual = {
+            layout.normalize_index(sh.index, array.shape)
+            for sh in array.addressable_shards
+            if sh.replica_id == 0
+        }
+        if expected != actual:  # jax's replica ids disagree with the global layout
+            raise RuntimeError(
+                f"leaf {path}: this process addresses replica-0 shards {sorted(actual)} but the "
+                f"layout assigns it {sorted(expected)}; please report this sharding"
+            )
+
+    def async_save(self, directory: StoragePath, args: CheckpointArgs) -> Sequence[Awaitable[None]]:
+        if not isinstance(args, StandardSave):
+            raise TypeError(
+                f"StandardCheckpointHandler saves StandardSave args, got {type(args).__name__}"
+            )
+        plan = self._plan(args.item)
+        return [self._write(directory, plan)]
+
+    # ----------------------------------------------------------------- commit phase
+    async def _write(self, directory: StoragePath, plan: _SavePlan) -> None:
+        backend = directory.backend
+        context = backend.tensorstore_context()
+        primary = jax.process_index() == self.primary_host
+        budget = ByteBudget(self.max_inflight_bytes)
+        stores: dict[int, asyncio.Future[Any]] = {}
+
+        def open_array(leaf: int) -> Awaitable[Any]:
+            if leaf not in stores:
+                spec = {
+                    "driver": "zarr3",
+                    "kvstore": (directory / f"arrays/{leaf}").kvstore_spec(),
+                    "metadata": plan.zarr_specs[leaf],
+                    "store_data_equal_to_fill_value": True,
+                }
+                if primary:
+                    spec["create"] = True
+                else:
+                    spec["assume_metadata"] = True
+                stores[leaf] = asyncio.ensure_future(_ts_open(spec, context))
+            return stores[leaf]
+
+        async def write_region(region: _Region) -> None:
+            assert region.data is not None
+            nbytes = region.data.nbytes
+            store = await open_array(region.leaf)
+            data = region.data
+            stored = np.dtype(plan.zarr_specs[region.leaf]["data_type"])
+            if data.dtype != stored:
+                data = data.view(stored)
+            async with budget.hold(nbytes):
+                await store[layout.index_slices(region.index)].write(
+                    data, can_reference_source_data_indefinitely=True
+                )
+            region.data = None  # free the host copy as soon as it is stored
+
+        async def create_metadata_only(leaf: int) -> None:
+            await open_array(leaf)
+
+        tasks: list[Awaitable[None]] = [write_region(r) for r in plan.regions]
+        if primary:
+            tasks += [create_metadata_only(leaf) for leaf in plan.zarr_specs]
+        tasks += [self._write_packs(directory, plan, context)]
+        await asyncio.gather(*tasks)
+        if primary:
+            document = {
+                "format": PYTREE_FORMAT,
+                "skeleton": plan.skeleton,
+                "leaves": plan.leaves_json,
+            }
+            await write_object(
+                directory / METADATA_NAME, _jsonio.dumps(document, what="pytree metadata")
+            )
+
+    async def _write_packs(
+        self, directory: StoragePath, plan: _SavePlan, context: ts.Context
+    ) -> None:
+        me = jax.process_index()
+        objects: dict[str, list[bytes]] = {}
+        for entry in plan.pack_entries:
+            if entry.writer != me:
+                continue
+            data = plan.packed.pop((entry.leaf, entry.index)).tobytes()
+            parts = objects.setdefault(entry.obj, [])
+            parts.append(data)
+            parts.append(google_crc32c.value(data).to_bytes(4, "little"))
+        if not objects:
+            return
+        kvstore = await ts.KvStore.open(directory.kvstore_spec(), context=context)
+        await asyncio.gather(
+            *(kvstore.write(name, b"".join(parts)) for name, parts in objects.items())
+        )
+
+    # ---------------------------------------------------------------------- restore
+    async def _read_document(self, directory: StoragePath) -> dict[str, Any]:
+        target = directory / METADATA_NAME
+        data = await target.backend.get(target.path)
+        if data is None:
+            raise FileNotFoundError(f"no pytree at {directory} ({METADATA_NAME} is missing)")
+        document = _jsonio.loads(data, where=str(target))
+        if document.get("format", 0) > PYTREE_FORMAT:
+            raise ValueError(f"{target} was written by a newer cloudckpt; upgrade to read it")
+        return document
+
+    async def metadata(self, directory: StoragePath) -> Any:
+        document = await self._read_document(directory)
+        values = [_leaf_metadata(leaf) for leaf in document["leaves"]]
+        return rebuild(document["skeleton"], values)
+
+    async def restore(self, directory: StoragePath, args: CheckpointArgs | None = None) -> Any:
+        if args is None:
+            args = StandardRestore()
+        if not isinstance(args, StandardRestore):
+            raise TypeError(
+                f"StandardCheckpointHandler restores with StandardRestore args, got {type(args).__name__}"
+            )
+        document = await self._read_document(directory)
+        saved = document["leaves"]
+        reader = _Reader(directory, saved, ByteBudget(self.max_inflight_bytes))
+        if args.target is None:
+            values = await asyncio.gather(*(reader.leaf_to_host(i) for i in range(len(saved))))
+            return rebuild(document["skeleton"], list(values))
+        by_path = {leaf["path"]: i for i, leaf in enumerate(saved)}
+        targets, _ = flatten(args.target)
+        plan = _match(directory, targets, saved, by_path, strict=args.strict)
+        results = await asyncio.gather(*(reader.leaf_like(i, t) for i, t in plan.reads))
+        values = {path: value for (path, _), value in zip(plan.paths, results, strict=True)}
+        values.update(plan.untouched)
+        return unflatten_like(args.target, values)
+
+
+def _leaf_metadata(leaf: dict[str, Any]) -> Any:
+    if leaf["kind"] == "str":
+        return leaf["value"]
+    dtype = np.dtype(_dtype_from_name(leaf["dtype"]))
+    shape = tuple(leaf["shape"])
+    return ArrayMetadata(
+        shape=shape,
+        dtype=dtype,
+        sharding=leaf.get("sharding"),
+        kind=leaf["kind"],
+        nbytes=math.prod(shape) * dtype.itemsize,
+    )
+
+
+def _dtype_from_name(name: str) -> np.dtype:
+    try:
+        return np.dtype(name)
+    except TypeError:
+        import ml_dtypes
+
+        return np.dtype(getattr(ml_dtypes, name))
+
+
+async def _ts_open(spec: dict[str, Any], context: ts.Context) -> Any:
+    try:
+        return await ts.open(spec, context=context)
+    except Exception as exc:
+        raise _storage_error(exc, spec) from exc
+
+
+def _storage_error(exc: Exception, spec: dict[str, Any]) -> Exception:
+    text = str(exc)
+    where = json_location(spec)
+    if "DATA_LOSS" in text or "checksum" in text.lower() or "digest" in text.lower():
+        return CorruptCheckpointError(f"corrupt data in {where}: {text.splitlines()[0]}")
+    if "NOT_FOUND" in text:
+        return CorruptCheckpointError(f"missing data in {where}: {text.splitlines()[0]}")
+    return exc
+
+
+def json_location(spec: dict[str, Any]) -> str:
+    kv = spec.get("kvstore", spec)
+    bucket = kv.get("bucket")
+    return f"{kv['driver']}://{bucket + '/' if bucket else ''}{kv.get('path', '')}"
+
+
+# ------------------------------------------------------------------------------ matching
+@dataclass
+class _MatchPlan:
+    reads: list[tuple[int, Any]]
+    paths: list[tuple[str, Any]]
+    untouched: dict[str, Any]
+
+
+def _match(
+    directory: StoragePath,
+    targets: list[tuple[str, Any]],
+    saved: list[dict[str, Any]],
+    by_path: dict[str, int],
+    *,
+    strict: bool,
+) -> _MatchPlan:
+    missing, shapes, dtypes, kinds = [], [], [], []
+    plan = _MatchPlan([], [], {})
+    for path, target in targets:
+        i = by_path.get(path)
+        if i is None:
+            missing.append(path)
+            plan.untouched[path] = target
+            continue
+        leaf = saved[i]
+        if leaf["kind"] == "str" or isinstance(target, str):
+            if not (leaf["kind"] == "str" and isinstance(target, str)):
+                kinds.append(f"{path} (saved {leaf['kind']}, target {type(target).__name__})")
+                continue
+        elif hasattr(target, "shape") and hasattr(target, "dtype"):
+            if tuple(target.shape) != tuple(leaf["shape"]):
+                shapes.append(
+                    f"{path}: target {tuple(target.shape)} vs saved {tuple(leaf['shape'])}"
+                )
+                continue
+            if np.dtype(target.dtype) != _dtype_from_name(leaf["dtype"]):
+                dtypes.append(
+                    f"{path}: target {np.dtype(target.dtype).name} vs saved {leaf['dtype']}"
+                )
+        plan.reads.append((i, target))
+        plan.paths.append((path, target))
+    problems = []
+    if missing and strict:
+        problems.append(_few(f"{len(missing)} leaves missing from the checkpoint", missing))
+    if shapes:
+        problems.append(_few(f"{len(shapes)} shape mismatches", shapes))
+    if dtypes and strict:
+        problems.append(_few(f"{len(dtypes)} dtype mismatches", dtypes))
+    if kinds:
+        problems.append(_few(f"{len(kinds)} kind mismatches", kinds))
+    if problems:
+        hint = "" if not strict else "; strict=False casts dtypes and skips missing leaves"
+        raise ValueError(
+            f"restore target does not match the checkpoint at {directory}: "
+            + "; ".join(problems)
+            + hint
+        )
+    if missing or dtypes:
+        warnings.warn(
+            f"partial restore from {directory}: "
+            + "; ".join(
+                p
+                for p in (
+                    _few(
+                        f"{len(missing)} target leaves not in the checkpoint (left as given)",
+                        missing,
+                    )
+                    if missing
+                    else "",
+                    _few(f"{len(dtypes)} leaves cast", dtypes) if dtypes else "",
+                )
+                if p
+            ),
+            stacklevel=4,
+        )
+    return plan
+
+
+def _few(title: str, items: list[str], n: int = 5) -> str:
+    more = f" and {len(items) - n} more" if len(items) > n else ""
+    return f"{title}: {', '.join(items[:n])}{more}"
+
+
+# ------------------------------------------------------------------------------- reading
+class _Reader:
+    """Reads saved leaves, region by region, within a byte budget."""
+
+    def __init__(
+        self, directory: StoragePath, saved: list[dict[str, Any]], budget: ByteBudget
+    ) -> None:
+        self.directory = directory
+        self.saved = saved
+        self.budget = budget
+        self.context = directory.backend.tensorstore_context()
+        self._stores: dict[int, asyncio.Future[Any]] = {}
+        self._kvstore: asyncio.Future[Any] | None = None
+
+    def _open(self, leaf: int) -> Awaitable[Any]:
+        if leaf not in self._stores:
+            storage = self.saved[leaf]["storage"]
+            spec = {
+                "driver": "zarr3",
+                "kvstore": (self.directory / storage["key"]).kvstore_spec(),
+                "metadata": storage["metadata"],
+                "assume_metadata": True,
+                "fill_missing_data_reads": False,
+                "recheck_cached_data": False,
+            }
+            self._stores[leaf] = asyncio.ensure_future(_ts_open(spec, self.context))
+        return self._stores[leaf]
+
+    def _packs(self) -> Awaitable[Any]:
+        if self._kvstore is None:
+            self._kvstore = asyncio.ensure_future(
+                ts.KvStore.open(self.directory.kvstore_spec(), context=self.context)
+            )
+        return self._kvstore
+
+    async def region(self, leaf: int, index: layout.Index) -> np.ndarray:
+        """The saved values of ``leaf`` over ``index``, as a host array of the saved dtype."""
+        info = self.saved[leaf]
+        dtype = _dtype_from_name(info["dtype"])
+        shape = layout.index_shape(index)
+        storage = info["storage"]
+        if storage["type"] == "empty" or math.prod(shape) == 0:
+            return np.zeros(shape, dtype)
+        if storage["type"] == "packed":
+            return await self._packed_region(leaf, index, dtype)
+        store = await self._open(leaf)
+        nbytes = math.prod(shape) * dtype.itemsize
+        async with self.budget.hold(nbytes):
+            try:
+                data = await store[layout.index_slices(index)].read()
+            except Exception as exc:
+                raise _storage_error(
+                    exc, {"kvstore": (self.directory / storage["key"]).kvstore_spec()}
+                ) from exc
+        return data if data.dtype == dtype else data.view(dtype)
+
+    async def _packed_region(self, leaf: int, index: layout.Index, dtype: np.dtype) -> np.ndarray:
+        entries = [
+            layout.PackEntry.from_json(leaf, e) for e in self.saved[leaf]["storage"]["entries"]
+        ]
+        needed = [e for e in entries if _overlap(e.index, index) is not None]
+        kvstore = await self._packs()
+        out = np.empty(layout.index_shape(index), dtype)
+        covered = 0
+        for entry, data in zip(
+            needed,
+            await asyncio.gather(*(self._read_entry(kvstore, e) for e in needed)),
+            strict=True,
+        ):
+            piece = np.frombuffer(data, dtype).reshape(layout.index_shape(entry.index))
+            overlap = _overlap(entry.index, index)
+            assert overlap is not None
+            src = tuple(
+                slice(a - s, b - s) for (a, b), (s, _) in zip(overlap, entry.index, strict=True)
+            )
+            dst = tuple(slice(a - s, b - s) for (a, b), (s, _) in zip(overlap, index, strict=True))
+            out[dst] = piece[src]
+            covered += math.prod(layout.index_shape(overlap))
+        if covered != out.size:
+            raise CorruptCheckpointError(
+                f"packed data of leaf {self.saved[leaf]['path']} in {self.directory} does not cover "
+                "the requested region; the pytree metadata is corrupt"
+            )
+        return out
+
+    async def _read_entry(self, kvstore: Any, entry: layout.PackEntry) -> bytes:
+        end = entry.offset + entry.nbytes + layout.CRC_BYTES
+        async with self.budget.hold(entry.nbytes):
+            result = await kvstore.read(entry.obj, byte_range=slice(entry.offset, end))
+        where = f"{self.directory / entry.obj} bytes {entry.offset}-{end}"
+        if result.state == "missing":
+            raise CorruptCheckpointError(f"missing data: {where} does not exist")
+        blob = bytes(result.value)
+        data, crc = blob[: entry.nbytes], blob[entry.nbytes :]
+        if (
+            len(blob) != entry.nbytes + layout.CRC_BYTES
+            or google_crc32c.value(data).to_bytes(4, "little") != crc
+        ):
+            raise CorruptCheckpointError(
+                f"checksum mismatch in {where}: the packed data is corrupt"
+            )
+        return data
+
+    async def leaf_to_host(self, leaf: int) -> Any:
+        """A leaf as saved, on the host (numpy array, numpy scalar, Python scalar, str)."""
+        info = self.saved[leaf]
+        if info["kind"] == "str":
+            return info["value"]
+        value = await self.region(leaf, layout.full_index(tuple(info["shape"])))
+        return _as_kind(info, value)
+
+    async def leaf_like(self, leaf: int, target: Any) -> Any:
+        """A leaf shaped, typed and placed like ``target``."""
+        info = self.saved[leaf]
+        if info["kind"] == "str":
+            return info["value"]
+        shape = tuple(info["shape"])
+        dtype = (
+            np.dtype(target.dtype) if hasattr(target, "dtype") else _dtype_from_name(info["dtype"])
+        )
+        sharding = getattr(target, "sharding", None)
+        if not isinstance(sharding, jax.sharding.Sharding):
+            value = await self.region(leaf, layout.full_index(shape))
+            return _as_kind(info, value.astype(dtype, copy=False))
+        indices = sorted(
+            {
+                layout.normalize_index(idx, shape)
+                for idx in sharding.addressable_devices_indices_map(shape).values()
+            }
+        )
+        pieces = await asyncio.gather(*(self.region(leaf, idx) for idx in indices))
+        by_index = {
+            idx: piece.astype(dtype, copy=False) for idx, piece in zip(indices, pieces, strict=True)
+        }
+        return jax.make_array_from_callback(
+            shape, sharding, lambda idx: by_index[layout.normalize_index(idx, shape)]
+        )
+
+
+def _as_kind(info: dict[str, Any], value: np.ndarray) -> Any:
+    kind = info["kind"]
+    if kind == "py":
+        return {"bool": bool, "int": int, "float": float, "complex": complex}[info["py_type"]](
+            value.item()
+        )
+    if kind == "np_scalar":
+        return value[()]
+    return value
+
+
+def _overlap(a: layout.Index, b: layout.Index) -> layout.Index | None:
+    out = []
+    for (a0, a1), (b0, b1) in zip(a, b, strict=True):
+        lo, hi = max(a0, b0), min(a1, b1)
+        if lo >= hi:
+            return None
+        out.append((lo, hi))
+    return tuple(out)
+
+
+# ---------------------------------------------------------------------------------- args
+@register_with_handler(StandardCheckpointHandler, for_save=True)
+@dataclass(frozen=True)
+class StandardSave(CheckpointArgs):
+    """Save a pytree of arrays (any sharding), numpy values, scalars and strings."""
+
+    item: Any
+
+
+@register_with_handler(StandardCheckpointHandler, for_restore=True)
+@dataclass(frozen=True)
+class StandardRestore(CheckpointArgs):
+    """Restore a pytree.
+
+    Attributes:
+        target: None restores every leaf to host numpy values with the saved
+            structure. A pytree of ``jax.ShapeDtypeStruct`` (with shardings)
+            or arrays restores those leaves only, each straight into its
+            sharding.
+        strict: When True, a target leaf missing from the checkpoint, or with
+            another shape or dtype, raises ``ValueError``. When False, dtypes
+            are cast and missing leaves are left as given, with a warning.
+    """
+
+    target: Any = None
+    strict: bool = True
+
+
+StandardCheckpointHandler.default_restore_args = StandardRestore
