@@ -289,10 +289,29 @@ class _Commit:
 
 
 async def _run_all(writes: Sequence[Awaitable[None]]) -> None:
-    """Runs every write; on the first failure cancels the rest and waits for them."""
-    async with asyncio.TaskGroup() as group:
-        for write in writes:
-            group.create_task(_await(write))
+    """Runs every write; on the first failure cancels the rest and waits for them.
+
+    Raises the failing write's own error (not an ``ExceptionGroup``), so callers
+    can catch it plainly; further failures are attached to it as notes.
+    """
+    try:
+        async with asyncio.TaskGroup() as group:
+            for write in writes:
+                group.create_task(_await(write))
+        return
+    except ExceptionGroup as failures:
+        leaves = _leaf_errors(failures)
+    first = leaves[0]
+    for other in leaves[1:]:
+        first.add_note(f"another write of the same save also failed: {other!r}")
+    raise first
+
+
+def _leaf_errors(group: BaseExceptionGroup[Exception]) -> list[Exception]:
+    out: list[Exception] = []
+    for exc in group.exceptions:
+        out.extend(_leaf_errors(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
 
 
 async def _await(awaitable: Awaitable[None]) -> None:

@@ -89,7 +89,12 @@ class CompositeCheckpointHandler(AsyncCheckpointHandler):
     def _handler_for_saved_item(self, item: str, typestr: str) -> CheckpointHandler:
         if self._registry is not None:
             handlers = self._registry.handlers_for_item(item)
-            if handlers:
+            # Item-independent entries may serve several handler types: take the one
+            # that saved the item. An item's own entries are used even if the type differs.
+            for handler in handlers:
+                if type(handler).typestr() == typestr:
+                    return handler
+            if handlers and item in self._registry.items():
                 return handlers[0]
         if item in self._bound:
             return self._bound[item]
@@ -135,11 +140,18 @@ class CompositeCheckpointHandler(AsyncCheckpointHandler):
             for item, handler in plan.items():
                 self._bound.setdefault(item, handler)
         writes: list[Awaitable[None]] = []
-        for item, handler in plan.items():
-            if isinstance(handler, AsyncCheckpointHandler):
-                writes.extend(handler.async_save(directory / item, args[item]))
-            else:
-                writes.append(handler.save(directory / item, args[item]))
+        try:
+            for item, handler in plan.items():
+                if isinstance(handler, AsyncCheckpointHandler):
+                    writes.extend(handler.async_save(directory / item, args[item]))
+                else:
+                    writes.append(handler.save(directory / item, args[item]))
+        except BaseException:
+            # A later item refused its args: the earlier items' writes never run.
+            for write in writes:
+                if asyncio.iscoroutine(write):
+                    write.close()
+            raise
         self._pending = plan
         self._last_saved = {item: type(h).typestr() for item, h in plan.items()}
         return writes
@@ -184,6 +196,10 @@ class CompositeCheckpointHandler(AsyncCheckpointHandler):
                         f"item {item!r} is not in the checkpoint at {directory}; it has: {sorted(saved)}"
                     )
                 plan[item] = (self._handler_for_args(item, item_args), item_args)
+            if self._registry is None:
+                # Handlers made for a restore are bound too, so close() reaches them.
+                for item, (handler, _) in plan.items():
+                    self._bound.setdefault(item, handler)
         results = await asyncio.gather(
             *(handler.restore(directory / item, a) for item, (handler, a) in plan.items())
         )
