@@ -11,6 +11,7 @@ from cloudckpt.errors import CorruptCheckpointError
 from cloudckpt.handlers.base import AsyncCheckpointHandler, CheckpointHandler
 from cloudckpt.handlers.json import JsonCheckpointHandler
 from cloudckpt.handlers.pytree import ArrayMetadata, StandardCheckpointHandler
+from cloudckpt.manager import CheckpointManager, CheckpointManagerOptions
 from cloudckpt.metadata import StepMetadata
 from cloudckpt.multihost import MultiprocessingOptions, ProcessFailedError
 from cloudckpt.path import StoragePath
@@ -23,6 +24,8 @@ __all__ = [
     "Backend",
     "CheckpointArgs",
     "CheckpointHandler",
+    "CheckpointManager",
+    "CheckpointManagerOptions",
     "Checkpointer",
     "CompositeCheckpointHandler",
     "CorruptCheckpointError",

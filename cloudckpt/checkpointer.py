@@ -25,7 +25,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import atomicity
@@ -371,13 +371,24 @@ class AsyncCheckpointer(Checkpointer):
         force: bool = False,
         metrics: Mapping[str, Any] | None = None,
         custom: Mapping[str, Any] | None = None,
+        on_commit: Callable[[], None] | None = None,
     ) -> None:
-        """Copies now and commits in the background; see the class docstring."""
+        """Copies now and commits in the background; see the class docstring.
+
+        ``on_commit`` runs on the checkpointer's loop once the step is
+        committed (the manager uses it to update its step list).
+        """
         with self._lock:
             self._wait_locked()
             job = self._prepare(path, args, force=force, metrics=metrics, custom=custom)
+
+            async def commit() -> None:
+                await asyncio.wait_for(job.run(), self._timeout_s)
+                if on_commit is not None:
+                    on_commit()
+
             self._inflight_url = job.location.url
-            self._inflight = self._loop.submit(asyncio.wait_for(job.run(), self._timeout_s))
+            self._inflight = self._loop.submit(commit())
 
     def is_saving_in_progress(self) -> bool:
         future = self._inflight

@@ -9,10 +9,11 @@ every operation is free: no barrier, no key-value traffic.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 _POLL_S = 0.02
 
@@ -71,6 +72,7 @@ class ProcessGroup:
             )
         self._run_id = self._agree_run_id()
         self._counter = 0
+        self._shares = 0
 
     @property
     def is_primary(self) -> bool:
@@ -99,6 +101,18 @@ class ProcessGroup:
             key + "/set", int(self.options.barrier_timeout_s * 1000), list(self.members)
         )
         return self._client.blocking_key_value_get(key, int(self.options.barrier_timeout_s * 1000))
+
+    def share(self, name: str, value: Any) -> Any:
+        """The primary's ``value`` (JSON), on every member. All members call it in the same order."""
+        if self._client is None:
+            return value
+        self._shares += 1
+        key = f"cloudckpt/share/{self._run_id}/{self._shares}/{name}"
+        timeout_ms = int(self.options.barrier_timeout_s * 1000)
+        if self.is_primary:
+            self._client.key_value_set(key, json.dumps(value))
+            return value
+        return json.loads(self._client.blocking_key_value_get(key, timeout_ms))
 
     def next_attempt(self) -> str:
         """An id for the next save, the same on every process without communication."""
@@ -139,7 +153,3 @@ class ProcessGroup:
 def _describe_failures(stage: str, failed: dict[int, str]) -> str:
     parts = [f"process {p} {v}" for p, v in sorted(failed.items())]
     return f"save failed at '{stage}' on another process: " + "; ".join(parts)
-
-
-def members_of(group: ProcessGroup) -> Sequence[int]:
-    return group.members

@@ -1,0 +1,440 @@
+"""CheckpointManager: numbered steps under a root, retention, best-k, preemption, clean-up.
+
+Layout: step ``N`` lives at ``<root>/<name(N)>/`` where ``name(N)`` is ``N``
+(optionally ``<step_prefix>_N``, optionally zero-padded). Children of the
+root whose names do not parse as steps are ignored, never deleted.
+
+Only committed steps are listed. The step list comes from one listing of the
+root when the manager starts (and on ``reload``); afterwards it is kept up to
+date from this manager's own saves and deletions. Only the primary process
+lists or deletes; it shares what it found with the other processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import math
+import os
+import re
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import atomicity
+from cloudckpt._args_base import CheckpointArgs
+from cloudckpt.checkpointer import AsyncCheckpointer, Checkpointer
+from cloudckpt.composite import CompositeCheckpointHandler
+from cloudckpt.handlers.base import CheckpointHandler
+from cloudckpt.metadata import StepMetadata, read_step_metadata
+from cloudckpt.multihost import MultiprocessingOptions
+from cloudckpt.path import StoragePath
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CheckpointManagerOptions:
+    """How often to save, what to keep, and how.
+
+    Attributes:
+        save_interval_steps: ``save`` writes steps divisible by this (or forced,
+            or at a preemption point).
+        max_to_keep: Keep this many steps (the most recent; with ``best_fn``,
+            the best). None keeps all.
+        keep_period: Steps divisible by this are kept forever, on top of
+            ``max_to_keep``.
+        best_fn: Maps a step's metrics to a number to rank steps by.
+        best_mode: ``"min"`` or ``"max"``: which end of ``best_fn`` is best.
+        keep_checkpoints_without_metrics: With ``best_fn``, whether steps saved
+            without metrics are kept (True) or are the first to go (False).
+        enable_async: Commit in the background (training blocks only for the copy).
+        async_timeout_s: A background save taking longer fails.
+        cleanup_uncommitted_on_start: Remove what crashed saves left behind,
+            in the background, when the manager starts.
+        step_prefix: Name steps ``<step_prefix>_<step>`` instead of ``<step>``.
+        step_format_fixed_length: Zero-pad step numbers to this many digits.
+        save_on_preemption: Save any step at which JAX reports a preemption
+            sync point, even if it is not due.
+        multiprocessing_options: Primary process, active processes, barrier timeout.
+        grace_s: How long an uncommitted save of another writer is protected
+            from clean-up (defaults to the checkpointer's).
+    """
+
+    save_interval_steps: int = 1
+    max_to_keep: int | None = None
+    keep_period: int | None = None
+    best_fn: Callable[[Mapping[str, Any]], float] | None = None
+    best_mode: str = "max"
+    keep_checkpoints_without_metrics: bool = True
+    enable_async: bool = True
+    async_timeout_s: float = 600.0
+    cleanup_uncommitted_on_start: bool = True
+    step_prefix: str | None = None
+    step_format_fixed_length: int | None = None
+    save_on_preemption: bool = True
+    multiprocessing_options: MultiprocessingOptions | None = None
+    grace_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.save_interval_steps < 1:
+            raise ValueError(f"save_interval_steps must be >= 1, got {self.save_interval_steps}")
+        if self.max_to_keep is not None and self.max_to_keep < 1:
+            raise ValueError(f"max_to_keep must be >= 1 or None, got {self.max_to_keep}")
+        if self.keep_period is not None and self.keep_period < 1:
+            raise ValueError(f"keep_period must be >= 1 or None, got {self.keep_period}")
+        if self.best_mode not in ("min", "max"):
+            raise ValueError(f"best_mode must be 'min' or 'max', got {self.best_mode!r}")
+        if self.step_prefix is not None and not re.fullmatch(
+            r"[A-Za-z0-9][A-Za-z0-9._-]*", self.step_prefix
+        ):
+            raise ValueError(
+                f"step_prefix must be a plain name like 'ckpt', got {self.step_prefix!r}"
+            )
+
+
+@dataclass
+class _Step:
+    step: int
+    metrics: dict[str, Any] | None = None
+    nbytes: int = 0
+
+
+@dataclass
+class _State:
+    """The manager's view of committed steps, shared with its background work."""
+
+    steps: dict[int, _Step] = field(default_factory=dict)
+    deleting: set[int] = field(default_factory=set)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class CheckpointManager:
+    """Saves numbered steps of a training run under ``directory`` and manages them.
+
+    Args:
+        directory: Root URL (``gs://bucket/run``, ``s3://bucket/run``, a path).
+        handler: Handler for each step (default: a CompositeCheckpointHandler).
+        options: See :class:`CheckpointManagerOptions`.
+        storage_options: Backend options overriding the environment.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        handler: CheckpointHandler | None = None,
+        *,
+        options: CheckpointManagerOptions | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self._options = options or CheckpointManagerOptions()
+        opts = self._options
+        self._root = StoragePath.from_url(directory, **dict(storage_options or {}))
+        handler = handler if handler is not None else CompositeCheckpointHandler()
+        common: dict[str, Any] = {
+            "storage_options": storage_options,
+            "multiprocessing_options": opts.multiprocessing_options,
+        }
+        if opts.enable_async:
+            self._ckptr: Checkpointer = AsyncCheckpointer(
+                handler, timeout_s=opts.async_timeout_s, grace_s=opts.grace_s, **common
+            )
+        else:
+            if opts.grace_s is not None:
+                common["grace_s"] = opts.grace_s
+            self._ckptr = Checkpointer(handler, **common)
+        self._group = self._ckptr.process_group
+        self._state = _State()
+        self._background: set[concurrent.futures.Future[Any]] = set()
+        self._background_lock = threading.Lock()
+        self._closed = False
+        self.reload()
+        if opts.cleanup_uncommitted_on_start and self._group.is_primary:
+            self._in_background(self._cleanup_uncommitted())
+
+    # ------------------------------------------------------------------- naming
+    @property
+    def directory(self) -> StoragePath:
+        return self._root
+
+    def step_name(self, step: int) -> str:
+        if step < 0:
+            raise ValueError(f"steps are non-negative integers, got {step}")
+        digits = str(step).zfill(self._options.step_format_fixed_length or 0)
+        return f"{self._options.step_prefix}_{digits}" if self._options.step_prefix else digits
+
+    def _parse_step(self, name: str) -> int | None:
+        prefix = self._options.step_prefix
+        if prefix:
+            if not name.startswith(prefix + "_"):
+                return None
+            name = name[len(prefix) + 1 :]
+        if not name.isdigit():
+            return None
+        if (
+            self._options.step_format_fixed_length
+            and len(name) != self._options.step_format_fixed_length
+        ):
+            return None
+        return int(name)
+
+    def step_path(self, step: int) -> StoragePath:
+        return self._root / self.step_name(step)
+
+    # ------------------------------------------------------------------ listing
+    def reload(self) -> None:
+        """Re-reads the committed steps (one listing, on the primary process)."""
+        self._ckptr._check_open()
+        found: list[dict[str, Any]] | None = None
+        if self._group.is_primary:
+            found = self._ckptr._run(self._scan())
+        found = self._group.share("manager-steps/" + self._root.url, found)
+        with self._state.lock:
+            self._state.steps = {
+                int(s["step"]): _Step(int(s["step"]), s.get("metrics"), int(s.get("nbytes", 0)))
+                for s in found
+            }
+
+    async def _scan(self) -> list[dict[str, Any]]:
+        children = await atomicity.list_committed(self._root.backend, self._root.path)
+        steps = []
+        for child in children:
+            step = self._parse_step(child.name)
+            if step is not None:
+                steps.append(_Step(step, None, child.nbytes))
+        if self._options.best_fn is not None:
+            # Ranking needs each step's metrics: one small read per kept step, at start only.
+            async def metrics_of(s: _Step) -> None:
+                try:
+                    s.metrics = (await read_step_metadata(self.step_path(s.step))).metrics or None
+                except Exception:
+                    logger.warning("could not read metrics of step %d", s.step, exc_info=True)
+
+            await asyncio.gather(*(metrics_of(s) for s in steps))
+        return [{"step": s.step, "metrics": s.metrics, "nbytes": s.nbytes} for s in steps]
+
+    def all_steps(self) -> list[int]:
+        """Committed steps, ascending."""
+        with self._state.lock:
+            return sorted(s for s in self._state.steps if s not in self._state.deleting)
+
+    def latest_step(self) -> int | None:
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def best_step(self) -> int | None:
+        """The step whose metrics ``best_fn`` ranks best (None without best_fn or metrics)."""
+        ranked = self._ranked_by_metrics()
+        return ranked[0] if ranked else None
+
+    def _ranked_by_metrics(self) -> list[int]:
+        best_fn = self._options.best_fn
+        if best_fn is None:
+            return []
+        with self._state.lock:
+            scored = [
+                (float(best_fn(s.metrics)), s.step)
+                for s in self._state.steps.values()
+                if s.metrics is not None and s.step not in self._state.deleting
+            ]
+        reverse = self._options.best_mode == "max"
+        return [step for _, step in sorted(scored, key=lambda t: (t[0], -t[1]), reverse=reverse)]
+
+    # --------------------------------------------------------------------- save
+    def should_save(self, step: int) -> bool:
+        """Whether ``save(step)`` would write: due by interval, or at a preemption point."""
+        latest = self.latest_step()
+        if latest is not None and step <= latest:
+            return False
+        if self._options.save_on_preemption and _reached_preemption(step):
+            return True
+        return step % self._options.save_interval_steps == 0
+
+    def save(
+        self,
+        step: int,
+        args: CheckpointArgs | None = None,
+        *,
+        metrics: Mapping[str, Any] | None = None,
+        custom: Mapping[str, Any] | None = None,
+        force: bool = False,
+    ) -> bool:
+        """Saves ``step`` if it is due (or ``force``); returns whether it saved.
+
+        Raises:
+            FileExistsError: ``step`` is already committed; nothing is touched.
+        """
+        self._ckptr._check_open()
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        with self._state.lock:
+            exists = step in self._state.steps and step not in self._state.deleting
+        if exists:
+            raise FileExistsError(
+                f"step {step} is already committed at {self.step_path(step)}; save another step "
+                "or delete this one first (CheckpointManager.delete)"
+            )
+        if not force and not self.should_save(step):
+            return False
+        clean_metrics = _plain_json(dict(metrics)) if metrics else None
+        path = self.step_path(step)
+
+        def committed() -> None:
+            with self._state.lock:
+                self._state.steps[step] = _Step(step, clean_metrics)
+            if self._group.is_primary:
+                self._in_background(self._apply_retention())
+
+        if isinstance(self._ckptr, AsyncCheckpointer):
+            self._ckptr.save(path, args, metrics=clean_metrics, custom=custom, on_commit=committed)
+        else:
+            self._ckptr.save(path, args, metrics=clean_metrics, custom=custom)
+            committed()
+        return True
+
+    # ---------------------------------------------------------------- retention
+    def _steps_to_delete(self) -> list[int]:
+        opts = self._options
+        with self._state.lock:
+            steps = {
+                s: info for s, info in self._state.steps.items() if s not in self._state.deleting
+            }
+        if opts.max_to_keep is None or len(steps) <= opts.max_to_keep:
+            return []
+        keep: set[int] = set()
+        if opts.keep_period:
+            keep |= {s for s in steps if s % opts.keep_period == 0}
+        if opts.best_fn is not None:
+            keep |= set(self._ranked_by_metrics()[: opts.max_to_keep])
+            unranked = {s for s, info in steps.items() if info.metrics is None}
+            if opts.keep_checkpoints_without_metrics:
+                keep |= unranked
+        else:
+            keep |= set(sorted(steps)[-opts.max_to_keep :])
+        return sorted(s for s in steps if s not in keep)
+
+    async def _apply_retention(self) -> None:
+        doomed = self._steps_to_delete()
+        if not doomed:
+            return
+        with self._state.lock:
+            self._state.deleting |= set(doomed)
+        for step in doomed:
+            await self._delete_step(step)
+
+    async def _delete_step(self, step: int) -> None:
+        path = self.step_path(step)
+        try:
+            await atomicity.delete_checkpoint(path.backend, path.path)
+        except Exception:
+            logger.warning("could not delete step %d at %s", step, path, exc_info=True)
+            with self._state.lock:
+                self._state.deleting.discard(step)
+            raise
+        with self._state.lock:
+            self._state.steps.pop(step, None)
+            self._state.deleting.discard(step)
+        logger.info("deleted step %d at %s", step, path)
+
+    def delete(self, step: int) -> None:
+        """Deletes a committed step now (marker first: it is never half listed)."""
+        with self._state.lock:
+            if step not in self._state.steps:
+                raise FileNotFoundError(f"step {step} is not a committed step under {self._root}")
+            self._state.deleting.add(step)
+        if self._group.is_primary:
+            self._ckptr._run(self._delete_step(step))
+        else:
+            with self._state.lock:
+                self._state.steps.pop(step, None)
+                self._state.deleting.discard(step)
+
+    async def _cleanup_uncommitted(self) -> None:
+        deleted = await atomicity.cleanup_uncommitted(self._root.backend, self._root.path)
+        if deleted:
+            logger.info("cleaned up %d uncommitted step(s) under %s", len(deleted), self._root)
+
+    def _in_background(self, coro: Any) -> None:
+        future = self._ckptr._loop.submit(coro)
+        with self._background_lock:
+            self._background.add(future)
+        future.add_done_callback(self._background_done)
+
+    def _background_done(self, future: concurrent.futures.Future[Any]) -> None:
+        with self._background_lock:
+            self._background.discard(future)
+        if not future.cancelled() and future.exception() is not None:
+            logger.warning("background checkpoint maintenance failed: %s", future.exception())
+
+    # ------------------------------------------------------------------ restore
+    def restore(self, step: int | None = None, args: CheckpointArgs | None = None) -> Any:
+        """Restores ``step`` (default: the latest committed step)."""
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                raise FileNotFoundError(f"no committed checkpoint under {self._root}")
+        return self._ckptr.restore(self.step_path(step), args)
+
+    def metadata(self, step: int | None = None) -> StepMetadata:
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                raise FileNotFoundError(f"no committed checkpoint under {self._root}")
+        return self._ckptr.metadata(self.step_path(step))
+
+    # ---------------------------------------------------------------- lifecycle
+    def is_saving_in_progress(self) -> bool:
+        return isinstance(self._ckptr, AsyncCheckpointer) and self._ckptr.is_saving_in_progress()
+
+    def wait_until_finished(self) -> None:
+        """Waits for the save in flight (raising its failure) and for background deletions."""
+        if isinstance(self._ckptr, AsyncCheckpointer):
+            self._ckptr.wait_until_finished()
+        self._wait_background()
+
+    def _wait_background(self) -> None:
+        while True:
+            with self._background_lock:
+                pending = list(self._background)
+            if not pending:
+                return
+            concurrent.futures.wait(pending)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            self.wait_until_finished()
+        finally:
+            self._closed = True
+            self._ckptr.close()
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _reached_preemption(step: int) -> bool:
+    try:
+        from jax.experimental import multihost_utils
+
+        return bool(multihost_utils.reached_preemption_sync_point(step))
+    except Exception:  # no preemption service running
+        return False
+
+
+def _plain_json(value: Any) -> Any:
+    """Metrics as plain JSON values (numpy and JAX scalars become Python numbers)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain_json(v) for v in value]
+    if hasattr(value, "item") and getattr(value, "size", 1) == 1:
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"metric value {value} is not finite; metrics must be JSON numbers")
+    return value
