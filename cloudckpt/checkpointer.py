@@ -66,6 +66,7 @@ class Checkpointer:
         self._handler = handler
         self._storage_options = dict(storage_options or {})
         self._group = ProcessGroup(multiprocessing_options)
+        handler.bind_process_group(self._group.options.primary_host, self._group.members)
         self._grace_s = grace_s
         self._loop = LoopThread(f"cloudckpt-{type(self).__name__}")
         self._closed = False
@@ -114,7 +115,9 @@ class Checkpointer:
         )
         directory = StoragePath(location.backend, tmp.get())
         init_ns = time.time_ns()
-        if isinstance(self._handler, AsyncCheckpointHandler):
+        if not self._group.is_member:
+            writes: list[Awaitable[None]] = []  # not an active process: nothing to do
+        elif isinstance(self._handler, AsyncCheckpointHandler):
             writes = list(self._handler.async_save(directory, args))
         else:
             writes = [self._handler.save(directory, args)]
@@ -247,6 +250,8 @@ class _Commit:
 
     async def run(self) -> None:
         group = self.checkpointer.process_group
+        if not group.is_member:
+            return
         handler = self.checkpointer.handler
         backend = self.location.backend
         attempt = self.tmp.claim.attempt
@@ -274,10 +279,17 @@ class _Commit:
             if error is not None:
                 raise error
             if group.is_primary:
-                self.metadata.commit_timestamp_nsecs = time.time_ns()
-                await write_step_metadata(self.directory, self.metadata)
-                await handler.finalize(self.directory)
-                await self.tmp.finalize()
+                try:
+                    self.metadata.commit_timestamp_nsecs = time.time_ns()
+                    await write_step_metadata(self.directory, self.metadata)
+                    await handler.finalize(self.directory)
+                    await self.tmp.finalize()
+                except Exception as exc:
+                    error = exc
+            # Everyone learns whether the primary committed.
+            await group.sync(attempt, "committed", error=error)
+            if error is not None:
+                raise error
         except BaseException:
             if not started:
                 for write in self.writes:

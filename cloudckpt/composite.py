@@ -53,6 +53,7 @@ class CompositeCheckpointHandler(AsyncCheckpointHandler):
 
     def __init__(self, *, handler_registry: HandlerRegistry | None = None) -> None:
         self._registry = handler_registry
+        self._process_group: tuple[int, tuple[int, ...]] = (0, ())
         self._bound: dict[str, CheckpointHandler] = {}
         self._pending: dict[str, CheckpointHandler] | None = None
         self._last_saved: dict[str, str] = {}
@@ -77,7 +78,7 @@ class CompositeCheckpointHandler(AsyncCheckpointHandler):
             )
         bound = self._bound.get(item)
         if bound is None:
-            return handler_cls()
+            return self._new_handler(handler_cls)
         if type(bound) is not handler_cls:
             raise ValueError(
                 f"item {item!r} is bound to {type(bound).__name__}, which takes "
@@ -105,8 +106,21 @@ class CompositeCheckpointHandler(AsyncCheckpointHandler):
                 f"known in this process. Import the module that defines it, or pass "
                 f"args=Composite({item}=<its restore args>)"
             )
-        handler = self._bound[item] = handler_cls()
+        handler = self._bound[item] = self._new_handler(handler_cls)
         return handler
+
+    def _new_handler(self, handler_cls: type[CheckpointHandler]) -> CheckpointHandler:
+        handler = handler_cls()
+        handler.bind_process_group(*self._process_group)
+        return handler
+
+    def bind_process_group(self, primary_host: int, members: Sequence[int]) -> None:
+        self._process_group = (primary_host, tuple(members))
+        handlers = list(self._bound.values())
+        if self._registry is not None:
+            handlers += self._registry.handlers()
+        for handler in handlers:
+            handler.bind_process_group(primary_host, members)
 
     @staticmethod
     def _default_args(item: str, handler: CheckpointHandler) -> CheckpointArgs:

@@ -286,6 +286,11 @@ class CheckpointManager:
                 self._state.steps[step] = _Step(step, clean_metrics)
             if self._group.is_primary:
                 self._in_background(self._apply_retention())
+            else:  # the primary deletes; the others apply the same decision to their list
+                doomed = self._steps_to_delete()
+                with self._state.lock:
+                    for s in doomed:
+                        self._state.steps.pop(s, None)
 
         if isinstance(self._ckptr, AsyncCheckpointer):
             self._ckptr.save(path, args, metrics=clean_metrics, custom=custom, on_commit=committed)

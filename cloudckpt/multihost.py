@@ -1,28 +1,39 @@
 """Coordination between the processes of one job, through jax.distributed.
 
 cloudckpt adds no coordinator of its own. With ``jax.distributed`` initialised,
-barriers and error reports go through JAX's distributed client (its
-key-value store), with keys namespaced per save. Without it (one process),
-every operation is free: no barrier, no key-value traffic.
+processes meet and report errors through JAX's distributed client (its
+key-value store), with keys namespaced per save so that consecutive and
+concurrent saves never cross. Without it (one process) every operation is
+free: no barrier, no key-value traffic.
+
+A meeting (``sync``) is a key per process: ``ok`` or the process's error. A
+process that reports an error, or disappears from the client's list of live
+nodes, makes every other process's save fail at once with
+:class:`ProcessFailedError` naming it; one that stays silent fails them after
+``barrier_timeout_s``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
-_POLL_S = 0.02
+_POLL_MIN_S = 0.002
+_POLL_MAX_S = 0.1
+_LIVENESS_EVERY_S = 0.5
+# Every process creates its process groups in the same order, so the n-th
+# group of each process is the same group; its keys carry n.
+_instances = itertools.count()
 
 
-def _distributed_client():  # type: ignore[no-untyped-def]
-    try:
-        from jax._src import distributed
-    except ImportError:  # pragma: no cover - jax always ships it
-        return None
+def _distributed_client() -> Any:
+    from jax._src import distributed
+
     return distributed.global_state.client
 
 
@@ -35,15 +46,20 @@ class MultiprocessingOptions:
     """Which processes take part in saves, and which one commits.
 
     Attributes:
-        primary_host: The process that creates, finalizes, deletes and cleans up.
+        primary_host: The process that claims, commits, deletes and cleans up.
         active_processes: Processes taking part in saves (None: all). The
-            primary must be among them.
-        barrier_timeout_s: How long a process waits for the others at a barrier.
+            primary must be among them, and every array saved must live on
+            their devices only.
+        barrier_timeout_s: How long a process waits for the others.
     """
 
     primary_host: int = 0
     active_processes: frozenset[int] | None = None
     barrier_timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.barrier_timeout_s <= 0:
+            raise ValueError(f"barrier_timeout_s must be positive, got {self.barrier_timeout_s}")
 
 
 class ProcessGroup:
@@ -59,17 +75,24 @@ class ProcessGroup:
         self.members: tuple[int, ...] = (
             tuple(sorted(active)) if active else tuple(range(self.process_count))
         )
+        if any(not 0 <= p < self.process_count for p in self.members):
+            raise ValueError(
+                f"active_processes {sorted(self.members)} must be process indices below "
+                f"{self.process_count}"
+            )
         if self.options.primary_host not in self.members:
             raise ValueError(
                 f"primary_host {self.options.primary_host} is not among the active processes "
                 f"{list(self.members)}"
             )
-        self._client = _distributed_client() if len(self.members) > 1 else None
-        if len(self.members) > 1 and self._client is None:
+        self._client = _distributed_client() if self.process_count > 1 else None
+        if self.process_count > 1 and self._client is None:
             raise RuntimeError(
-                "several processes are active but jax.distributed is not initialised; call "
+                "JAX reports several processes but jax.distributed is not initialised; call "
                 "jax.distributed.initialize() first"
             )
+        self._instance = next(_instances)
+        self._timeout_ms = int(self.options.barrier_timeout_s * 1000)
         self._run_id = self._agree_run_id()
         self._counter = 0
         self._shares = 0
@@ -90,66 +113,72 @@ class ProcessGroup:
         mine = uuid.uuid4().hex[:12]
         if self._client is None:
             return mine
-        key = f"cloudckpt/run-id/{self.options.primary_host}/{'-'.join(map(str, self.members))}"
+        key = f"cloudckpt/group/{self._instance}/run-id"
         if self.is_primary:
             self._client.key_value_set(key, mine, allow_overwrite=True)
-            self._client.wait_at_barrier(
-                key + "/set", int(self.options.barrier_timeout_s * 1000), list(self.members)
-            )
             return mine
-        self._client.wait_at_barrier(
-            key + "/set", int(self.options.barrier_timeout_s * 1000), list(self.members)
-        )
-        return self._client.blocking_key_value_get(key, int(self.options.barrier_timeout_s * 1000))
-
-    def share(self, name: str, value: Any) -> Any:
-        """The primary's ``value`` (JSON), on every member. All members call it in the same order."""
-        if self._client is None:
-            return value
-        self._shares += 1
-        key = f"cloudckpt/share/{self._run_id}/{self._shares}/{name}"
-        timeout_ms = int(self.options.barrier_timeout_s * 1000)
-        if self.is_primary:
-            self._client.key_value_set(key, json.dumps(value))
-            return value
-        return json.loads(self._client.blocking_key_value_get(key, timeout_ms))
+        return self._client.blocking_key_value_get(key, self._timeout_ms)
 
     def next_attempt(self) -> str:
         """An id for the next save, the same on every process without communication."""
         self._counter += 1
         return f"{self._run_id}{self._counter:06d}"
 
-    async def sync(self, attempt: str, stage: str, *, error: BaseException | None = None) -> None:
-        """Waits until every member has reached ``stage`` of save ``attempt``.
-
-        Each member reports success or its error; if any member failed (or does
-        not report within the timeout) every member raises
-        :class:`ProcessFailedError` naming the failing processes.
-        """
+    def share(self, name: str, value: Any) -> Any:
+        """The primary's JSON ``value``, on every process. All call it in the same order."""
         if self._client is None:
+            return value
+        self._shares += 1
+        key = f"cloudckpt/share/{self._run_id}/{self._shares}/{name}"
+        if self.is_primary:
+            self._client.key_value_set(key, json.dumps(value))
+            return value
+        return json.loads(self._client.blocking_key_value_get(key, self._timeout_ms))
+
+    async def sync(self, attempt: str, stage: str, *, error: BaseException | None = None) -> None:
+        """Meets every member at ``stage`` of save ``attempt``.
+
+        Reports this process's outcome first. A process with an error of its
+        own returns at once (its caller raises it); the others raise
+        :class:`ProcessFailedError` naming whoever failed or vanished.
+        """
+        if self._client is None or not self.is_member:
             return
         client = self._client
-        prefix = f"cloudckpt/{attempt}/{stage}/"
-        status = "ok" if error is None else f"error: {type(error).__name__}: {error}"[:2000]
+        prefix = f"cloudckpt/save/{attempt}/{stage}/"
+        status = "ok" if error is None else f"failed: {type(error).__name__}: {error}"[:2000]
         await asyncio.to_thread(client.key_value_set, f"{prefix}{self.process_index}", status)
+        if error is not None:
+            return
         deadline = time.monotonic() + self.options.barrier_timeout_s
+        next_liveness = time.monotonic() + _LIVENESS_EVERY_S
+        delay = _POLL_MIN_S
         while True:
-            entries = dict(await asyncio.to_thread(client.key_value_dir_get, prefix))
-            reports = {int(k.rsplit("/", 1)[-1]): v for k, v in entries.items()}
-            failed = {p: v for p, v in reports.items() if v != "ok" and p != self.process_index}
+            entries = await asyncio.to_thread(client.key_value_dir_get, prefix)
+            reports = {int(k.rsplit("/", 1)[-1]): v for k, v in entries}
+            failed = {p: v for p, v in reports.items() if v != "ok"}
             if failed:
-                raise ProcessFailedError(_describe_failures(stage, failed))
-            if all(p in reports for p in self.members):
+                raise ProcessFailedError(_describe(stage, failed))
+            missing = [p for p in self.members if p not in reports]
+            if not missing:
                 return
-            if time.monotonic() > deadline:
-                missing = [p for p in self.members if p not in reports]
+            now = time.monotonic()
+            if now > deadline:
                 raise ProcessFailedError(
                     f"processes {missing} did not reach '{stage}' within "
-                    f"{self.options.barrier_timeout_s:.0f}s (dead or stuck)"
+                    f"{self.options.barrier_timeout_s:.0f}s (stuck or dead)"
                 )
-            await asyncio.sleep(_POLL_S)
+            if now > next_liveness:
+                # The asking process must be among those asked about.
+                live = await asyncio.to_thread(client.get_live_nodes, list(self.members))
+                dead = [p for p in missing if p not in live]
+                if dead:
+                    raise ProcessFailedError(f"processes {dead} died before reaching '{stage}'")
+                next_liveness = now + _LIVENESS_EVERY_S
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _POLL_MAX_S)
 
 
-def _describe_failures(stage: str, failed: dict[int, str]) -> str:
+def _describe(stage: str, failed: dict[int, str]) -> str:
     parts = [f"process {p} {v}" for p, v in sorted(failed.items())]
-    return f"save failed at '{stage}' on another process: " + "; ".join(parts)
+    return f"the save failed at '{stage}': " + "; ".join(parts)

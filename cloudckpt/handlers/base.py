@@ -62,6 +62,9 @@ class CheckpointHandler(abc.ABC):
     async def finalize(self, directory: StoragePath) -> None:
         """Runs once on the primary process after all writes, before the commit."""
 
+    def bind_process_group(self, primary_host: int, members: Sequence[int]) -> None:
+        """Told by the checkpointer which process is primary and which processes save."""
+
     def close(self) -> None:
         """Releases resources; the handler is not used afterwards."""
 

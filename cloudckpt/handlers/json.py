@@ -17,14 +17,25 @@ _FILENAME = "data.json"
 
 
 class JsonCheckpointHandler(AsyncCheckpointHandler):
-    """Saves one JSON-serialisable object per item, as one checksummed object."""
+    """Saves one JSON-serialisable object per item, as one checksummed object.
+
+    Every process validates the object; the primary process alone writes it.
+    """
+
+    def __init__(self) -> None:
+        self._writes = True
+
+    def bind_process_group(self, primary_host: int, members: Sequence[int]) -> None:
+        import jax
+
+        self._writes = jax.process_index() == primary_host
 
     def async_save(self, directory: StoragePath, args: CheckpointArgs) -> Sequence[Awaitable[None]]:
         if not isinstance(args, JsonSave):
             raise TypeError(f"JsonCheckpointHandler saves JsonSave args, got {type(args).__name__}")
         # Serialising now is the copy: later mutation of args.item changes nothing.
         payload = _jsonio.dumps(args.item, what=f"JsonSave item for {directory}")
-        return [write_object(directory / _FILENAME, payload)]
+        return [write_object(directory / _FILENAME, payload)] if self._writes else []
 
     async def restore(self, directory: StoragePath, args: CheckpointArgs | None = None) -> Any:
         target = directory / _FILENAME

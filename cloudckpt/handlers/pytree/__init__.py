@@ -157,7 +157,6 @@ class StandardCheckpointHandler(AsyncCheckpointHandler):
         max_inflight_bytes: Bytes being encoded, written or read at once;
             host memory during a save stays near the data being saved plus
             this.
-        primary_host: The process that writes metadata and host (numpy) values.
     """
 
     def __init__(
@@ -167,7 +166,6 @@ class StandardCheckpointHandler(AsyncCheckpointHandler):
         max_object_bytes: int = 256 * _MiB,
         inner_chunk_bytes: int = 8 * _MiB,
         max_inflight_bytes: int = 256 * _MiB,
-        primary_host: int = 0,
     ) -> None:
         for name, value in (
             ("pack_below_bytes", pack_below_bytes),
@@ -181,7 +179,12 @@ class StandardCheckpointHandler(AsyncCheckpointHandler):
         self.max_object_bytes = max_object_bytes
         self.inner_chunk_bytes = min(inner_chunk_bytes, max_object_bytes)
         self.max_inflight_bytes = max_inflight_bytes
-        self.primary_host = primary_host
+        self._primary_host = 0
+        self._members: tuple[int, ...] = ()
+
+    def bind_process_group(self, primary_host: int, members: Sequence[int]) -> None:
+        self._primary_host = primary_host
+        self._members = tuple(members)
 
     # ------------------------------------------------------------------- copy phase
     def _plan(self, tree: Any) -> _SavePlan:
@@ -215,7 +218,7 @@ class StandardCheckpointHandler(AsyncCheckpointHandler):
                 continue
             shards = layout.global_shards(shape, dtype.itemsize, sharding)
             if sharding is None:
-                shards = [layout.Shard(s.index, self.primary_host, s.nbytes) for s in shards]
+                shards = [layout.Shard(s.index, self._primary_host, s.nbytes) for s in shards]
             if max(s.nbytes for s in shards) < self.pack_below_bytes:
                 entry["storage"] = {"type": "packed"}
                 packed_shards.extend((i, s) for s in shards)
@@ -228,6 +231,12 @@ class StandardCheckpointHandler(AsyncCheckpointHandler):
                 plan.zarr_specs[i] = meta
                 entry["storage"] = {"type": "zarr", "key": f"arrays/{i}", "metadata": meta}
                 to_pack = False
+            outside = {s.writer for s in shards} - set(self._members or {s.writer for s in shards})
+            if outside:
+                raise ValueError(
+                    f"leaf {path} has shards on processes {sorted(outside)}, which are not among the "
+                    f"active processes {list(self._members)}; only their devices can be saved"
+                )
             own = [s.index for s in shards if s.writer == me]
             if kind == "jax":
                 self._check_writers(path, array, shards, me)
@@ -283,7 +292,7 @@ class StandardCheckpointHandler(AsyncCheckpointHandler):
     async def _write(self, directory: StoragePath, plan: _SavePlan) -> None:
         backend = directory.backend
         context = backend.tensorstore_context()
-        primary = jax.process_index() == self.primary_host
+        primary = jax.process_index() == self._primary_host
         budget = ByteBudget(self.max_inflight_bytes)
         stores: dict[int, asyncio.Future[Any]] = {}
 
