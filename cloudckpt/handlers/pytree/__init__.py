@@ -15,6 +15,7 @@ never read.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import math
 import warnings
@@ -99,6 +100,7 @@ class _Region:
 @dataclass
 class _SavePlan:
     leaves_json: list[dict[str, Any]] = field(default_factory=list)
+    shardings: list[dict[str, Any] | None] = field(default_factory=list)
     skeleton: dict[str, Any] = field(default_factory=dict)
     zarr_specs: dict[int, dict[str, Any]] = field(default_factory=dict)  # leaf -> zarr metadata
     regions: list[_Region] = field(default_factory=list)
@@ -107,11 +109,25 @@ class _SavePlan:
     nbytes: int = 0
 
 
+def _on_cpu(array: jax.Array) -> bool:
+    return next(iter(array.devices())).platform == "cpu"
+
+
 def _host_copy(value: Any) -> np.ndarray:
     """A host copy the caller cannot change afterwards (CPU arrays alias device memory)."""
-    if isinstance(value, jax.Array) and next(iter(value.devices())).platform != "cpu":
+    if isinstance(value, jax.Array) and not _on_cpu(value):
         return np.asarray(value)  # a fresh host buffer from the transfer
     return np.array(value, copy=True)
+
+
+_DTYPE_NAMES: dict[np.dtype, str] = {}
+
+
+def _dtype_name(dtype: np.dtype) -> str:
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = dtype.name
+    return name
 
 
 def _as_array(path: str, value: Any) -> tuple[str, Any]:
@@ -193,6 +209,9 @@ class StandardCheckpointHandler(AsyncCheckpointHandler):
         me = jax.process_index()
         packed_shards: list[tuple[int, layout.Shard]] = []
         pending_copies: list[tuple[int, layout.Index, Any, bool]] = []
+        # Trees repeat a few shardings and dtypes many times over: compute each once.
+        shard_cache: dict[tuple[Any, tuple[int, ...], int], list[layout.Shard]] = {}
+        sharding_ids: dict[Any, int] = {}
         for i, (path, value) in enumerate(leaves):
             if isinstance(value, str):
                 plan.leaves_json.append({"path": path, "kind": "str", "value": value})
@@ -206,19 +225,29 @@ class StandardCheckpointHandler(AsyncCheckpointHandler):
             entry: dict[str, Any] = {
                 "path": path,
                 "kind": kind,
-                "dtype": dtype.name,
+                "dtype": _dtype_name(dtype),
                 "shape": list(shape),
-                "sharding": _describe_sharding(sharding),
+                "sharding": None,
             }
+            if sharding is not None:
+                if sharding not in sharding_ids:
+                    sharding_ids[sharding] = len(plan.shardings)
+                    plan.shardings.append(_describe_sharding(sharding))
+                entry["sharding"] = sharding_ids[sharding]
             if kind == "py":
                 entry["py_type"] = type(value).__name__
             plan.leaves_json.append(entry)
             if nbytes == 0:
                 entry["storage"] = {"type": "empty"}
                 continue
-            shards = layout.global_shards(shape, dtype.itemsize, sharding)
-            if sharding is None:
-                shards = [layout.Shard(s.index, self._primary_host, s.nbytes) for s in shards]
+            key = (sharding, shape, dtype.itemsize)
+            shards = shard_cache.get(key)
+            if shards is None:
+                shards = layout.global_shards(shape, dtype.itemsize, sharding)
+                if sharding is None:
+                    shards = [layout.Shard(s.index, self._primary_host, s.nbytes) for s in shards]
+                self._check_active(path, shards)
+                shard_cache[key] = shards
             if max(s.nbytes for s in shards) < self.pack_below_bytes:
                 entry["storage"] = {"type": "packed"}
                 packed_shards.extend((i, s) for s in shards)
@@ -231,26 +260,27 @@ class StandardCheckpointHandler(AsyncCheckpointHandler):
                 plan.zarr_specs[i] = meta
                 entry["storage"] = {"type": "zarr", "key": f"arrays/{i}", "metadata": meta}
                 to_pack = False
-            outside = {s.writer for s in shards} - set(self._members or {s.writer for s in shards})
-            if outside:
-                raise ValueError(
-                    f"leaf {path} has shards on processes {sorted(outside)}, which are not among the "
-                    f"active processes {list(self._members)}; only their devices can be saved"
-                )
             own = [s.index for s in shards if s.writer == me]
-            if kind == "jax":
-                self._check_writers(path, array, shards, me)
-                by_index = {
-                    layout.normalize_index(sh.index, shape): sh.data
-                    for sh in array.addressable_shards
-                    if sh.replica_id == 0
-                }
-                pending_copies.extend((i, idx, by_index[idx], to_pack) for idx in own)
-            else:
+            if not own:
+                continue
+            if kind != "jax" or (len(shards) == 1 and array.is_fully_replicated):
+                # One region, the whole value: any local replica is the replica-0 data.
                 pending_copies.extend((i, idx, array, to_pack) for idx in own)
+                continue
+            by_index = {
+                layout.normalize_index(sh.index, shape): sh.data
+                for sh in array.addressable_shards
+                if sh.replica_id == 0
+            }
+            if set(by_index) != set(own):  # jax's replica ids disagree with the layout
+                raise RuntimeError(
+                    f"leaf {path}: this process addresses replica-0 shards {sorted(by_index)} but "
+                    f"the layout assigns it {sorted(own)}; please report this sharding"
+                )
+            pending_copies.extend((i, idx, by_index[idx], to_pack) for idx in own)
         # Start every device-to-host transfer before waiting on any of them.
         for _, _, source, _ in pending_copies:
-            if isinstance(source, jax.Array):
+            if isinstance(source, jax.Array) and not _on_cpu(source):
                 source.copy_to_host_async()
         for leaf, index, source, to_pack in pending_copies:
             host = _host_copy(source)
@@ -259,25 +289,16 @@ class StandardCheckpointHandler(AsyncCheckpointHandler):
             else:
                 plan.regions.append(_Region(leaf, index, host))
         plan.pack_entries = layout.pack_layout(packed_shards, self.max_object_bytes)
-        by_leaf: dict[int, list[Any]] = {}
         for e in plan.pack_entries:
-            by_leaf.setdefault(e.leaf, []).append(e.to_json())
-        for leaf, entries in by_leaf.items():
-            plan.leaves_json[leaf]["storage"]["entries"] = entries
+            plan.leaves_json[e.leaf]["storage"].setdefault("entries", []).append(e.to_json())
         return plan
 
-    @staticmethod
-    def _check_writers(path: str, array: jax.Array, shards: list[layout.Shard], me: int) -> None:
-        expected = {s.index for s in shards if s.writer == me}
-        actual = {
-            layout.normalize_index(sh.index, array.shape)
-            for sh in array.addressable_shards
-            if sh.replica_id == 0
-        }
-        if expected != actual:  # jax's replica ids disagree with the global layout
-            raise RuntimeError(
-                f"leaf {path}: this process addresses replica-0 shards {sorted(actual)} but the "
-                f"layout assigns it {sorted(expected)}; please report this sharding"
+    def _check_active(self, path: str, shards: list[layout.Shard]) -> None:
+        outside = {s.writer for s in shards} - set(self._members or {s.writer for s in shards})
+        if outside:
+            raise ValueError(
+                f"leaf {path} has shards on processes {sorted(outside)}, which are not among the "
+                f"active processes {list(self._members)}; only their devices can be saved"
             )
 
     def async_save(self, directory: StoragePath, args: CheckpointArgs) -> Sequence[Awaitable[None]]:
@@ -285,7 +306,15 @@ class StandardCheckpointHandler(AsyncCheckpointHandler):
             raise TypeError(
                 f"StandardCheckpointHandler saves StandardSave args, got {type(args).__name__}"
             )
-        plan = self._plan(args.item)
+        # Planning allocates a few objects per leaf; with large trees the cyclic
+        # collector's passes over them dominate, and nothing here makes cycles.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            plan = self._plan(args.item)
+        finally:
+            if collecting:
+                gc.enable()
         return [self._write(directory, plan)]
 
     # ----------------------------------------------------------------- commit phase
@@ -337,6 +366,7 @@ class StandardCheckpointHandler(AsyncCheckpointHandler):
             document = {
                 "format": PYTREE_FORMAT,
                 "skeleton": plan.skeleton,
+                "shardings": plan.shardings,
                 "leaves": plan.leaves_json,
             }
             await write_object(
@@ -375,7 +405,8 @@ class StandardCheckpointHandler(AsyncCheckpointHandler):
 
     async def metadata(self, directory: StoragePath) -> Any:
         document = await self._read_document(directory)
-        values = [_leaf_metadata(leaf) for leaf in document["leaves"]]
+        shardings = document.get("shardings", [])
+        values = [_leaf_metadata(leaf, shardings) for leaf in document["leaves"]]
         return rebuild(document["skeleton"], values)
 
     async def restore(self, directory: StoragePath, args: CheckpointArgs | None = None) -> Any:
@@ -389,18 +420,22 @@ class StandardCheckpointHandler(AsyncCheckpointHandler):
         saved = document["leaves"]
         reader = _Reader(directory, saved, ByteBudget(self.max_inflight_bytes))
         if args.target is None:
+            await reader.prefetch_packed(
+                (i, reader.regions_for(i, None)) for i in range(len(saved))
+            )
             values = await asyncio.gather(*(reader.leaf_to_host(i) for i in range(len(saved))))
             return rebuild(document["skeleton"], list(values))
         by_path = {leaf["path"]: i for i, leaf in enumerate(saved)}
         targets, _ = flatten(args.target)
         plan = _match(directory, targets, saved, by_path, strict=args.strict)
+        await reader.prefetch_packed((i, reader.regions_for(i, t)) for i, t in plan.reads)
         results = await asyncio.gather(*(reader.leaf_like(i, t) for i, t in plan.reads))
         values = {path: value for (path, _), value in zip(plan.paths, results, strict=True)}
         values.update(plan.untouched)
         return unflatten_like(args.target, values)
 
 
-def _leaf_metadata(leaf: dict[str, Any]) -> Any:
+def _leaf_metadata(leaf: dict[str, Any], shardings: list[Any]) -> Any:
     if leaf["kind"] == "str":
         return leaf["value"]
     dtype = np.dtype(_dtype_from_name(leaf["dtype"]))
@@ -408,7 +443,7 @@ def _leaf_metadata(leaf: dict[str, Any]) -> Any:
     return ArrayMetadata(
         shape=shape,
         dtype=dtype,
-        sharding=leaf.get("sharding"),
+        sharding=None if leaf.get("sharding") is None else shardings[leaf["sharding"]],
         kind=leaf["kind"],
         nbytes=math.prod(shape) * dtype.itemsize,
     )
@@ -542,6 +577,83 @@ class _Reader:
         self.context = directory.backend.tensorstore_context()
         self._stores: dict[int, asyncio.Future[Any]] = {}
         self._kvstore: asyncio.Future[Any] | None = None
+        self._packed: dict[tuple[int, layout.Index], bytes] = {}
+
+    def regions_for(self, leaf: int, target: Any) -> list[layout.Index]:
+        """The regions of ``leaf`` this process reads for ``target`` (None: all of it)."""
+        info = self.saved[leaf]
+        if info["kind"] == "str":
+            return []
+        shape = tuple(info["shape"])
+        sharding = getattr(target, "sharding", None)
+        if not isinstance(sharding, jax.sharding.Sharding):
+            return [layout.full_index(shape)]
+        return sorted(
+            {
+                layout.normalize_index(idx, shape)
+                for idx in sharding.addressable_devices_indices_map(shape).values()
+            }
+        )
+
+    async def prefetch_packed(self, requests: Any) -> None:
+        """Reads the packed entries these (leaf, regions) need: one ranged read per run.
+
+        Entries of one object that lie back to back are fetched together, so a
+        full restore reads each pack once, while a partial one reads only the
+        entries it needs.
+        """
+        wanted: dict[str, list[layout.PackEntry]] = {}
+        for leaf, regions in requests:
+            storage = self.saved[leaf].get("storage", {})
+            if storage.get("type") != "packed":
+                continue
+            for raw in storage["entries"]:
+                entry = layout.PackEntry.from_json(leaf, raw)
+                if (leaf, entry.index) in self._packed:
+                    continue
+                if any(_overlap(entry.index, r) is not None for r in regions):
+                    wanted.setdefault(entry.obj, []).append(entry)
+        runs: list[list[layout.PackEntry]] = []
+        for entries in wanted.values():
+            entries.sort(key=lambda e: e.offset)
+            run = [entries[0]]
+            for entry in entries[1:]:
+                last = run[-1]
+                if entry.offset == last.offset + last.nbytes + layout.CRC_BYTES:
+                    run.append(entry)
+                else:
+                    runs.append(run)
+                    run = [entry]
+            runs.append(run)
+        if runs:
+            kvstore = await self._packs()
+            await asyncio.gather(*(self._read_run(kvstore, run) for run in runs))
+
+    async def _read_run(self, kvstore: Any, run: list[layout.PackEntry]) -> None:
+        start = run[0].offset
+        end = run[-1].offset + run[-1].nbytes + layout.CRC_BYTES
+        async with self.budget.hold(end - start):
+            result = await kvstore.read(run[0].obj, byte_range=slice(start, end))
+        if result.state == "missing":
+            raise CorruptCheckpointError(
+                f"missing data: {self.directory / run[0].obj} does not exist"
+            )
+        blob = bytes(result.value)
+        for entry in run:
+            lo = entry.offset - start
+            self._packed[(entry.leaf, entry.index)] = self._verified(
+                entry, blob[lo : lo + entry.nbytes + layout.CRC_BYTES]
+            )
+
+    def _verified(self, entry: layout.PackEntry, blob: bytes) -> bytes:
+        data, crc = blob[: entry.nbytes], blob[entry.nbytes :]
+        end = entry.offset + entry.nbytes + layout.CRC_BYTES
+        if len(crc) != layout.CRC_BYTES or google_crc32c.value(data).to_bytes(4, "little") != crc:
+            raise CorruptCheckpointError(
+                f"checksum mismatch in {self.directory / entry.obj} bytes {entry.offset}-{end}: "
+                "the packed data is corrupt"
+            )
+        return data
 
     def _open(self, leaf: int) -> Awaitable[Any]:
         if leaf not in self._stores:
@@ -586,21 +698,16 @@ class _Reader:
         return data if data.dtype == dtype else data.view(dtype)
 
     async def _packed_region(self, leaf: int, index: layout.Index, dtype: np.dtype) -> np.ndarray:
-        entries = [
-            layout.PackEntry.from_json(leaf, e) for e in self.saved[leaf]["storage"]["entries"]
-        ]
-        needed = [e for e in entries if _overlap(e.index, index) is not None]
-        kvstore = await self._packs()
+        await self.prefetch_packed([(leaf, [index])])  # no request for entries already read
         out = np.empty(layout.index_shape(index), dtype)
         covered = 0
-        for entry, data in zip(
-            needed,
-            await asyncio.gather(*(self._read_entry(kvstore, e) for e in needed)),
-            strict=True,
-        ):
-            piece = np.frombuffer(data, dtype).reshape(layout.index_shape(entry.index))
+        for raw in self.saved[leaf]["storage"]["entries"]:
+            entry = layout.PackEntry.from_json(leaf, raw)
             overlap = _overlap(entry.index, index)
-            assert overlap is not None
+            if overlap is None:
+                continue
+            data = self._packed[(leaf, entry.index)]
+            piece = np.frombuffer(data, dtype).reshape(layout.index_shape(entry.index))
             src = tuple(
                 slice(a - s, b - s) for (a, b), (s, _) in zip(overlap, entry.index, strict=True)
             )
@@ -613,24 +720,6 @@ class _Reader:
                 "the requested region; the pytree metadata is corrupt"
             )
         return out
-
-    async def _read_entry(self, kvstore: Any, entry: layout.PackEntry) -> bytes:
-        end = entry.offset + entry.nbytes + layout.CRC_BYTES
-        async with self.budget.hold(entry.nbytes):
-            result = await kvstore.read(entry.obj, byte_range=slice(entry.offset, end))
-        where = f"{self.directory / entry.obj} bytes {entry.offset}-{end}"
-        if result.state == "missing":
-            raise CorruptCheckpointError(f"missing data: {where} does not exist")
-        blob = bytes(result.value)
-        data, crc = blob[: entry.nbytes], blob[entry.nbytes :]
-        if (
-            len(blob) != entry.nbytes + layout.CRC_BYTES
-            or google_crc32c.value(data).to_bytes(4, "little") != crc
-        ):
-            raise CorruptCheckpointError(
-                f"checksum mismatch in {where}: the packed data is corrupt"
-            )
-        return data
 
     async def leaf_to_host(self, leaf: int) -> Any:
         """A leaf as saved, on the host (numpy array, numpy scalar, Python scalar, str)."""
