@@ -1,0 +1,371 @@
+"""Reading checkpoints without restoring them: listing, describing and verifying steps.
+
+The ``cloudckpt`` command line is built on these coroutines; they print
+nothing. A root is listed with one listing (``atomicity.scan``) plus one small
+read per step for its metadata. ``describe_step`` reads only JSON (step
+metadata, ``pytree.json``, JSON items), never array data. Verification lives
+in :mod:`cloudckpt._verify`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+import atomicity
+from atomicity import MARKER_NAME, ObjectInfo
+from cloudckpt import _jsonio
+from cloudckpt.handlers.json import JsonCheckpointHandler
+from cloudckpt.handlers.pytree import METADATA_NAME as PYTREE_NAME
+from cloudckpt.handlers.pytree import StandardCheckpointHandler
+from cloudckpt.handlers.pytree._budget import ByteBudget
+from cloudckpt.metadata import STEP_METADATA_NAME, StepMetadata
+from cloudckpt.path import StoragePath
+
+PYTREE_TYPESTR = StandardCheckpointHandler.typestr()
+JSON_TYPESTR = JsonCheckpointHandler.typestr()
+JSON_ITEM_NAME = "data.json"  # what JsonCheckpointHandler writes
+#: Bytes read or copied at once (objects are at most a few hundred MiB each).
+INFLIGHT_BYTES = 512 << 20
+#: Requests in flight at once.
+INFLIGHT_REQUESTS = 32
+CRC_BYTES = 4
+
+
+# ------------------------------------------------------------------------------ progress
+class Progress(Protocol):
+    """Byte-level progress of one long operation."""
+
+    def advance(self, nbytes: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+#: Makes a progress reporter: (label, total bytes) -> Progress.
+ProgressFactory = Callable[[str, int], Progress]
+
+
+class NoProgress:
+    def advance(self, nbytes: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def no_progress(label: str, total: int) -> Progress:
+    return NoProgress()
+
+
+class Limiter:
+    """Bounds bytes and requests in flight."""
+
+    def __init__(self, nbytes: int = INFLIGHT_BYTES, requests: int = INFLIGHT_REQUESTS) -> None:
+        self._budget = ByteBudget(nbytes)
+        self._requests = asyncio.Semaphore(requests)
+
+    async def run(self, nbytes: int, make: Callable[[], Awaitable[Any]]) -> Any:
+        async with self._requests, self._budget.hold(max(nbytes, 1)):
+            return await make()
+
+
+# ------------------------------------------------------------------------------- objects
+async def list_objects(location: StoragePath) -> dict[str, ObjectInfo]:
+    """Every object under ``location``, keyed by its path relative to it (one listing)."""
+    prefix = location.path.rstrip("/") + "/"
+    return {
+        info.path[len(prefix) :]: info
+        async for info in location.backend.list_prefix(location.path)
+        if info.path.startswith(prefix)
+    }
+
+
+def step_sort_key(name: str) -> tuple[int, int, str]:
+    """Numbers in numeric order, then other names (``ckpt_12`` sorts by its number)."""
+    digits = name.rsplit("_", 1)[-1]
+    return (0, int(digits), name) if digits.isdigit() else (1, 0, name)
+
+
+def _committed_children(objects: Iterable[str]) -> list[str]:
+    names = {
+        rel.split("/", 1)[0]
+        for rel in objects
+        if rel.count("/") == 1 and rel.endswith("/" + MARKER_NAME)
+    }
+    return sorted((n for n in names if not atomicity.is_temporary_name(n)), key=step_sort_key)
+
+
+async def require_committed(step: StoragePath) -> dict[str, ObjectInfo]:
+    """The objects of the committed checkpoint at ``step`` (one listing).
+
+    Raises:
+        FileNotFoundError: nothing is stored at ``step``.
+        ValueError: ``step`` is a root of checkpoints, or an uncommitted save.
+    """
+    objects = await list_objects(step)
+    if not objects:
+        raise FileNotFoundError(
+            f"no checkpoint at {step}: nothing is stored there; `cloudckpt ls` on its parent "
+            "lists the steps"
+        )
+    if MARKER_NAME in objects and not atomicity.is_temporary_name(step.name):
+        return objects
+    children = _committed_children(objects)
+    if children:
+        shown = ", ".join(children[-3:])
+        raise ValueError(
+            f"{step} holds {len(children)} checkpoints, it is not one itself; give a step "
+            f"such as {step / children[-1]} (latest steps: {shown})"
+        )
+    raise ValueError(
+        f"{step} is not a committed checkpoint: its commit marker {MARKER_NAME} is missing "
+        "(the save did not finish or is still running); `cloudckpt ls --all` on its parent "
+        "shows it and `cloudckpt gc` removes abandoned saves"
+    )
+
+
+async def read_json_envelope(location: StoragePath) -> Any:
+    """Reads and verifies one checksummed JSON object."""
+    data = await location.backend.get(location.path)
+    if data is None:
+        raise FileNotFoundError(f"{location} is missing")
+    return _jsonio.loads(data, where=str(location))
+
+
+async def read_step_metadata(step: StoragePath) -> StepMetadata:
+    where = step / STEP_METADATA_NAME
+    return StepMetadata.from_json(await read_json_envelope(where), where=str(where))
+
+
+# ----------------------------------------------------------------------------------- ls
+@dataclass
+class StepSummary:
+    """One row of ``cloudckpt ls``."""
+
+    name: str
+    url: str
+    committed: bool
+    nbytes: int
+    n_objects: int
+    mtime: float | None
+    commit_time: float | None = None
+    items: list[str] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    claim: dict[str, Any] | None = None
+    problem: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _items_of(metadata: StepMetadata) -> list[str]:
+    handlers = metadata.item_handlers
+    if isinstance(handlers, dict):
+        return list(handlers)
+    return []
+
+
+def _claim_json(claim: atomicity.Claim | None) -> dict[str, Any] | None:
+    if claim is None:
+        return None
+    return {
+        "attempt": claim.attempt,
+        "host": claim.host,
+        "pid": claim.pid,
+        "age_s": round(claim.age_s(), 1),
+        "grace_s": claim.grace_s,
+        "live": not claim.is_stale(),
+    }
+
+
+async def list_steps(root: StoragePath, *, read_claims: bool) -> list[StepSummary]:
+    """Committed and uncommitted steps under ``root``, in step order.
+
+    One listing of the root, then one small read per committed step (its
+    metrics) and, with ``read_claims``, one per uncommitted step (its claim).
+    """
+    backend = root.backend
+    children = await atomicity.scan(backend, root.path)
+    rows = [
+        StepSummary(
+            name=c.name,
+            url=backend.url(c.path),
+            committed=c.committed,
+            nbytes=c.nbytes,
+            n_objects=c.n_objects,
+            mtime=c.mtime,
+        )
+        for c in children
+    ]
+    limit = asyncio.Semaphore(16)
+
+    async def fill(row: StepSummary, child: atomicity.ChildInfo) -> None:
+        async with limit:
+            if child.committed:
+                try:
+                    metadata = await read_step_metadata(StoragePath(backend, child.path))
+                except (OSError, ValueError) as exc:
+                    row.problem = f"unreadable step metadata: {exc}"
+                    return
+                row.items = _items_of(metadata)
+                row.metrics = dict(metadata.metrics or {})
+                if metadata.commit_timestamp_nsecs:
+                    row.commit_time = metadata.commit_timestamp_nsecs / 1e9
+            elif read_claims and child.has_claim:
+                row.claim = _claim_json(await atomicity.read_claim(backend, child.path))
+
+    await asyncio.gather(*(fill(r, c) for r, c in zip(rows, children, strict=True)))
+    return sorted(rows, key=lambda r: step_sort_key(r.name))
+
+
+# ------------------------------------------------------------------------------ inspect
+@dataclass
+class Item:
+    """One item of a step: its name, handler and kind (pytree, json or other)."""
+
+    name: str
+    typestr: str | None
+    kind: str
+    location: StoragePath
+
+
+def items_of_step(
+    step: StoragePath, metadata: StepMetadata, objects: dict[str, ObjectInfo]
+) -> list[Item]:
+    """The items of a step, from its metadata (or, failing that, from its listing)."""
+    handlers = metadata.item_handlers
+    if isinstance(handlers, str):  # a single-handler checkpoint: the step is the item
+        pairs: list[tuple[str, str | None]] = [("", handlers)]
+    elif isinstance(handlers, dict):
+        pairs = list(handlers.items())
+    else:
+        names = sorted({rel.split("/", 1)[0] for rel in objects if "/" in rel})
+        pairs = [(n, None) for n in names]
+    items = []
+    for name, typestr in pairs:
+        prefix = f"{name}/" if name else ""
+        if typestr == PYTREE_TYPESTR or (typestr is None and prefix + PYTREE_NAME in objects):
+            kind = "pytree"
+        elif typestr == JSON_TYPESTR or (typestr is None and prefix + JSON_ITEM_NAME in objects):
+            kind = "json"
+        else:
+            kind = "other"
+        items.append(Item(name, typestr, kind, step / name if name else step))
+    return items
+
+
+def prefix_of(item: Item) -> str:
+    return f"{item.name}/" if item.name else ""
+
+
+def describe_sharding(sharding: dict[str, Any] | None) -> str:
+    """A short human description of a saved sharding."""
+    if not sharding:
+        return "host"
+    if sharding.get("type") == "NamedSharding":
+        mesh = ",".join(f"{k}={v}" for k, v in sharding.get("mesh", {}).items())
+        spec = ", ".join(
+            "None" if p is None else ("(" + ",".join(p) + ")" if isinstance(p, list) else str(p))
+            for p in sharding.get("spec", [])
+        )
+        return f"mesh({mesh}) P({spec})"
+    return f"{sharding.get('type', '?')}({sharding.get('num_devices', '?')} devices)"
+
+
+def _leaf_nbytes(leaf: dict[str, Any]) -> int:
+    if leaf.get("kind") == "str":
+        return len(str(leaf.get("value", "")).encode())
+    return math.prod(leaf.get("shape", [])) * dtype_itemsize(leaf.get("dtype", ""))
+
+
+def dtype_itemsize(dtype: str) -> int:
+    sizes = {"bool": 1, "int2": 1, "int4": 1, "bfloat16": 2}
+    if dtype in sizes:
+        return sizes[dtype]
+    if dtype.startswith("float8") or dtype.startswith("float4"):
+        return 1
+    try:
+        return int(np.dtype(dtype).itemsize)
+    except TypeError:
+        return 0
+
+
+def _sharding_of(leaf: dict[str, Any], table: list[Any]) -> dict[str, Any] | None:
+    """A leaf's saved sharding: an index into the document's table, or inline (older saves)."""
+    sharding = leaf.get("sharding")
+    if isinstance(sharding, int) and not isinstance(sharding, bool):
+        return table[sharding] if 0 <= sharding < len(table) else {"type": f"#{sharding}?"}
+    return sharding if isinstance(sharding, dict) else None
+
+
+def describe_leaves(document: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per-leaf rows of a ``pytree.json`` document (no array data)."""
+    rows = []
+    table = document.get("shardings") or []
+    for leaf in document.get("leaves", []):
+        storage = leaf.get("storage", {})
+        row: dict[str, Any] = {"path": leaf.get("path", "?"), "kind": leaf.get("kind")}
+        if leaf.get("kind") == "str":
+            row.update(dtype="str", shape=None, sharding=None, storage="inline")
+            row["value"] = leaf.get("value")
+        else:
+            row.update(
+                dtype=leaf.get("dtype"),
+                shape=list(leaf.get("shape", [])),
+                sharding=_sharding_of(leaf, table),
+                storage=storage.get("type"),
+            )
+            if storage.get("type") == "zarr":
+                row["key"] = storage.get("key")
+                row["chunk_shape"] = (
+                    storage.get("metadata", {})
+                    .get("chunk_grid", {})
+                    .get("configuration", {})
+                    .get("chunk_shape")
+                )
+        row["nbytes"] = _leaf_nbytes(leaf)
+        rows.append(row)
+    return rows
+
+
+async def describe_step(step: StoragePath) -> dict[str, Any]:
+    """What ``cloudckpt inspect`` shows, as JSON-able data; reads no array data."""
+    objects = await require_committed(step)
+    metadata = await read_step_metadata(step)
+    out: dict[str, Any] = {
+        "url": step.url,
+        "committed": True,
+        "n_objects": len(objects),
+        "nbytes": sum(o.size for o in objects.values()),
+        "metadata": metadata.to_json(),
+        "items": [],
+    }
+    for item in items_of_step(step, metadata, objects):
+        prefix = prefix_of(item)
+        entry: dict[str, Any] = {
+            "name": item.name,
+            "handler": item.typestr,
+            "kind": item.kind,
+            "n_objects": sum(1 for rel in objects if rel.startswith(prefix)) if prefix else None,
+            "stored_bytes": sum(o.size for rel, o in objects.items() if rel.startswith(prefix))
+            if prefix
+            else None,
+        }
+        if item.kind == "pytree":
+            document = await read_json_envelope(item.location / PYTREE_NAME)
+            entry["leaves"] = describe_leaves(document)
+            entry["nbytes"] = sum(leaf["nbytes"] for leaf in entry["leaves"])
+        elif item.kind == "json":
+            entry["value"] = await read_json_envelope(item.location / JSON_ITEM_NAME)
+        else:
+            entry["objects"] = sorted(
+                rel[len(prefix) :] for rel in objects if rel.startswith(prefix)
+            )
+        out["items"].append(entry)
+    return out

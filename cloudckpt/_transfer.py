@@ -1,0 +1,283 @@
+"""Changing checkpoints from the outside: copy, delete one step, collect garbage.
+
+Every change goes through the atomicity strategies the library saves with, so
+a copy is invisible until its marker is written last at the destination, a
+deletion stops a step being committed before any data goes, and clean-up
+never touches a committed step or (unless asked) a save still in progress.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import atomicity
+from atomicity import CLAIM_NAME, MARKER_NAME, ObjectInfo
+from cloudckpt._inspect import (
+    Limiter,
+    ProgressFactory,
+    list_objects,
+    no_progress,
+    require_committed,
+    step_sort_key,
+)
+from cloudckpt._verify import VerifyReport, verify_contents
+from cloudckpt.errors import CorruptCheckpointError
+from cloudckpt.path import StoragePath
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------- cp
+@dataclass
+class CopyReport:
+    src: str
+    dst: str
+    n_objects: int
+    nbytes: int
+    replaced: bool
+    verify: VerifyReport | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "src": self.src,
+            "dst": self.dst,
+            "n_objects": self.n_objects,
+            "nbytes": self.nbytes,
+            "replaced": self.replaced,
+            "verify": None if self.verify is None else self.verify.to_json(),
+        }
+
+
+async def copy_step(
+    src: StoragePath,
+    dst: StoragePath,
+    *,
+    force: bool = False,
+    verify: bool = True,
+    progress: ProgressFactory = no_progress,
+) -> CopyReport:
+    """Copies the committed checkpoint ``src`` to ``dst``, committing it last.
+
+    The destination's own strategy is used: claim (``create``), copy every
+    object except the source's marker and claim, verify the copy while it is
+    still uncommitted, then ``finalize`` (marker last, or rename). A failed or
+    corrupt copy is removed and never becomes visible.
+
+    Raises:
+        FileExistsError: ``dst`` is committed and ``force`` is False, or
+            another save is in progress there.
+        CorruptCheckpointError: the copy failed verification.
+    """
+    if src.backend is dst.backend:
+        a, b = src.path.rstrip("/"), dst.path.rstrip("/")
+        if a == b or b.startswith(a + "/") or a.startswith(b + "/"):
+            raise ValueError(
+                f"cannot copy {src} to {dst}: one lies inside the other; choose another destination"
+            )
+    objects = await require_committed(src)
+    todo = {rel: info for rel, info in objects.items() if rel not in (MARKER_NAME, CLAIM_NAME)}
+    backend = dst.backend
+    replaced = False
+    if await atomicity.is_committed(backend, dst.path):
+        if not force:
+            raise FileExistsError(
+                f"{dst} is already a committed checkpoint; pass --force to replace it "
+                "(it is deleted before the copy starts) or choose another destination"
+            )
+        await atomicity.delete_checkpoint(backend, dst.path)
+        replaced = True
+    tmp = backend.default_temporary_path_class().from_final(dst.path, backend)
+    await tmp.create()
+    work = StoragePath(backend, tmp.get())
+    report = CopyReport(src.url, dst.url, len(todo), sum(o.size for o in todo.values()), replaced)
+    try:
+        await _copy_objects(src, work, todo, progress(f"copy to {dst.url}", report.nbytes))
+        copied = await list_objects(work)
+        _check_listing(work, todo, copied)
+        if verify:
+            report.verify = await verify_contents(
+                work,
+                committed=False,
+                progress=progress,
+                objects=copied,
+                label=f"verify copy at {dst.url}",
+            )
+            if not report.verify.ok:
+                problems = report.verify.problems
+                more = f" and {len(problems) - 1} more" if len(problems) > 1 else ""
+                raise CorruptCheckpointError(
+                    f"the copy at {dst} failed verification ({problems[0]}{more}); it was "
+                    f"removed. Run `cloudckpt verify {src.url}`: the source may be corrupt"
+                )
+        await tmp.finalize()
+    except BaseException:
+        await _remove_attempt(backend, tmp)
+        raise
+    if not await atomicity.is_committed(backend, dst.path):
+        raise RuntimeError(f"the copy at {dst} was finalized but is not committed; report this")
+    if report.verify is not None:
+        report.verify.url = dst.url
+    return report
+
+
+async def _copy_objects(
+    src: StoragePath, dst: StoragePath, todo: dict[str, ObjectInfo], bar: Any
+) -> None:
+    limiter = Limiter()
+
+    async def one(rel: str, info: ObjectInfo) -> None:
+        async def transfer() -> None:
+            data = await src.backend.get((src / rel).path)
+            if data is None:
+                raise FileNotFoundError(
+                    f"{src / rel} vanished during the copy; is someone deleting {src}?"
+                )
+            if len(data) != info.size:
+                raise OSError(
+                    f"{src / rel} changed during the copy ({info.size} bytes listed, "
+                    f"{len(data)} read); is someone writing {src}?"
+                )
+            await dst.backend.put((dst / rel).path, data)
+
+        await limiter.run(info.size, transfer)
+        bar.advance(info.size)
+
+    try:
+        # Largest first: the long transfers start early and overlap the small ones.
+        ordered = sorted(todo.items(), key=lambda kv: -kv[1].size)
+        await asyncio.gather(*(one(rel, info) for rel, info in ordered))
+    finally:
+        bar.close()
+
+
+def _check_listing(
+    work: StoragePath, expected: dict[str, ObjectInfo], copied: dict[str, ObjectInfo]
+) -> None:
+    missing = sorted(rel for rel in expected if rel not in copied)
+    sizes = sorted(
+        rel for rel, info in expected.items() if rel in copied and copied[rel].size != info.size
+    )
+    if missing or sizes:
+        raise OSError(
+            f"the copy at {work} is incomplete: missing {missing[:3]}, wrong size {sizes[:3]}; "
+            "run the copy again"
+        )
+
+
+async def _remove_attempt(backend: Any, tmp: atomicity.TemporaryPath) -> None:
+    """Best effort: delete what this copy wrote, if the path is still its own."""
+    try:
+        claim = await atomicity.read_claim(backend, tmp.get())
+        if claim is not None and claim.attempt == tmp.claim.attempt:
+            await atomicity.delete_stale(backend, tmp.get())
+    except Exception:  # `cloudckpt gc` finishes the job
+        logger.warning("could not remove the failed copy at %s", tmp.get(), exc_info=True)
+
+
+# ----------------------------------------------------------------------------------- rm
+@dataclass
+class RemoveReport:
+    url: str
+    n_objects: int
+    nbytes: int
+    deleted: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+async def remove_step(step: StoragePath, *, yes: bool) -> RemoveReport:
+    """Deletes the committed checkpoint at ``step`` (marker first); dry run unless ``yes``."""
+    objects = await require_committed(step)
+    report = RemoveReport(step.url, len(objects), sum(o.size for o in objects.values()), False)
+    if yes:
+        await atomicity.delete_checkpoint(step.backend, step.path)
+        report.deleted = True
+    return report
+
+
+# ----------------------------------------------------------------------------------- gc
+@dataclass
+class GcEntry:
+    """One uncommitted child of a root and what clean-up does with it."""
+
+    name: str
+    url: str
+    n_objects: int
+    nbytes: int
+    action: str  # "delete", "spare" or "deleted"
+    reason: str
+    claim: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class GcReport:
+    root: str
+    entries: list[GcEntry] = field(default_factory=list)
+    committed: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "root": self.root,
+            "committed_untouched": self.committed,
+            "entries": [e.to_json() for e in self.entries],
+        }
+
+
+def _why(claim: atomicity.Claim | None, include_live: bool) -> tuple[bool, str]:
+    """(delete?, reason) for an uncommitted child with ``claim``."""
+    if claim is None:
+        return True, "no readable claim: debris of a crashed save or an interrupted deletion"
+    if claim.owner_gone():
+        return True, f"abandoned: its writer is gone ({claim.describe()})"
+    if claim.age_s() > claim.grace_s:
+        return True, f"abandoned: older than its {claim.grace_s:.0f}s grace ({claim.describe()})"
+    if include_live:
+        return True, f"live claim, deleted because of --include-live ({claim.describe()})"
+    return False, f"save may be in progress ({claim.describe()}); --include-live deletes it"
+
+
+async def collect_garbage(root: StoragePath, *, yes: bool, include_live: bool) -> GcReport:
+    """Finds uncommitted children of ``root`` and, with ``yes``, deletes the abandoned ones.
+
+    Committed children are never touched. Each deletion re-reads the claim
+    first, so a save that started after the listing is spared.
+    """
+    backend = root.backend
+    children = await atomicity.scan(backend, root.path)
+    report = GcReport(root.url, committed=sum(1 for c in children if c.committed))
+    for child in sorted(children, key=lambda c: step_sort_key(c.name)):
+        if child.committed:
+            continue
+        claim = await atomicity.read_claim(backend, child.path)
+        delete, reason = _why(claim, include_live)
+        entry = GcEntry(
+            child.name,
+            backend.url(child.path),
+            child.n_objects,
+            child.nbytes,
+            "delete" if delete else "spare",
+            reason,
+            None
+            if claim is None
+            else {"attempt": claim.attempt, "host": claim.host, "pid": claim.pid},
+        )
+        report.entries.append(entry)
+        if yes and delete:
+            claim = await atomicity.read_claim(backend, child.path)
+            delete, reason = _why(claim, include_live)
+            if not delete:  # a new save claimed it since the listing
+                entry.action, entry.reason = "spare", reason
+                continue
+            if await atomicity.is_committed(backend, child.path):
+                entry.action, entry.reason = "spare", "committed since the listing"
+                continue
+            await atomicity.delete_stale(backend, child.path)
+            entry.action = "deleted"
+    return report
