@@ -5,7 +5,7 @@ from __future__ import annotations
 from cloudckpt import args, backends
 from cloudckpt._args_base import CheckpointArgs
 from cloudckpt.backends import Backend, RetryPolicy
-from cloudckpt.checkpointer import AsyncCheckpointer, Checkpointer
+from cloudckpt.checkpointer import AsyncCheckpointer, Checkpointer, SaveTiming
 from cloudckpt.composite import CompositeCheckpointHandler
 from cloudckpt.errors import CorruptCheckpointError
 from cloudckpt.handlers.base import AsyncCheckpointHandler, CheckpointHandler
@@ -34,6 +34,7 @@ __all__ = [
     "MultiprocessingOptions",
     "ProcessFailedError",
     "RetryPolicy",
+    "SaveTiming",
     "StandardCheckpointHandler",
     "StepMetadata",
     "StoragePath",

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import collections
 import concurrent.futures
 import logging
 import os
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import atomicity
@@ -340,6 +342,23 @@ async def _remove_own_attempt(backend: Any, tmp: atomicity.TemporaryPath) -> Non
         logger.warning("could not remove the failed save at %s", tmp.get(), exc_info=True)
 
 
+@dataclass
+class SaveTiming:
+    """Where the time of one asynchronous save went.
+
+    Attributes:
+        url: The checkpoint saved.
+        blocking_s: How long ``save`` held the caller (waiting for the previous
+            save, then copying to host memory).
+        commit_s: Background time from then until committed; None while in
+            flight, or if the save failed.
+    """
+
+    url: str
+    blocking_s: float
+    commit_s: float | None = None
+
+
 class AsyncCheckpointer(Checkpointer):
     """A checkpointer whose ``save`` returns once data is copied to host memory.
 
@@ -374,6 +393,7 @@ class AsyncCheckpointer(Checkpointer):
         self._inflight: concurrent.futures.Future[None] | None = None
         self._inflight_url = ""
         self._lock = threading.Lock()
+        self._timings: collections.deque[SaveTiming] = collections.deque(maxlen=1000)
 
     def save(
         self,
@@ -390,17 +410,26 @@ class AsyncCheckpointer(Checkpointer):
         ``on_commit`` runs on the checkpointer's loop once the step is
         committed (the manager uses it to update its step list).
         """
+        start = time.perf_counter()
         with self._lock:
             self._wait_locked()
             job = self._prepare(path, args, force=force, metrics=metrics, custom=custom)
+            timing = SaveTiming(job.location.url, time.perf_counter() - start)
 
             async def commit() -> None:
+                began = time.perf_counter()
                 await asyncio.wait_for(job.run(), self._timeout_s)
+                timing.commit_s = time.perf_counter() - began
                 if on_commit is not None:
                     on_commit()
 
             self._inflight_url = job.location.url
             self._inflight = self._loop.submit(commit())
+            self._timings.append(timing)
+
+    def timings(self) -> list[SaveTiming]:
+        """How long recent saves blocked the caller and took to commit (oldest first)."""
+        return list(self._timings)
 
     def is_saving_in_progress(self) -> bool:
         future = self._inflight

@@ -25,7 +25,7 @@ from typing import Any
 
 import atomicity
 from cloudckpt._args_base import CheckpointArgs
-from cloudckpt.checkpointer import AsyncCheckpointer, Checkpointer
+from cloudckpt.checkpointer import AsyncCheckpointer, Checkpointer, SaveTiming
 from cloudckpt.composite import CompositeCheckpointHandler
 from cloudckpt.handlers.base import CheckpointHandler
 from cloudckpt.metadata import StepMetadata, read_step_metadata
@@ -390,6 +390,10 @@ class CheckpointManager:
         return self._ckptr.metadata(self.step_path(step))
 
     # ---------------------------------------------------------------- lifecycle
+    def save_timings(self) -> list[SaveTiming]:
+        """Blocking and background time of recent saves (async managers only)."""
+        return self._ckptr.timings() if isinstance(self._ckptr, AsyncCheckpointer) else []
+
     def is_saving_in_progress(self) -> bool:
         return isinstance(self._ckptr, AsyncCheckpointer) and self._ckptr.is_saving_in_progress()
 
