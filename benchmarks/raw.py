@@ -1,0 +1,164 @@
+"""The raw channel: plain concurrent PUT and GET of objects of given sizes.
+
+This is the yardstick for cloudckpt's throughput. Each backend moves the same
+number of objects of the same sizes as one cloudckpt checkpoint, through a
+plain client to the same server, with the same concurrency cloudckpt gives
+tensorstore (64 requests for object stores, 32 file operations):
+
+* ``s3``: aiobotocore (the aiohttp-based client under s3fs), ``put_object``
+  and ``get_object``, default botocore settings apart from the pool size;
+* ``gs``: gcsfs (aiohttp), ``_pipe_file`` and ``_cat_file``;
+* ``file``: a thread pool writing each file and fsyncing it (tensorstore's
+  file driver fsyncs too), then reading it back.
+
+Payloads are random bytes built before the clock starts. Timing covers only
+the transfers; the objects are deleted afterwards, untimed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+OBJECT_STORE_CONCURRENCY = 64
+FILE_CONCURRENCY = 32
+
+
+@dataclass(frozen=True)
+class RawResult:
+    put_s: float
+    get_s: float
+    objects: int
+    nbytes: int
+
+
+def payloads(sizes: Sequence[int], seed: int = 0) -> list[bytes]:
+    """Random payloads of the given sizes (one random buffer, sliced)."""
+    blob = np.random.default_rng(seed).bytes(sum(sizes))
+    out, offset = [], 0
+    for size in sizes:
+        out.append(blob[offset : offset + size])
+        offset += size
+    return out
+
+
+# ------------------------------------------------------------------------------------ file
+def _write_file(path: str, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_file(path: str) -> int:
+    with open(path, "rb") as f:
+        return len(f.read())
+
+
+def file_put_get(directory: str, data: Sequence[bytes]) -> RawResult:
+    os.makedirs(directory, exist_ok=True)
+    paths = [os.path.join(directory, f"obj{i:05d}") for i in range(len(data))]
+    with ThreadPoolExecutor(FILE_CONCURRENCY) as pool:
+        start = time.perf_counter()
+        list(pool.map(_write_file, paths, data))
+        put_s = time.perf_counter() - start
+        start = time.perf_counter()
+        got = sum(pool.map(_read_file, paths))
+        get_s = time.perf_counter() - start
+    shutil.rmtree(directory, ignore_errors=True)
+    _check(got, data)
+    return RawResult(put_s, get_s, len(data), got)
+
+
+# -------------------------------------------------------------------------------------- s3
+async def _s3_put_get(endpoint: str, bucket: str, prefix: str, data: Sequence[bytes]) -> RawResult:
+    from aiobotocore.config import AioConfig
+    from aiobotocore.session import get_session
+
+    config = AioConfig(max_pool_connections=OBJECT_STORE_CONCURRENCY)
+    session = get_session()
+    async with session.create_client("s3", endpoint_url=endpoint, config=config) as client:
+        gate = asyncio.Semaphore(OBJECT_STORE_CONCURRENCY)
+        keys = [f"{prefix}/obj{i:05d}" for i in range(len(data))]
+
+        async def put(key: str, body: bytes) -> None:
+            async with gate:
+                await client.put_object(Bucket=bucket, Key=key, Body=body)
+
+        async def get(key: str) -> int:
+            async with gate:
+                response = await client.get_object(Bucket=bucket, Key=key)
+                async with response["Body"] as stream:
+                    return len(await stream.read())
+
+        start = time.perf_counter()
+        await asyncio.gather(*(put(k, d) for k, d in zip(keys, data, strict=True)))
+        put_s = time.perf_counter() - start
+        start = time.perf_counter()
+        got = sum(await asyncio.gather(*(get(k) for k in keys)))
+        get_s = time.perf_counter() - start
+        for i in range(0, len(keys), 1000):
+            await client.delete_objects(
+                Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]]}
+            )
+    _check(got, data)
+    return RawResult(put_s, get_s, len(data), got)
+
+
+def s3_put_get(endpoint: str, bucket: str, prefix: str, data: Sequence[bytes]) -> RawResult:
+    return asyncio.run(_s3_put_get(endpoint, bucket, prefix, data))
+
+
+# ------------------------------------------------------------------------------------- gcs
+async def _gcs_put_get(endpoint: str, bucket: str, prefix: str, data: Sequence[bytes]) -> RawResult:
+    import gcsfs
+
+    fs = gcsfs.GCSFileSystem(
+        asynchronous=True, endpoint_url=endpoint, token="anon", skip_instance_cache=True
+    )
+    await fs._set_session()
+    try:
+        gate = asyncio.Semaphore(OBJECT_STORE_CONCURRENCY)
+        paths = [f"{bucket}/{prefix}/obj{i:05d}" for i in range(len(data))]
+
+        async def put(path: str, body: bytes) -> None:
+            async with gate:
+                await fs._pipe_file(path, body)
+
+        async def get(path: str) -> int:
+            async with gate:
+                return len(await fs._cat_file(path))
+
+        start = time.perf_counter()
+        await asyncio.gather(*(put(p, d) for p, d in zip(paths, data, strict=True)))
+        put_s = time.perf_counter() - start
+        start = time.perf_counter()
+        got = sum(await asyncio.gather(*(get(p) for p in paths)))
+        get_s = time.perf_counter() - start
+        await fs._rm(paths)
+    finally:
+        if fs.session is not None and not fs.session.closed:
+            await fs.session.close()
+    _check(got, data)
+    return RawResult(put_s, get_s, len(data), got)
+
+
+def gcs_put_get(endpoint: str, bucket: str, prefix: str, data: Sequence[bytes]) -> RawResult:
+    return asyncio.run(_gcs_put_get(endpoint, bucket, prefix, data))
+
+
+def _check(got: int, data: Sequence[bytes]) -> None:
+    expected = sum(len(d) for d in data)
+    if got != expected:
+        raise RuntimeError(f"raw channel read {got} bytes back, wrote {expected}")
