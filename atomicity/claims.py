@@ -38,14 +38,20 @@ def _process_start_token(pid: int) -> str | None:
     return fields[19] if len(fields) > 19 else None
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` on this host is running (a zombie is not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[-1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in (b"Z", b"X")
 
 
 @dataclass(frozen=True)
@@ -99,7 +105,7 @@ class Claim:
         """True when the owner ran on this host and that process no longer exists."""
         if self.host != socket.gethostname():
             return False
-        if not _pid_alive(self.pid):
+        if not pid_alive(self.pid):
             return True
         start = _process_start_token(self.pid)
         return self.pid_start is not None and start is not None and start != self.pid_start

@@ -18,10 +18,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
+import socket
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
+
+from atomicity.claims import pid_alive
 
 _POLL_MIN_S = 0.002
 _POLL_MAX_S = 0.1
@@ -93,6 +97,14 @@ class ProcessGroup:
             )
         self._instance = next(_instances)
         self._timeout_ms = int(self.options.barrier_timeout_s * 1000)
+        self._peers: dict[int, tuple[str, int]] = {}
+        if self._client is not None:
+            # Where each process runs, so a peer that died on this host is noticed
+            # at once rather than after JAX's heartbeat timeout.
+            self._client.key_value_set(
+                f"{self._key_prefix}/proc/{self.process_index}",
+                f"{socket.gethostname()} {os.getpid()}",
+            )
         self._run_id = self._agree_run_id()
         self._counter = 0
         self._shares = 0
@@ -109,11 +121,15 @@ class ProcessGroup:
     def single(self) -> bool:
         return self._client is None
 
+    @property
+    def _key_prefix(self) -> str:
+        return f"cloudckpt/group/{self._instance}"
+
     def _agree_run_id(self) -> str:
         mine = uuid.uuid4().hex[:12]
         if self._client is None:
             return mine
-        key = f"cloudckpt/group/{self._instance}/run-id"
+        key = f"{self._key_prefix}/run-id"
         if self.is_primary:
             self._client.key_value_set(key, mine, allow_overwrite=True)
             return mine
@@ -169,14 +185,33 @@ class ProcessGroup:
                     f"{self.options.barrier_timeout_s:.0f}s (stuck or dead)"
                 )
             if now > next_liveness:
-                # The asking process must be among those asked about.
-                live = await asyncio.to_thread(client.get_live_nodes, list(self.members))
-                dead = [p for p in missing if p not in live]
+                dead = await self._dead(missing)
                 if dead:
                     raise ProcessFailedError(f"processes {dead} died before reaching '{stage}'")
                 next_liveness = now + _LIVENESS_EVERY_S
             await asyncio.sleep(delay)
             delay = min(delay * 2, _POLL_MAX_S)
+
+    async def _dead(self, processes: list[int]) -> list[int]:
+        """Which of ``processes`` are gone: by PID on this host, else by JAX's live-node list."""
+        assert self._client is not None
+        client = self._client
+        if any(p not in self._peers for p in processes):
+            entries = await asyncio.to_thread(client.key_value_dir_get, f"{self._key_prefix}/proc/")
+            for key, value in entries:
+                host, pid = value.rsplit(" ", 1)
+                self._peers[int(key.rsplit("/", 1)[-1])] = (host, int(pid))
+        me = socket.gethostname()
+        dead = [
+            p
+            for p in processes
+            if p in self._peers and self._peers[p][0] == me and not pid_alive(self._peers[p][1])
+        ]
+        if dead:
+            return dead
+        # The asking process must be among those asked about.
+        live = await asyncio.to_thread(client.get_live_nodes, list(self.members))
+        return [p for p in processes if p not in live]
 
 
 def _describe(stage: str, failed: dict[int, str]) -> str:

@@ -429,3 +429,11 @@ class TestLayout:
                     assert start % c == 0 and (stop % c == 0 or stop == shape[d])
         writers = {s.index: s.writer for s in shards}
         assert len(writers) == len(shards)
+
+
+def test_prime_dimensions_do_not_explode_the_object_count() -> None:
+    # 500 MiB replicated, 32003 rows (prime): split the other dimension, not rows into 1s.
+    shards = layout.global_shards((32003, 4096), 4, None)
+    assert layout.chunk_grid((32003, 4096), shards, 4, 256 << 20) == [32003, 2048]
+    # A shard of 6553 (prime) rows: inner chunks stay near the 8 MiB target.
+    assert layout.split_to_fit([6553, 512], 4, 8 << 20) == [6553, 256]

@@ -127,14 +127,20 @@ def _smallest_prime_factor(n: int) -> int:
 
 
 def split_to_fit(chunk: list[int], itemsize: int, limit: int) -> list[int]:
-    """Divides dimensions of ``chunk`` (exactly) until it holds at most ``limit`` bytes."""
+    """Divides dimensions of ``chunk`` (exactly) until it holds at most ``limit`` bytes.
+
+    Each step divides the dimension with the smallest prime factor (the
+    largest dimension among equals), so the result stays as close to the limit
+    as exact division allows; a dimension of prime length is split last,
+    instead of collapsing it to 1 and multiplying the object count.
+    """
     chunk = list(chunk)
     while math.prod(chunk) * itemsize > limit:
-        candidates = [d for d, n in enumerate(chunk) if n > 1]
+        candidates = [(_smallest_prime_factor(n), -n, d) for d, n in enumerate(chunk) if n > 1]
         if not candidates:
             break
-        d = max(candidates, key=lambda i: chunk[i])
-        chunk[d] //= _smallest_prime_factor(chunk[d])
+        factor, _, d = min(candidates)
+        chunk[d] //= factor
     return chunk
 
 
