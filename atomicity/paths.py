@@ -20,7 +20,7 @@ Contract (who calls what, in order):
 from __future__ import annotations
 
 import warnings
-from typing import ClassVar, Protocol
+from typing import ClassVar, Protocol, Self
 
 from atomicity.claims import DEFAULT_GRACE_S, Claim
 from atomicity.errors import ClaimLostError, ValidationError
@@ -120,14 +120,8 @@ async def delete_stale(store: Store, path: str) -> None:
     await store.delete_prefix(path)
 
 
-class CommitMarkerPath:
-    """For object stores: write in place, commit with a create-only marker.
-
-    The temporary path is the final path. ``create`` puts ``_CLAIM``
-    create-only, so a second writer of the same step fails before its first
-    byte. ``finalize`` checks the claim is still this attempt's and puts
-    ``_COMMITTED`` create-only; a second finalize raises ``FileExistsError``.
-    """
+class _ClaimedPath:
+    """What both strategies share: a final path, a store, this attempt's claim."""
 
     def __init__(self, final_path: str, store: Store, claim: Claim) -> None:
         self._final = final_path.rstrip("/")
@@ -142,7 +136,7 @@ class CommitMarkerPath:
         *,
         attempt: str | None = None,
         grace_s: float = DEFAULT_GRACE_S,
-    ) -> CommitMarkerPath:
+    ) -> Self:
         return cls(final_path, store, Claim.new(grace_s, attempt))
 
     def get(self) -> str:
@@ -155,14 +149,43 @@ class CommitMarkerPath:
     def claim(self) -> Claim:
         return self._claim
 
+    async def _refuse_if_committed(self) -> None:
+        if await self._store.exists(join(self._final, MARKER_NAME)):
+            raise FileExistsError(
+                f"a committed checkpoint already exists at {self._final}; delete it first "
+                "or save with force=True"
+            )
+
+    async def _put_marker(self, where: str) -> bool:
+        return await self._store.put_if_absent(join(where, MARKER_NAME), _marker_bytes(self._claim))
+
+    @staticmethod
+    async def _require_claim(temporary_path: str, store: Store) -> None:
+        if not await store.exists(join(temporary_path, CLAIM_NAME)):
+            raise ValidationError(f"{temporary_path} has no {CLAIM_NAME}: no save started there")
+
+    @staticmethod
+    async def _require_marker(final_path: str, store: Store) -> None:
+        if not await store.exists(join(final_path, MARKER_NAME)):
+            raise ValidationError(
+                f"incomplete checkpoint at {final_path}: its commit marker "
+                f"{MARKER_NAME} is missing (the save did not finish or is still running)"
+            )
+
+
+class CommitMarkerPath(_ClaimedPath):
+    """For object stores: write in place, commit with a create-only marker.
+
+    The temporary path is the final path. ``create`` puts ``_CLAIM``
+    create-only, so a second writer of the same step fails before its first
+    byte. ``finalize`` checks the claim is still this attempt's and puts
+    ``_COMMITTED`` create-only; a second finalize raises ``FileExistsError``.
+    """
+
     async def create(self) -> str:
         store, path = self._store, self._final
         for _ in range(2):
-            if await store.exists(join(path, MARKER_NAME)):
-                raise FileExistsError(
-                    f"a committed checkpoint already exists at {path}; delete it first "
-                    "or save with force=True"
-                )
+            await self._refuse_if_committed()
             if await store.put_if_absent(join(path, CLAIM_NAME), self._claim.to_bytes()):
                 await self._remove_unclaimed_leftovers()
                 return path
@@ -189,28 +212,21 @@ class CommitMarkerPath:
 
     async def finalize(self) -> None:
         await _check_still_owned(self._store, self._final, self._claim)
-        if not await self._store.put_if_absent(
-            join(self._final, MARKER_NAME), _marker_bytes(self._claim)
-        ):
+        if not await self._put_marker(self._final):
             raise FileExistsError(f"{self._final} is already committed")
 
     @classmethod
     async def validate(cls, temporary_path: str, store: Store) -> None:
         if await store.exists(join(temporary_path, MARKER_NAME)):
             raise ValidationError(f"{temporary_path} is already committed, not temporary")
-        if not await store.exists(join(temporary_path, CLAIM_NAME)):
-            raise ValidationError(f"{temporary_path} has no {CLAIM_NAME}: no save started there")
+        await cls._require_claim(temporary_path, store)
 
     @classmethod
     async def validate_final(cls, final_path: str, store: Store) -> None:
-        if not await store.exists(join(final_path, MARKER_NAME)):
-            raise ValidationError(
-                f"incomplete checkpoint at {final_path}: its commit marker "
-                f"{MARKER_NAME} is missing (the save did not finish or is still running)"
-            )
+        await cls._require_marker(final_path, store)
 
 
-class AtomicRenamePath:
+class AtomicRenamePath(_ClaimedPath):
     """For stores with atomic rename (POSIX): write a sibling, rename it at the end.
 
     The temporary path is ``<final>.cloudckpt-tmp-<attempt>``; ``finalize``
@@ -228,38 +244,14 @@ class AtomicRenamePath:
                 "finalize. Use CommitMarkerPath (the default for this store).",
                 stacklevel=3,
             )
-        self._final = final_path.rstrip("/")
-        self._store = store
-        self._claim = claim
+        super().__init__(final_path, store, claim)
         self._tmp = f"{self._final}{TMP_INFIX}{claim.attempt[:16]}"
-
-    @classmethod
-    def from_final(
-        cls,
-        final_path: str,
-        store: Store,
-        *,
-        attempt: str | None = None,
-        grace_s: float = DEFAULT_GRACE_S,
-    ) -> AtomicRenamePath:
-        return cls(final_path, store, Claim.new(grace_s, attempt))
 
     def get(self) -> str:
         return self._tmp
 
-    def get_final(self) -> str:
-        return self._final
-
-    @property
-    def claim(self) -> Claim:
-        return self._claim
-
     async def create(self) -> str:
-        if await self._store.exists(join(self._final, MARKER_NAME)):
-            raise FileExistsError(
-                f"a committed checkpoint already exists at {self._final}; delete it first "
-                "or save with force=True"
-            )
+        await self._refuse_if_committed()
         if not await self._store.put_if_absent(join(self._tmp, CLAIM_NAME), self._claim.to_bytes()):
             raise FileExistsError(f"temporary path {self._tmp} already exists")
         return self._tmp
@@ -268,9 +260,7 @@ class AtomicRenamePath:
         if await self._store.exists(join(self._final, MARKER_NAME)):
             raise FileExistsError(f"{self._final} is already committed")
         await _check_still_owned(self._store, self._tmp, self._claim)
-        if not await self._store.put_if_absent(
-            join(self._tmp, MARKER_NAME), _marker_bytes(self._claim)
-        ):
+        if not await self._put_marker(self._tmp):
             raise FileExistsError(f"{self._tmp} was already finalized")
         try:
             await self._store.rename(self._tmp, self._final)
@@ -283,8 +273,7 @@ class AtomicRenamePath:
     async def validate(cls, temporary_path: str, store: Store) -> None:
         if not is_temporary_name(basename(temporary_path)):
             raise ValidationError(f"{temporary_path} is not a temporary path (no {TMP_INFIX})")
-        if not await store.exists(join(temporary_path, CLAIM_NAME)):
-            raise ValidationError(f"{temporary_path} has no {CLAIM_NAME}: no save started there")
+        await cls._require_claim(temporary_path, store)
 
     @classmethod
     async def validate_final(cls, final_path: str, store: Store) -> None:
@@ -292,10 +281,7 @@ class AtomicRenamePath:
             raise ValidationError(
                 f"incomplete checkpoint at {final_path}: it still has its temporary name"
             )
-        if not await store.exists(join(final_path, MARKER_NAME)):
-            raise ValidationError(
-                f"incomplete checkpoint at {final_path}: its commit marker {MARKER_NAME} is missing"
-            )
+        await cls._require_marker(final_path, store)
 
 
 def _marker_bytes(claim: Claim) -> bytes:

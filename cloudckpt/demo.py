@@ -18,6 +18,7 @@ import asyncio
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -26,6 +27,7 @@ import time
 from typing import Any
 
 _ENV_CHILD = "CLOUDCKPT_DEMO_CHILD"
+_GLOG = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d")
 
 
 # ------------------------------------------------------------------------ the training job
@@ -192,12 +194,12 @@ def _run_child(
         argv, capture_output=True, text=True, env={**os.environ, _ENV_CHILD: "1"}, timeout=900
     )
     events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    # tensorstore and JAX log through glog ("E1129 ..."); keep Python's own lines.
+    errors = "\n".join(line for line in proc.stderr.splitlines() if not _GLOG.match(line))[-3000:]
     if crash_at is None and proc.returncode != 0:
-        raise RuntimeError(f"training process failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"training process failed ({proc.returncode}):\n{errors}")
     if crash_at is not None and proc.returncode != -signal.SIGKILL:
-        raise RuntimeError(
-            f"the training process did not crash as planned ({proc.returncode}):\n{proc.stderr[-3000:]}"
-        )
+        raise RuntimeError(f"the training process did not crash as planned ({proc.returncode}):\n{errors}")
     return events
 
 

@@ -104,20 +104,27 @@ class _SavePlan:
     skeleton: dict[str, Any] = field(default_factory=dict)
     zarr_specs: dict[int, dict[str, Any]] = field(default_factory=dict)  # leaf -> zarr metadata
     regions: list[_Region] = field(default_factory=list)
-    packed: dict[tuple[int, layout.Index], np.ndarray] = field(default_factory=dict)
+    packs: dict[str, np.ndarray] = field(default_factory=dict)  # this process's pack objects
     pack_entries: list[layout.PackEntry] = field(default_factory=list)
     nbytes: int = 0
 
 
 def _on_cpu(array: jax.Array) -> bool:
-    return next(iter(array.devices())).platform == "cpu"
+    # With the CPU as JAX's backend every array is in host memory: skip the per-array query.
+    return jax.default_backend() == "cpu" or next(iter(array.devices())).platform == "cpu"
+
+
+def _host_view(value: Any) -> np.ndarray:
+    """The value on the host: a transfer from an accelerator, a view of CPU device memory."""
+    return np.asarray(value)
 
 
 def _host_copy(value: Any) -> np.ndarray:
     """A host copy the caller cannot change afterwards (CPU arrays alias device memory)."""
+    host = _host_view(value)
     if isinstance(value, jax.Array) and not _on_cpu(value):
-        return np.asarray(value)  # a fresh host buffer from the transfer
-    return np.array(value, copy=True)
+        return host  # already a fresh buffer from the transfer
+    return host.copy()
 
 
 _DTYPE_NAMES: dict[np.dtype, str] = {}
@@ -278,19 +285,26 @@ class StandardCheckpointHandler(AsyncCheckpointHandler):
                     f"the layout assigns it {sorted(own)}; please report this sharding"
                 )
             pending_copies.extend((i, idx, by_index[idx], to_pack) for idx in own)
+        plan.pack_entries = layout.pack_layout(packed_shards, self.max_object_bytes)
+        slots: dict[tuple[int, layout.Index], layout.PackEntry] = {}
+        sizes: dict[str, int] = {}
+        for e in plan.pack_entries:
+            plan.leaves_json[e.leaf]["storage"].setdefault("entries", []).append(e.to_json())
+            if e.writer == me:
+                slots[(e.leaf, e.index)] = e
+                sizes[e.obj] = max(sizes.get(e.obj, 0), e.offset + e.nbytes + layout.CRC_BYTES)
+        plan.packs = {obj: np.empty(size, np.uint8) for obj, size in sizes.items()}
         # Start every device-to-host transfer before waiting on any of them.
         for _, _, source, _ in pending_copies:
             if isinstance(source, jax.Array) and not _on_cpu(source):
                 source.copy_to_host_async()
         for leaf, index, source, to_pack in pending_copies:
-            host = _host_copy(source)
-            if to_pack:
-                plan.packed[(leaf, index)] = host
+            if to_pack:  # straight into this process's pack object: one copy
+                e = slots[(leaf, index)]
+                host = np.ascontiguousarray(_host_view(source)).reshape(-1).view(np.uint8)
+                plan.packs[e.obj][e.offset : e.offset + e.nbytes] = host
             else:
-                plan.regions.append(_Region(leaf, index, host))
-        plan.pack_entries = layout.pack_layout(packed_shards, self.max_object_bytes)
-        for e in plan.pack_entries:
-            plan.leaves_json[e.leaf]["storage"].setdefault("entries", []).append(e.to_json())
+                plan.regions.append(_Region(leaf, index, _host_copy(source)))
         return plan
 
     def _check_active(self, path: str, shards: list[layout.Shard]) -> None:
@@ -376,21 +390,19 @@ class StandardCheckpointHandler(AsyncCheckpointHandler):
     async def _write_packs(
         self, directory: StoragePath, plan: _SavePlan, context: ts.Context
     ) -> None:
-        me = jax.process_index()
-        objects: dict[str, list[bytes]] = {}
-        for entry in plan.pack_entries:
-            if entry.writer != me:
-                continue
-            data = plan.packed.pop((entry.leaf, entry.index)).tobytes()
-            parts = objects.setdefault(entry.obj, [])
-            parts.append(data)
-            parts.append(google_crc32c.value(data).to_bytes(4, "little"))
-        if not objects:
+        if not plan.packs:
             return
+        me = jax.process_index()
+        for e in plan.pack_entries:
+            if e.writer == me:
+                buffer = plan.packs[e.obj]
+                data = buffer[e.offset : e.offset + e.nbytes]
+                data.flags.writeable = False  # the crc32c extension takes read-only buffers
+                crc = google_crc32c.value(data).to_bytes(4, "little")
+                buffer[e.offset + e.nbytes : e.offset + e.nbytes + layout.CRC_BYTES] = np.frombuffer(crc, np.uint8)
         kvstore = await ts.KvStore.open(directory.kvstore_spec(), context=context)
-        await asyncio.gather(
-            *(kvstore.write(name, b"".join(parts)) for name, parts in objects.items())
-        )
+        packs, plan.packs = plan.packs, {}
+        await asyncio.gather(*(kvstore.write(name, buf.tobytes()) for name, buf in packs.items()))
 
     # ---------------------------------------------------------------------- restore
     async def _read_document(self, directory: StoragePath) -> dict[str, Any]:
