@@ -199,7 +199,9 @@ def _run_child(
     if crash_at is None and proc.returncode != 0:
         raise RuntimeError(f"training process failed ({proc.returncode}):\n{errors}")
     if crash_at is not None and proc.returncode != -signal.SIGKILL:
-        raise RuntimeError(f"the training process did not crash as planned ({proc.returncode}):\n{errors}")
+        raise RuntimeError(
+            f"the training process did not crash as planned ({proc.returncode}):\n{errors}"
+        )
     return events
 
 

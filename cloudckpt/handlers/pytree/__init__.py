@@ -399,7 +399,9 @@ class StandardCheckpointHandler(AsyncCheckpointHandler):
                 data = buffer[e.offset : e.offset + e.nbytes]
                 data.flags.writeable = False  # the crc32c extension takes read-only buffers
                 crc = google_crc32c.value(data).to_bytes(4, "little")
-                buffer[e.offset + e.nbytes : e.offset + e.nbytes + layout.CRC_BYTES] = np.frombuffer(crc, np.uint8)
+                buffer[e.offset + e.nbytes : e.offset + e.nbytes + layout.CRC_BYTES] = (
+                    np.frombuffer(crc, np.uint8)
+                )
         kvstore = await ts.KvStore.open(directory.kvstore_spec(), context=context)
         packs, plan.packs = plan.packs, {}
         await asyncio.gather(*(kvstore.write(name, buf.tobytes()) for name, buf in packs.items()))
