@@ -42,6 +42,8 @@ class Config:
     goal_leaf_bytes: int = 4096
     orbax_many_leaves: bool = False
     memory_reps: int = 1
+    mp_size_mib: float = 192.0
+    mp_reps: int = 3
     scenarios: list[str] = field(default_factory=list)
     workdir: str = ""
     quick: bool = False

@@ -76,6 +76,9 @@ def summary(document: dict[str, Any]) -> dict[str, Any]:
         linear = _get(document, "scaling", kind, "linear")
         if linear is not None:
             out[f"scaling.{kind}.linear"] = {"value": linear}
+    for backend, r in (_get(document, "multiprocess", "backends") or {}).items():
+        for key in ("save_2x4_vs_1x8", "restore_2x4_vs_1x8"):
+            out[f"{backend}.{key}"] = {"value": r[key]}
     return out
 
 
@@ -235,6 +238,33 @@ def table(document: dict[str, Any]) -> str:
         lines += _rows(["saver/backend", "save s", "objects"], rows)
         lines.append(
             f"goal: file backend under {GOALS['many_leaves_file_s']:g} s, object count bounded"
+        )
+    mp = _get(document, "multiprocess")
+    if mp:
+        t = mp["tree"]
+        lines.append(
+            f"\n== Two processes (2x4, jax.distributed) vs one (1x8): {t['bytes'] / 2**20:.0f} MiB "
+            f"tree on a {t['mesh']} mesh, median of {mp['reps']} (seconds, barrier to barrier) =="
+        )
+        rows = []
+        for name, r in mp["backends"].items():
+            med = {n: {k: v["median_s"] for k, v in tm.items()} for n, tm in r["times"].items()}
+            obj = {n: r["objects"].get(n, {}) for n in ("1x8", "2x4")}
+            rows.append([
+                name, _f(med["1x8"]["save"]), _f(med["2x4"]["save"]), _f(r["save_2x4_vs_1x8"]),
+                _f(med["1x8"]["restore"]), _f(med["2x4"]["restore"]), _f(r["restore_2x4_vs_1x8"]),
+                _f(r["MiBps"]["2x4"]["save"], "{:.0f}"), _f(r["MiBps"]["2x4"]["restore"], "{:.0f}"),
+                f"{_f(obj['1x8'].get('count'), '{}')}/{_f(obj['2x4'].get('count'), '{}')}",
+                "yes" if r["verified"] else "NO",
+            ])  # fmt: skip
+        lines += _rows(
+            ["backend", "1x8 save", "2x4 save", "2x4/1x8", "1x8 restore", "2x4 restore",
+             "2x4/1x8", "2x4 save MiB/s", "2x4 rest MiB/s", "objects 1x8/2x4", "verified"],
+            rows,
+        )  # fmt: skip
+        lines.append(
+            "each time: max over processes, barrier before to barrier after; both topologies share "
+            "this machine's cores and servers, so ~1 means no multi-process overhead"
         )
     lines.append(
         f"\ntotal runtime {document['total_seconds']:.0f}s; scenarios: {document['scenario_seconds']}"

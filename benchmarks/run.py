@@ -31,13 +31,20 @@ import jax
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_platforms", "cpu")
 
-from benchmarks import blocking, memory, report, scaling, throughput  # noqa: E402  (registers)
+from benchmarks import (  # noqa: E402  (registers the scenarios)
+    blocking,
+    memory,
+    multiprocess,
+    report,
+    scaling,
+    throughput,
+)
 from benchmarks.common import Config, Context, scenarios  # noqa: E402
 from benchmarks.ops import point_orbax_at_gcs  # noqa: E402
 from benchmarks.targets import BUCKET, make_targets  # noqa: E402
 from benchmarks.tree import make_mesh  # noqa: E402
 
-_ = (blocking, memory, scaling, throughput)
+_ = (blocking, memory, multiprocess, scaling, throughput)
 SCENARIOS = scenarios()
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -82,6 +89,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
     )
     p.add_argument("--memory-reps", type=int, help="fresh processes per memory measurement")
     p.add_argument(
+        "--mp-size-mib",
+        type=float,
+        help=f"tree size of the 2-process vs 1-process scenario (default {defaults.mp_size_mib:g})",
+    )
+    p.add_argument(
+        "--mp-reps",
+        type=int,
+        help=f"repetitions of the 2-process vs 1-process scenario (default {defaults.mp_reps})",
+    )
+    p.add_argument(
         "--scenarios", help=f"comma-separated subset of {','.join(SCENARIOS)} (default all)"
     )
     p.add_argument("--workdir", help="where file-backend checkpoints go (default: a temp dir)")
@@ -99,6 +116,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
             small_reps=1,
             leaf_counts=[10, 1000],
             goal_leaves=1000,
+            mp_size_mib=16,
+            mp_reps=1,
             quick=True,
         )
     if args.size_mib is not None:
@@ -124,6 +143,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
         cfg.goal_leaves = args.goal_leaves
     if args.memory_reps is not None:
         cfg.memory_reps = args.memory_reps
+    if args.mp_size_mib is not None:
+        cfg.mp_size_mib = args.mp_size_mib
+    if args.mp_reps is not None:
+        cfg.mp_reps = args.mp_reps
     wanted = (
         [s.strip() for s in args.scenarios.split(",") if s.strip()]
         if args.scenarios
@@ -136,7 +159,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
     bad = [b for b in cfg.backends if b not in ("file", "s3", "gcs")]
     if bad or not cfg.backends:
         p.error(f"--backends takes a subset of file,s3,gcs, got {args.backends!r}")
-    if min(cfg.reps, cfg.scale_reps, cfg.small_reps, cfg.memory_reps) < 1:
+    if min(cfg.reps, cfg.scale_reps, cfg.small_reps, cfg.memory_reps, cfg.mp_reps) < 1:
         p.error("repetitions must be at least 1")
     return cfg, args
 
