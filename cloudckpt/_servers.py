@@ -315,6 +315,10 @@ def client_environment(s3_endpoint: str, gcs_endpoint: str, workdir: Path) -> di
         "AWS_SHARED_CREDENTIALS_FILE": str(empty),
         "AWS_EC2_METADATA_DISABLED": "true",
         "STORAGE_EMULATOR_HOST": gcs_endpoint,
+        # What cloudckpt derives for tensorstore, set here so that no value
+        # inherited from another test session points it elsewhere.
+        "TENSORSTORE_GCS_HTTP_URL": gcs_endpoint,
+        "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",
         "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
     }
 

@@ -27,6 +27,8 @@ from cloudckpt.backends.retry import RetryPolicy
 
 _TS_URL_VAR = "TENSORSTORE_GCS_HTTP_URL"
 _TS_TOKEN_VAR = "GOOGLE_AUTH_TOKEN_FOR_TESTING"
+#: The GCS endpoint this process has pointed tensorstore at (it reads one, process-wide).
+_tensorstore_endpoint: str | None = None
 
 
 def _normalise_endpoint(endpoint: str) -> str:
@@ -58,12 +60,14 @@ class GCSBackend(FsspecObjectBackend):
 
     @staticmethod
     def _point_tensorstore_at(endpoint: str) -> None:
-        current = os.environ.get(_TS_URL_VAR)
-        if current and current.rstrip("/") != endpoint:
+        global _tensorstore_endpoint
+        if _tensorstore_endpoint is not None and _tensorstore_endpoint != endpoint:
             raise ValueError(
-                f"tensorstore in this process already talks to GCS at {current}; it cannot "
-                f"also use {endpoint}. Use one GCS endpoint per process."
+                f"tensorstore in this process already talks to GCS at {_tensorstore_endpoint}; it "
+                f"cannot also use {endpoint}. Use one GCS endpoint per process."
             )
+        # Set even when inherited from a parent process: this process's endpoint wins.
+        _tensorstore_endpoint = endpoint
         os.environ[_TS_URL_VAR] = endpoint
         # An emulator accepts any bearer token; tensorstore must not look for real ones.
         os.environ.setdefault(_TS_TOKEN_VAR, "emulator")
