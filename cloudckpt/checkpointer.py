@@ -257,7 +257,7 @@ class _Commit:
         handler = self.checkpointer.handler
         backend = self.location.backend
         attempt = self.tmp.claim.attempt
-        created = False
+        created = committed = False
         started = False
         try:
             error: BaseException | None = None
@@ -286,10 +286,14 @@ class _Commit:
                     await write_step_metadata(self.directory, self.metadata)
                     await handler.finalize(self.directory)
                     await self.tmp.finalize()
+                    committed = True
                 except Exception as exc:
                     error = exc
-            # Everyone learns whether the primary committed.
-            await group.sync(attempt, "committed", error=error)
+            # The others learn whether the primary committed; the primary only tells.
+            primary = group.options.primary_host
+            await group.sync(
+                attempt, "committed", error=error, wait_for=[] if group.is_primary else [primary]
+            )
             if error is not None:
                 raise error
         except BaseException:
@@ -297,7 +301,8 @@ class _Commit:
                 for write in self.writes:
                     if asyncio.iscoroutine(write):
                         write.close()
-            if created:
+            # Once committed, the step is a checkpoint: whatever fails later, keep it whole.
+            if created and not committed:
                 await _remove_own_attempt(backend, self.tmp)
             raise
 

@@ -22,6 +22,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,11 +152,19 @@ class ProcessGroup:
             return value
         return json.loads(self._client.blocking_key_value_get(key, self._timeout_ms))
 
-    async def sync(self, attempt: str, stage: str, *, error: BaseException | None = None) -> None:
-        """Meets every member at ``stage`` of save ``attempt``.
+    async def sync(
+        self,
+        attempt: str,
+        stage: str,
+        *,
+        error: BaseException | None = None,
+        wait_for: Sequence[int] | None = None,
+    ) -> None:
+        """Meets the members at ``stage`` of save ``attempt``.
 
-        Reports this process's outcome first. A process with an error of its
-        own returns at once (its caller raises it); the others raise
+        Reports this process's outcome first, then waits for ``wait_for``
+        (default: every member; empty: only report). A process with an error
+        of its own returns at once (its caller raises it); the others raise
         :class:`ProcessFailedError` naming whoever failed or vanished.
         """
         if self._client is None or not self.is_member:
@@ -164,7 +173,8 @@ class ProcessGroup:
         prefix = f"cloudckpt/save/{attempt}/{stage}/"
         status = "ok" if error is None else f"failed: {type(error).__name__}: {error}"[:2000]
         await asyncio.to_thread(client.key_value_set, f"{prefix}{self.process_index}", status)
-        if error is not None:
+        awaited = self.members if wait_for is None else tuple(wait_for)
+        if error is not None or not awaited:
             return
         deadline = time.monotonic() + self.options.barrier_timeout_s
         next_liveness = time.monotonic() + _LIVENESS_EVERY_S
@@ -175,7 +185,7 @@ class ProcessGroup:
             failed = {p: v for p, v in reports.items() if v != "ok"}
             if failed:
                 raise ProcessFailedError(_describe(stage, failed))
-            missing = [p for p in self.members if p not in reports]
+            missing = [p for p in awaited if p not in reports]
             if not missing:
                 return
             now = time.monotonic()
