@@ -21,7 +21,7 @@ import numpy as np
 import atomicity
 from atomicity import MARKER_NAME, ObjectInfo
 from cloudckpt import _jsonio
-from cloudckpt.handlers.json import JsonCheckpointHandler
+from cloudckpt.handlers.json import DATA_NAME, JsonCheckpointHandler
 from cloudckpt.handlers.pytree import METADATA_NAME as PYTREE_NAME
 from cloudckpt.handlers.pytree import StandardCheckpointHandler
 from cloudckpt.handlers.pytree._budget import ByteBudget
@@ -30,12 +30,11 @@ from cloudckpt.path import StoragePath
 
 PYTREE_TYPESTR = StandardCheckpointHandler.typestr()
 JSON_TYPESTR = JsonCheckpointHandler.typestr()
-JSON_ITEM_NAME = "data.json"  # what JsonCheckpointHandler writes
+JSON_ITEM_NAME = DATA_NAME
 #: Bytes read or copied at once (objects are at most a few hundred MiB each).
 INFLIGHT_BYTES = 512 << 20
 #: Requests in flight at once.
 INFLIGHT_REQUESTS = 32
-CRC_BYTES = 4
 
 
 # ------------------------------------------------------------------------------ progress

@@ -25,7 +25,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-import google_crc32c
 import tensorstore as ts
 
 import atomicity
@@ -47,10 +46,9 @@ from cloudckpt._inspect import (
 from cloudckpt.errors import CorruptCheckpointError
 from cloudckpt.handlers.pytree import METADATA_NAME as PYTREE_NAME
 from cloudckpt.handlers.pytree import PYTREE_FORMAT
+from cloudckpt.handlers.pytree._layout import CRC_BYTES, entry_data
 from cloudckpt.metadata import STEP_METADATA_NAME, StepMetadata
 from cloudckpt.path import StoragePath
-
-CRC_BYTES = 4
 
 
 @dataclass
@@ -247,12 +245,7 @@ class _Verifier:
             end = offset + nbytes + CRC_BYTES
             if end > len(data):
                 bad.append(f"{name} (bytes {offset}-{end} beyond the object's {len(data)})")
-                continue
-            piece = data[offset : offset + nbytes]
-            if (
-                google_crc32c.value(piece).to_bytes(CRC_BYTES, "little")
-                != data[offset + nbytes : end]
-            ):
+            elif entry_data(data, offset, nbytes) is None:
                 bad.append(f"{name} (bytes {offset}-{end})")
             else:
                 self.report.checksums += 1

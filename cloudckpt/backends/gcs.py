@@ -21,6 +21,8 @@ from typing import Any
 # gRPC probe for hierarchical-namespace buckets (fatal against an emulator).
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
+import gcsfs
+
 from cloudckpt.backends._fsspec import FsspecObjectBackend
 from cloudckpt.backends.base import CREATE_TOKEN_KEY
 from cloudckpt.backends.retry import RetryPolicy
@@ -29,6 +31,12 @@ _TS_URL_VAR = "TENSORSTORE_GCS_HTTP_URL"
 _TS_TOKEN_VAR = "GOOGLE_AUTH_TOKEN_FOR_TESTING"
 #: The GCS endpoint this process has pointed tensorstore at (it reads one, process-wide).
 _tensorstore_endpoint: str | None = None
+
+
+class _SingleAttemptGCSFileSystem(gcsfs.GCSFileSystem):
+    # gcsfs wraps every request in its own retry loop; cloudckpt retries once,
+    # in cloudckpt.backends.retry, so use the undecorated request.
+    _request = gcsfs.GCSFileSystem._request.__wrapped__
 
 
 def _normalise_endpoint(endpoint: str) -> str:
@@ -93,13 +101,6 @@ class GCSBackend(FsspecObjectBackend):
         return spec
 
     def _new_filesystem(self) -> Any:
-        import gcsfs
-
-        class _SingleAttemptGCSFileSystem(gcsfs.GCSFileSystem):
-            # gcsfs wraps every request in its own retry loop; cloudckpt retries
-            # once, in cloudckpt.backends.retry, so use the undecorated request.
-            _request = gcsfs.GCSFileSystem._request.__wrapped__
-
         kwargs: dict[str, Any] = {
             "asynchronous": True,
             "skip_instance_cache": True,

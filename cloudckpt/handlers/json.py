@@ -13,7 +13,8 @@ from cloudckpt.metadata import write_object
 from cloudckpt.path import StoragePath
 from cloudckpt.registry import register_with_handler
 
-_FILENAME = "data.json"
+#: The one object a JSON item is stored as, under the item's prefix.
+DATA_NAME = "data.json"
 
 
 class JsonCheckpointHandler(AsyncCheckpointHandler):
@@ -35,10 +36,10 @@ class JsonCheckpointHandler(AsyncCheckpointHandler):
             raise TypeError(f"JsonCheckpointHandler saves JsonSave args, got {type(args).__name__}")
         # Serialising now is the copy: later mutation of args.item changes nothing.
         payload = _jsonio.dumps(args.item, what=f"JsonSave item for {directory}")
-        return [write_object(directory / _FILENAME, payload)] if self._writes else []
+        return [write_object(directory / DATA_NAME, payload)] if self._writes else []
 
     async def restore(self, directory: StoragePath, args: CheckpointArgs | None = None) -> Any:
-        target = directory / _FILENAME
+        target = directory / DATA_NAME
         data = await target.backend.get(target.path)
         if data is None:
             raise FileNotFoundError(f"no JSON item at {target}")

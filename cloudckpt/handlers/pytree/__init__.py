@@ -23,7 +23,6 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import google_crc32c
 import jax
 import numpy as np
 import tensorstore as ts
@@ -397,10 +396,10 @@ class StandardCheckpointHandler(AsyncCheckpointHandler):
             if e.writer == me:
                 buffer = plan.packs[e.obj]
                 data = buffer[e.offset : e.offset + e.nbytes]
-                data.flags.writeable = False  # the crc32c extension takes read-only buffers
-                crc = google_crc32c.value(data).to_bytes(4, "little")
-                buffer[e.offset + e.nbytes : e.offset + e.nbytes + layout.CRC_BYTES] = (
-                    np.frombuffer(crc, np.uint8)
+                data.flags.writeable = False
+                end = e.offset + e.nbytes
+                buffer[end : end + layout.CRC_BYTES] = np.frombuffer(
+                    layout.entry_crc(data), np.uint8
                 )
         kvstore = await ts.KvStore.open(directory.kvstore_spec(), context=context)
         packs, plan.packs = plan.packs, {}
@@ -660,9 +659,9 @@ class _Reader:
             )
 
     def _verified(self, entry: layout.PackEntry, blob: bytes) -> bytes:
-        data, crc = blob[: entry.nbytes], blob[entry.nbytes :]
+        data = layout.entry_data(blob, 0, entry.nbytes)
         end = entry.offset + entry.nbytes + layout.CRC_BYTES
-        if len(crc) != layout.CRC_BYTES or google_crc32c.value(data).to_bytes(4, "little") != crc:
+        if data is None or len(blob) != entry.nbytes + layout.CRC_BYTES:
             raise CorruptCheckpointError(
                 f"checksum mismatch in {self.directory / entry.obj} bytes {entry.offset}-{end}: "
                 "the packed data is corrupt"

@@ -23,6 +23,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import google_crc32c
 import numpy as np
 
 Index = tuple[tuple[int, int], ...]  # (start, stop) per dimension
@@ -67,6 +68,23 @@ def storage_dtype(dtype: np.dtype) -> np.dtype:
 
 
 CRC_BYTES = 4
+
+
+def entry_crc(data: bytes | np.ndarray) -> bytes:
+    """The 4 bytes stored after a packed entry: crc32c of its data, little-endian.
+
+    ``data`` must be ``bytes`` or a read-only array (what the crc32c extension takes).
+    """
+    return google_crc32c.value(data).to_bytes(CRC_BYTES, "little")
+
+
+def entry_data(blob: bytes, start: int, nbytes: int) -> bytes | None:
+    """The entry at ``blob[start:]`` if it is whole and its crc32c matches, else None."""
+    end = start + nbytes
+    if end + CRC_BYTES > len(blob):
+        return None
+    data = blob[start:end]
+    return data if entry_crc(data) == blob[end : end + CRC_BYTES] else None
 
 
 def normalize_index(index: tuple[slice, ...], shape: tuple[int, ...]) -> Index:
