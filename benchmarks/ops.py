@@ -27,66 +27,33 @@ class Saver(Protocol):
     def close(self) -> None: ...
 
 
-class CloudCkpt:
-    name = "cloudckpt"
+class _Library:
+    """Blocking and async checkpointers of one library.
 
-    def __init__(self) -> None:
-        import cloudckpt as cc
+    cloudckpt is meant as a drop-in for Orbax, and the calls used here are the
+    same in both (``Checkpointer``, ``AsyncCheckpointer``, ``args.Composite``,
+    ``StandardSave``/``StandardRestore``), so one adapter serves both.
+    """
 
-        self._cc = cc
-        self._sync = cc.Checkpointer(cc.CompositeCheckpointHandler())
+    def __init__(self, name: str, module: Any) -> None:
+        self.name = name
+        self._lib = module
+        self._sync = module.Checkpointer(module.CompositeCheckpointHandler())
         self._async: Any = None
 
     def _args(self, tree: Any) -> Any:
-        return self._cc.args.Composite(state=self._cc.args.StandardSave(tree))
-
-    def save(self, url: str, tree: Any) -> None:
-        self._sync.save(url, self._args(tree))
-
-    def restore(self, url: str, target: Any) -> Any:
-        args = self._cc.args.Composite(state=self._cc.args.StandardRestore(target))
-        return jax.block_until_ready(self._sync.restore(url, args)["state"])
-
-    def async_save(self, url: str, tree: Any) -> float:
-        if self._async is None:
-            self._async = self._cc.AsyncCheckpointer(self._cc.CompositeCheckpointHandler())
-        start = time.perf_counter()
-        self._async.save(url, self._args(tree))
-        return time.perf_counter() - start
-
-    def wait(self) -> None:
-        if self._async is not None:
-            self._async.wait_until_finished()
-
-    def close(self) -> None:
-        self._sync.close()
-        if self._async is not None:
-            self._async.close()
-
-
-class Orbax:
-    name = "orbax"
-
-    def __init__(self) -> None:
-        import orbax.checkpoint as ocp
-
-        self._ocp = ocp
-        self._sync = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-        self._async: Any = None
-
-    def _args(self, tree: Any) -> Any:
-        return self._ocp.args.Composite(state=self._ocp.args.StandardSave(tree))
+        return self._lib.args.Composite(state=self._lib.args.StandardSave(tree))
 
     def save(self, url: str, tree: Any) -> None:
         self._sync.save(url, args=self._args(tree))
 
     def restore(self, url: str, target: Any) -> Any:
-        args = self._ocp.args.Composite(state=self._ocp.args.StandardRestore(target))
+        args = self._lib.args.Composite(state=self._lib.args.StandardRestore(target))
         return jax.block_until_ready(self._sync.restore(url, args=args)["state"])
 
     def async_save(self, url: str, tree: Any) -> float:
         if self._async is None:
-            self._async = self._ocp.AsyncCheckpointer(self._ocp.CompositeCheckpointHandler())
+            self._async = self._lib.AsyncCheckpointer(self._lib.CompositeCheckpointHandler())
         start = time.perf_counter()
         self._async.save(url, args=self._args(tree))
         return time.perf_counter() - start
@@ -99,6 +66,18 @@ class Orbax:
         self._sync.close()
         if self._async is not None:
             self._async.close()
+
+
+def CloudCkpt() -> Saver:
+    import cloudckpt
+
+    return _Library("cloudckpt", cloudckpt)
+
+
+def Orbax() -> Saver:
+    import orbax.checkpoint
+
+    return _Library("orbax", orbax.checkpoint)
 
 
 def point_orbax_at_gcs(endpoint: str) -> None:
