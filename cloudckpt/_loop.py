@@ -2,12 +2,18 @@
 
 Checkpointers own one each: blocking calls submit coroutines to it, and the
 background commit of an async save runs on it while training continues.
+
+A process created by ``fork()`` from one that had loaded cloudckpt cannot use
+it: the loop thread does not exist in the child (a save would wait forever),
+and tensorstore and JAX, being multithreaded, abort or deadlock after a fork.
+Every use from such a child raises :class:`RuntimeError` saying so, instead.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -16,11 +22,39 @@ from cloudckpt import backends
 
 T = TypeVar("T")
 
+_forked = False
+
+
+def _mark_forked() -> None:
+    global _forked
+    _forked = True
+
+
+os.register_at_fork(after_in_child=_mark_forked)
+
+
+def in_forked_child() -> bool:
+    """Whether this process was forked from one that had already imported cloudckpt."""
+    return _forked
+
+
+def check_not_forked() -> None:
+    """Raises ``RuntimeError`` in a process forked after cloudckpt was imported."""
+    if _forked:
+        raise RuntimeError(
+            f"cloudckpt cannot be used in this process (pid {os.getpid()}): it was created "
+            "with fork() from a process that had already loaded cloudckpt, and its event-loop "
+            "thread, tensorstore and JAX do not survive a fork. Start worker processes with "
+            "the 'spawn' or 'forkserver' method (multiprocessing.get_context('spawn')), or "
+            "checkpoint only from the parent process"
+        )
+
 
 class LoopThread:
     """A daemon thread running an event loop until ``close``."""
 
     def __init__(self, name: str = "cloudckpt-loop") -> None:
+        check_not_forked()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._closed = False
@@ -36,6 +70,9 @@ class LoopThread:
 
     def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         """Schedules ``coro`` on the loop; returns a thread-safe future."""
+        if _forked:
+            coro.close()
+            check_not_forked()
         if self._closed:
             coro.close()
             raise RuntimeError("this checkpointer's event loop is closed; create a new one")
@@ -49,8 +86,15 @@ class LoopThread:
         return self.submit(coro).result(timeout)
 
     def close(self) -> None:
-        """Closes the backends' clients bound to this loop, then stops the loop."""
+        """Closes the backends' clients bound to this loop, then stops the loop.
+
+        In a forked child this only marks the loop closed: the thread and the
+        clients belong to the parent.
+        """
         if self._closed:
+            return
+        if _forked:
+            self._closed = True
             return
 
         async def shutdown() -> None:

@@ -32,7 +32,7 @@ from typing import Any
 
 import atomicity
 from cloudckpt._args_base import CheckpointArgs
-from cloudckpt._loop import LoopThread
+from cloudckpt._loop import LoopThread, check_not_forked, in_forked_child
 from cloudckpt.handlers.base import AsyncCheckpointHandler, CheckpointHandler
 from cloudckpt.metadata import StepMetadata, read_step_metadata, write_step_metadata
 from cloudckpt.multihost import MultiprocessingOptions, ProcessGroup
@@ -90,8 +90,44 @@ class Checkpointer:
         return self._loop.run(coro, timeout)
 
     def _check_open(self) -> None:
+        check_not_forked()
         if self._closed:
             raise RuntimeError(f"this {type(self).__name__} is closed; create a new one")
+
+    def _run_to_outcome(self, coro: Any) -> Any:
+        """Runs ``coro`` on the loop; on Ctrl-C cancels it and waits until it has unwound.
+
+        Cancelling runs the commit's own clean-up, so once ``KeyboardInterrupt``
+        propagates the save has a definite outcome: nothing of it commits later.
+        A second Ctrl-C while waiting stops the wait.
+        """
+        self._check_open()
+        finished = threading.Event()
+        running: dict[str, Any] = {"task": None, "cancelled": False}
+
+        async def tracked() -> Any:
+            running["task"] = asyncio.current_task()
+            try:
+                if running["cancelled"]:
+                    coro.close()
+                    raise asyncio.CancelledError
+                return await coro
+            finally:
+                finished.set()
+
+        def cancel() -> None:  # on the loop's thread, so it cannot race tracked()'s start
+            running["cancelled"] = True
+            if running["task"] is not None:
+                running["task"].cancel()
+
+        future = self._loop.submit(tracked())
+        try:
+            return future.result()
+        except KeyboardInterrupt:
+            logger.warning("interrupted: cancelling the save and removing what it wrote")
+            self._loop.loop.call_soon_threadsafe(cancel)
+            finished.wait()
+            raise
 
     # ----------------------------------------------------------------------- save
     def _prepare(
@@ -112,7 +148,7 @@ class Checkpointer:
         tmp = strategy.from_final(
             location.path,
             location.backend,
-            attempt=self._group.next_attempt(),
+            attempt=self._group.next_attempt(location.url),
             grace_s=self._grace_s,
         )
         directory = StoragePath(location.backend, tmp.get())
@@ -149,12 +185,17 @@ class Checkpointer:
     ) -> None:
         """Saves and commits a checkpoint at ``path``.
 
+        A ``KeyboardInterrupt`` (Ctrl-C) while the save is running cancels it:
+        the call waits until the save has stopped and removed what it wrote,
+        then re-raises, so nothing of it commits after the interrupt propagates.
+        (Had the commit already completed, the step stays committed.)
+
         Raises:
             FileExistsError: a committed checkpoint exists at ``path`` and
                 ``force`` is False, or another writer is saving there.
         """
         job = self._prepare(path, args, force=force, metrics=metrics, custom=custom)
-        self._run(job.run())
+        self._run_to_outcome(job.run())
 
     # -------------------------------------------------------------------- restore
     async def _check_committed(self, location: StoragePath) -> None:
@@ -203,6 +244,9 @@ class Checkpointer:
     def close(self) -> None:
         """Closes the handler and the event loop."""
         if self._closed:
+            return
+        if in_forked_child():  # the loop and clients belong to the parent process
+            self._closed = True
             return
         try:
             self._handler.close()
@@ -442,6 +486,7 @@ class AsyncCheckpointer(Checkpointer):
 
     def wait_until_finished(self) -> None:
         """Waits for the save in flight; raises its failure (once)."""
+        check_not_forked()
         with self._lock:
             self._wait_locked()
 
@@ -453,6 +498,11 @@ class AsyncCheckpointer(Checkpointer):
         try:
             # The loop enforces timeout_s; the margin only guards against a wedged loop.
             future.result(self._timeout_s + 60)
+        except KeyboardInterrupt:
+            # The background save goes on; keep it, so close() still waits for it
+            # and its failure is still reported.
+            self._inflight = future
+            raise
         except (TimeoutError, concurrent.futures.TimeoutError) as exc:
             if isinstance(exc, concurrent.futures.TimeoutError) and not future.done():
                 future.cancel()
@@ -466,6 +516,9 @@ class AsyncCheckpointer(Checkpointer):
     def close(self) -> None:
         """Waits for the save in flight (raising its failure), then releases resources."""
         if self._closed:
+            return
+        if in_forked_child():
+            super().close()
             return
         try:
             self.wait_until_finished()

@@ -25,6 +25,7 @@ from typing import Any
 
 import atomicity
 from cloudckpt._args_base import CheckpointArgs
+from cloudckpt._loop import check_not_forked, in_forked_child
 from cloudckpt.checkpointer import AsyncCheckpointer, Checkpointer, SaveTiming
 from cloudckpt.composite import CompositeCheckpointHandler
 from cloudckpt.handlers.base import CheckpointHandler
@@ -150,9 +151,15 @@ class CheckpointManager:
         self._background: set[concurrent.futures.Future[Any]] = set()
         self._background_lock = threading.Lock()
         self._closed = False
-        self.reload()
-        if opts.cleanup_uncommitted_on_start and self._group.is_primary:
-            self._in_background(self._cleanup_uncommitted())
+        try:
+            self.reload()
+            if opts.cleanup_uncommitted_on_start and self._group.is_primary:
+                self._in_background(self._cleanup_uncommitted())
+        except BaseException:
+            # A manager that failed to start must not keep its thread and clients.
+            self._closed = True
+            self._ckptr.close()
+            raise
 
     # ------------------------------------------------------------------- naming
     @property
@@ -399,6 +406,7 @@ class CheckpointManager:
 
     def wait_until_finished(self) -> None:
         """Waits for the save in flight (raising its failure) and for background deletions."""
+        check_not_forked()
         if isinstance(self._ckptr, AsyncCheckpointer):
             self._ckptr.wait_until_finished()
         self._wait_background()
@@ -413,6 +421,10 @@ class CheckpointManager:
 
     def close(self) -> None:
         if self._closed:
+            return
+        if in_forked_child():  # the loop and its work belong to the parent process
+            self._closed = True
+            self._ckptr.close()
             return
         try:
             self.wait_until_finished()

@@ -11,15 +11,24 @@ process that reports an error, or disappears from the client's list of live
 nodes, makes every other process's save fail at once with
 :class:`ProcessFailedError` naming it; one that stays silent fails them after
 ``barrier_timeout_s``.
+
+Identities agree across processes without depending on how many
+checkpointers each process happens to create: the job's run id is set once by
+process 0; a save's attempt id is the run id, a digest of the checkpoint's
+path and how many saves of that path this process has started; a shared value
+is keyed by its name and how often that name was shared. Every process of a
+job saves the same paths in the same order (a collective save needs that
+anyway), so the ids match even when one process creates an extra checkpointer.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
+import hashlib
 import json
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -31,9 +40,27 @@ from atomicity.claims import pid_alive
 _POLL_MIN_S = 0.002
 _POLL_MAX_S = 0.1
 _LIVENESS_EVERY_S = 0.5
-# Every process creates its process groups in the same order, so the n-th
-# group of each process is the same group; its keys carry n.
-_instances = itertools.count()
+_RUN_ID_KEY = "cloudckpt/job/run-id"
+_PROC_KEY = "cloudckpt/job/proc/"
+
+
+class _JobState:
+    """What one process knows about the job, shared by all its process groups."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.run_id: str | None = None
+        self.registered = False
+        self.saves: dict[str, int] = {}
+        self.shares: dict[str, int] = {}
+
+    def count(self, table: dict[str, int], name: str) -> int:
+        with self.lock:
+            table[name] = table.get(name, 0) + 1
+            return table[name]
+
+
+_JOB = _JobState()
 
 
 def _distributed_client() -> Any:
@@ -96,19 +123,10 @@ class ProcessGroup:
                 "JAX reports several processes but jax.distributed is not initialised; call "
                 "jax.distributed.initialize() first"
             )
-        self._instance = next(_instances)
         self._timeout_ms = int(self.options.barrier_timeout_s * 1000)
         self._peers: dict[int, tuple[str, int]] = {}
-        if self._client is not None:
-            # Where each process runs, so a peer that died on this host is noticed
-            # at once rather than after JAX's heartbeat timeout.
-            self._client.key_value_set(
-                f"{self._key_prefix}/proc/{self.process_index}",
-                f"{socket.gethostname()} {os.getpid()}",
-            )
+        self._register()
         self._run_id = self._agree_run_id()
-        self._counter = 0
-        self._shares = 0
 
     @property
     def is_primary(self) -> bool:
@@ -122,31 +140,49 @@ class ProcessGroup:
     def single(self) -> bool:
         return self._client is None
 
-    @property
-    def _key_prefix(self) -> str:
-        return f"cloudckpt/group/{self._instance}"
+    def _register(self) -> None:
+        """Publishes where this process runs (once per process), so a peer that died on
+        this host is noticed at once rather than after JAX's heartbeat timeout."""
+        if self._client is None:
+            return
+        with _JOB.lock:
+            if _JOB.registered:
+                return
+            self._client.key_value_set(
+                f"{_PROC_KEY}{self.process_index}",
+                f"{socket.gethostname()} {os.getpid()}",
+                allow_overwrite=True,
+            )
+            _JOB.registered = True
 
     def _agree_run_id(self) -> str:
-        mine = uuid.uuid4().hex[:12]
-        if self._client is None:
-            return mine
-        key = f"{self._key_prefix}/run-id"
-        if self.is_primary:
-            self._client.key_value_set(key, mine, allow_overwrite=True)
-            return mine
-        return self._client.blocking_key_value_get(key, self._timeout_ms)
+        """The job's run id: chosen by process 0 once, read by the others once."""
+        with _JOB.lock:
+            if _JOB.run_id is not None:
+                return _JOB.run_id
+            if self._client is None:
+                _JOB.run_id = uuid.uuid4().hex[:12]
+            elif self.process_index == 0:
+                _JOB.run_id = uuid.uuid4().hex[:12]
+                self._client.key_value_set(_RUN_ID_KEY, _JOB.run_id, allow_overwrite=True)
+            else:
+                _JOB.run_id = self._client.blocking_key_value_get(_RUN_ID_KEY, self._timeout_ms)
+            return _JOB.run_id
 
-    def next_attempt(self) -> str:
-        """An id for the next save, the same on every process without communication."""
-        self._counter += 1
-        return f"{self._run_id}{self._counter:06d}"
+    def next_attempt(self, path: str) -> str:
+        """An id for the next save of ``path``, the same on every process without
+        communication: every process starts the saves of one path in the same order."""
+        n = _JOB.count(_JOB.saves, path)
+        digest = hashlib.sha256(path.encode()).hexdigest()[:8]
+        return f"{self._run_id}{digest}{n:06d}"
 
     def share(self, name: str, value: Any) -> Any:
-        """The primary's JSON ``value``, on every process. All call it in the same order."""
+        """The primary's JSON ``value``, on every process. All call it in the same order
+        for the same ``name``."""
         if self._client is None:
             return value
-        self._shares += 1
-        key = f"cloudckpt/share/{self._run_id}/{self._shares}/{name}"
+        n = _JOB.count(_JOB.shares, name)
+        key = f"cloudckpt/share/{self._run_id}/{name}/{n}"
         if self.is_primary:
             self._client.key_value_set(key, json.dumps(value))
             return value
@@ -207,7 +243,7 @@ class ProcessGroup:
         assert self._client is not None
         client = self._client
         if any(p not in self._peers for p in processes):
-            entries = await asyncio.to_thread(client.key_value_dir_get, f"{self._key_prefix}/proc/")
+            entries = await asyncio.to_thread(client.key_value_dir_get, _PROC_KEY)
             for key, value in entries:
                 host, pid = value.rsplit(" ", 1)
                 self._peers[int(key.rsplit("/", 1)[-1])] = (host, int(pid))
