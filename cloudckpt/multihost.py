@@ -14,8 +14,8 @@ nodes, makes every other process's save fail at once with
 
 Identities agree across processes without depending on how many
 checkpointers each process happens to create: the job's run id is set once by
-process 0; a save's attempt id is the run id, a digest of the checkpoint's
-path and how many saves of that path this process has started; a shared value
+process 0; a save's attempt id is a digest of the run id, the checkpoint's path
+and how many saves of that path this process has started; a shared value
 is keyed by its name and how often that name was shared. Every process of a
 job saves the same paths in the same order (a collective save needs that
 anyway), so the ids match even when one process creates an extra checkpointer.
@@ -173,8 +173,8 @@ class ProcessGroup:
         """An id for the next save of ``path``, the same on every process without
         communication: every process starts the saves of one path in the same order."""
         n = _JOB.count(_JOB.saves, path)
-        digest = hashlib.sha256(path.encode()).hexdigest()[:8]
-        return f"{self._run_id}{digest}{n:06d}"
+        # Opaque and unique in every prefix (temporary names use the first 16 characters).
+        return hashlib.sha256(f"{self._run_id}|{path}|{n}".encode()).hexdigest()[:24]
 
     def share(self, name: str, value: Any) -> Any:
         """The primary's JSON ``value``, on every process. All call it in the same order
