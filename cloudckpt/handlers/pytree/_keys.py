@@ -145,7 +145,11 @@ def mismatch(path: str, info: dict[str, Any], target: Any) -> tuple[str, str] | 
 
 
 def regions(info: dict[str, Any], target: Any) -> list[layout.Index]:
-    """The key-data regions this process reads for ``target`` (None: all of it)."""
+    """The key-data regions this process reads for ``target`` (None: all of it).
+
+    Validates the entry first, so a corrupt one is reported before any data is read.
+    """
+    impl_facts(info)
     data_shape = tuple(info["shape"])
     sharding = getattr(target, "sharding", None)
     if not isinstance(sharding, jax.sharding.Sharding):
