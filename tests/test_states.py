@@ -447,3 +447,21 @@ def test_python_scalars_and_strings_in_struct_dataclasses_round_trip(tmp_path: P
     np.testing.assert_array_equal(np.asarray(out.params), np.arange(4.0))
     # Without a target, custom nodes come back as dicts (nothing constructs user classes).
     assert plain["step"] == 3 and plain["tag"] == "warmup" and isinstance(plain, dict)
+
+
+# ------------------------------------------------------------------------------- README
+def test_readme_flax_and_optax_example_runs(tmp_path: Path) -> None:
+    """The README's "Flax and optax" example, exactly as printed, with its directory moved."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("## Flax and optax", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert code.count('"/tmp/cloudckpt-flax"') == 2
+    namespace: dict[str, Any] = {}
+    exec(
+        compile(code.replace('"/tmp/cloudckpt-flax"', repr(str(tmp_path))), "README", "exec"),
+        namespace,
+    )
+    model, optimizer, state = namespace["model"], namespace["optimizer"], namespace["state"]
+    assert type(model).__name__ == "Model" and isinstance(optimizer, nnx.Optimizer)
+    assert_bitwise(nnx.state((model, optimizer)), state)
+    assert int(optimizer.step[...]) == 1
