@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +18,12 @@ from jax.sharding import PartitionSpec as P
 
 import cloudckpt as cc
 from cloudckpt import _jsonio
+from cloudckpt._servers import LocalServers, free_port
 from cloudckpt.cli import main
 from cloudckpt.errors import CorruptCheckpointError
 
 from .backend_harness import StoreUnderTest, make_store
+from .multiproc import REPO, Worker, finish, tail
 
 IMPLS = {"threefry2x32": (2,), "rbg": (4,), "unsafe_rbg": (4,)}
 
@@ -213,3 +218,56 @@ def test_unknown_or_inconsistent_implementation_is_corruption(
             ckptr.restore(str(url))
         with pytest.raises(CorruptCheckpointError, match=message):
             ckptr.metadata(str(url))
+
+
+def test_sharded_keys_from_two_processes(
+    servers: LocalServers, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """2 processes x 4 devices save key batches; each restores its shards onto another mesh."""
+    store = make_store("s3", request, tmp_path)
+    port = free_port()
+    workers = [
+        Worker(
+            i,
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "tests.mp_keys_worker",
+                    json.dumps(
+                        {
+                            "process_id": i,
+                            "num_processes": 2,
+                            "devices": 4,
+                            "port": port,
+                            "url": store.url("mp"),
+                        }
+                    ),
+                ],
+                cwd=REPO,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            ),
+        )
+        for i in range(2)
+    ]
+    results = [w.result() for w in finish(workers)]
+    for worker, result in zip(workers, results, strict=True):
+        assert worker.proc.returncode == 0 and result is not None, tail(worker)
+    # Each process checked its own half (4 of the 8 distinct shards) of the 16x4 keys of
+    # each implementation, counted in uint32 words of key data (2, 4 and 4 per key).
+    half = sum(16 * 4 * n for n in (2, 4, 4)) // 2
+    assert sorted(r["process"] for r in results) == [0, 1]
+    assert all(r["checked_words"] == half for r in results)
+
+    # And this single process (8 devices) reads the whole of what the two wrote.
+    from .mp_keys_worker import IMPLS as MP_IMPLS
+    from .mp_keys_worker import expected_key_data
+
+    with cc.CheckpointManager(store.url("mp")) as mngr:
+        plain = mngr.restore(1).state
+    for impl in MP_IMPLS:
+        assert str(jax.random.key_impl(plain[impl])) == impl
+        np.testing.assert_array_equal(data(plain[impl]), expected_key_data(impl))
