@@ -188,11 +188,27 @@ async def read_like(
     by_device = _device_regions(info, sharding)
     wanted = sorted(set(by_device.values()))
     pieces = dict(zip(wanted, await asyncio.gather(*(region(r) for r in wanted)), strict=True))
-    shards = [
-        jax.random.wrap_key_data(jax.device_put(pieces[r], device), impl=name)
-        for device, r in by_device.items()
-    ]
-    return jax.make_array_from_single_device_arrays(key_shape_of(info), sharding, shards)
+    shape = key_shape_of(info)
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        # One global array of key data and one wrap: no per-device dispatch or compile.
+        spec = (*sharding.spec, *[None] * (len(data_shape) - len(sharding.spec)))
+        physical = jax.sharding.NamedSharding(
+            sharding.mesh, jax.sharding.PartitionSpec(*spec), memory_kind=sharding.memory_kind
+        )
+        data = jax.make_array_from_callback(
+            data_shape, physical, lambda idx: pieces[layout.normalize_index(idx, data_shape)]
+        )
+        keys = jax.random.wrap_key_data(data, impl=name)
+        if keys.sharding == sharding:
+            return keys
+        # An equivalent spelling (P() for P(None)): the same buffers under the target's sharding.
+        shards = [s.data for s in keys.addressable_shards]
+    else:
+        shards = [
+            jax.random.wrap_key_data(jax.device_put(pieces[r], device), impl=name)
+            for device, r in by_device.items()
+        ]
+    return jax.make_array_from_single_device_arrays(shape, sharding, shards)
 
 
 def logical_sharding(description: dict[str, Any] | None, ndim: int) -> dict[str, Any] | None:
