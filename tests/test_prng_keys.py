@@ -176,6 +176,8 @@ def test_metadata_and_inspect_show_keys(
     assert rows["['threefry2x32']['batch']"]["shape"] == [8]
     assert rows["['threefry2x32']['batch']"]["nbytes"] == 8 * 2 * 4
     assert rows["['legacy']"]["dtype"] == "uint32"
+    # verify reads every object of it, key data included, and finds all checksums good.
+    assert main(["verify", store.url("3")]) == 0
 
 
 def test_key_mismatches_are_named(tmp_path: Path, ckptr: cc.Checkpointer) -> None:
