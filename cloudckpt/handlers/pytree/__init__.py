@@ -167,6 +167,10 @@ def _as_array(path: str, value: Any) -> tuple[str, Any]:
     )
 
 
+# What _as_array accepts (str is stored inline).
+_SAVABLE = (jax.Array, np.ndarray, np.generic, bool, int, float, complex)
+
+
 def _check_savable(leaves: list[tuple[str, Any]]) -> None:
     """Names every leaf no handler can store, before anything is copied or written."""
     bad = [
@@ -185,10 +189,6 @@ def _check_savable(leaves: list[tuple[str, Any]]) -> None:
             "dataclasses.field(metadata=dict(static=True))), filter the state "
             "(nnx.state(model, nnx.Param, ...)), or save a dict of the array parts only"
         )
-
-
-# What _as_array accepts (str is stored inline).
-_SAVABLE = (jax.Array, np.ndarray, np.generic, bool, int, float, complex)
 
 
 class StandardCheckpointHandler(AsyncCheckpointHandler):
@@ -270,7 +270,7 @@ class StandardCheckpointHandler(AsyncCheckpointHandler):
                 entry["sharding"] = sharding_ids[sharding]
             if kind == "py":
                 entry["py_type"] = type(value).__name__
-            elif kind == "jax" and array is not value and keys.is_key(value):
+            elif array is not value and keys.is_key(value):  # _as_array swapped in key data
                 entry[keys.IMPL_FIELD] = keys.impl_name(value)
             plan.leaves_json.append(entry)
             if nbytes == 0:

@@ -38,7 +38,7 @@ _TAGS = {"threefry2x32": "fry", "rbg": "rbg", "unsafe_rbg": "urbg"}
 def is_key(value: Any) -> bool:
     """Whether ``value`` (array, ``ShapeDtypeStruct``) has a typed PRNG key dtype."""
     dtype = getattr(value, "dtype", None)
-    if dtype is None:
+    if dtype is None or isinstance(dtype, np.dtype):  # the common case, without jax's check
         return False
     try:
         return bool(jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key))
