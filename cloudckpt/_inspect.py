@@ -24,6 +24,7 @@ from cloudckpt import _jsonio
 from cloudckpt.handlers.json import DATA_NAME, JsonCheckpointHandler
 from cloudckpt.handlers.pytree import METADATA_NAME as PYTREE_NAME
 from cloudckpt.handlers.pytree import StandardCheckpointHandler
+from cloudckpt.handlers.pytree import _keys as keys
 from cloudckpt.handlers.pytree._budget import ByteBudget
 from cloudckpt.metadata import STEP_METADATA_NAME, StepMetadata
 from cloudckpt.path import StoragePath
@@ -303,6 +304,15 @@ def _sharding_of(leaf: dict[str, Any], table: list[Any]) -> dict[str, Any] | Non
     return sharding if isinstance(sharding, dict) else None
 
 
+def _key_row(leaf: dict[str, Any]) -> dict[str, Any]:
+    """How typed PRNG keys show: jax's key dtype and the keys' own shape."""
+    try:
+        name, _, _ = keys.impl_facts(leaf)
+        return {"dtype": keys.dtype_label(name), "shape": list(keys.key_shape_of(leaf))}
+    except ValueError:  # unknown to this jax, or inconsistent: show what is stored
+        return {"dtype": f"{keys.dtype_label(str(leaf.get(keys.IMPL_FIELD)))}?"}
+
+
 def describe_leaves(document: dict[str, Any]) -> list[dict[str, Any]]:
     """Per-leaf rows of a ``pytree.json`` document (no array data)."""
     rows = []
@@ -320,6 +330,9 @@ def describe_leaves(document: dict[str, Any]) -> list[dict[str, Any]]:
                 sharding=_sharding_of(leaf, table),
                 storage=storage.get("type"),
             )
+            if keys.is_key_leaf(leaf):
+                row.update(_key_row(leaf))
+                row["sharding"] = keys.logical_sharding(row["sharding"], len(row["shape"]))
             if storage.get("type") == "zarr":
                 row["key"] = storage.get("key")
                 row["chunk_shape"] = (

@@ -31,6 +31,7 @@ from cloudckpt import _jsonio
 from cloudckpt._args_base import CheckpointArgs
 from cloudckpt.errors import CorruptCheckpointError
 from cloudckpt.handlers.base import AsyncCheckpointHandler
+from cloudckpt.handlers.pytree import _keys as keys
 from cloudckpt.handlers.pytree import _layout as layout
 from cloudckpt.handlers.pytree._budget import ByteBudget
 from cloudckpt.handlers.pytree._tree import flatten, rebuild, unflatten_like
@@ -51,7 +52,7 @@ class ArrayMetadata:
 
     Attributes:
         shape: Global shape.
-        dtype: numpy dtype.
+        dtype: numpy dtype, or jax's key dtype (``key<fry>``) for typed PRNG keys.
         sharding: How it was sharded when saved (mesh axes and partition
             spec for a ``NamedSharding``), or None for host values.
         kind: ``jax``, ``ndarray``, ``np_scalar`` or ``py`` (Python scalar).
@@ -59,7 +60,7 @@ class ArrayMetadata:
     """
 
     shape: tuple[int, ...]
-    dtype: np.dtype
+    dtype: Any  # np.dtype, or a jax PRNG key dtype
     sharding: dict[str, Any] | None = None
     kind: str = "jax"
     nbytes: int = 0
@@ -141,6 +142,8 @@ def _as_array(path: str, value: Any) -> tuple[str, Any]:
     if isinstance(value, jax.Array):
         if value.is_deleted():
             raise ValueError(f"leaf {path}: the array was deleted or donated before save")
+        if keys.is_key(value):  # typed PRNG keys: their uint32 key data is what is stored
+            return "jax", keys.key_data(value)
         return "jax", value
     if isinstance(value, np.ndarray):
         if value.dtype == object:
@@ -162,6 +165,30 @@ def _as_array(path: str, value: Any) -> tuple[str, Any]:
         f"leaf {path}: cannot save a {type(value).__name__}; leaves must be jax.Array, numpy "
         "arrays or scalars, Python scalars or strings"
     )
+
+
+# What _as_array accepts (str is stored inline).
+_SAVABLE = (jax.Array, np.ndarray, np.generic, bool, int, float, complex)
+
+
+def _check_savable(leaves: list[tuple[str, Any]]) -> None:
+    """Names every leaf no handler can store, before anything is copied or written."""
+    bad = [
+        f"leaf {path}: cannot save a {type(value).__name__} ({type(value).__module__})"
+        for path, value in leaves
+        if not isinstance(value, (str, *_SAVABLE))
+    ]
+    if bad:
+        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+        raise ValueError(
+            "; ".join(bad[:5])
+            + more
+            + ". Leaves must be jax.Array, numpy arrays or scalars, Python scalars or strings. "
+            "Leave functions and other objects out of the saved tree: mark dataclass fields "
+            "static (flax.struct.field(pytree_node=False), "
+            "dataclasses.field(metadata=dict(static=True))), filter the state "
+            "(nnx.state(model, nnx.Param, ...)), or save a dict of the array parts only"
+        )
 
 
 class StandardCheckpointHandler(AsyncCheckpointHandler):
@@ -212,6 +239,7 @@ class StandardCheckpointHandler(AsyncCheckpointHandler):
     def _plan(self, tree: Any) -> _SavePlan:
         plan = _SavePlan()
         leaves, plan.skeleton = flatten(tree)
+        _check_savable(leaves)
         me = jax.process_index()
         packed_shards: list[tuple[int, layout.Shard]] = []
         pending_copies: list[tuple[int, layout.Index, Any, bool]] = []
@@ -242,6 +270,8 @@ class StandardCheckpointHandler(AsyncCheckpointHandler):
                 entry["sharding"] = sharding_ids[sharding]
             if kind == "py":
                 entry["py_type"] = type(value).__name__
+            elif array is not value and keys.is_key(value):  # _as_array swapped in key data
+                entry[keys.IMPL_FIELD] = keys.impl_name(value)
             plan.leaves_json.append(entry)
             if nbytes == 0:
                 entry["storage"] = {"type": "empty"}
@@ -451,6 +481,8 @@ class StandardCheckpointHandler(AsyncCheckpointHandler):
 def _leaf_metadata(leaf: dict[str, Any], shardings: list[Any]) -> Any:
     if leaf["kind"] == "str":
         return leaf["value"]
+    if keys.is_key_leaf(leaf):
+        return _key_metadata(leaf, shardings)
     dtype = np.dtype(_dtype_from_name(leaf["dtype"]))
     shape = tuple(leaf["shape"])
     return ArrayMetadata(
@@ -459,6 +491,19 @@ def _leaf_metadata(leaf: dict[str, Any], shardings: list[Any]) -> Any:
         sharding=None if leaf.get("sharding") is None else shardings[leaf["sharding"]],
         kind=leaf["kind"],
         nbytes=math.prod(shape) * dtype.itemsize,
+    )
+
+
+def _key_metadata(leaf: dict[str, Any], shardings: list[Any]) -> ArrayMetadata:
+    _, dtype, _ = keys.impl_facts(leaf)
+    shape = keys.key_shape_of(leaf)
+    sharding = None if leaf.get("sharding") is None else shardings[leaf["sharding"]]
+    return ArrayMetadata(
+        shape=shape,
+        dtype=dtype,
+        sharding=keys.logical_sharding(sharding, len(shape)),
+        kind=leaf["kind"],
+        nbytes=math.prod(leaf["shape"]) * 4,  # uint32 key data
     )
 
 
@@ -519,7 +564,12 @@ def _match(
             plan.untouched[path] = target
             continue
         leaf = saved[i]
-        if leaf["kind"] == "str" or isinstance(target, str):
+        if keys.is_key_leaf(leaf) or keys.is_key(target):
+            problem = keys.mismatch(path, leaf, target)
+            if problem is not None:
+                (shapes if problem[0] == "shape" else kinds).append(problem[1])
+                continue
+        elif leaf["kind"] == "str" or isinstance(target, str):
             if not (leaf["kind"] == "str" and isinstance(target, str)):
                 kinds.append(f"{path} (saved {leaf['kind']}, target {type(target).__name__})")
                 continue
@@ -597,6 +647,8 @@ class _Reader:
         info = self.saved[leaf]
         if info["kind"] == "str":
             return []
+        if keys.is_key_leaf(info):
+            return keys.regions(info, target)
         shape = tuple(info["shape"])
         sharding = getattr(target, "sharding", None)
         if not isinstance(sharding, jax.sharding.Sharding):
@@ -740,6 +792,8 @@ class _Reader:
         if info["kind"] == "str":
             return info["value"]
         value = await self.region(leaf, layout.full_index(tuple(info["shape"])))
+        if keys.is_key_leaf(info):
+            return keys.wrap_host(info, value)
         return _as_kind(info, value)
 
     async def leaf_like(self, leaf: int, target: Any) -> Any:
@@ -747,6 +801,8 @@ class _Reader:
         info = self.saved[leaf]
         if info["kind"] == "str":
             return info["value"]
+        if keys.is_key_leaf(info):
+            return await keys.read_like(info, target, lambda index: self.region(leaf, index))
         shape = tuple(info["shape"])
         dtype = (
             np.dtype(target.dtype) if hasattr(target, "dtype") else _dtype_from_name(info["dtype"])
