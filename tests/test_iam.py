@@ -21,14 +21,14 @@ from pathlib import Path
 
 import pytest
 
-from cloudckpt._cloudproxy import (
-    CloudProxy,
+from cloudckpt._cloudiam import (
     S3Policy,
     gcs_permissions,
     gcs_role_from_terraform,
     s3_permissions,
     s3_policy_from_terraform,
 )
+from cloudckpt._cloudproxy import CloudProxy
 from cloudckpt._servers import LocalServers
 
 from .helpers import BUCKET, unique
@@ -174,3 +174,30 @@ def test_a_missing_bucket_is_named_without_bucket_permissions(
                 loop.run(call())
         loop.run(backend.aclose())
     assert dict(proxy.stats.denied) == {}
+
+
+@pytest.mark.parametrize("kind", ["s3", "gcs"])
+def test_a_refused_request_names_the_permission_the_cloud_refused(
+    kind: str, servers: LocalServers, loop
+) -> None:
+    from cloudckpt.backends.gcs import GCSBackend
+    from cloudckpt.backends.s3 import S3Backend
+
+    from .backend_harness import FAST_RETRY
+
+    granted = f"{unique('granted')}/"
+    with _proxy(kind, servers, granted) as proxy:
+        if kind == "s3":
+            backend = S3Backend(endpoint_url=proxy.endpoint, retry=FAST_RETRY)
+            # Outside the module's checkpoint_prefix: the policy allows nothing there.
+            path, want = f"{BUCKET}/elsewhere/x", "s3:PutObject"
+        else:
+            # objectUser covers the whole bucket; an identity without create is refused.
+            proxy.gcs_granted = frozenset({"storage.objects.get", "storage.objects.list"})
+            backend = GCSBackend(endpoint_url=proxy.endpoint, retry=FAST_RETRY)
+            path, want = f"{BUCKET}/{granted}x", "storage.objects.create"
+        with pytest.raises(PermissionError, match=f"the store refused {want}") as info:
+            loop.run(backend.put(path, b"x"))
+        loop.run(backend.aclose())
+    assert BUCKET in str(info.value) and backend.stats.total_retries() == 0
+    assert dict(proxy.stats.denied) == {want: 1}

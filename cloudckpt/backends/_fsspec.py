@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import re
 import weakref
 from typing import Any
 
@@ -204,9 +205,41 @@ class FsspecObjectBackend(Backend):
             return exc
         status = http_status_of(exc)
         if isinstance(exc, PermissionError) or status in (401, 403) or "Forbidden" in str(exc):
-            return PermissionError(
+            where = (
                 f"access denied: {op} {self.url(path)} in bucket {self.bucket_of(path)!r} "
-                f"(credentials: {self.credential_description}); grant this identity read, "
-                "create, list and delete on the prefix, or use other credentials"
+                f"(credentials: {self.credential_description})"
+            )
+            permission = denied_permission(exc)
+            if permission is not None:
+                return PermissionError(
+                    f"{where}: the store refused {permission}; grant it to this identity on "
+                    "the prefix (the terraform/ modules grant what cloudckpt needs), or use "
+                    "other credentials"
+                )
+            return PermissionError(
+                f"{where}; grant this identity read, create, list and delete on the prefix, "
+                "or use other credentials"
             )
         return exc
+
+
+_DENIED = (
+    re.compile(r"not authorized to perform: ([A-Za-z0-9]+:[A-Za-z0-9]+)"),  # AWS
+    re.compile(r"does not have ([a-z]+(?:\.[A-Za-z]+)+) access"),  # GCS
+    re.compile(r"Permission '([a-z]+(?:\.[A-Za-z]+)+)' denied"),  # GCS
+)
+
+
+def denied_permission(exc: BaseException) -> str | None:
+    """The permission a 403's body names (S3 ``s3:ListBucket``, GCS ``storage.buckets.get``)."""
+    current: BaseException | None = exc
+    seen: set[int] = set()
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = f"{current} {getattr(current, 'gcs_message', '')}"
+        for pattern in _DENIED:
+            match = pattern.search(text)
+            if match:
+                return match.group(1)
+        current = current.__cause__ or current.__context__
+    return None
