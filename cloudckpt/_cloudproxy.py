@@ -27,6 +27,8 @@ Not part of the public API.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
 import logging
 import random
@@ -34,10 +36,12 @@ import re
 import threading
 import time
 import uuid
+import xml.etree.ElementTree as ET
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl, quote, urlencode
+from urllib.parse import parse_qsl, quote, unquote, urlencode
+from xml.sax.saxutils import escape as xml_escape
 
 from cloudckpt._cloudiam import (
     S3_BUCKET_SUBRESOURCES,
@@ -199,6 +203,14 @@ class CloudProxy:
                 return web.Response(status=status, headers=extra)
             return web.Response(status=status, body=payload, content_type=kind, headers=extra)
 
+        if (
+            self.flavor == "s3"
+            and self.s3_policy is not None
+            and method == "POST"
+            and "delete" in query
+            and "/" not in path.strip("/")
+        ):
+            return await self._delete_objects(path, query, headers, body, request.query_string)
         denied = self._denied(method, path, query, headers, body)
         if denied is not None:
             permission, resource = denied
@@ -275,6 +287,63 @@ class CloudProxy:
         if method == "HEAD":
             return web.Response(status=status, headers=out_headers)
         return web.Response(status=status, body=payload, headers=out_headers)
+
+    async def _delete_objects(
+        self, path: str, query: dict[str, str], headers: dict[str, str], body: bytes, raw: str
+    ) -> Any:
+        """S3 DeleteObjects: each key is authorised alone, and a refused key is an
+        ``AccessDenied`` entry in a 200 answer, never a 403 (as AWS does)."""
+        from aiohttp import web
+
+        assert self.s3_policy is not None
+        bucket = unquote(path.strip("/"))
+        root = ET.fromstring(body)
+        keys = [el.text or "" for el in root.iter() if el.tag.rsplit("}", 1)[-1] == "Key"]
+        quiet = any(
+            el.tag.rsplit("}", 1)[-1] == "Quiet" and (el.text or "").strip() == "true"
+            for el in root.iter()
+        )
+        refused = []
+        for key in keys:
+            if self.s3_policy.allows("s3:DeleteObject", f"arn:aws:s3:::{bucket}/{key}", {}):
+                self.stats.allowed["s3:DeleteObject"] += 1
+                self._file("s3:DeleteObject")
+            else:
+                refused.append(key)
+                self.stats.denied["s3:DeleteObject"] += 1
+                self._file("DENIED s3:DeleteObject")
+        if not refused:
+            status, out_headers, payload = await self._forward(
+                "POST", path, query, headers, body, raw, False
+            )
+            return web.Response(status=status, body=payload, headers=out_headers)
+        kept = [k for k in keys if k not in refused]
+        result = '<DeleteResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/"></DeleteResult>'
+        if kept:
+            objects = "".join(f"<Object><Key>{xml_escape(k)}</Key></Object>" for k in kept)
+            new_body = (
+                '<Delete xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
+                f"<Quiet>{'true' if quiet else 'false'}</Quiet>{objects}</Delete>"
+            ).encode()
+            headers = {
+                k: v
+                for k, v in headers.items()
+                if k != "content-md5" and not k.startswith(("x-amz-checksum", "x-amz-sdk-checksum"))
+            }
+            headers["content-md5"] = base64.b64encode(hashlib.md5(new_body).digest()).decode()
+            status, _, payload = await self._forward(
+                "POST", path, query, headers, new_body, raw, True
+            )
+            if status != 200:
+                return web.Response(status=status, body=payload, content_type="application/xml")
+            result = payload.decode()
+        errors = "".join(
+            f"<Error><Key>{xml_escape(k)}</Key><Code>AccessDenied</Code>"
+            "<Message>Access Denied</Message></Error>"
+            for k in refused
+        )
+        merged = result.replace("</DeleteResult>", errors + "</DeleteResult>")
+        return web.Response(status=200, text=merged, content_type="application/xml")
 
     def _count_page(self, query: dict[str, str], payload: bytes) -> None:
         if self.flavor == "s3":

@@ -201,3 +201,34 @@ def test_a_refused_request_names_the_permission_the_cloud_refused(
         loop.run(backend.aclose())
     assert BUCKET in str(info.value) and backend.stats.total_retries() == 0
     assert dict(proxy.stats.denied) == {want: 1}
+
+
+def test_s3_multi_object_delete_refuses_key_by_key(servers: LocalServers) -> None:
+    # AWS authorises DeleteObjects per key: a refused key is an AccessDenied entry
+    # in a 200 answer, not a 403. A client that ignores the entries loses nothing
+    # visibly, and deletes nothing.
+    import botocore.session
+
+    from cloudckpt._servers import S3_ACCESS_KEY, S3_REGION, S3_SECRET_KEY
+
+    from .backend_harness import _fsspec_raw, _s3fs_client
+
+    raw_get, raw_put = _fsspec_raw(_s3fs_client())
+    granted, other = f"{unique('granted')}/", f"{unique('other')}/"
+    raw_put(f"{BUCKET}/{granted}a", b"1")
+    raw_put(f"{BUCKET}/{other}b", b"2")
+    with _proxy("s3", servers, granted) as proxy:
+        client = botocore.session.get_session().create_client(
+            "s3",
+            endpoint_url=proxy.endpoint,
+            region_name=S3_REGION,
+            aws_access_key_id=S3_ACCESS_KEY,
+            aws_secret_access_key=S3_SECRET_KEY,
+        )
+        out = client.delete_objects(
+            Bucket=BUCKET, Delete={"Objects": [{"Key": f"{granted}a"}, {"Key": f"{other}b"}]}
+        )
+        client.close()
+    assert [d["Key"] for d in out.get("Deleted", [])] == [f"{granted}a"]
+    assert [(e["Key"], e["Code"]) for e in out["Errors"]] == [(f"{other}b", "AccessDenied")]
+    assert raw_get(f"{BUCKET}/{granted}a") is None and raw_get(f"{BUCKET}/{other}b") == b"2"
