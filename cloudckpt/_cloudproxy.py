@@ -15,7 +15,9 @@
   share of requests with S3 ``503 SlowDown`` or GCS ``429``/``503`` carrying
   ``Retry-After``, without forwarding them (the request did not take effect).
 * **precondition strip** (``strip_preconditions``): drops ``If-None-Match`` and
-  ``ifGenerationMatch`` on the way up, as a store that ignores them would.
+  ``ifGenerationMatch`` on the way up, as a store that ignores them would;
+  ``refuse_preconditions`` answers an S3 conditional PUT ``501 NotImplemented``,
+  as S3 did before August 2024 and some S3-compatible stores still do.
 
 Rewritten S3 requests are signed again with the test credentials (the
 upstream verifies SigV4 over the query and headers). The TLS-only bucket
@@ -111,6 +113,7 @@ class CloudProxy:
         throttle_rate: float = 0.0,
         retry_after_s: int | None = None,
         strip_preconditions: bool = False,
+        refuse_preconditions: bool = False,
         seed: int = 0,
     ) -> None:
         if flavor not in ("s3", "gcs"):
@@ -124,6 +127,7 @@ class CloudProxy:
         self.throttle_rate = throttle_rate
         self.retry_after_s = retry_after_s
         self.strip_preconditions = strip_preconditions
+        self.refuse_preconditions = refuse_preconditions
         self.stats = ProxyStats()
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
@@ -232,6 +236,9 @@ class CloudProxy:
             return answer(403, gcs_error(403, "forbidden", message))
 
         conditional = "if-none-match" in headers or "ifGenerationMatch" in query
+        if self.flavor == "s3" and method == "PUT" and conditional and self.refuse_preconditions:
+            message = "A header you provided implies functionality that is not implemented"
+            return answer(501, s3_error("NotImplemented", message, path))
         if (
             self.flavor == "s3"
             and method == "PUT"

@@ -148,3 +148,18 @@ def test_listing_and_deleting_follow_every_page(
     assert listed == keys and left == set()
     assert all(raw_get(k) is None for k in keys)
     assert proxy.stats.largest_page == 7 and proxy.stats.continued_pages >= 6
+
+
+def test_a_store_that_refuses_create_only_puts_is_named_and_never_written_unsafely(
+    servers: LocalServers, loop: LoopThread
+) -> None:
+    raw_get, _ = _fsspec_raw(_s3fs_client())
+    key = f"{BUCKET}/{unique('no-precond')}/_COMMITTED"
+    with CloudProxy(servers.s3.endpoint, flavor="s3", refuse_preconditions=True) as proxy:
+        backend = _backend("s3", proxy.endpoint)
+        with pytest.raises(NotImplementedError, match="does not support create-only puts"):
+            loop.run(backend.put_if_absent(key, b"marker"))
+        loop.run(backend.aclose())
+    assert raw_get(key) is None  # no fallback to an unconditional put
+    assert backend.stats.total_retries() == 0
+    assert [entry[1] for entry in proxy.stats.log] == ["PUT"]

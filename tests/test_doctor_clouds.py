@@ -95,3 +95,14 @@ def test_doctor_with_the_training_identity_says_what_settings_need(
         "gcs": {"storage.buckets.get"},
     }[kind]
     assert set(proxy.stats.denied) == denied_only
+
+
+def test_a_store_that_refuses_preconditions_is_named_by_doctor(servers: LocalServers) -> None:
+    url = f"s3://{BUCKET}/{unique('doctor-501')}"
+    with CloudProxy(servers.s3.endpoint, flavor="s3", refuse_preconditions=True) as proxy:
+        code, report = _doctor("s3", proxy, url, servers)
+    statuses = _statuses(report)
+    assert code == 1 and report["failed"] == 1 and statuses["create-only put"] == "fail"
+    create = next(c for c in report["checks"] if c["name"] == "create-only put")
+    assert "does not support create-only puts" in create["detail"]
+    assert all(statuses[name] == "ok" for name in FUNCTIONAL if name != "create-only put")

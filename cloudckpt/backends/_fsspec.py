@@ -16,7 +16,7 @@ from typing import Any
 
 from atomicity import ObjectInfo
 from cloudckpt.backends.base import Backend
-from cloudckpt.backends.retry import RetryPolicy, http_status_of
+from cloudckpt.backends.retry import RetryPolicy, error_code_of, http_status_of
 
 
 def _mtime(info: dict[str, Any]) -> float | None:
@@ -152,6 +152,17 @@ class FsspecObjectBackend(Backend):
             raise
         except FileNotFoundError:
             raise self._no_bucket(path) from None
+        except Exception as exc:
+            if http_status_of(exc) == 501 or error_code_of(exc) == "NotImplemented":
+                # S3 before August 2024, and some S3-compatible stores, refuse
+                # If-None-Match on PUT. Never retry without it: that would be a
+                # commit that cannot keep two writers apart.
+                raise NotImplementedError(
+                    f"the store at {self.url(path)} does not support create-only puts "
+                    "(S3 If-None-Match: * / GCS ifGenerationMatch=0), which cloudckpt needs to "
+                    "commit safely; use a store that does (see docs/CLOUDS.md)"
+                ) from exc
+            raise
 
     async def _create_object(self, fs: Any, path: str, data: bytes, token: str) -> None:
         """Create-only upload tagged with ``token``; ``FileExistsError`` when taken."""
