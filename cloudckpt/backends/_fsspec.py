@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import re
 import weakref
 from typing import Any
 
 from atomicity import ObjectInfo
 from cloudckpt.backends.base import Backend
-from cloudckpt.backends.retry import RetryPolicy, http_status_of
+from cloudckpt.backends.retry import RetryPolicy, error_code_of, http_status_of
 
 
 def _mtime(info: dict[str, Any]) -> float | None:
@@ -73,20 +74,53 @@ class FsspecObjectBackend(Backend):
     def bucket_of(path: str) -> str:
         return path.split("/", 1)[0]
 
-    async def _bucket_exists(self, bucket: str) -> bool:
-        raise NotImplementedError
-
-    async def _missing(self, path: str) -> FileNotFoundError | None:
-        """None when ``path``'s bucket exists (so the object alone is missing)."""
+    def _no_bucket(self, path: str) -> FileNotFoundError:
         bucket = self.bucket_of(path)
-        if bucket in self._known_buckets:
-            return None
-        if await self._bucket_exists(bucket):
-            self._known_buckets.add(bucket)
-            return None
         return FileNotFoundError(
             f"bucket {bucket!r} does not exist ({self.url(path)}); create it or fix the URL"
         )
+
+    def _not_found_says(self, exc: BaseException) -> str | None:
+        """What a 404 says is missing: ``"bucket"``, ``"object"``, or None when it does not say."""
+        return None
+
+    async def _missing(self, path: str, exc: BaseException) -> FileNotFoundError | None:
+        """None when only the object at ``path`` is missing; the error to raise when its bucket is.
+
+        Asks for nothing at the bucket level: the training identity of
+        terraform/ holds object permissions and a prefix-scoped listing only.
+        The object request's own error tells the two apart where it has a body
+        (S3 ``NoSuchKey``/``NoSuchBucket``, GCS "No such object"/"bucket does
+        not exist"); where it does not (S3 HEAD, emulators) one listing scoped
+        to the object's own key decides, once per bucket and backend.
+        """
+        bucket = self.bucket_of(path)
+        says = self._not_found_says(exc)
+        if says == "object" or (says is None and bucket in self._known_buckets):
+            return None
+        if says is None:
+            _, key = self._split(path)
+            try:
+                await self._list_page(bucket, key, None, 1)
+            except FileNotFoundError:
+                return self._no_bucket(path)
+            self._known_buckets.add(bucket)
+            return None
+        return self._no_bucket(path)
+
+    @staticmethod
+    def _split(path: str) -> tuple[str, str]:
+        bucket, _, key = path.partition("/")
+        return bucket, key
+
+    async def _list_page(
+        self, bucket: str, key_prefix: str, token: str | None, limit: int | None
+    ) -> tuple[list[ObjectInfo], str | None]:
+        """One page of objects whose keys start with ``key_prefix``, and the next page's token.
+
+        ``FileNotFoundError`` when the bucket does not exist.
+        """
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ operations
     async def _get(self, path: str, byte_range: tuple[int, int] | None) -> bytes | None:
@@ -96,8 +130,8 @@ class FsspecObjectBackend(Backend):
             return b"" if await self._exists(path) else None
         try:
             return bytes(await fs._cat_file(path, start=start, end=end))
-        except FileNotFoundError:
-            missing_bucket = await self._missing(path)
+        except FileNotFoundError as exc:
+            missing_bucket = await self._missing(path, exc)
             if missing_bucket is not None:
                 raise missing_bucket from None
             return None
@@ -107,7 +141,8 @@ class FsspecObjectBackend(Backend):
         try:
             await fs._pipe_file(path, data)
         except FileNotFoundError:
-            raise (await self._missing(path) or FileNotFoundError(self.url(path))) from None
+            # An upload can only miss its bucket.
+            raise self._no_bucket(path) from None
 
     async def _create(self, path: str, data: bytes, token: str) -> None:
         fs = await self._fs()
@@ -116,22 +151,26 @@ class FsspecObjectBackend(Backend):
         except FileExistsError:
             raise
         except FileNotFoundError:
-            raise (await self._missing(path) or FileNotFoundError(self.url(path))) from None
+            raise self._no_bucket(path) from None
+        except Exception as exc:
+            if http_status_of(exc) == 501 or error_code_of(exc) == "NotImplemented":
+                # S3 before August 2024, and some S3-compatible stores, refuse
+                # If-None-Match on PUT. Never retry without it: that would be a
+                # commit that cannot keep two writers apart.
+                raise NotImplementedError(
+                    f"the store at {self.url(path)} does not support create-only puts "
+                    "(S3 If-None-Match: * / GCS ifGenerationMatch=0), which cloudckpt needs to "
+                    "commit safely; use a store that does (see docs/CLOUDS.md)"
+                ) from exc
+            raise
 
     async def _create_object(self, fs: Any, path: str, data: bytes, token: str) -> None:
         """Create-only upload tagged with ``token``; ``FileExistsError`` when taken."""
         raise NotImplementedError
 
     async def _info(self, path: str) -> dict[str, Any] | None:
-        fs = await self._fs()
-        try:
-            info = await fs._info(path)
-        except FileNotFoundError:
-            missing_bucket = await self._missing(path)
-            if missing_bucket is not None:
-                raise missing_bucket from None
-            return None
-        return info if info.get("type") == "file" else None
+        """The object's metadata (``size``, a modification time, user metadata), or None."""
+        raise NotImplementedError
 
     async def _exists(self, path: str) -> bool:
         return await self._info(path) is not None
@@ -143,20 +182,26 @@ class FsspecObjectBackend(Backend):
         return ObjectInfo(path, int(info["size"]), _mtime(info))
 
     async def _list(self, prefix: str) -> list[ObjectInfo]:
-        fs = await self._fs()
-        try:
-            found = await fs._find(prefix, detail=True)
-        except FileNotFoundError:
-            found = {}
-        if not found:
-            missing_bucket = await self._missing(prefix)
-            if missing_bucket is not None:
-                raise missing_bucket
-        return [
-            ObjectInfo(path, int(info.get("size", 0)), _mtime(info))
-            for path, info in found.items()
-            if info.get("type", "file") == "file" and path.startswith(prefix + "/")
-        ]
+        # Every page, following the continuation token: a cloud returns at most
+        # 1,000 keys per page, and an emulator's page size proves nothing.
+        bucket, key = self._split(prefix)
+        key_prefix = key + "/" if key else ""
+        found: list[ObjectInfo] = []
+        token: str | None = None
+        seen_tokens: set[str] = set()
+        while True:
+            try:
+                page, token = await self._list_page(bucket, key_prefix, token, None)
+            except FileNotFoundError:
+                raise self._no_bucket(prefix) from None
+            found.extend(info for info in page if info.path.startswith(prefix + "/"))
+            if token is None:
+                break
+            if token in seen_tokens:  # a server that loops would list forever
+                raise OSError(f"listing {self.url(prefix)} returned the same page token twice")
+            seen_tokens.add(token)
+        self._known_buckets.add(bucket)
+        return found
 
     async def _delete_many(self, paths: list[str]) -> None:
         fs = await self._fs()
@@ -171,9 +216,41 @@ class FsspecObjectBackend(Backend):
             return exc
         status = http_status_of(exc)
         if isinstance(exc, PermissionError) or status in (401, 403) or "Forbidden" in str(exc):
-            return PermissionError(
+            where = (
                 f"access denied: {op} {self.url(path)} in bucket {self.bucket_of(path)!r} "
-                f"(credentials: {self.credential_description}); grant this identity read, "
-                "create, list and delete on the prefix, or use other credentials"
+                f"(credentials: {self.credential_description})"
+            )
+            permission = denied_permission(exc)
+            if permission is not None:
+                return PermissionError(
+                    f"{where}: the store refused {permission}; grant it to this identity on "
+                    "the prefix (the terraform/ modules grant what cloudckpt needs), or use "
+                    "other credentials"
+                )
+            return PermissionError(
+                f"{where}; grant this identity read, create, list and delete on the prefix, "
+                "or use other credentials"
             )
         return exc
+
+
+_DENIED = (
+    re.compile(r"not authorized to perform: ([A-Za-z0-9]+:[A-Za-z0-9]+)"),  # AWS
+    re.compile(r"does not have ([a-z]+(?:\.[A-Za-z]+)+) access"),  # GCS
+    re.compile(r"Permission '([a-z]+(?:\.[A-Za-z]+)+)' denied"),  # GCS
+)
+
+
+def denied_permission(exc: BaseException) -> str | None:
+    """The permission a 403's body names (S3 ``s3:ListBucket``, GCS ``storage.buckets.get``)."""
+    current: BaseException | None = exc
+    seen: set[int] = set()
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = f"{current} {getattr(current, 'gcs_message', '')}"
+        for pattern in _DENIED:
+            match = pattern.search(text)
+            if match:
+                return match.group(1)
+        current = current.__cause__ or current.__context__
+    return None

@@ -14,6 +14,7 @@ therefore address a single GCS endpoint.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -22,8 +23,10 @@ from typing import Any
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 import gcsfs
+from gcsfs.retry import validate_response
 
-from cloudckpt.backends._fsspec import FsspecObjectBackend
+from atomicity import ObjectInfo
+from cloudckpt.backends._fsspec import FsspecObjectBackend, _mtime
 from cloudckpt.backends.base import CREATE_TOKEN_KEY
 from cloudckpt.backends.retry import RetryPolicy
 
@@ -33,10 +36,60 @@ _TS_TOKEN_VAR = "GOOGLE_AUTH_TOKEN_FOR_TESTING"
 _tensorstore_endpoint: str | None = None
 
 
+def _error_details(contents: bytes) -> tuple[str, str]:
+    """The message and first reason of a GCS JSON error body ("" where absent)."""
+    try:
+        error = json.loads(contents)["error"]
+        reasons = error.get("errors") or [{}]
+        return str(error.get("message", "")), str(reasons[0].get("reason", ""))
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+        return "", ""
+
+
 class _SingleAttemptGCSFileSystem(gcsfs.GCSFileSystem):
-    # gcsfs wraps every request in its own retry loop; cloudckpt retries once,
-    # in cloudckpt.backends.retry, so use the undecorated request.
-    _request = gcsfs.GCSFileSystem._request.__wrapped__
+    """gcsfs with one attempt per request and the error body's details kept.
+
+    gcsfs wraps every request in its own retry loop; cloudckpt retries once, in
+    cloudckpt.backends.retry. gcsfs's errors also drop the response's
+    ``Retry-After`` and turn every 404 into a bare ``FileNotFoundError``; this
+    request keeps both (as ``retry_after``, ``error_code`` and ``gcs_message``
+    on the exception) so that retries honour the server's wait and a missing
+    bucket is told from a missing object without asking for bucket metadata.
+    """
+
+    async def _request(  # type: ignore[override]
+        self,
+        method: str,
+        path: str,
+        *args: Any,
+        headers: dict[str, str] | None = None,
+        json: Any = None,
+        data: Any = None,
+        cache_type: str | None = None,
+        cache_source: str | None = None,
+        **kwargs: Any,
+    ) -> tuple[int, Any, Any, bytes]:
+        await self._set_session()
+        if hasattr(data, "seek"):
+            data.seek(0)
+        async with self.session.request(
+            method=method,
+            url=self._format_path(path, args),
+            params=self._get_params(kwargs),
+            json=json,
+            headers=self._get_headers(headers, cache_type=cache_type, cache_source=cache_source),
+            data=data,
+            timeout=self.requests_timeout,
+        ) as response:
+            contents = await response.read()
+            if response.status >= 400:
+                try:
+                    validate_response(response.status, contents, path, args)
+                except Exception as exc:
+                    exc.gcs_message, exc.error_code = _error_details(contents)  # type: ignore[attr-defined]
+                    exc.retry_after = response.headers.get("Retry-After")  # type: ignore[attr-defined]
+                    raise
+            return response.status, response.headers, response.request_info, contents
 
 
 def _normalise_endpoint(endpoint: str) -> str:
@@ -124,13 +177,50 @@ class GCSBackend(FsspecObjectBackend):
         if session is not None and not session.closed:
             await session.close()
 
-    async def _bucket_exists(self, bucket: str) -> bool:
+    def _not_found_says(self, exc: BaseException) -> str | None:
+        # The JSON API's own words: "No such object: b/k" and "The specified
+        # bucket does not exist." Emulators may say neither ("Not Found").
+        for current in (exc, exc.__cause__, exc.__context__):
+            message = str(getattr(current, "gcs_message", "") or "").lower()
+            if "no such object" in message:
+                return "object"
+            if "bucket does not exist" in message:
+                return "bucket"
+        return None
+
+    async def _list_page(
+        self, bucket: str, key_prefix: str, token: str | None, limit: int | None
+    ) -> tuple[list[ObjectInfo], str | None]:
         fs = await self._fs()
+        page = await fs._call(
+            "GET",
+            "b/{}/o",
+            bucket,
+            json_out=True,
+            prefix=key_prefix,
+            pageToken=token,
+            maxResults=limit,
+            fields="items(name,size,updated),nextPageToken",
+        )
+        infos = [
+            ObjectInfo(f"{bucket}/{obj['name']}", int(obj.get("size", 0)), _mtime(obj))
+            for obj in page.get("items") or []
+            if not obj["name"].endswith("/")  # a zero-byte "folder" placeholder
+        ]
+        return infos, page.get("nextPageToken") or None
+
+    async def _info(self, path: str) -> dict[str, Any] | None:
+        # One objects.get; gcsfs's info would add a listing when the key is missing.
+        fs = await self._fs()
+        bucket, key = self._split(path)
         try:
-            await fs._call("GET", "b/{}", bucket, json_out=True)
-        except FileNotFoundError:
-            return False
-        return True
+            meta = await fs._call("GET", "b/{}/o/{}", bucket, key, json_out=True)
+        except FileNotFoundError as exc:
+            missing_bucket = await self._missing(path, exc)
+            if missing_bucket is not None:
+                raise missing_bucket from None
+            return None
+        return {**meta, "type": "file", "size": int(meta.get("size", 0))}
 
     async def _create_object(self, fs: Any, path: str, data: bytes, token: str) -> None:
         await fs._pipe_file(path, data, mode="create", metadata={CREATE_TOKEN_KEY: token})

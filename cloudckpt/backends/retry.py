@@ -2,7 +2,12 @@
 
 Transient failures (HTTP 408, 429, 5xx, dropped or reset connections,
 timeouts) are retried with exponential backoff and full jitter, bounded both in
-attempts and in total time. The client libraries' own retry loops are switched
+attempts and in total time. That is what both clouds document: S3 asks for
+exponential backoff on ``503 SlowDown`` and 5xx, and for a plain retry of a
+conditional write answered ``409 ConditionalRequestConflict``; GCS asks for
+truncated exponential backoff with jitter on 408, 429 and 5xx. A server that
+names a wait in ``Retry-After`` gets at least that wait (never past the
+total-time budget). The client libraries' own retry loops are switched
 off in the backends so that attempts are not multiplied and every retry is
 counted here. Anything else is raised at once.
 """
@@ -26,6 +31,54 @@ T = TypeVar("T")
 
 #: HTTP statuses worth another attempt.
 TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+#: Error codes worth another attempt whatever their status. S3 answers a
+#: conditional write that raced another with 409 ConditionalRequestConflict and
+#: documents "retry the request"; other 409s (BucketNotEmpty, ...) are final.
+TRANSIENT_CODES = frozenset({"ConditionalRequestConflict", "SlowDown", "RequestTimeout"})
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the exceptions it was raised from, outermost first."""
+    out: list[BaseException] = []
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        out.append(current)
+        current = current.__cause__ or current.__context__
+    return out
+
+
+def error_code_of(exc: BaseException) -> str | None:
+    """The service's error code (S3 ``Error.Code``, GCS ``errors[0].reason``), if any."""
+    for current in _chain(exc):
+        response = getattr(current, "response", None)
+        if isinstance(response, dict):  # botocore ClientError
+            code = (response.get("Error") or {}).get("Code")
+            if code:
+                return str(code)
+        code = getattr(current, "error_code", None)  # set by the GCS backend
+        if isinstance(code, str) and code:
+            return code
+    return None
+
+
+def retry_after_of(exc: BaseException) -> float | None:
+    """Seconds the server asked to wait (a ``Retry-After`` header in seconds), if any."""
+    for current in _chain(exc):
+        value = getattr(current, "retry_after", None)  # set by the GCS backend
+        response = getattr(current, "response", None)
+        if value is None and isinstance(response, dict):  # botocore ClientError
+            headers = (response.get("ResponseMetadata") or {}).get("HTTPHeaders") or {}
+            value = headers.get("retry-after")
+        if value is None:
+            continue
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            return None  # an HTTP date: rare, and backoff covers it
+        return seconds if seconds >= 0 else None
+    return None
 
 
 def http_status_of(exc: BaseException) -> int | None:
@@ -84,7 +137,7 @@ def is_transient(exc: BaseException) -> bool:
         if isinstance(current, _TRANSIENT_TYPES):
             return True
         current = current.__cause__
-    return http_status_of(exc) in TRANSIENT_STATUSES
+    return http_status_of(exc) in TRANSIENT_STATUSES or error_code_of(exc) in TRANSIENT_CODES
 
 
 @dataclass
@@ -132,6 +185,23 @@ class RetryPolicy:
                 f"{self.initial_backoff_s} and {self.max_backoff_s}"
             )
 
+    def _wait(self, start: float) -> Callable[[tenacity.RetryCallState], float]:
+        """Jittered exponential backoff, stretched to any ``Retry-After`` the server sent."""
+        backoff = tenacity.wait_random_exponential(
+            multiplier=self.initial_backoff_s, max=self.max_backoff_s
+        )
+
+        def wait(state: tenacity.RetryCallState) -> float:
+            delay = backoff(state)
+            exc = state.outcome.exception() if state.outcome else None
+            asked = retry_after_of(exc) if exc is not None else None
+            if asked is not None:
+                left = self.max_total_s - (time.monotonic() - start)
+                delay = max(delay, min(asked, max(left, 0.0)))
+            return delay
+
+        return wait
+
     async def call(
         self,
         op: str,
@@ -167,9 +237,7 @@ class RetryPolicy:
                 tenacity.stop_after_attempt(self.max_attempts)
                 | tenacity.stop_after_delay(self.max_total_s)
             ),
-            wait=tenacity.wait_random_exponential(
-                multiplier=self.initial_backoff_s, max=self.max_backoff_s
-            ),
+            wait=self._wait(start),
             retry=tenacity.retry_if_exception(is_transient),
             before_sleep=before_sleep,
             reraise=True,

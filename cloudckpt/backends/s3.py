@@ -17,9 +17,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from cloudckpt.backends._fsspec import FsspecObjectBackend
+from atomicity import ObjectInfo
+from cloudckpt.backends._fsspec import FsspecObjectBackend, _mtime
 from cloudckpt.backends.base import CREATE_TOKEN_KEY
-from cloudckpt.backends.retry import RetryPolicy, http_status_of
+from cloudckpt.backends.retry import RetryPolicy, error_code_of, http_status_of
 
 
 def _env(*names: str) -> str | None:
@@ -117,17 +118,31 @@ class S3Backend(FsspecObjectBackend):
         if creator is not None and hasattr(creator, "__aexit__"):
             await creator.__aexit__(None, None, None)
 
-    async def _bucket_exists(self, bucket: str) -> bool:
+    def _not_found_says(self, exc: BaseException) -> str | None:
+        code = error_code_of(exc)
+        return {"NoSuchKey": "object", "NoSuchBucket": "bucket"}.get(code or "")
+
+    async def _list_page(
+        self, bucket: str, key_prefix: str, token: str | None, limit: int | None
+    ) -> tuple[list[ObjectInfo], str | None]:
+        # ListObjectsV2 with the prefix always set: the training policy grants
+        # s3:ListBucket only under an s3:prefix condition.
         fs = await self._fs()
-        try:
-            await fs._call_s3("head_bucket", Bucket=bucket)
-        except FileNotFoundError:
-            return False
-        except OSError as exc:
-            if http_status_of(exc) == 404:
-                return False
-            raise
-        return True
+        kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": key_prefix}
+        if token is not None:
+            kwargs["ContinuationToken"] = token
+        if limit is not None:
+            kwargs["MaxKeys"] = limit
+        page = await fs._call_s3("list_objects_v2", **kwargs)
+        infos = [
+            ObjectInfo(f"{bucket}/{obj['Key']}", int(obj.get("Size", 0)), _mtime(obj))
+            for obj in page.get("Contents") or []
+            if not obj["Key"].endswith("/")  # a zero-byte "folder" placeholder
+        ]
+        next_token = page.get("NextContinuationToken") if page.get("IsTruncated") else None
+        if page.get("IsTruncated") and not next_token:
+            raise OSError(f"S3 truncated a listing of s3://{bucket}/{key_prefix} without a token")
+        return infos, next_token
 
     async def _create_object(self, fs: Any, path: str, data: bytes, token: str) -> None:
         try:
@@ -149,8 +164,8 @@ class S3Backend(FsspecObjectBackend):
         )
         try:
             response = await fs._call_s3("get_object", Bucket=bucket, Key=key, **extra)
-        except FileNotFoundError:
-            missing_bucket = await self._missing(path)
+        except FileNotFoundError as exc:
+            missing_bucket = await self._missing(path, exc)
             if missing_bucket is not None:
                 raise missing_bucket from None
             return None
@@ -169,8 +184,8 @@ class S3Backend(FsspecObjectBackend):
         bucket, _, key = path.partition("/")
         try:
             head = await fs._call_s3("head_object", Bucket=bucket, Key=key)
-        except FileNotFoundError:
-            missing_bucket = await self._missing(path)
+        except FileNotFoundError as exc:
+            missing_bucket = await self._missing(path, exc)
             if missing_bucket is not None:
                 raise missing_bucket from None
             return None
