@@ -14,6 +14,7 @@ therefore address a single GCS endpoint.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from typing import Any
 
@@ -33,10 +34,20 @@ _TS_TOKEN_VAR = "GOOGLE_AUTH_TOKEN_FOR_TESTING"
 _tensorstore_endpoint: str | None = None
 
 
+#: Object deletions in flight at once (GCS has no multi-object delete in its JSON API).
+DELETE_CONCURRENCY = 32
+
+
 class _SingleAttemptGCSFileSystem(gcsfs.GCSFileSystem):
     # gcsfs wraps every request in its own retry loop; cloudckpt retries once,
     # in cloudckpt.backends.retry, so use the undecorated request.
     _request = gcsfs.GCSFileSystem._request.__wrapped__
+
+    def split_path(self, path: str) -> tuple[str, str, None]:
+        # A key is a literal string: never read ``#generation`` or
+        # ``?generation=`` out of it, whatever ``version_aware`` says.
+        bucket, _, key = path.partition("/")
+        return bucket, key, None
 
 
 def _normalise_endpoint(endpoint: str) -> str:
@@ -134,6 +145,52 @@ class GCSBackend(FsspecObjectBackend):
 
     async def _create_object(self, fs: Any, path: str, data: bytes, token: str) -> None:
         await fs._pipe_file(path, data, mode="create", metadata={CREATE_TOKEN_KEY: token})
+
+    async def _info(self, path: str) -> dict[str, Any] | None:
+        # One GET of the object's resource; gcsfs's _info adds a listing.
+        fs = await self._fs()
+        bucket, _, key = path.partition("/")
+        try:
+            resource = await fs._call("GET", "b/{}/o/{}", bucket, key, json_out=True)
+        except FileNotFoundError:
+            missing_bucket = await self._missing(path)
+            if missing_bucket is not None:
+                raise missing_bucket from None
+            return None
+        return {**resource, "type": "file", "size": int(resource.get("size", 0))}
+
+    async def _find_exact(self, prefix: str) -> dict[str, dict[str, Any]]:
+        fs = await self._fs()
+        bucket, _, key = prefix.partition("/")
+        # objects.list treats prefix as a literal string; no delimiter: the whole subtree.
+        params: dict[str, Any] = {"prefix": f"{key}/" if key else None}
+        found: dict[str, dict[str, Any]] = {}
+        while True:
+            page = await fs._call("GET", "b/{}/o", bucket, json_out=True, **params)
+            for obj in page.get("items", []):
+                found[f"{bucket}/{obj['name']}"] = {
+                    "type": "file",
+                    "size": int(obj.get("size", 0)),
+                    "updated": obj.get("updated"),
+                }
+            token = page.get("nextPageToken")
+            if not token:
+                return found
+            params["pageToken"] = token
+
+    async def _delete_exact(self, paths: list[str]) -> None:
+        fs = await self._fs()
+        limit = asyncio.Semaphore(DELETE_CONCURRENCY)
+
+        async def one(path: str) -> None:
+            bucket, _, key = path.partition("/")
+            async with limit:
+                try:
+                    await fs._call("DELETE", "b/{}/o/{}", bucket, key)
+                except FileNotFoundError:
+                    pass
+
+        await asyncio.gather(*(one(p) for p in paths))
 
     async def _created_with_token(self, path: str, token: str) -> bool:
         info = await self._info(path)
