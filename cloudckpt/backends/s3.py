@@ -38,7 +38,6 @@ _TRANSIENT_DELETE_CODES = frozenset({"InternalError", "SlowDown", "ServiceUnavai
 _TS_CREDENTIAL_TYPES: dict[str, dict[str, Any] | None] = {
     "env": {"type": "environment"},
     "iam-role": {"type": "imds"},
-    "container-role": {"type": "ecs"},
     "": {"type": "anonymous"},
 }
 _PROFILE_METHODS = frozenset({"shared-credentials-file", "config-file"})
