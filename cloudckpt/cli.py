@@ -390,7 +390,13 @@ async def cmd_rm(args: argparse.Namespace, con: Console) -> None:
 def _destination(src: str, dst: str) -> str:
     """``cp SRC DIR/`` copies to ``DIR/<step name of SRC>``, like cp(1)."""
     if dst.endswith("/"):
-        return dst + src.rstrip("/").rsplit("/", 1)[-1]
+        name = src.rstrip("/").rsplit("/", 1)[-1]
+        if name in ("", ".", ".."):
+            raise ValueError(
+                f"cannot copy {src} into the directory {dst}: its last path segment {name!r} "
+                "is not a step name; give the destination step in full"
+            )
+        return dst + name
     return dst
 
 
