@@ -8,17 +8,18 @@ Conditional creation is a real ``If-None-Match: *`` PUT.
 
 tensorstore receives the same endpoint and region in its ``s3`` kvstore spec,
 and the credential *source* cloudckpt resolved (``aws_credentials``:
-environment, profile, instance metadata, container role, anonymous), so it
-reads the same credentials without walking its own chain, whose failed steps
-(no ``~/.aws/config``, no web identity) it prints to stderr as errors even
-when a later step succeeds. Only where cloudckpt's chain found something
-tensorstore has no type for (SSO, assumed roles) does tensorstore walk its
-default chain. It takes no explicit keys, so there is deliberately no
-key/secret option here: use the environment or a profile.
+environment, profile, instance metadata, anonymous), so it reads the same
+credentials without walking its own chain, whose failed steps (no
+``~/.aws/config``, no web identity) it prints to stderr as errors even when a
+later step succeeds. Only for sources it is not given a type for (SSO,
+assumed or container roles) does tensorstore walk its default chain. It takes
+no explicit keys, so there is deliberately no key/secret option here: use
+the environment or a profile.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -43,6 +44,7 @@ _TS_CREDENTIAL_TYPES: dict[str, dict[str, Any] | None] = {
 _PROFILE_METHODS = frozenset({"shared-credentials-file", "config-file"})
 
 
+@functools.cache
 def _exact_filesystem_class() -> type:
     import s3fs
 
