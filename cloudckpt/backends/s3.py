@@ -273,11 +273,14 @@ class S3Backend(FsspecObjectBackend):
         for bucket, keys in by_bucket.items():
             for i in range(0, len(keys), DELETE_BATCH):
                 batch = keys[i : i + DELETE_BATCH]
-                response = await fs._call_s3(
-                    "delete_objects",
-                    Bucket=bucket,
-                    Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True},
-                )
+                try:
+                    response = await fs._call_s3(
+                        "delete_objects",
+                        Bucket=bucket,
+                        Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True},
+                    )
+                except FileNotFoundError:  # no bucket: nothing to delete, as on GCS
+                    break
                 # DeleteObjects answers 200 even when some keys failed; each is listed.
                 errors = [e for e in response.get("Errors", []) if e.get("Code") != "NoSuchKey"]
                 if errors:
