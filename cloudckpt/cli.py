@@ -10,8 +10,10 @@ library (``AWS_ENDPOINT_URL``, the AWS credential chain,
 Exit status: 0 on success, 1 when the command failed or found a problem
 (``verify``: something corrupt or missing; ``doctor``: a failed check), 2 for
 a usage error, 130 when interrupted. Errors are one line on stderr naming
-what, where and what to do; ``--debug`` adds the traceback. Secrets from the
-environment never appear in the output.
+what, where and what to do; ``--debug`` adds the traceback and DEBUG logs.
+Credentials never appear in the output or the logs: secret environment
+values, credential headers and signed-URL parameters are redacted
+(:mod:`cloudckpt._redact`).
 """
 
 from __future__ import annotations
