@@ -79,6 +79,23 @@ async def copy_step(
             )
     objects = await require_committed(src)
     todo = {rel: info for rel, info in objects.items() if rel not in (MARKER_NAME, CLAIM_NAME)}
+    # Every key listed from the source is untrusted: it becomes a destination path.
+    for rel in todo:
+        problem = unsafe_key_problem(rel)
+        if problem is not None:
+            raise CorruptCheckpointError(
+                f"{src} holds an object named {rel!r}, which {problem}; it cannot be copied "
+                "because it would land outside the destination. Nothing was written; delete "
+                "that object from the source or copy another step"
+            )
+    links = await src.backend.symlinks_under(src.path)
+    if links:
+        more = f" and {len(links) - 1} more" if len(links) > 1 else ""
+        raise PermissionError(
+            f"{src} contains symbolic links ({links[0]}{more}); cloudckpt never copies what a "
+            "link points to. Nothing was written; replace the links with regular files or "
+            "remove them, then copy again"
+        )
     backend = dst.backend
     replaced = False
     if await atomicity.is_committed(backend, dst.path):
@@ -121,6 +138,29 @@ async def copy_step(
     if report.verify is not None:
         report.verify.url = dst.url
     return report
+
+
+def unsafe_key_problem(rel: str) -> str | None:
+    """Why the relative key ``rel`` cannot be joined onto a destination, or None when it can.
+
+    A safe key is one or more non-empty ``/``-separated segments, none ``.`` or
+    ``..``, without backslashes or control characters: joined onto any
+    directory it names a path inside that directory on every backend.
+    """
+    if not rel:
+        return "is empty"
+    if "\\" in rel:
+        return "contains a backslash"
+    if any(ord(c) < 32 or ord(c) == 127 for c in rel):
+        return "contains control characters"
+    if rel.startswith("/"):
+        return "is absolute"
+    for segment in rel.split("/"):
+        if segment in (".", ".."):
+            return f"has a {segment!r} path segment"
+        if not segment:
+            return "has an empty path segment"
+    return None
 
 
 async def _copy_objects(

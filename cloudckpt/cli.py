@@ -10,8 +10,10 @@ library (``AWS_ENDPOINT_URL``, the AWS credential chain,
 Exit status: 0 on success, 1 when the command failed or found a problem
 (``verify``: something corrupt or missing; ``doctor``: a failed check), 2 for
 a usage error, 130 when interrupted. Errors are one line on stderr naming
-what, where and what to do; ``--debug`` adds the traceback. Secrets from the
-environment never appear in the output.
+what, where and what to do; ``--debug`` adds the traceback and DEBUG logs.
+Credentials never appear in the output or the logs: secret environment
+values, credential headers and signed-URL parameters are redacted
+(:mod:`cloudckpt._redact`).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import traceback
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TextIO
 
-from cloudckpt import _doctor, _inspect, _transfer, _verify
+from cloudckpt import _doctor, _inspect, _redact, _transfer, _verify
 from cloudckpt._loop import LoopThread
 from cloudckpt.backends import RetryPolicy
 from cloudckpt.path import StoragePath
@@ -42,24 +44,6 @@ DOCTOR_RETRY = RetryPolicy(max_attempts=3, initial_backoff_s=0.2, max_backoff_s=
 
 
 # ------------------------------------------------------------------------------ output
-def _secrets() -> list[str]:
-    """Values of secret-looking environment variables, to keep out of the output.
-
-    Names with SECRET, TOKEN or PASSWORD (AWS_SECRET_ACCESS_KEY,
-    AWS_SESSION_TOKEN, ...); not ``*_FILE``/``*_PATH`` variables, and not
-    values that are paths or too short to be a secret.
-    """
-    words = ("SECRET", "TOKEN", "PASSWORD")
-    found = set()
-    for name, value in os.environ.items():
-        upper = name.upper()
-        if not any(w in upper for w in words) or upper.endswith(("_FILE", "_PATH", "_DIR")):
-            continue
-        if len(value) >= 12 and not value.startswith(("/", "~")):
-            found.add(value)
-    return sorted(found, key=len, reverse=True)
-
-
 class Console:
     """Where the command writes: results on stdout, progress and errors on stderr."""
 
@@ -67,12 +51,10 @@ class Console:
         self.stdout = stdout
         self.stderr = stderr
         self.quiet = quiet
-        self._secrets = _secrets()
+        self._secrets = _redact.secret_values()
 
     def redact(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return text
+        return _redact.redact(text, self._secrets)
 
     def out(self, text: str = "") -> None:
         self.stdout.write(self.redact(text) + "\n")
@@ -410,7 +392,13 @@ async def cmd_rm(args: argparse.Namespace, con: Console) -> None:
 def _destination(src: str, dst: str) -> str:
     """``cp SRC DIR/`` copies to ``DIR/<step name of SRC>``, like cp(1)."""
     if dst.endswith("/"):
-        return dst + src.rstrip("/").rsplit("/", 1)[-1]
+        name = src.rstrip("/").rsplit("/", 1)[-1]
+        if name in ("", ".", ".."):
+            raise ValueError(
+                f"cannot copy {src} into the directory {dst}: its last path segment {name!r} "
+                "is not a step name; give the destination step in full"
+            )
+        return dst + name
     return dst
 
 
@@ -578,6 +566,36 @@ def _error_text(exc: BaseException) -> str:
     return text
 
 
+def _debug_logging(stderr: TextIO) -> Callable[[], None]:
+    """DEBUG logs on ``stderr``, every root handler redacting; returns how to undo it.
+
+    botocore's DEBUG log carries request headers (``Authorization``,
+    ``X-Amz-Security-Token``) and signed URLs, so the redacting filter goes on
+    the handler installed here and on any the application already had.
+    """
+    root = logging.getLogger()
+    added: logging.Handler | None = None
+    if not root.handlers:
+        added = logging.StreamHandler(stderr)
+        added.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        root.addHandler(added)
+    previous_level = root.level
+    root.setLevel(logging.DEBUG)
+    redacting = _redact.RedactingFilter()
+    handlers = list(root.handlers)
+    for handler in handlers:
+        handler.addFilter(redacting)
+
+    def undo() -> None:
+        for handler in handlers:
+            handler.removeFilter(redacting)
+        if added is not None:
+            root.removeHandler(added)
+        root.setLevel(previous_level)
+
+    return undo
+
+
 def main(
     argv: Sequence[str] | None = None,
     *,
@@ -593,8 +611,7 @@ def main(
     except SystemExit as exc:  # --help or a usage error, already printed by argparse
         return int(exc.code or 0)
     con = Console(stdout, stderr, quiet=args.quiet)
-    if args.debug and not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.DEBUG, format="%(name)s: %(message)s")
+    undo_logging = _debug_logging(stderr) if args.debug else lambda: None
     prefix = f"{PROG} {args.command}"
     loop = LoopThread(f"{PROG}-cli")
     try:
@@ -622,3 +639,4 @@ def main(
         return 1
     finally:
         loop.close()
+        undo_logging()

@@ -4,6 +4,12 @@ gcsfs and s3fs clients hold aiohttp sessions, which belong to the event loop
 that created them. A backend is shared across loops (every checkpointer owns
 one), so it keeps one client per loop and closes it with ``aclose`` on that
 loop. Listing caches are off: a checkpoint store must see its own writes.
+
+Every request addresses exactly the keys it is given. ``[ ] * ? { }`` and the
+rest are legal in S3 and GCS keys, so nothing here goes through fsspec's
+path expansion (``_rm``, ``_find``, ``_glob``, ``_expand_path``): listings
+and deletions are the stores' own requests, made by each backend
+(``_list_page``, ``_delete_exact``).
 """
 
 from __future__ import annotations
@@ -181,6 +187,10 @@ class FsspecObjectBackend(Backend):
             raise FileNotFoundError(f"no object at {self.url(path)}")
         return ObjectInfo(path, int(info["size"]), _mtime(info))
 
+    async def _delete_exact(self, paths: list[str]) -> None:
+        """Deletes exactly these objects (missing ones are fine), never a pattern."""
+        raise NotImplementedError
+
     async def _list(self, prefix: str) -> list[ObjectInfo]:
         # Every page, following the continuation token: a cloud returns at most
         # 1,000 keys per page, and an emulator's page size proves nothing.
@@ -204,11 +214,7 @@ class FsspecObjectBackend(Backend):
         return found
 
     async def _delete_many(self, paths: list[str]) -> None:
-        fs = await self._fs()
-        try:
-            await fs._rm(paths)
-        except FileNotFoundError:
-            pass
+        await self._delete_exact(paths)
 
     # --------------------------------------------------------------------- errors
     def _translate(self, exc: Exception, op: str, path: str) -> Exception:

@@ -147,6 +147,13 @@ class Backend(abc.ABC):
         doomed = [info.path async for info in self.list_prefix(prefix)]
         await self.delete_many(doomed)
 
+    async def symlinks_under(self, prefix: str) -> list[str]:
+        """Symbolic links under the directory ``prefix``, which listings skip and reads refuse.
+
+        Only a file system has them; object stores return ``[]``.
+        """
+        return []
+
     async def rename(self, src: str, dst: str) -> None:
         """Atomically renames the directory ``src`` to ``dst`` (where supported)."""
         raise NotImplementedError(f"{type(self).__name__} has no atomic rename")

@@ -4,6 +4,13 @@ Objects are files; writes go to a unique temporary file that is renamed into
 place (``put``) or hard-linked into place (``put_if_absent``: ``link``
 fails when the name exists, so creation is atomic and all-or-nothing).
 Blocking calls run in the default executor.
+
+Paths are used exactly as given: nothing is globbed or expanded. A
+checkpoint holds only regular files and directories, so symbolic links
+inside a listed tree are never listed and never read (a link named like an
+object of a checkpoint could otherwise make a copy upload ``~/.aws/credentials``);
+``symlinks_under`` names them for a caller that must refuse them. Links above
+the listed prefix (a root on a symlinked mount) are followed as usual.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import asyncio
 import errno
 import os
 import shutil
+import stat
 import uuid
 from typing import Any
 
@@ -19,6 +27,21 @@ from atomicity import ObjectInfo
 from cloudckpt.backends.base import Backend
 
 _PARTIAL = ".cloudckpt-partial-"
+
+
+def _checked(path: str) -> str:
+    """``path`` itself, refused when a ``.`` or ``..`` segment would move it elsewhere.
+
+    Paths reach this backend absolute and normalised (``split_url``); a dot
+    segment means an untrusted name was joined onto one, so nothing is read,
+    written or deleted there.
+    """
+    if any(segment in (".", "..") for segment in path.split("/")) or "\0" in path:
+        raise ValueError(
+            f"refusing the path {path!r}: it has a '.' or '..' segment (or a NUL byte), so it "
+            "does not name what it appears to; object and item names must not contain them"
+        )
+    return path
 
 
 def _write_new_file(path: str, data: bytes) -> str:
@@ -60,38 +83,82 @@ def _create(path: str, data: bytes) -> None:
     _fsync_dir(os.path.dirname(path))
 
 
+def _link_error(path: str) -> OSError:
+    return OSError(
+        errno.ELOOP,
+        f"{path} is a symbolic link; a checkpoint holds only regular files and cloudckpt "
+        "never follows links inside one. Replace the link with the file it points to, or "
+        "remove it",
+    )
+
+
 def _get(path: str, byte_range: tuple[int, int] | None) -> bytes | None:
     try:
-        with open(path, "rb") as f:
-            if byte_range is None:
-                return f.read()
-            start, end = byte_range
-            f.seek(start)
-            return f.read(end - start)
+        # O_NOFOLLOW: a link in place of an object is refused, not followed.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
         return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _link_error(path) from None
+        raise
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            return None
+        if byte_range is None:
+            return f.read()
+        start, end = byte_range
+        f.seek(start)
+        return f.read(end - start)
+
+
+def _regular(path: str) -> os.stat_result | None:
+    """lstat of ``path`` when it is a regular file (not a link, not a directory)."""
+    try:
+        st = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return st if stat.S_ISREG(st.st_mode) else None
 
 
 def _stat(path: str) -> ObjectInfo:
-    st = os.stat(path)
-    if not os.path.isfile(path):
+    st = _regular(path)
+    if st is None:
         raise FileNotFoundError(f"{path} is not a file")
     return ObjectInfo(path, st.st_size, st.st_mtime)
 
 
-def _list(prefix: str) -> list[ObjectInfo]:
-    out = []
-    for dirpath, _dirs, files in os.walk(prefix):
-        for name in files:
+def _exists(path: str) -> bool:
+    return _regular(path) is not None
+
+
+def _walk(prefix: str) -> tuple[list[ObjectInfo], list[str]]:
+    """Regular files under ``prefix`` and the symbolic links found there (not followed)."""
+    files: list[ObjectInfo] = []
+    links: list[str] = []
+    # os.walk never descends into a linked directory; links are sorted out below.
+    for dirpath, dirs, names in os.walk(prefix):
+        for name in dirs:
+            full = os.path.join(dirpath, name)
+            if os.path.islink(full):
+                links.append(full)
+        for name in names:
             if name.startswith(_PARTIAL):
                 continue
             full = os.path.join(dirpath, name)
             try:
-                st = os.stat(full)
+                st = os.lstat(full)
             except FileNotFoundError:
                 continue
-            out.append(ObjectInfo(full, st.st_size, st.st_mtime))
-    return out
+            if stat.S_ISLNK(st.st_mode):
+                links.append(full)
+            elif stat.S_ISREG(st.st_mode):
+                files.append(ObjectInfo(full, st.st_size, st.st_mtime))
+    return files, links
+
+
+def _list(prefix: str) -> list[ObjectInfo]:
+    return _walk(prefix)[0]
 
 
 def _delete_many(paths: list[str]) -> None:
@@ -140,31 +207,36 @@ class FileBackend(Backend):
         return {"file_io_concurrency": {"limit": 32}}
 
     async def _get(self, path: str, byte_range: tuple[int, int] | None) -> bytes | None:
-        return await asyncio.to_thread(_get, path, byte_range)
+        return await asyncio.to_thread(_get, _checked(path), byte_range)
 
     async def _put(self, path: str, data: bytes) -> None:
-        await asyncio.to_thread(_put, path, data)
+        await asyncio.to_thread(_put, _checked(path), data)
 
     async def _create(self, path: str, data: bytes, token: str) -> None:
-        await asyncio.to_thread(_create, path, data)
+        await asyncio.to_thread(_create, _checked(path), data)
 
     async def _exists(self, path: str) -> bool:
-        return await asyncio.to_thread(os.path.isfile, path)
+        return await asyncio.to_thread(_exists, _checked(path))
 
     async def _stat(self, path: str) -> ObjectInfo:
-        return await asyncio.to_thread(_stat, path)
+        return await asyncio.to_thread(_stat, _checked(path))
 
     async def _list(self, prefix: str) -> list[ObjectInfo]:
-        return await asyncio.to_thread(_list, prefix)
+        return await asyncio.to_thread(_list, _checked(prefix))
 
     async def _delete_many(self, paths: list[str]) -> None:
-        await asyncio.to_thread(_delete_many, paths)
+        await asyncio.to_thread(_delete_many, [_checked(p) for p in paths])
+
+    async def symlinks_under(self, prefix: str) -> list[str]:
+        links = await asyncio.to_thread(_walk, _checked(prefix.rstrip("/")))
+        return sorted(links[1])
 
     async def delete_prefix(self, prefix: str) -> None:
         # One rmtree; unlike object stores, nothing here relies on deletion order
         # (checkpoints are renamed to a temporary name before being deleted).
-        prefix = prefix.rstrip("/")
+        prefix = _checked(prefix.rstrip("/"))
         await self._retrying("delete_prefix", prefix, lambda: asyncio.to_thread(_rmtree, prefix))
 
     async def rename(self, src: str, dst: str) -> None:
+        src, dst = _checked(src), _checked(dst)
         await self._retrying("rename", src, lambda: asyncio.to_thread(_rename, src, dst))

@@ -14,6 +14,7 @@ therefore address a single GCS endpoint.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from typing import Any
@@ -44,6 +45,10 @@ def _error_details(contents: bytes) -> tuple[str, str]:
         return str(error.get("message", "")), str(reasons[0].get("reason", ""))
     except (ValueError, KeyError, TypeError, AttributeError, IndexError):
         return "", ""
+
+
+#: Object deletions in flight at once (GCS has no multi-object delete in its JSON API).
+DELETE_CONCURRENCY = 32
 
 
 class _SingleAttemptGCSFileSystem(gcsfs.GCSFileSystem):
@@ -90,6 +95,12 @@ class _SingleAttemptGCSFileSystem(gcsfs.GCSFileSystem):
                     exc.retry_after = response.headers.get("Retry-After")  # type: ignore[attr-defined]
                     raise
             return response.status, response.headers, response.request_info, contents
+
+    def split_path(self, path: str) -> tuple[str, str, None]:
+        # A key is a literal string: never read ``#generation`` or
+        # ``?generation=`` out of it, whatever ``version_aware`` says.
+        bucket, _, key = path.partition("/")
+        return bucket, key, None
 
 
 def _normalise_endpoint(endpoint: str) -> str:
@@ -224,6 +235,20 @@ class GCSBackend(FsspecObjectBackend):
 
     async def _create_object(self, fs: Any, path: str, data: bytes, token: str) -> None:
         await fs._pipe_file(path, data, mode="create", metadata={CREATE_TOKEN_KEY: token})
+
+    async def _delete_exact(self, paths: list[str]) -> None:
+        fs = await self._fs()
+        limit = asyncio.Semaphore(DELETE_CONCURRENCY)
+
+        async def one(path: str) -> None:
+            bucket, _, key = path.partition("/")
+            async with limit:
+                try:
+                    await fs._call("DELETE", "b/{}/o/{}", bucket, key)
+                except FileNotFoundError:
+                    pass
+
+        await asyncio.gather(*(one(p) for p in paths))
 
     async def _created_with_token(self, path: str, token: str) -> bool:
         info = await self._info(path)

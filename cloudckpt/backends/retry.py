@@ -25,6 +25,8 @@ from typing import TypeVar
 import aiohttp
 import tenacity
 
+from cloudckpt._redact import redact
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -265,8 +267,8 @@ class RetryPolicy:
 
 def _safe_text(exc: BaseException) -> str:
     text = str(exc).splitlines()[0] if str(exc) else ""
-    # Signed URLs carry credentials in their query string; never echo one.
-    return text.split("?", 1)[0][:200]
+    # Signed URLs and echoed headers carry credentials; never repeat one.
+    return redact(text)[:200]
 
 
 #: The policy backends use unless given another.

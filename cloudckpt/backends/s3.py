@@ -6,14 +6,20 @@ region from ``region`` or ``AWS_REGION``/``AWS_DEFAULT_REGION``; credentials
 from the AWS chain (environment, shared files / ``profile``, instance roles).
 Conditional creation is a real ``If-None-Match: *`` PUT.
 
-tensorstore receives the same endpoint and region in its ``s3`` kvstore spec
-and reads credentials from the same chain. It has no way to take explicit keys,
-so there is deliberately no key/secret option here: use the environment or a
-profile.
+tensorstore receives the same endpoint and region in its ``s3`` kvstore spec,
+and the credential *source* cloudckpt resolved (``aws_credentials``:
+environment, profile, instance metadata, anonymous), so it reads the same
+credentials without walking its own chain, whose failed steps (no
+``~/.aws/config``, no web identity) it prints to stderr as errors even when a
+later step succeeds. Only for sources it is not given a type for (SSO,
+assumed or container roles) does tensorstore walk its default chain. It takes
+no explicit keys, so there is deliberately no key/secret option here: use
+the environment or a profile.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -21,6 +27,41 @@ from atomicity import ObjectInfo
 from cloudckpt.backends._fsspec import FsspecObjectBackend, _mtime
 from cloudckpt.backends.base import CREATE_TOKEN_KEY
 from cloudckpt.backends.retry import RetryPolicy, error_code_of, http_status_of
+
+#: Keys per DeleteObjects request (the S3 maximum).
+DELETE_BATCH = 1000
+#: Per-key DeleteObjects error codes worth another attempt.
+_TRANSIENT_DELETE_CODES = frozenset({"InternalError", "SlowDown", "ServiceUnavailable"})
+
+
+#: botocore credential methods -> tensorstore ``aws_credentials`` (see ``kvstore_spec``).
+#: "" is botocore finding nothing: tensorstore would find nothing either, and
+#: cloudckpt's own first request already failed naming the credentials.
+_TS_CREDENTIAL_TYPES: dict[str, dict[str, Any] | None] = {
+    "env": {"type": "environment"},
+    "iam-role": {"type": "imds"},
+    "": {"type": "anonymous"},
+}
+_PROFILE_METHODS = frozenset({"shared-credentials-file", "config-file"})
+
+
+@functools.cache
+def _exact_filesystem_class() -> type:
+    import s3fs
+
+    class ExactKeyS3FileSystem(s3fs.S3FileSystem):
+        """s3fs with ``bucket/key`` split at the first slash and nothing else.
+
+        s3fs's own split cuts a key at ``?versionId=`` and reads access-point
+        ARNs; a checkpoint key is a literal string, so every s3fs call made
+        through this class (``_pipe_file`` included) addresses exactly it.
+        """
+
+        def split_path(self, path: str) -> tuple[str, str, None]:
+            bucket, _, key = path.partition("/")
+            return bucket, key, None
+
+    return ExactKeyS3FileSystem
 
 
 def _env(*names: str) -> str | None:
@@ -51,6 +92,9 @@ class S3Backend(FsspecObjectBackend):
         self.region = region or _env("AWS_REGION", "AWS_DEFAULT_REGION")
         self.profile = profile
         self.anon = anon
+        #: botocore's name for where it found credentials ("env", "iam-role", ...), once known;
+        #: "" when the chain found none.
+        self._credential_method: str | None = None
         self.request_timeout_s = request_timeout_s
 
     def kvstore_spec(self, path: str) -> dict[str, Any]:
@@ -60,11 +104,32 @@ class S3Backend(FsspecObjectBackend):
             spec["endpoint"] = self.endpoint_url
         if self.region:
             spec["aws_region"] = self.region
-        if self.anon:
-            spec["aws_credentials"] = {"type": "anonymous"}
-        elif self.profile:
-            spec["aws_credentials"] = {"type": "profile", "profile": self.profile}
+        credentials = self._tensorstore_credentials()
+        if credentials is not None:
+            spec["aws_credentials"] = credentials
         return spec
+
+    def _tensorstore_credentials(self) -> dict[str, Any] | None:
+        """tensorstore's ``aws_credentials`` for the source cloudckpt uses; None: its chain."""
+        if self.anon:
+            return {"type": "anonymous"}
+        if self.profile:
+            return {"type": "profile", "profile": self.profile}
+        if self._credential_method is not None:
+            return _TS_CREDENTIAL_TYPES.get(self._credential_method, self._profile_credentials())
+        # Not resolved yet (no request made on any loop): botocore's chain starts
+        # with the environment, and takes it whenever both keys are there.
+        if _env("AWS_ACCESS_KEY_ID") and _env("AWS_SECRET_ACCESS_KEY"):
+            return {"type": "environment"}
+        return None
+
+    def _profile_credentials(self) -> dict[str, Any] | None:
+        if self._credential_method not in _PROFILE_METHODS:
+            return None
+        return {
+            "type": "profile",
+            "profile": _env("AWS_PROFILE", "AWS_DEFAULT_PROFILE") or "default",
+        }
 
     def _tensorstore_context_spec(self) -> dict[str, Any]:
         policy = self.retry_policy
@@ -78,10 +143,8 @@ class S3Backend(FsspecObjectBackend):
         }
 
     def _new_filesystem(self) -> Any:
-        import s3fs
-
         client_kwargs = {"region_name": self.region} if self.region else {}
-        fs = s3fs.S3FileSystem(
+        fs = _exact_filesystem_class()(
             asynchronous=True,
             skip_instance_cache=True,
             use_listings_cache=False,
@@ -105,6 +168,7 @@ class S3Backend(FsspecObjectBackend):
             self.credential_description = "anonymous"
             return
         creds = await fs.session.get_credentials()
+        self._credential_method = "" if creds is None else str(getattr(creds, "method", "") or "?")
         if creds is None:
             self.credential_description = "none found in the AWS credential chain"
         else:
@@ -195,6 +259,38 @@ class S3Backend(FsspecObjectBackend):
             "LastModified": head.get("LastModified"),
             "Metadata": head.get("Metadata", {}),
         }
+
+    async def _delete_exact(self, paths: list[str]) -> None:
+        fs = await self._fs()
+        by_bucket: dict[str, list[str]] = {}
+        for path in paths:
+            bucket, _, key = path.partition("/")
+            by_bucket.setdefault(bucket, []).append(key)
+        for bucket, keys in by_bucket.items():
+            for i in range(0, len(keys), DELETE_BATCH):
+                batch = keys[i : i + DELETE_BATCH]
+                try:
+                    response = await fs._call_s3(
+                        "delete_objects",
+                        Bucket=bucket,
+                        Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True},
+                    )
+                except FileNotFoundError:  # no bucket: nothing to delete, as on GCS
+                    break
+                # DeleteObjects answers 200 even when some keys failed; each is listed.
+                errors = [e for e in response.get("Errors", []) if e.get("Code") != "NoSuchKey"]
+                if errors:
+                    first = errors[0]
+                    url = self.url(f"{bucket}/{first.get('Key', '')}")
+                    what = (
+                        f"could not delete {len(errors)} of {len(batch)} objects, first "
+                        f"{url}: {first.get('Code')}"
+                    )
+                    if first.get("Code") == "AccessDenied":
+                        raise PermissionError(what)
+                    if first.get("Code") in _TRANSIENT_DELETE_CODES:
+                        raise ConnectionError(what)  # retried by the policy
+                    raise OSError(f"{what}; run the deletion again")
 
     async def _created_with_token(self, path: str, token: str) -> bool:
         info = await self._info(path)
