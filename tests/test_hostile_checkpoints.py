@@ -386,3 +386,48 @@ def test_only_canonical_step_names_are_steps(tmp_path: Path) -> None:
         assert m.all_steps() == [7]  # only "00000007" has the fixed length
     with manager(str(root), step_prefix="ckpt") as m:
         assert m.all_steps() == []
+
+
+# ------------------------------------------------- mutations the fuzz campaign found
+#: (object, JSON path in its payload, value): each crashed a read path (IndexError or
+#: AttributeError from deep inside the handler, an ``internal error`` from the CLI) or
+#: returned wrong metadata on 198b6a8; the last one broke the first validator itself.
+FOUND_BY_FUZZ = [
+    ("state/pytree.json", ("leaves", 1, "shape", 0), 1 << 62),  # IndexError in restore
+    ("state/pytree.json", ("leaves", 6, "shape"), {"x": []}),  # metadata() shape ('x',)
+    ("state/pytree.json", ("leaves", 7, "storage"), [[[0]]]),  # AttributeError in restore
+    ("state/pytree.json", ("leaves", 0, "storage", "metadata", "chunk_grid"), 1),  # inspect
+    ("state/pytree.json", ("leaves", 8), "NaN"),  # a leaf record that is not an object
+    ("_CHECKPOINT_METADATA", ("item_handlers",), 1.5),
+    ("_CHECKPOINT_METADATA", ("metrics",), [[[[0]]]]),
+]
+
+
+@pytest.mark.parametrize(("rel", "path", "value"), FOUND_BY_FUZZ)
+def test_mutations_found_by_fuzzing_are_refused_cleanly(
+    tmp_path: Path, rel: str, path: tuple, value: object
+) -> None:
+    root = tmp_path / "ckpt"
+    save_steps(str(root), (1,))
+
+    def change(payload: dict) -> None:
+        parent = payload
+        for key in path[:-1]:
+            parent = parent[key]
+        parent[path[-1]] = value
+
+    rewrap(root / "1" / rel, change)
+    with manager(str(root)) as m:
+        with pytest.raises(cc.CorruptCheckpointError, match="is corrupt"):
+            m.restore(1)
+        with pytest.raises(cc.CorruptCheckpointError, match="is corrupt"):
+            m.restore(1, args=cc.args.Composite(state=cc.args.StandardRestore(state(1))))
+        try:
+            described = m.metadata(1).item_metadata["state"]
+        except cc.CorruptCheckpointError:
+            described = None
+        assert described is None  # refused, or not describable: never a wrong shape
+    for argv in (("inspect",), ("verify",), ("cp",)):
+        extra = (str(tmp_path / "copy" / "1"),) if argv == ("cp",) else ()
+        code, out, err = run_cli(*argv, str(root / "1"), *extra)
+        assert code == 1 and "internal error" not in err and "is corrupt" in out + err, err

@@ -307,7 +307,8 @@ def _leaf(i: int, raw: Any, n_shardings: int, pack_sizes: dict[str, int]) -> Lea
         storage = _storage(i, raw.get("storage"), shape, dtype, nbytes, pack_sizes)
         return Leaf(i, path, kind, None, dtype, dtype.name, shape, sharding, py_type, storage)
     except _Refuse as exc:
-        raise _Refuse(f"leaf {i} ({_short(raw.get('path'))}): {exc}") from None
+        path = raw.get("path") if type(raw) is dict else None
+        raise _Refuse(f"leaf {i} ({_short(path)}): {exc}") from None
 
 
 def _storage(

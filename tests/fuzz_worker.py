@@ -1,0 +1,774 @@
+"""One hostile-checkpoint fuzz campaign, run in its own interpreter by test_fuzz_checkpoints.
+
+``python -m tests.fuzz_worker --backend file --seed 1 --count 500 --out result.json``
+
+Saves real checkpoints through the public API (two steps of a tree with zarr
+arrays, packed leaves, scalars, strings and a JSON item), then applies one
+mutation at a time, runs every read path on the mutated checkpoint, checks
+the outcome and undoes the mutation. The outcome of each read must be the
+right data or an acceptable error (:data:`ACCEPTABLE`); anything else —
+another exception type, an ``internal error`` from the CLI, wrong data, a
+canary from outside the checkpoint in any output, a change outside the
+checkpoint, a peak allocation beyond the bound — is recorded as a failure
+with the mutation that caused it, so it can be replayed and kept as a
+regression case. A hang is cut by faulthandler (the mutation in flight is on
+stderr); an abort kills this process, which the parent reports.
+
+What counts as "the right data" depends on what the mutation can change
+without breaking a checksum (see :func:`_level`):
+
+* ``exact``: bytes changed, truncated, extended or deleted; a JSON envelope
+  edited without its checksum. A read that succeeds returns exactly what was
+  saved.
+* ``forged``: a JSON payload rewritten with a valid checksum, as a writer
+  could. Free content (strings, dict keys, metrics, a JSON item's value) may
+  differ; every array must still have the saved shape and bytes, in order.
+* ``swapped``: an object replaced by the same object of the other step
+  (checksums still pass): every array element is the saved one or the other
+  step's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import copy
+import faulthandler
+import json
+import math
+import os
+import random
+import resource
+import sys
+import tempfile
+import time
+import traceback
+import tracemalloc
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import google_crc32c
+import numpy as np
+
+import cloudckpt as cc
+from cloudckpt import _jsonio
+from cloudckpt._loop import LoopThread
+from cloudckpt.path import StoragePath
+
+from .hostile import manager, run_cli, save_steps, state
+
+#: Errors a read of a hostile checkpoint may raise: clear, builtin, catchable.
+#: CorruptCheckpointError is a ValueError. FileNotFoundError (an object the
+#: metadata names is gone) and PermissionError are OSErrors; KeyError and
+#: TypeError are raised for wrong restore args / item lookups.
+ACCEPTABLE = (ValueError, KeyError, FileNotFoundError, TypeError, OSError)
+CANARY = "CANARY-b9f1"
+STEPS = (1, 2)
+JSON_OBJECTS = ("_CHECKPOINT_METADATA", "state/pytree.json", "meta/data.json")
+#: Peak Python/numpy allocation allowed for one read, beyond 4x the step's stored bytes.
+ALLOC_SLACK = 48 << 20
+
+
+# ------------------------------------------------------------------------------ storage
+class Store:
+    """Raw object access to the store under test, bypassing cloudckpt's format code."""
+
+    def __init__(self, url: str, loop: LoopThread) -> None:
+        self.base = StoragePath.from_url(url)
+        self.loop = loop
+
+    def path(self, rel: str) -> str:
+        return (self.base / rel).path
+
+    def get(self, rel: str) -> bytes | None:
+        return self.loop.run(self.base.backend.get(self.path(rel)))
+
+    def put(self, rel: str, data: bytes) -> None:
+        self.loop.run(self.base.backend.put(self.path(rel), data))
+
+    def delete(self, rel: str) -> None:
+        self.loop.run(self.base.backend.delete(self.path(rel)))
+
+    def listing(self, rel: str = "") -> dict[str, int]:
+        location = self.base / rel if rel else self.base
+        prefix = location.path.rstrip("/") + "/"
+
+        async def run() -> dict[str, int]:
+            return {
+                info.path[len(prefix) :]: info.size
+                async for info in location.backend.list_prefix(location.path)
+            }
+
+        return self.loop.run(run())
+
+    def url(self, rel: str) -> str:
+        return (self.base / rel).url
+
+
+# ---------------------------------------------------------------------------- mutations
+@dataclass
+class Mutation:
+    cls: str
+    detail: str
+    level: str  # exact | forged | swapped
+    target: str  # the object changed (relative to the root)
+    detectable: bool = False  # verify must report it
+    writes: dict[str, bytes | None] = field(default_factory=dict)  # rel -> new bytes (None: delete)
+
+
+def _paths(value: Any, prefix: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
+    yield prefix
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _paths(v, (*prefix, k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _paths(v, (*prefix, i))
+
+
+def _get(value: Any, path: tuple[Any, ...]) -> Any:
+    for k in path:
+        value = value[k]
+    return value
+
+
+def _deep(depth: int) -> Any:
+    value: Any = 0
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+HOSTILE_STRINGS = [
+    "../../../private/secret",
+    "/etc/passwd",
+    "..",
+    "arrays/../../x",
+    "packs/0.0/../../../x",
+    "a/b",
+    "",
+    "\x00",
+    "_COMMITTED",
+    "²",
+    "arrays/1",
+    "packs/1.0",
+    "packs/0.00",
+    "float128",
+    "object",
+    "V8",
+    "U4",
+    "int4",
+    "bfloat16",
+    "str",
+    "jax",
+    "py",
+    "zarr",
+    "packed",
+    "empty",
+    "x" * 10000,
+]
+HOSTILE_NUMBERS = [
+    0,
+    -1,
+    1,
+    2,
+    3,
+    7,
+    255,
+    2**31,
+    2**32 + 1,
+    2**40,
+    2**62,
+    2**63,
+    2**64,
+    -(2**63) - 1,
+    10**30,
+    1.5,
+    -0.0,
+    1e308,
+    True,
+    False,
+]
+
+
+def _replacement(rng: random.Random, old: Any) -> tuple[str, Any]:
+    """A hostile value to put where ``old`` was: (class, value)."""
+    choice = rng.random()
+    if choice < 0.2:
+        return "json_wrong_type", rng.choice(
+            [None, True, "s", 1, 1.5, [], {}, [None], {"a": 1}, [[0, 1]], "NaN"]
+        )
+    if choice < 0.45:
+        if isinstance(old, int) and not isinstance(old, bool) and rng.random() < 0.5:
+            return "json_number", rng.choice(
+                [old + 1, old - 1, old * 2, old // 2, -old, old + 4, old << 20, old * 1000]
+            )
+        return "json_number", rng.choice(HOSTILE_NUMBERS)
+    if choice < 0.65:
+        if isinstance(old, str) and rng.random() < 0.5:
+            return "json_string", rng.choice(
+                ["../" + old, "/" + old, old + "/..", old[:-1], old + "0", old.upper(), old * 2]
+            )
+        return "json_string", rng.choice(HOSTILE_STRINGS)
+    if choice < 0.75:
+        return "json_deep", _deep(rng.choice([20, 100, 600, 900]))
+    if choice < 0.85 and isinstance(old, list) and old:
+        changed = list(old)
+        if rng.random() < 0.5:
+            changed.append(copy.deepcopy(rng.choice(old)))
+        else:
+            del changed[rng.randrange(len(changed))]
+        return "json_list_length", changed
+    return "json_wrong_type", rng.choice([[old], {"x": old}, str(old)])
+
+
+def _nan_envelope(payload: Any) -> bytes:
+    """An envelope whose payload holds NaN/Infinity, checksummed as a careless writer would."""
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=True).encode()
+    return b'{"crc32c":"%08x","data":%s}' % (google_crc32c.value(text), text)
+
+
+def mutate_json(rng: random.Random, store: Store, step: int) -> Mutation:
+    rel = f"{step}/{rng.choice(JSON_OBJECTS)}"
+    payload = _jsonio.loads(store.get(f"ckpt/{rel}") or b"", where=rel)
+    paths = list(_paths(payload))
+    path = rng.choice(paths[1:] if len(paths) > 1 else paths)
+    parent = _get(payload, path[:-1]) if path else None
+    old = _get(payload, path)
+    roll = rng.random()
+    if path and roll < 0.12 and isinstance(parent, dict):
+        del parent[path[-1]]
+        cls, detail = "json_missing_key", f"del {path}"
+    elif roll < 0.22 and isinstance(old, dict):
+        key = rng.choice(
+            ["extra", "format", "leaf", "none", "__proto__", "storage", "type", "x" * 300]
+        )
+        old[key] = rng.choice([1, "x", None, [], {"leaf": 0}])
+        cls, detail = "json_extra_key", f"{path}[{key!r}] added"
+    elif roll < 0.27:
+        payload_text = _nan_envelope(
+            _set(payload, path, rng.choice([math.nan, math.inf, -math.inf]))
+        )
+        return Mutation("json_nan", f"{path} = NaN/Inf", "exact", rel, True, {rel: payload_text})
+    else:
+        cls, value = _replacement(rng, old)
+        payload = _set(payload, path, value)
+        detail = f"{path} = {json.dumps(value)[:80]}"
+    try:
+        data = _jsonio.dumps(payload)
+    except (ValueError, TypeError, RecursionError):
+        data = _nan_envelope(payload)
+    return Mutation(cls, detail, "forged", rel, False, {rel: data})
+
+
+def _set(payload: Any, path: tuple[Any, ...], value: Any) -> Any:
+    if not path:
+        return value
+    _get(payload, path[:-1])[path[-1]] = value
+    return payload
+
+
+def mutate_bytes(rng: random.Random, store: Store, step: int, objects: list[str]) -> Mutation:
+    rel = f"{step}/{rng.choice(objects)}"
+    data = store.get(f"ckpt/{rel}") or b""
+    name = rel.split("/", 1)[1]
+    # Bytes the format covers with a checksum or a size check; zarr.json, the claim and the
+    # marker are not read for their content by a restore.
+    covered = name not in ("_CLAIM", "_COMMITTED") and not name.endswith("zarr.json")
+    roll = rng.random()
+    if roll < 0.35 and data:
+        i = rng.randrange(len(data))
+        bit = 1 << rng.randrange(8)
+        new = data[:i] + bytes([data[i] ^ bit]) + data[i + 1 :]
+        return Mutation("bit_flip", f"byte {i} ^ {bit}", "exact", rel, covered, {rel: new})
+    if roll < 0.55:
+        n = rng.choice([0, 1, len(data) // 2, max(len(data) - 1, 0), max(len(data) - 4, 0)])
+        return Mutation(
+            "truncate",
+            f"to {n} of {len(data)}",
+            "exact",
+            rel,
+            covered and n < len(data),
+            {rel: data[:n]},
+        )
+    if roll < 0.7:
+        extra = rng.choice([b"\0", b"\0" * 4, os.urandom(16), data[:64]])
+        return Mutation(
+            "extend", f"+{len(extra)} bytes", "exact", rel, covered, {rel: data + extra}
+        )
+    if roll < 0.85:
+        detect = name not in ("_CLAIM",)
+        return Mutation("delete", "deleted", "exact", rel, detect, {rel: None})
+    other = f"{STEPS[0] if step != STEPS[0] else STEPS[1]}/{name}"
+    donor = store.get(f"ckpt/{other}")
+    if donor is None:
+        return Mutation("delete", "deleted (no twin)", "exact", rel, True, {rel: None})
+    return Mutation("swap_steps", f"replaced by {other}", "swapped", rel, False, {rel: donor})
+
+
+def mutate_names(rng: random.Random, store: Store, step: int, objects: list[str]) -> Mutation:
+    """A stray object under a hostile or misleading name inside the step."""
+    name = rng.choice(
+        [
+            "state/arrays/0/c/9/9",
+            "state/arrays/99/c/0",
+            "state/packs/7.0",
+            "state/packs/0.1",
+            "x/..",
+            "state/.hidden",
+            "meta/extra.json",
+            "00000001/_COMMITTED",
+            "state/arrays/0/c/0/0/0",
+        ]
+    )
+    rel = f"{step}/{name}"
+    if name.rstrip("/").split("/", 1)[0] in ("x",):
+        rel = f"{step}/x/evil"
+    data = rng.choice([b"", b"\0" * 64, store.get(f"ckpt/{step}/{rng.choice(objects)}") or b""])
+    return Mutation("stray_object", f"added {rel}", "exact", rel, False, {rel: data})
+
+
+# ------------------------------------------------------------------------------ checking
+def _flat(value: Any) -> list[Any]:
+    """Leaves in stored order (dict insertion order, not jax's sorted order)."""
+    if isinstance(value, dict):
+        return [x for v in value.values() for x in _flat(v)]
+    if isinstance(value, (list, tuple)):
+        return [x for v in value for x in _flat(v)]
+    return [value]
+
+
+def _shape_of(value: Any) -> Any:
+    if isinstance(value, dict):
+        return ("dict", len(value))
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, [_shape_of(v) for v in value])
+    return "leaf"
+
+
+def _skeleton(value: Any) -> Any:
+    if isinstance(value, dict):
+        return ("dict", [_skeleton(v) for v in value.values()])
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, [_skeleton(v) for v in value])
+    return "leaf"
+
+
+def _array(x: Any) -> np.ndarray | None:
+    if isinstance(x, str) or x is None:
+        return None
+    return np.asarray(x)
+
+
+def same_exact(a: Any, b: Any) -> bool:
+    if type(a) is not type(b) and not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)):
+        return False
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(same_exact(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same_exact(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, (np.ndarray, np.generic)):
+        x, y = np.asarray(a), np.asarray(b)
+        return x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes()
+    if isinstance(a, cc.ArrayMetadata):
+        return (a.shape, a.dtype, a.kind, a.sharding) == (b.shape, b.dtype, b.kind, b.sharding)
+    return a == b
+
+
+def same_arrays(a: Any, b: Any) -> bool:
+    """Same structure and, leaf by leaf, the same array shapes and bytes; strings are free."""
+    if _skeleton(a) != _skeleton(b):
+        return False
+    for x, y in zip(_flat(a), _flat(b), strict=True):
+        if isinstance(x, cc.ArrayMetadata) or isinstance(y, cc.ArrayMetadata):
+            if not (isinstance(x, cc.ArrayMetadata) and isinstance(y, cc.ArrayMetadata)):
+                return False
+            if x.shape != y.shape or x.dtype.itemsize != y.dtype.itemsize:
+                return False
+            continue
+        ax, ay = _array(x), _array(y)
+        if ax is None or ay is None:
+            if (ax is None) != (ay is None):
+                return False
+            continue
+        if ax.shape != ay.shape or ax.tobytes() != ay.tobytes():
+            return False
+    return True
+
+
+def same_or_donor(result: Any, original: Any, donor: Any) -> bool:
+    """Every array element is the saved one or the other step's (an object swapped)."""
+    if _skeleton(result) != _skeleton(original):
+        return False
+    for r, o, d in zip(_flat(result), _flat(original), _flat(donor), strict=True):
+        ar, ao, ad = _array(r), _array(o), _array(d)
+        if ar is None or ao is None:
+            if r != o and r != d:
+                return False
+            continue
+        if ar.shape != ao.shape:
+            return False
+        if ar.size and not np.all((ar == ao) | (ar == ad)):
+            return False
+    return True
+
+
+@dataclass
+class Outcome:
+    op: str
+    result: str  # ok | error:<Type> | FAIL
+    detail: str = ""
+
+
+class Campaign:
+    def __init__(self, backend: str, seed: int, workdir: Path) -> None:
+        self.loop = LoopThread("fuzz")
+        self.seed = seed
+        if backend == "file":
+            base = str(workdir / "store")
+        else:
+            base = f"memory://fuzz-{seed}-{os.urandom(4).hex()}"
+        self.store = Store(base, self.loop)
+        self.root = self.store.url("ckpt")
+        self.saved = save_steps(self.root, STEPS)
+        # A canary outside the checkpoint: a JSON item of another run.
+        self.store.put("private/secret/data.json", _jsonio.dumps({"password": CANARY}))
+        self.store.put("ckpt/private/secret/data.json", _jsonio.dumps({"password": CANARY}))
+        self.outside = self._outside()
+        self.objects = {s: sorted(self.store.listing(f"ckpt/{s}")) for s in STEPS}
+        self.sizes = {s: sum(self.store.listing(f"ckpt/{s}").values()) for s in STEPS}
+        with manager(self.root) as m:
+            self.reference = {s: self._reads(m, s) for s in STEPS}
+        self.inspect_ref = {s: self._inspect_items(s) for s in STEPS}
+        # One manager reads every mutation: restore(step) re-checks the commit marker each time.
+        self.manager = manager(self.root)
+        self.counts: dict[str, collections.Counter[str]] = collections.defaultdict(
+            collections.Counter
+        )
+        self.by_class: collections.Counter[str] = collections.Counter()
+        self.failures: list[dict[str, Any]] = []
+        self.peak_alloc = 0
+        self.copies = 0
+        self.seconds: collections.Counter[str] = collections.Counter()
+
+    def _outside(self) -> dict[str, int]:
+        return {
+            rel: size
+            for rel, size in self.store.listing().items()
+            if not rel.startswith(("ckpt/1/", "ckpt/2/", "copies/"))
+        }
+
+    def _reads(self, m: cc.CheckpointManager, step: int) -> dict[str, Any]:
+        target = cc.args.Composite(
+            state=cc.args.StandardRestore(state(step)), meta=cc.args.JsonRestore()
+        )
+        metadata = m.metadata(step)
+        return {
+            "restore": dict(m.restore(step)),
+            "restore_target": dict(m.restore(step, args=target)),
+            "metadata": {
+                "items": metadata.item_metadata,
+                "metrics": metadata.metrics,
+                "handlers": metadata.item_handlers,
+            },
+        }
+
+    def _inspect_items(self, step: int) -> Any:
+        code, out, err = run_cli("inspect", "--json", f"{self.root}/{step}")
+        assert code == 0, err
+        items = json.loads(out)["items"]
+        for item in items:
+            item.pop("n_objects", None)
+            item.pop("stored_bytes", None)
+        return items
+
+    # -------------------------------------------------------------------------- run
+    def choose(self, rng: random.Random) -> Mutation:
+        step = rng.choice(STEPS)
+        objects = self.objects[step]
+        roll = rng.random()
+        if roll < 0.55:
+            return mutate_json(rng, self.store, step)
+        if roll < 0.93:
+            return mutate_bytes(rng, self.store, step, objects)
+        return mutate_names(rng, self.store, step, objects)
+
+    def run(self, count: int) -> None:
+        for i in range(count):
+            rng = random.Random(self.seed * 1_000_003 + i)
+            mutation = self.choose(rng)
+            print(
+                f"mutation {i}: {mutation.cls} {mutation.target} {mutation.detail[:200]}",
+                file=sys.stderr,
+                flush=True,
+            )
+            faulthandler.dump_traceback_later(120, exit=True)
+            before = {rel: self.store.get(f"ckpt/{rel}") for rel in mutation.writes}
+            try:
+                try:
+                    for rel, data in mutation.writes.items():
+                        self._write(rel, data)
+                except OSError:  # e.g. a file under a name that is a file on this backend
+                    self.by_class["not_applicable"] += 1
+                    continue
+                self.check(i, mutation)
+                self.by_class[mutation.cls] += 1
+            finally:
+                for rel, data in before.items():
+                    try:
+                        self._write(rel, data)
+                    except FileNotFoundError:
+                        pass
+                faulthandler.cancel_dump_traceback_later()
+
+    def _write(self, rel: str, data: bytes | None) -> None:
+        if data is None:
+            if self.store.get(f"ckpt/{rel}") is not None:
+                self.store.delete(f"ckpt/{rel}")
+        else:
+            self.store.put(f"ckpt/{rel}", data)
+
+    def fail(self, i: int, mutation: Mutation, op: str, detail: str) -> None:
+        self.counts[op]["FAIL"] += 1
+        self.failures.append(
+            {
+                "index": i,
+                "seed": self.seed,
+                "class": mutation.cls,
+                "target": mutation.target,
+                "mutation": mutation.detail[:300],
+                "op": op,
+                "problem": detail[:2000],
+            }
+        )
+
+    def guarded(self, i: int, mutation: Mutation, op: str, call: Callable[[], Any]) -> Any:
+        """Runs one read; returns its value, or None after recording an acceptable error."""
+        if tracemalloc.is_tracing():
+            tracemalloc.reset_peak()
+        began = time.perf_counter()
+        try:
+            value = call()
+        except ACCEPTABLE as exc:
+            self.counts[op][f"error:{type(exc).__name__}"] += 1
+            if CANARY in str(exc):
+                self.fail(i, mutation, op, f"canary in the error: {exc}")
+            return None
+        except BaseException as exc:
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            self.fail(i, mutation, op, f"{type(exc).__name__}: {traceback.format_exc()}")
+            return None
+        finally:
+            _, peak = tracemalloc.get_traced_memory()
+            peak -= self.baseline
+            self.seconds[op] += time.perf_counter() - began
+            self.peak_alloc = max(self.peak_alloc, peak)
+            step = int(mutation.target.split("/", 1)[0])
+            if peak > 4 * self.sizes[step] + ALLOC_SLACK:
+                self.fail(i, mutation, op, f"peak allocation {peak} bytes")
+        self.counts[op]["ok"] += 1
+        if CANARY in repr(value):
+            self.fail(i, mutation, op, "canary from outside the checkpoint in the result")
+        return value
+
+    def check(self, i: int, mutation: Mutation) -> None:
+        step = int(mutation.target.split("/", 1)[0])
+        other = STEPS[0] if step != STEPS[0] else STEPS[1]
+        ref, donor = self.reference[step], self.reference[other]
+        touched = mutation.target.split("/", 1)[1]
+        # Peaks are measured from what is allocated before the reads start.
+        self.baseline = tracemalloc.get_traced_memory()[0]  # (0, 0) when not tracing
+        m = self.manager
+        target = cc.args.Composite(
+            state=cc.args.StandardRestore(state(step)), meta=cc.args.JsonRestore()
+        )
+        for op, call in (
+            ("restore", lambda: dict(m.restore(step))),
+            ("restore_target", lambda: dict(m.restore(step, args=target))),
+            ("metadata", lambda: _metadata(m, step)),
+        ):
+            value = self.guarded(i, mutation, op, call)
+            if value is not None and not self._right(
+                op, value, ref[op], donor[op], mutation, touched
+            ):
+                self.fail(i, mutation, op, f"wrong data: {_clip(value)} vs {_clip(ref[op])}")
+        self.cli(i, mutation, step, touched)
+        if self._outside() != self.outside:
+            self.fail(i, mutation, "outside", "objects outside the checkpoint changed")
+
+    def _right(
+        self, op: str, value: Any, ref: Any, donor: Any, mutation: Mutation, touched: str
+    ) -> bool:
+        if op == "metadata":
+            # An item its handler cannot describe is None (documented): a refusal, not data.
+            items, want = value["items"], ref["items"]
+            if touched == "_CHECKPOINT_METADATA" and mutation.level == "forged":
+                # Metrics, timestamps and the list of items are the step metadata's own content.
+                return not isinstance(items, dict) or all(
+                    items[k] is None or k not in want or same_exact(items[k], want[k])
+                    for k in items
+                )
+            return set(items) == set(want) and all(
+                items[k] is None
+                or self._right_item(
+                    items[k], want[k], donor["items"][k], mutation, touched == f"{k}/pytree.json"
+                )
+                for k in want
+            )
+        if mutation.level == "exact":
+            return same_exact(value, ref)
+        if mutation.level == "swapped":
+            return set(value) == set(ref) and all(
+                same_or_donor(value[k], ref[k], donor[k]) for k in ref
+            )
+        # forged: the payload of ``touched`` was rewritten with a valid checksum.
+        if touched == "_CHECKPOINT_METADATA":
+            # It may name fewer items (as a save of fewer items would); those named are exact.
+            return set(value) <= set(ref) and all(same_exact(value[k], ref[k]) for k in value)
+        if set(value) != set(ref):
+            return False
+        for item in ref:
+            if touched == f"{item}/data.json":
+                continue  # a JSON item's value is free content
+            check = same_arrays if touched == f"{item}/pytree.json" else same_exact
+            if not check(value[item], ref[item]):
+                return False
+        return True
+
+    @staticmethod
+    def _right_item(value: Any, ref: Any, donor: Any, mutation: Mutation, forged: bool) -> bool:
+        """One item's metadata: as saved, the other step's (swapped), same arrays (forged)."""
+        if mutation.level == "swapped":
+            return same_exact(value, ref) or same_exact(value, donor)
+        if mutation.level == "forged" and forged:
+            return same_arrays(value, ref)
+        return same_exact(value, ref)
+
+    def cli(self, i: int, mutation: Mutation, step: int, touched: str) -> None:
+        url = f"{self.root}/{step}"
+        self.copies += 1
+        dst = self.store.url(f"copies/{self.copies}")
+        results = {}
+        for op, argv in (
+            ("ls", ("ls", "--json", "--all", self.root)),
+            ("inspect", ("inspect", "--json", url)),
+            ("verify", ("verify", "--json", url)),
+            ("cp", ("cp", url, dst)),
+        ):
+            if tracemalloc.is_tracing():
+                tracemalloc.reset_peak()
+            began = time.perf_counter()
+            try:
+                code, out, err = run_cli(*argv)
+            finally:
+                _, peak = tracemalloc.get_traced_memory()
+                peak -= self.baseline
+                self.seconds[op] += time.perf_counter() - began
+            self.peak_alloc = max(self.peak_alloc, peak)
+            if peak > 4 * self.sizes[step] + ALLOC_SLACK:
+                self.fail(i, mutation, op, f"peak allocation {peak} bytes")
+            results[op] = (code, out, err)
+            if code not in (0, 1) or "internal error" in err or "Traceback" in err:
+                self.fail(i, mutation, op, f"exit {code}: {err[-1500:]}")
+            self.counts[op]["ok" if code == 0 else "error:exit1"] += 1
+            if CANARY in out + err:
+                self.fail(i, mutation, op, "canary from outside the checkpoint in the output")
+        code, out, _ = results["inspect"]
+        if code == 0 and mutation.level == "exact":
+            items = json.loads(out)["items"]
+            for item in items:
+                item.pop("n_objects", None)
+                item.pop("stored_bytes", None)
+            if items != self.inspect_ref[step]:
+                self.fail(i, mutation, "inspect", "inspect shows other contents")
+        if mutation.detectable and results["verify"][0] == 0:
+            self.fail(i, mutation, "verify", "verify says OK for a corrupt checkpoint")
+        if mutation.detectable and results["cp"][0] == 0:
+            self.fail(i, mutation, "cp", "cp copied a corrupt checkpoint")
+        copied = self.store.listing(f"copies/{self.copies}")
+        if results["cp"][0] != 0 and copied:
+            self.fail(i, mutation, "cp", f"a failed copy left {sorted(copied)[:5]}")
+        for rel in copied:
+            self.store.delete(f"copies/{self.copies}/{rel}")
+
+    def report(self, seconds: float) -> dict[str, Any]:
+        return {
+            "seed": self.seed,
+            "mutations": sum(n for c, n in self.by_class.items() if c != "not_applicable"),
+            "by_class": dict(self.by_class),
+            "outcomes": {op: dict(c) for op, c in self.counts.items()},
+            "failures": self.failures,
+            "peak_alloc_bytes": self.peak_alloc,
+            "checkpoint_bytes": self.sizes,
+            "max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+            "seconds": round(seconds, 1),
+            "seconds_by_op": {op: round(t, 1) for op, t in self.seconds.items()},
+        }
+
+
+def _metadata(m: cc.CheckpointManager, step: int) -> dict[str, Any]:
+    metadata = m.metadata(step)
+    return {
+        "items": metadata.item_metadata,
+        "metrics": metadata.metrics,
+        "handlers": metadata.item_handlers,
+    }
+
+
+def _vm_size() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmSize in /proc/self/status")
+
+
+def _clip(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) < 600 else text[:600] + "..."
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--backend", choices=["file", "memory"], default="memory")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--count", type=int, default=100)
+    parser.add_argument("--out", required=True)
+    parser.add_argument(
+        "--tracemalloc", action="store_true", help="bound each read's peak Python/numpy allocation"
+    )
+    parser.add_argument(
+        "--headroom-mib",
+        type=int,
+        default=1024,
+        help="address space allowed beyond what the set-up used (RLIMIT_AS)",
+    )
+    args = parser.parse_args(argv)
+    faulthandler.enable()
+    if args.tracemalloc:
+        # Started once: starting and stopping it around each read races with other threads.
+        tracemalloc.start()
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="cloudckpt-fuzz-") as tmp:
+        campaign = Campaign(args.backend, args.seed, Path(tmp))
+        # From here on no read may grow the address space by more than the headroom: a
+        # hostile allocation fails (MemoryError, reported) or aborts (a crash, reported).
+        size = _vm_size()
+        resource.setrlimit(
+            resource.RLIMIT_AS, (size + (args.headroom_mib << 20), resource.RLIM_INFINITY)
+        )
+        try:
+            campaign.run(args.count)
+        finally:
+            campaign.manager.close()
+        report = campaign.report(time.perf_counter() - start)
+        report["backend"] = args.backend
+    Path(args.out).write_text(json.dumps(report, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
