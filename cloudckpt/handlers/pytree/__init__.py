@@ -442,7 +442,13 @@ class StandardCheckpointHandler(AsyncCheckpointHandler):
         by_path = {leaf.path: i for i, leaf in enumerate(saved)}
         targets, _ = flatten(args.target)
         plan = _match(directory, targets, saved, by_path, strict=args.strict)
-        await _document.check_stored(directory, document, (i for i, _ in plan.reads))
+        # A target's own shape bounds what is allocated for it; a shape taken from the
+        # checkpoint (no shape, or its own ArrayMetadata) must first be backed by storage.
+        await _document.check_stored(
+            directory,
+            document,
+            (i for i, t in plan.reads if isinstance(t, ArrayMetadata) or not hasattr(t, "shape")),
+        )
         await reader.prefetch_packed((i, reader.regions_for(i, t)) for i, t in plan.reads)
         results = await asyncio.gather(*(reader.leaf_like(i, t) for i, t in plan.reads))
         values = {path: value for (path, _), value in zip(plan.paths, results, strict=True)}

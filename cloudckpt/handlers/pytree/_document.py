@@ -24,6 +24,7 @@ long as its entries. Only then does a reader size an allocation from a shape.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import re
@@ -193,7 +194,18 @@ def dtype_from_name(name: Any) -> np.dtype:
         raise CorruptCheckpointError(str(exc)) from None
 
 
+@functools.lru_cache(maxsize=256)
+def _known_dtype(name: str) -> np.dtype:
+    return _dtype_uncached(name)
+
+
 def _dtype(name: Any) -> np.dtype:
+    if type(name) is not str or len(name) > 32:
+        raise _Refuse(f"dtype must be a numeric dtype name, got {_short(name)}")
+    return _known_dtype(name)  # trees repeat a few dtypes many times
+
+
+def _dtype_uncached(name: Any) -> np.dtype:
     if type(name) is not str or not re.fullmatch(r"[a-z][a-z0-9_]{0,31}", name):
         raise _Refuse(f"dtype must be a numeric dtype name, got {_short(name)}")
     try:
@@ -288,24 +300,23 @@ def _leaf(i: int, raw: Any, n_shardings: int, pack_sizes: dict[str, int]) -> Lea
         if kind not in ARRAY_KINDS:
             raise _Refuse(f"unknown kind {_short(kind)}")
         dtype = _dtype(raw.get("dtype"))
+        name = raw["dtype"]  # the dtype's canonical name (checked): dtype.name is slow
         shape = _shape(raw.get("shape"), "shape")
         nbytes = math.prod(shape) * dtype.itemsize
         if nbytes > MAX_NBYTES:
-            raise _Refuse(
-                f"shape {list(shape)} of {dtype.name} is {nbytes} bytes, beyond any array"
-            )
+            raise _Refuse(f"shape {list(shape)} of {name} is {nbytes} bytes, beyond any array")
         sharding = raw.get("sharding")
         if sharding is not None:
             _int(sharding, "sharding", high=n_shardings - 1)
         py_type = None
         if kind == "py":
             py_type = raw.get("py_type")
-            if py_type not in PY_TYPES or PY_TYPES[py_type] != dtype.name:
-                raise _Refuse(f"py_type {_short(py_type)} does not go with dtype {dtype.name}")
+            if py_type not in PY_TYPES or PY_TYPES[py_type] != name:
+                raise _Refuse(f"py_type {_short(py_type)} does not go with dtype {name}")
         if kind in ("py", "np_scalar") and shape != ():
             raise _Refuse(f"a {kind} leaf has shape (), not {list(shape)}")
         storage = _storage(i, raw.get("storage"), shape, dtype, nbytes, pack_sizes)
-        return Leaf(i, path, kind, None, dtype, dtype.name, shape, sharding, py_type, storage)
+        return Leaf(i, path, kind, None, dtype, name, shape, sharding, py_type, storage)
     except _Refuse as exc:
         path = raw.get("path") if type(raw) is dict else None
         raise _Refuse(f"leaf {i} ({_short(path)}): {exc}") from None
@@ -374,6 +385,10 @@ def _check_tiling(regions: list[layout.Index], shape: tuple[int, ...]) -> None:
     """Refuses regions that do not tile ``shape`` exactly (the writer's shards form a grid)."""
     if not regions:
         raise _Refuse("no pack entries for a non-empty array")
+    if len(regions) == 1:  # the common case: one shard, the whole array
+        if regions[0] != layout.full_index(shape):
+            raise _Refuse("pack entries overlap or leave part of the array uncovered")
+        return
     cuts = [sorted({0, n} | {x for r in regions for x in r[d]}) for d, n in enumerate(shape)]
     cells = [{(a, b) for a, b in itertools.pairwise(c)} for c in cuts]
     if len(set(regions)) != len(regions) or math.prod(len(c) for c in cells) != len(regions):
@@ -454,7 +469,7 @@ def _check_skeleton(skeleton: dict[str, Any], n_leaves: int) -> None:
         else:
             raise _Refuse(f"skeleton node {_short(node)} is not a node")
         # Depth-first, left to right: the order flatten numbered the leaves in.
-        stack.extend((child, depth + 1) for child in reversed(children))
+        stack.extend([(child, depth + 1) for child in reversed(children)])
     if expected != n_leaves:
         raise _Refuse(f"skeleton uses {expected} leaves; the document lists {n_leaves}")
 
