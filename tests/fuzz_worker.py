@@ -452,6 +452,7 @@ class Campaign:
         self.peak_alloc = 0
         self.copies = 0
         self.seconds: collections.Counter[str] = collections.Counter()
+        self.examples: dict[str, str] = {}  # one error message per (read, type), for the record
 
     def _outside(self) -> dict[str, int]:
         return {
@@ -553,6 +554,9 @@ class Campaign:
             value = call()
         except ACCEPTABLE as exc:
             self.counts[op][f"error:{type(exc).__name__}"] += 1
+            self.examples.setdefault(
+                f"{op} {type(exc).__name__}", f"{mutation.cls} {mutation.target}: {exc}"[:400]
+            )
             if CANARY in str(exc):
                 self.fail(i, mutation, op, f"canary in the error: {exc}")
             return None
@@ -701,6 +705,7 @@ class Campaign:
             "by_class": dict(self.by_class),
             "outcomes": {op: dict(c) for op, c in self.counts.items()},
             "failures": self.failures,
+            "examples": self.examples,
             "peak_alloc_bytes": self.peak_alloc,
             "checkpoint_bytes": self.sizes,
             "max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,

@@ -398,6 +398,8 @@ FOUND_BY_FUZZ = [
     ("state/pytree.json", ("leaves", 7, "storage"), [[[0]]]),  # AttributeError in restore
     ("state/pytree.json", ("leaves", 0, "storage", "metadata", "chunk_grid"), 1),  # inspect
     ("state/pytree.json", ("leaves", 8), "NaN"),  # a leaf record that is not an object
+    ("state/pytree.json", ("leaves", 0, "kind"), [[0]]),  # TypeError: unhashable 'list'
+    ("state/pytree.json", ("leaves", 5, "py_type"), {"int": 1}),
     ("_CHECKPOINT_METADATA", ("item_handlers",), 1.5),
     ("_CHECKPOINT_METADATA", ("metrics",), [[[[0]]]]),
 ]

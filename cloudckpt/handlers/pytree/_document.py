@@ -297,7 +297,7 @@ def _leaf(i: int, raw: Any, n_shardings: int, pack_sizes: dict[str, int]) -> Lea
             if type(value) is not str:
                 raise _Refuse(f"value must be a string, got {_short(value)}")
             return Leaf(i, path, "str", value=value)
-        if kind not in ARRAY_KINDS:
+        if type(kind) is not str or kind not in ARRAY_KINDS:
             raise _Refuse(f"unknown kind {_short(kind)}")
         dtype = _dtype(raw.get("dtype"))
         name = raw["dtype"]  # the dtype's canonical name (checked): dtype.name is slow
@@ -311,7 +311,7 @@ def _leaf(i: int, raw: Any, n_shardings: int, pack_sizes: dict[str, int]) -> Lea
         py_type = None
         if kind == "py":
             py_type = raw.get("py_type")
-            if py_type not in PY_TYPES or PY_TYPES[py_type] != name:
+            if type(py_type) is not str or PY_TYPES.get(py_type) != name:
                 raise _Refuse(f"py_type {_short(py_type)} does not go with dtype {name}")
         if kind in ("py", "np_scalar") and shape != ():
             raise _Refuse(f"a {kind} leaf has shape (), not {list(shape)}")
