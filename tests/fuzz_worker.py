@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import google_crc32c
+import jax
 import numpy as np
 
 import cloudckpt as cc
@@ -363,6 +364,10 @@ def _array(x: Any) -> np.ndarray | None:
 
 
 def same_exact(a: Any, b: Any) -> bool:
+    if isinstance(a, jax.Array) or isinstance(b, jax.Array):
+        if not (isinstance(a, jax.Array) and isinstance(b, jax.Array)) or a.sharding != b.sharding:
+            return False
+        a, b = np.asarray(a), np.asarray(b)
     if type(a) is not type(b) and not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)):
         return False
     if isinstance(a, dict):

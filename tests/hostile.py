@@ -8,7 +8,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import cloudckpt as cc
 from cloudckpt import _jsonio, cli
@@ -51,7 +53,16 @@ def state(k: int = 0) -> dict[str, Any]:
         "flag": np.bool_(k % 2 == 0),
         "name": f"run-{k}",
         "nested": [(np.int32(k), None)],
+        "j": _sharded(np.arange(16, dtype=np.float32).reshape(4, 4) - k),  # a jax.Array
     }
+
+
+def _sharded(value: np.ndarray) -> jax.Array:
+    """``value`` on a one-axis mesh of every local device (a sharding in pytree.json)."""
+    devices = jax.devices()
+    n = max(d for d in (1, 2, 4) if d <= len(devices) and value.shape[0] % d == 0)
+    mesh = Mesh(np.array(devices[:n]), ("data",))
+    return jax.device_put(value, NamedSharding(mesh, PartitionSpec("data")))
 
 
 def save_steps(root: str, steps: tuple[int, ...] = (1, 2)) -> dict[int, dict[str, Any]]:
