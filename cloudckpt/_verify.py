@@ -47,10 +47,10 @@ from cloudckpt._inspect import (
 from cloudckpt.errors import CorruptCheckpointError
 from cloudckpt.handlers.pytree import METADATA_NAME as PYTREE_NAME
 from cloudckpt.handlers.pytree import _layout as layout
+from cloudckpt.handlers.pytree._backing import backing_problems
 from cloudckpt.handlers.pytree._document import (
     PackedStorage,
     ZarrStorage,
-    backing_problems,
     parse_pytree,
 )
 from cloudckpt.handlers.pytree._layout import CRC_BYTES, entry_data

@@ -32,7 +32,7 @@ from cloudckpt import _jsonio
 from cloudckpt._args_base import CheckpointArgs
 from cloudckpt.errors import CorruptCheckpointError
 from cloudckpt.handlers.base import AsyncCheckpointHandler
-from cloudckpt.handlers.pytree import _document
+from cloudckpt.handlers.pytree import _backing, _document
 from cloudckpt.handlers.pytree import _layout as layout
 from cloudckpt.handlers.pytree._budget import ByteBudget
 from cloudckpt.handlers.pytree._document import PYTREE_FORMAT, Leaf, PytreeDocument
@@ -433,7 +433,7 @@ class StandardCheckpointHandler(AsyncCheckpointHandler):
         saved = document.leaves
         reader = _Reader(directory, saved, ByteBudget(self.max_inflight_bytes))
         if args.target is None:
-            await _document.check_stored(directory, document, range(len(saved)))
+            await _backing.check_stored(directory, document, range(len(saved)))
             await reader.prefetch_packed(
                 (i, reader.regions_for(i, None)) for i in range(len(saved))
             )
@@ -444,7 +444,7 @@ class StandardCheckpointHandler(AsyncCheckpointHandler):
         plan = _match(directory, targets, saved, by_path, strict=args.strict)
         # A target's own shape bounds what is allocated for it; a shape taken from the
         # checkpoint (no shape, or its own ArrayMetadata) must first be backed by storage.
-        await _document.check_stored(
+        await _backing.check_stored(
             directory,
             document,
             (i for i, t in plan.reads if isinstance(t, ArrayMetadata) or not hasattr(t, "shape")),

@@ -16,7 +16,7 @@ the shapes the writer produces (docs/FORMAT.md) and refuses anything else with
   :data:`MAX_DEPTH` deep.
 
 A valid document can still claim more data than storage holds.
-:func:`backing_problems` compares it with one listing of the item: every
+:func:`cloudckpt.handlers.pytree._backing.backing_problems` compares it with one listing of the item: every
 chunk of a zarr leaf must exist with the exact size its metadata implies
 (arrays are stored uncompressed), and every pack object must be exactly as
 long as its entries. Only then does a reader size an allocation from a shape.
@@ -28,7 +28,7 @@ import functools
 import itertools
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +36,6 @@ import numpy as np
 
 from cloudckpt.errors import CorruptCheckpointError
 from cloudckpt.handlers.pytree import _layout as layout
-from cloudckpt.path import StoragePath
 
 #: Newest ``format`` of ``pytree.json`` this reader understands.
 PYTREE_FORMAT = 1
@@ -182,18 +181,6 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def dtype_from_name(name: Any) -> np.dtype:
-    """The numeric dtype a stored name denotes (numpy or ml_dtypes); refuses anything else.
-
-    Raises:
-        CorruptCheckpointError: ``name`` is not the canonical name of a numeric dtype.
-    """
-    try:
-        return _dtype(name)
-    except _Refuse as exc:
-        raise CorruptCheckpointError(str(exc)) from None
-
-
 @functools.lru_cache(maxsize=256)
 def _known_dtype(name: str) -> np.dtype:
     return _dtype_uncached(name)
@@ -205,8 +192,8 @@ def _dtype(name: Any) -> np.dtype:
     return _known_dtype(name)  # trees repeat a few dtypes many times
 
 
-def _dtype_uncached(name: Any) -> np.dtype:
-    if type(name) is not str or not re.fullmatch(r"[a-z][a-z0-9_]{0,31}", name):
+def _dtype_uncached(name: str) -> np.dtype:
+    if not re.fullmatch(r"[a-z][a-z0-9_]{0,31}", name):
         raise _Refuse(f"dtype must be a numeric dtype name, got {_short(name)}")
     try:
         dtype = np.dtype(name)
@@ -472,103 +459,3 @@ def _check_skeleton(skeleton: dict[str, Any], n_leaves: int) -> None:
         stack.extend([(child, depth + 1) for child in reversed(children)])
     if expected != n_leaves:
         raise _Refuse(f"skeleton uses {expected} leaves; the document lists {n_leaves}")
-
-
-# ------------------------------------------------------------------------------- backing
-def backing_problems(
-    document: PytreeDocument,
-    sizes: Mapping[str, int],
-    leaves: Iterable[int] | None = None,
-    *,
-    limit: int = 5,
-) -> list[tuple[str, str, str]]:
-    """What the listing of the item lacks for ``leaves`` (default all).
-
-    Returns ``(object, kind, detail)`` with kind ``missing`` or ``corrupt``;
-    at most ``limit`` of them. ``sizes`` maps every object of the item
-    (relative to it) to its size. A zarr leaf needs each of its chunks at the
-    exact size its metadata implies; a pack object must be exactly as long as
-    its entries. Work is bounded by the listing, never by a declared shape: a
-    leaf declaring far more chunks than are stored is refused without
-    enumerating them.
-    """
-    chunk_counts: dict[str, int] = {}
-    for rel in sizes:
-        parts = rel.split("/", 3)
-        if len(parts) == 4 and parts[0] == "arrays" and parts[2] == "c":
-            chunk_counts[parts[1]] = chunk_counts.get(parts[1], 0) + 1
-    numbers = range(len(document.leaves)) if leaves is None else sorted(set(leaves))
-    problems: list[tuple[str, str, str]] = []
-    objects: set[str] = set()
-    for i in numbers:
-        leaf = document.leaves[i]
-        storage = leaf.storage
-        name = f"leaf {leaf.path} ({leaf.dtype_name}{list(leaf.shape)})"
-        if isinstance(storage, PackedStorage):
-            objects.update(e.obj for e in storage.entries)
-        elif isinstance(storage, ZarrStorage):
-            stored = chunk_counts.get(storage.key.split("/")[1], 0)
-            # A few missing chunks are named one by one; a grid far beyond the listing is not.
-            if storage.n_chunks > 2 * stored + limit:
-                detail = f"{name} declares {storage.n_chunks} chunks but {stored} are stored"
-                problems.append((storage.key, "corrupt", detail))
-                continue
-            want = storage.object_bytes
-            for _, key in storage.chunk_keys():
-                size = sizes.get(key)
-                if size is None:
-                    problems.append((key, "missing", f"chunk of {name} is not in storage"))
-                elif size != want:
-                    detail = f"chunk of {name} is {size} bytes; its metadata implies {want}"
-                    problems.append((key, "corrupt", detail))
-                if len(problems) >= limit:
-                    return problems
-        if len(problems) >= limit:
-            return problems
-    for obj in sorted(objects):
-        size, want = sizes.get(obj), document.pack_sizes[obj]
-        if size is None:
-            problems.append((obj, "missing", "pack object is not in storage"))
-        elif size != want:
-            detail = f"pack object is {size} bytes; its entries need exactly {want}"
-            problems.append((obj, "corrupt", detail))
-        if len(problems) >= limit:
-            break
-    return problems
-
-
-def check_backing(
-    document: PytreeDocument, sizes: Mapping[str, int], leaves: Iterable[int], *, where: str
-) -> None:
-    """Raises CorruptCheckpointError when the listing does not back ``leaves``."""
-    problems = backing_problems(document, sizes, leaves)
-    if problems:
-        text = "; ".join(f"{where}/{obj}: {detail}" for obj, _, detail in problems)
-        raise CorruptCheckpointError(
-            f"the stored objects do not match the pytree metadata ({text}); the checkpoint is "
-            "corrupt or incomplete, restore another step"
-        )
-
-
-async def list_item(directory: StoragePath) -> dict[str, int]:
-    """Sizes of every object under ``directory``, relative to it: one (paginated) listing."""
-    prefix = directory.path.rstrip("/") + "/"
-    return {
-        info.path[len(prefix) :]: info.size
-        async for info in directory.backend.list_prefix(directory.path)
-        if info.path.startswith(prefix)
-    }
-
-
-async def check_stored(
-    directory: StoragePath, document: PytreeDocument, leaves: Iterable[int]
-) -> None:
-    """Checks that storage backs the array leaves about to be read, before any allocation.
-
-    One listing of the item when any of ``leaves`` has stored bytes; none otherwise.
-    """
-    wanted = [
-        i for i in leaves if isinstance(document.leaves[i].storage, (ZarrStorage, PackedStorage))
-    ]
-    if wanted:
-        check_backing(document, await list_item(directory), wanted, where=str(directory))
