@@ -16,7 +16,7 @@ seeded mutation at a time:
 
 After each, ``restore`` (without and with a target), ``metadata`` and
 ``cloudckpt ls/inspect/verify/cp`` must return the right data (see
-fuzz_worker's ``_level`` rules) or fail with an acceptable error:
+fuzz_worker's ``Campaign._right``) or fail with an acceptable error:
 CorruptCheckpointError or another builtin ValueError (atomicity's
 ValidationError included), KeyError, TypeError, or an OSError such as
 FileNotFoundError; the CLI must exit 0 or 1 without an ``internal error``.
