@@ -42,6 +42,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 import cloudckpt as cc
 
 ROOT_PKG = Path(__file__).resolve().parents[1]
@@ -61,7 +63,22 @@ def _campaigns(total: int) -> list[list[str]]:
 def _run(campaigns: list[list[str]], workdir: Path) -> list[tuple[list[str], Any]]:
     path = os.pathsep.join([str(Path(cc.__file__).parents[1]), str(ROOT_PKG)])
     env = dict(os.environ, PYTHONPATH=path, JAX_PLATFORMS="cpu")
-    running = []
+    running: list[tuple[list[str], Path, Any, subprocess.Popen[bytes]]] = []
+    try:
+        return _collect(campaigns, workdir, env, running)
+    finally:
+        for *_, proc in running:  # interrupted (timeout, Ctrl-C): leave no campaign behind
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def _collect(
+    campaigns: list[list[str]],
+    workdir: Path,
+    env: dict[str, str],
+    running: list[tuple[list[str], Path, Any, subprocess.Popen[bytes]]],
+) -> list[tuple[list[str], Any]]:
     for n, flags in enumerate(campaigns):
         out = workdir / f"campaign-{n}.json"
         log = (workdir / f"campaign-{n}.log").open("w")
@@ -109,8 +126,13 @@ def _figures(results: list[tuple[list[str], Any]]) -> str:
     return "\n".join(lines)
 
 
+TOTAL = int(os.environ.get("CLOUDCKPT_FUZZ_MUTATIONS", "1040"))
+
+
+# About 0.1 s of CPU per mutation; a loaded two-core machine takes three times that.
+@pytest.mark.timeout(max(900, TOTAL))
 def test_hostile_checkpoint_fuzz_campaign(tmp_path: Path) -> None:
-    total = int(os.environ.get("CLOUDCKPT_FUZZ_MUTATIONS", "1040"))
+    total = TOTAL
     results = _run(_campaigns(total), tmp_path)
     figures = _figures(results)
     print("\n[fuzz] " + figures.replace("\n", "\n[fuzz] "))
