@@ -51,7 +51,16 @@ def forge_item_name(root: Path, name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["../../../private/run/7/secret", "..", "/etc", "a/b", "_COMMITTED", ".hidden"]
+    "name",
+    [
+        "../../private/run/7/secret",  # reaches the planted item: 198b6a8 returned its JSON
+        "../../../private/run/7/secret",
+        "..",
+        "/etc",
+        "a/b",
+        "_COMMITTED",
+        ".hidden",
+    ],
 )
 def test_item_names_read_from_storage_are_validated_on_every_read_path(
     planted: tuple[Path, Path], tmp_path: Path, name: str
