@@ -119,7 +119,7 @@ def _figures(results: list[tuple[list[str], Any]]) -> str:
             f" max RSS {report['max_rss_kib'] // 1024} MiB"
         )
     lines.append(
-        f"mutations: {sum(by_class.values())}; per class: {dict(sorted(by_class.items()))}"
+        f"mutations: {sum(n for c, n in by_class.items() if c != 'not_applicable')}; per class: {dict(sorted(by_class.items()))}"
     )
     for op, counts in outcomes.items():
         lines.append(f"  {op}: {dict(sorted(counts.items()))}")
