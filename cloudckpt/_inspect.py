@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import math
+import re
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
-
-import numpy as np
 
 import atomicity
 from atomicity import MARKER_NAME, ObjectInfo
@@ -26,7 +24,15 @@ from cloudckpt.handlers.pytree import METADATA_NAME as PYTREE_NAME
 from cloudckpt.handlers.pytree import StandardCheckpointHandler
 from cloudckpt.handlers.pytree import _keys as keys
 from cloudckpt.handlers.pytree._budget import ByteBudget
-from cloudckpt.metadata import STEP_METADATA_NAME, StepMetadata
+from cloudckpt.handlers.pytree._document import (
+    EmptyStorage,
+    Leaf,
+    PackedStorage,
+    PytreeDocument,
+    ZarrStorage,
+    parse_pytree,
+)
+from cloudckpt.metadata import STEP_METADATA_NAME, StepMetadata, validate_item_name
 from cloudckpt.path import StoragePath
 
 PYTREE_TYPESTR = StandardCheckpointHandler.typestr()
@@ -87,9 +93,15 @@ async def list_objects(location: StoragePath) -> dict[str, ObjectInfo]:
 
 
 def step_sort_key(name: str) -> tuple[int, int, str]:
-    """Numbers in numeric order, then other names (``ckpt_12`` sorts by its number)."""
+    """Numbers in numeric order, then other names (``ckpt_12`` sorts by its number).
+
+    Only ASCII digits count as a number (``str.isdigit`` accepts ``²``, which
+    ``int`` refuses); a name is never an error, whatever a bucket holds.
+    """
     digits = name.rsplit("_", 1)[-1]
-    return (0, int(digits), name) if digits.isdigit() else (1, 0, name)
+    if re.fullmatch(r"[0-9]{1,40}", digits):
+        return (0, int(digits), name)
+    return (1, 0, name)
 
 
 def _committed_children(objects: Iterable[str]) -> list[str]:
@@ -246,7 +258,7 @@ def items_of_step(
         pairs = list(handlers.items())
     else:
         names = sorted({rel.split("/", 1)[0] for rel in objects if "/" in rel})
-        pairs = [(n, None) for n in names]
+        pairs = [(n, None) for n in names if _plain_name(n)]
     items = []
     for name, typestr in pairs:
         prefix = f"{name}/" if name else ""
@@ -258,6 +270,14 @@ def items_of_step(
             kind = "other"
         items.append(Item(name, typestr, kind, step / name if name else step))
     return items
+
+
+def _plain_name(name: str) -> bool:
+    try:
+        validate_item_name(name)
+    except ValueError:
+        return False
+    return True
 
 
 def prefix_of(item: Item) -> str:
@@ -278,70 +298,45 @@ def describe_sharding(sharding: dict[str, Any] | None) -> str:
     return f"{sharding.get('type', '?')}({sharding.get('num_devices', '?')} devices)"
 
 
-def _leaf_nbytes(leaf: dict[str, Any]) -> int:
-    if leaf.get("kind") == "str":
-        return len(str(leaf.get("value", "")).encode())
-    return math.prod(leaf.get("shape", [])) * dtype_itemsize(leaf.get("dtype", ""))
+def _sharding_of(leaf: Leaf, table: list[Any]) -> dict[str, Any] | None:
+    """A leaf's saved sharding, from the document's table."""
+    return None if leaf.sharding is None else table[leaf.sharding]
 
 
-def dtype_itemsize(dtype: str) -> int:
-    sizes = {"bool": 1, "int2": 1, "int4": 1, "bfloat16": 2}
-    if dtype in sizes:
-        return sizes[dtype]
-    if dtype.startswith("float8") or dtype.startswith("float4"):
-        return 1
-    try:
-        return int(np.dtype(dtype).itemsize)
-    except TypeError:
-        return 0
-
-
-def _sharding_of(leaf: dict[str, Any], table: list[Any]) -> dict[str, Any] | None:
-    """A leaf's saved sharding: an index into the document's table, or inline (older saves)."""
-    sharding = leaf.get("sharding")
-    if isinstance(sharding, int) and not isinstance(sharding, bool):
-        return table[sharding] if 0 <= sharding < len(table) else {"type": f"#{sharding}?"}
-    return sharding if isinstance(sharding, dict) else None
-
-
-def _key_row(leaf: dict[str, Any]) -> dict[str, Any]:
+def _key_row(leaf: Leaf) -> dict[str, Any]:
     """How typed PRNG keys show: jax's key dtype and the keys' own shape."""
     try:
         name, _, _ = keys.impl_facts(leaf)
         return {"dtype": keys.dtype_label(name), "shape": list(keys.key_shape_of(leaf))}
     except ValueError:  # unknown to this jax, or inconsistent: show what is stored
-        return {"dtype": f"{keys.dtype_label(str(leaf.get(keys.IMPL_FIELD)))}?"}
+        return {"dtype": f"{keys.dtype_label(str(leaf.prng_impl))}?"}
 
 
-def describe_leaves(document: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per-leaf rows of a ``pytree.json`` document (no array data)."""
+def describe_leaves(document: PytreeDocument) -> list[dict[str, Any]]:
+    """Per-leaf rows of a validated ``pytree.json`` document (no array data)."""
     rows = []
-    table = document.get("shardings") or []
-    for leaf in document.get("leaves", []):
-        storage = leaf.get("storage", {})
-        row: dict[str, Any] = {"path": leaf.get("path", "?"), "kind": leaf.get("kind")}
-        if leaf.get("kind") == "str":
+    for leaf in document.leaves:
+        row: dict[str, Any] = {"path": leaf.path, "kind": leaf.kind}
+        storage = leaf.storage
+        if storage is None:
             row.update(dtype="str", shape=None, sharding=None, storage="inline")
-            row["value"] = leaf.get("value")
+            row["value"] = leaf.value
         else:
             row.update(
-                dtype=leaf.get("dtype"),
-                shape=list(leaf.get("shape", [])),
-                sharding=_sharding_of(leaf, table),
-                storage=storage.get("type"),
+                dtype=leaf.dtype_name,
+                shape=list(leaf.shape),
+                sharding=_sharding_of(leaf, document.shardings),
+                storage={ZarrStorage: "zarr", PackedStorage: "packed", EmptyStorage: "empty"}[
+                    type(storage)
+                ],
             )
             if keys.is_key_leaf(leaf):
                 row.update(_key_row(leaf))
                 row["sharding"] = keys.logical_sharding(row["sharding"], len(row["shape"]))
-            if storage.get("type") == "zarr":
-                row["key"] = storage.get("key")
-                row["chunk_shape"] = (
-                    storage.get("metadata", {})
-                    .get("chunk_grid", {})
-                    .get("configuration", {})
-                    .get("chunk_shape")
-                )
-        row["nbytes"] = _leaf_nbytes(leaf)
+            if isinstance(storage, ZarrStorage):
+                row["key"] = storage.key
+                row["chunk_shape"] = list(storage.chunk)
+        row["nbytes"] = leaf.nbytes
         rows.append(row)
     return rows
 
@@ -370,7 +365,8 @@ async def describe_step(step: StoragePath) -> dict[str, Any]:
             else None,
         }
         if item.kind == "pytree":
-            document = await read_json_envelope(item.location / PYTREE_NAME)
+            where = item.location / PYTREE_NAME
+            document = parse_pytree(await read_json_envelope(where), where=str(where))
             entry["leaves"] = describe_leaves(document)
             entry["nbytes"] = sum(leaf["nbytes"] for leaf in entry["leaves"])
         elif item.kind == "json":

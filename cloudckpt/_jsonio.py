@@ -40,9 +40,9 @@ def loads(data: bytes, *, where: str) -> Any:
         expected = envelope["crc32c"]
         payload = envelope["data"]
         actual = f"{google_crc32c.value(_canonical(payload)):08x}"
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:  # nested beyond reason
         raise CorruptCheckpointError(
-            f"{where} is not a valid checksummed JSON object ({exc})"
+            f"{where} is not a valid checksummed JSON object ({type(exc).__name__}: {exc})"
         ) from None
     if actual != expected:
         raise CorruptCheckpointError(

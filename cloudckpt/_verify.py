@@ -6,8 +6,11 @@ What is checked:
 * every zarr array chunk by chunk through tensorstore, with missing chunks
   an error (``fill_missing_data_reads`` off); the crc32c codec in the chain
   catches flipped bytes; ``zarr.json`` must match the pytree metadata;
-* packed leaves: the crc32c stored after every entry, and that the entries
-  of a leaf cover its shape;
+* ``pytree.json`` through the handler's own validating reader (entries tile
+  their leaf, keys stay inside the item, shapes and chunk grids agree), and
+  that the listing backs it (every chunk and pack object at its exact size)
+  before any chunk is opened;
+* packed leaves: the crc32c stored after every entry;
 * that every object the metadata references exists;
 * the commit marker (for a committed step).
 
@@ -19,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import itertools
 import json
 import math
 from dataclasses import dataclass, field
@@ -36,7 +38,6 @@ from cloudckpt._inspect import (
     Limiter,
     Progress,
     ProgressFactory,
-    dtype_itemsize,
     items_of_step,
     list_objects,
     no_progress,
@@ -45,7 +46,13 @@ from cloudckpt._inspect import (
 )
 from cloudckpt.errors import CorruptCheckpointError
 from cloudckpt.handlers.pytree import METADATA_NAME as PYTREE_NAME
-from cloudckpt.handlers.pytree import PYTREE_FORMAT
+from cloudckpt.handlers.pytree import _layout as layout
+from cloudckpt.handlers.pytree._backing import backing_problems
+from cloudckpt.handlers.pytree._document import (
+    PackedStorage,
+    ZarrStorage,
+    parse_pytree,
+)
 from cloudckpt.handlers.pytree._layout import CRC_BYTES, entry_data
 from cloudckpt.metadata import STEP_METADATA_NAME, StepMetadata
 from cloudckpt.path import StoragePath
@@ -203,76 +210,75 @@ class _Verifier:
 
     # ------------------------------------------------------------------- pytree
     async def _pytree(self, item: Item, prefix: str, where: str) -> None:
-        document = await self.envelope(prefix + PYTREE_NAME, where)
-        if document is None:
+        raw = await self.envelope(prefix + PYTREE_NAME, where)
+        if raw is None:
             return
-        if not isinstance(document, dict) or document.get("format", 0) > PYTREE_FORMAT:
-            self.problem(
-                "corrupt", prefix + PYTREE_NAME, "unknown pytree format; upgrade cloudckpt"
-            )
+        try:
+            document = parse_pytree(raw, where="this object")
+        except ValueError as exc:  # CorruptCheckpointError, or a newer format
+            self.problem("corrupt", prefix + PYTREE_NAME, str(exc))
             return
-        leaves = document.get("leaves", [])
-        packs: dict[str, list[tuple[str, list[Any]]]] = {}
+        # The listing must back every leaf before anything is opened or sized from it.
+        sizes = {
+            rel[len(prefix) :]: o.size for rel, o in self.objects.items() if rel.startswith(prefix)
+        }
+        broken: set[str] = set()
+        for obj, kind, detail in backing_problems(document, sizes, limit=1000):
+            self.problem(kind, prefix + obj, detail)
+            self.referenced.add(prefix + obj)
+            broken.add(obj)
+        packs: dict[str, list[tuple[str, layout.PackEntry]]] = {}
         tasks = []
-        for leaf in leaves:
-            storage = leaf.get("storage", {}) if leaf.get("kind") != "str" else {}
-            kind = storage.get("type")
-            name = f"leaf {leaf.get('path')} of {where}"
-            if kind == "zarr":
-                tasks.append(self._zarr(prefix + storage["key"], storage["metadata"], name))
-            elif kind == "packed":
-                covered = 0
-                for entry in storage.get("entries", []):
-                    packs.setdefault(prefix + entry[0], []).append((name, entry))
-                    covered += math.prod(b - a for a, b in entry[3])
-                if covered != math.prod(leaf.get("shape", [])):
-                    self.problem(
-                        "corrupt",
-                        prefix + PYTREE_NAME,
-                        f"the packed entries of {name} do not cover its shape",
+        for leaf in document.leaves:
+            storage = leaf.storage
+            name = f"leaf {leaf.path} of {where}"
+            if isinstance(storage, ZarrStorage):
+                self.referenced.add(prefix + storage.key + "/zarr.json")
+                if storage.key not in broken:  # else its grid is beyond what is stored
+                    tasks.append(self._zarr(prefix + storage.key, storage, name, broken))
+                else:
+                    self.referenced.update(
+                        rel for rel in self.objects if rel.startswith(prefix + storage.key + "/")
                     )
-        tasks += [self._pack(rel, entries) for rel, entries in packs.items()]
+            elif isinstance(storage, PackedStorage):
+                for entry in storage.entries:
+                    packs.setdefault(entry.obj, []).append((name, entry))
+        for obj, entries in packs.items():
+            self.referenced.add(prefix + obj)
+            if obj not in broken:
+                tasks.append(self._pack(prefix + obj, entries))
         await asyncio.gather(*tasks)
 
-    async def _pack(self, rel: str, entries: list[tuple[str, list[Any]]]) -> None:
-        if not self.expect(rel, entries[0][0]):
-            return
+    async def _pack(self, rel: str, entries: list[tuple[str, layout.PackEntry]]) -> None:
         data = await self.get(rel)
         if data is None:
             return
         bad = []
-        for name, (_, offset, nbytes, _) in entries:
-            end = offset + nbytes + CRC_BYTES
-            if end > len(data):
-                bad.append(f"{name} (bytes {offset}-{end} beyond the object's {len(data)})")
-            elif entry_data(data, offset, nbytes) is None:
-                bad.append(f"{name} (bytes {offset}-{end})")
+        for name, entry in entries:
+            end = entry.offset + entry.nbytes + CRC_BYTES
+            if entry_data(data, entry.offset, entry.nbytes) is None:
+                bad.append(f"{name} (bytes {entry.offset}-{end})")
             else:
                 self.report.checksums += 1
         if bad:
             more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
             self.problem("corrupt", rel, "checksum mismatch in " + "; ".join(bad[:3]) + more)
 
-    async def _zarr(self, rel: str, metadata: dict[str, Any], name: str) -> None:
+    async def _zarr(self, rel: str, storage: ZarrStorage, name: str, skip: set[str]) -> None:
         if not self.expect(f"{rel}/zarr.json", name):
             return
         data = await self.get(f"{rel}/zarr.json")
         if data is None:
             return
+        metadata = storage.metadata
         try:
             stored = json.loads(data)
-            same = all(stored.get(k) == metadata.get(k) for k in ("shape", "data_type"))
-            same = same and stored["chunk_grid"] == metadata["chunk_grid"]
-        except (ValueError, KeyError, TypeError, AttributeError):
+            same = all(stored.get(k) == metadata[k] for k in ("shape", "data_type", "chunk_grid"))
+        except (ValueError, TypeError, AttributeError, RecursionError):
             same = False
         if not same:
             self.problem("corrupt", f"{rel}/zarr.json", f"does not match {name}'s metadata")
-        shape = [int(n) for n in metadata["shape"]]
-        chunk = [int(n) for n in metadata["chunk_grid"]["configuration"]["chunk_shape"]]
-        separator = (
-            metadata.get("chunk_key_encoding", {}).get("configuration", {}).get("separator", "/")
-        )
-        itemsize = max(dtype_itemsize(metadata["data_type"]), 1)
+        itemsize = storage.stored.itemsize
         location = self.step / rel
         spec = {
             "driver": "zarr3",
@@ -287,18 +293,13 @@ class _Verifier:
         except Exception as exc:  # tensorstore raises ValueError for most errors
             self.problem("unreadable", rel, f"tensorstore could not open {name}: {exc}")
             return
-        grid = [range(math.ceil(n / c)) for n, c in zip(shape, chunk, strict=True)]
+        chunk = storage.chunk
 
-        async def read_chunk(position: tuple[int, ...]) -> None:
-            key = separator.join(["c", *map(str, position)])
-            chunk_rel = f"{rel}/{key}"
-            if not self.expect(chunk_rel, name):
-                return
-            region = tuple(
-                slice(i * c, min((i + 1) * c, n))
-                for i, c, n in zip(position, chunk, shape, strict=True)
-            )
-            nbytes = math.prod(s.stop - s.start for s in region) * itemsize
+        async def read_chunk(position: tuple[int, ...], key: str) -> None:
+            chunk_rel = f"{rel}/{key[len(storage.key) + 1 :]}"
+            self.referenced.add(chunk_rel)
+            region = tuple(slice(i * c, (i + 1) * c) for i, c in zip(position, chunk, strict=True))
+            nbytes = math.prod(chunk) * itemsize
             try:
                 await self.limiter.run(nbytes, lambda: store[region].read())
             except Exception as exc:  # tensorstore raises ValueError with a status text
@@ -308,7 +309,8 @@ class _Verifier:
                 self.seen(chunk_rel)
             self.report.checksums += 1
 
-        await asyncio.gather(*(read_chunk(p) for p in itertools.product(*grid)))
+        # Bounded by the listing: backing_problems found every one of these chunks stored.
+        await asyncio.gather(*(read_chunk(p, k) for p, k in storage.chunk_keys() if k not in skip))
 
 
 def _first_line(exc: BaseException) -> str:

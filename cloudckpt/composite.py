@@ -6,39 +6,15 @@ import asyncio
 from collections.abc import Awaitable, Sequence
 from typing import Any
 
-import atomicity
 from cloudckpt._args_base import CheckpointArgs, Composite
 from cloudckpt.handlers.base import (
     AsyncCheckpointHandler,
     CheckpointHandler,
     handler_class_by_typestr,
 )
-from cloudckpt.metadata import STEP_METADATA_NAME, read_step_metadata
+from cloudckpt.metadata import read_step_metadata, validate_item_name
 from cloudckpt.path import StoragePath
 from cloudckpt.registry import HandlerRegistry, handler_class_for, registered_args_for
-
-#: Names an item may not take: they are the step's own objects.
-RESERVED_NAMES = frozenset({STEP_METADATA_NAME, atomicity.MARKER_NAME, atomicity.CLAIM_NAME})
-
-
-def validate_item_name(name: object) -> str:
-    """Checks that an item name is a safe, single path component."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"item names must be non-empty strings, got {name!r}")
-    problem = None
-    if "/" in name or "\\" in name:
-        problem = "contains a path separator"
-    elif ".." in name:
-        problem = "contains '..'"
-    elif name.startswith("__") or name.startswith("."):
-        problem = "starts with '__' or '.'"
-    elif name in RESERVED_NAMES:
-        problem = "is reserved for the checkpoint's own objects"
-    elif any(ord(c) < 32 for c in name) or atomicity.TMP_INFIX in name:
-        problem = "contains control characters or a temporary-name marker"
-    if problem:
-        raise ValueError(f"invalid item name {name!r}: it {problem}; use a plain name like 'state'")
-    return name
 
 
 class CompositeCheckpointHandler(AsyncCheckpointHandler):

@@ -173,19 +173,16 @@ class CheckpointManager:
         return f"{self._options.step_prefix}_{digits}" if self._options.step_prefix else digits
 
     def _parse_step(self, name: str) -> int | None:
-        prefix = self._options.step_prefix
-        if prefix:
-            if not name.startswith(prefix + "_"):
-                return None
-            name = name[len(prefix) + 1 :]
-        if not name.isdigit():
+        """The step ``name`` denotes, only if it is exactly what ``step_name`` writes.
+
+        Anything else (``00000007`` without zero-padding, ``²``, a thousand
+        digits) is not a step of this manager: ignored, never an error.
+        """
+        found = re.fullmatch(r"(?:(.*)_)?([0-9]{1,40})", name)
+        if found is None or found.group(1) != self._options.step_prefix:
             return None
-        if (
-            self._options.step_format_fixed_length
-            and len(name) != self._options.step_format_fixed_length
-        ):
-            return None
-        return int(name)
+        step = int(found.group(2))
+        return step if self.step_name(step) == name else None
 
     def step_path(self, step: int) -> StoragePath:
         return self._root / self.step_name(step)

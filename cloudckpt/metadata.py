@@ -6,12 +6,40 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+import atomicity
 from cloudckpt import _jsonio
+from cloudckpt.errors import CorruptCheckpointError
 from cloudckpt.path import StoragePath
 
 STEP_METADATA_NAME = "_CHECKPOINT_METADATA"
 #: Bumped when the on-storage format changes incompatibly (docs/FORMAT.md).
 FORMAT_VERSION = 1
+#: Names an item may not take: they are the step's own objects.
+RESERVED_NAMES = frozenset({STEP_METADATA_NAME, atomicity.MARKER_NAME, atomicity.CLAIM_NAME})
+
+
+def validate_item_name(name: object) -> str:
+    """Checks that an item name is a safe, single path component.
+
+    The same rule holds for names given to a save and for names read back
+    from step metadata, so a stored name can never address outside its step.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"item names must be non-empty strings, got {name!r}")
+    problem = None
+    if "/" in name or "\\" in name:
+        problem = "contains a path separator"
+    elif ".." in name:
+        problem = "contains '..'"
+    elif name.startswith("__") or name.startswith("."):
+        problem = "starts with '__' or '.'"
+    elif name in RESERVED_NAMES:
+        problem = "is reserved for the checkpoint's own objects"
+    elif any(ord(c) < 32 for c in name) or atomicity.TMP_INFIX in name:
+        problem = "contains control characters or a temporary-name marker"
+    if problem:
+        raise ValueError(f"invalid item name {name!r}: it {problem}; use a plain name like 'state'")
+    return name
 
 
 @dataclass
@@ -46,16 +74,58 @@ class StepMetadata:
 
     @classmethod
     def from_json(cls, data: Any, *, where: str) -> StepMetadata:
-        if not isinstance(data, dict):
-            raise ValueError(f"{where} is not step metadata")
+        """Validates a stored payload (untrusted) and types it.
+
+        Raises:
+            ValueError: a newer format version (upgrade cloudckpt).
+            CorruptCheckpointError: anything the writer does not produce, such
+                as an item name that is not a plain path component.
+        """
+        if type(data) is not dict:
+            raise CorruptCheckpointError(f"{where} is not step metadata; restore another step")
         version = data.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        if type(version) is int and version > FORMAT_VERSION:
             raise ValueError(
                 f"{where} has format version {version!r}; this cloudckpt reads up to "
                 f"{FORMAT_VERSION}. Upgrade cloudckpt to read it."
             )
+        problem = _problem(data)
+        if problem:
+            raise CorruptCheckpointError(
+                f"{where} is corrupt: {problem}. It is not what cloudckpt writes; restore "
+                "another step"
+            )
         known = {f.name for f in dataclasses.fields(cls)} - {"item_metadata"}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        values = {k: v for k, v in data.items() if k in known}
+        for name in ("metrics", "custom"):
+            values[name] = values.get(name) or {}
+        return cls(**values)
+
+
+def _problem(data: dict[str, Any]) -> str | None:
+    """What makes a step-metadata payload one the writer cannot have produced, if anything."""
+    version = data.get("format_version")
+    if type(version) is not int or version < 1:
+        return f"format_version {version!r} is not a version number"
+    handlers = data.get("item_handlers")
+    if type(handlers) is dict:
+        for name, typestr in handlers.items():
+            try:
+                validate_item_name(name)
+            except ValueError as exc:
+                return str(exc).split(";")[0]
+            if type(typestr) is not str or not typestr:
+                return f"item {name!r} has handler {typestr!r}, not a handler name"
+    elif handlers is not None and (type(handlers) is not str or not handlers):
+        return f"item_handlers {handlers!r} is neither a handler name nor a map of items"
+    for name in ("metrics", "custom"):
+        if data.get(name) is not None and type(data[name]) is not dict:
+            return f"{name} is {type(data[name]).__name__}, not an object"
+    for name in ("init_timestamp_nsecs", "commit_timestamp_nsecs"):
+        value = data.get(name)
+        if value is not None and (type(value) is not int or value < 0):
+            return f"{name} {value!r} is not a timestamp"
+    return None
 
 
 async def write_step_metadata(directory: StoragePath, metadata: StepMetadata) -> None:

@@ -15,6 +15,7 @@ never read.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import logging
 import math
@@ -31,9 +32,12 @@ from cloudckpt import _jsonio
 from cloudckpt._args_base import CheckpointArgs
 from cloudckpt.errors import CorruptCheckpointError
 from cloudckpt.handlers.base import AsyncCheckpointHandler
+from cloudckpt.handlers.pytree import _backing, _document
 from cloudckpt.handlers.pytree import _keys as keys
 from cloudckpt.handlers.pytree import _layout as layout
 from cloudckpt.handlers.pytree._budget import ByteBudget
+from cloudckpt.handlers.pytree._document import PYTREE_FORMAT, Leaf, PytreeDocument
+from cloudckpt.handlers.pytree._host import little_endian
 from cloudckpt.handlers.pytree._tree import flatten, rebuild, unflatten_like
 from cloudckpt.metadata import write_object
 from cloudckpt.path import StoragePath
@@ -42,7 +46,6 @@ from cloudckpt.registry import register_with_handler
 logger = logging.getLogger(__name__)
 
 METADATA_NAME = "pytree.json"
-PYTREE_FORMAT = 1
 _MiB = 1 << 20
 
 
@@ -251,6 +254,7 @@ class StandardCheckpointHandler(AsyncCheckpointHandler):
                 plan.leaves_json.append({"path": path, "kind": "str", "value": value})
                 continue
             kind, array = _as_array(path, value)
+            array = little_endian(array)
             dtype = np.dtype(array.dtype)
             shape = tuple(int(n) for n in array.shape)
             nbytes = math.prod(shape) * dtype.itemsize
@@ -436,21 +440,17 @@ class StandardCheckpointHandler(AsyncCheckpointHandler):
         await asyncio.gather(*(kvstore.write(name, buf.tobytes()) for name, buf in packs.items()))
 
     # ---------------------------------------------------------------------- restore
-    async def _read_document(self, directory: StoragePath) -> dict[str, Any]:
+    async def _read_document(self, directory: StoragePath) -> PytreeDocument:
         target = directory / METADATA_NAME
         data = await target.backend.get(target.path)
         if data is None:
             raise FileNotFoundError(f"no pytree at {directory} ({METADATA_NAME} is missing)")
-        document = _jsonio.loads(data, where=str(target))
-        if document.get("format", 0) > PYTREE_FORMAT:
-            raise ValueError(f"{target} was written by a newer cloudckpt; upgrade to read it")
-        return document
+        return _document.parse_pytree(_jsonio.loads(data, where=str(target)), where=str(target))
 
     async def metadata(self, directory: StoragePath) -> Any:
         document = await self._read_document(directory)
-        shardings = document.get("shardings", [])
-        values = [_leaf_metadata(leaf, shardings) for leaf in document["leaves"]]
-        return rebuild(document["skeleton"], values)
+        values = [_leaf_metadata(leaf, document.shardings) for leaf in document.leaves]
+        return rebuild(document.skeleton, values)
 
     async def restore(self, directory: StoragePath, args: CheckpointArgs | None = None) -> Any:
         if args is None:
@@ -460,17 +460,25 @@ class StandardCheckpointHandler(AsyncCheckpointHandler):
                 f"StandardCheckpointHandler restores with StandardRestore args, got {type(args).__name__}"
             )
         document = await self._read_document(directory)
-        saved = document["leaves"]
+        saved = document.leaves
         reader = _Reader(directory, saved, ByteBudget(self.max_inflight_bytes))
         if args.target is None:
+            await _backing.check_stored(directory, document, range(len(saved)))
             await reader.prefetch_packed(
                 (i, reader.regions_for(i, None)) for i in range(len(saved))
             )
             values = await asyncio.gather(*(reader.leaf_to_host(i) for i in range(len(saved))))
-            return rebuild(document["skeleton"], list(values))
-        by_path = {leaf["path"]: i for i, leaf in enumerate(saved)}
+            return rebuild(document.skeleton, list(values))
+        by_path = {leaf.path: i for i, leaf in enumerate(saved)}
         targets, _ = flatten(args.target)
         plan = _match(directory, targets, saved, by_path, strict=args.strict)
+        # A target's own shape bounds what is allocated for it; a shape taken from the
+        # checkpoint (no shape, or its own ArrayMetadata) must first be backed by storage.
+        await _backing.check_stored(
+            directory,
+            document,
+            (i for i, t in plan.reads if isinstance(t, ArrayMetadata) or not hasattr(t, "shape")),
+        )
         await reader.prefetch_packed((i, reader.regions_for(i, t)) for i, t in plan.reads)
         results = await asyncio.gather(*(reader.leaf_like(i, t) for i, t in plan.reads))
         values = {path: value for (path, _), value in zip(plan.paths, results, strict=True)}
@@ -478,42 +486,31 @@ class StandardCheckpointHandler(AsyncCheckpointHandler):
         return unflatten_like(args.target, values)
 
 
-def _leaf_metadata(leaf: dict[str, Any], shardings: list[Any]) -> Any:
-    if leaf["kind"] == "str":
-        return leaf["value"]
+def _leaf_metadata(leaf: Leaf, shardings: list[Any]) -> Any:
+    if leaf.dtype is None:
+        return leaf.value
     if keys.is_key_leaf(leaf):
         return _key_metadata(leaf, shardings)
-    dtype = np.dtype(_dtype_from_name(leaf["dtype"]))
-    shape = tuple(leaf["shape"])
     return ArrayMetadata(
-        shape=shape,
-        dtype=dtype,
-        sharding=None if leaf.get("sharding") is None else shardings[leaf["sharding"]],
-        kind=leaf["kind"],
-        nbytes=math.prod(shape) * dtype.itemsize,
+        shape=leaf.shape,
+        dtype=leaf.dtype,
+        sharding=None if leaf.sharding is None else shardings[leaf.sharding],
+        kind=leaf.kind,
+        nbytes=leaf.nbytes,
     )
 
 
-def _key_metadata(leaf: dict[str, Any], shardings: list[Any]) -> ArrayMetadata:
+def _key_metadata(leaf: Leaf, shardings: list[Any]) -> ArrayMetadata:
     _, dtype, _ = keys.impl_facts(leaf)
     shape = keys.key_shape_of(leaf)
-    sharding = None if leaf.get("sharding") is None else shardings[leaf["sharding"]]
+    sharding = None if leaf.sharding is None else shardings[leaf.sharding]
     return ArrayMetadata(
         shape=shape,
         dtype=dtype,
         sharding=keys.logical_sharding(sharding, len(shape)),
-        kind=leaf["kind"],
-        nbytes=math.prod(leaf["shape"]) * 4,  # uint32 key data
+        kind=leaf.kind,
+        nbytes=leaf.nbytes,  # the uint32 key data
     )
-
-
-def _dtype_from_name(name: str) -> np.dtype:
-    try:
-        return np.dtype(name)
-    except TypeError:
-        import ml_dtypes
-
-        return np.dtype(getattr(ml_dtypes, name))
 
 
 async def _ts_open(spec: dict[str, Any], context: ts.Context) -> Any:
@@ -550,7 +547,7 @@ class _MatchPlan:
 def _match(
     directory: StoragePath,
     targets: list[tuple[str, Any]],
-    saved: list[dict[str, Any]],
+    saved: Sequence[Leaf],
     by_path: dict[str, int],
     *,
     strict: bool,
@@ -569,19 +566,17 @@ def _match(
             if problem is not None:
                 (shapes if problem[0] == "shape" else kinds).append(problem[1])
                 continue
-        elif leaf["kind"] == "str" or isinstance(target, str):
-            if not (leaf["kind"] == "str" and isinstance(target, str)):
-                kinds.append(f"{path} (saved {leaf['kind']}, target {type(target).__name__})")
+        elif leaf.kind == "str" or isinstance(target, str):
+            if not (leaf.kind == "str" and isinstance(target, str)):
+                kinds.append(f"{path} (saved {leaf.kind}, target {type(target).__name__})")
                 continue
         elif hasattr(target, "shape") and hasattr(target, "dtype"):
-            if tuple(target.shape) != tuple(leaf["shape"]):
-                shapes.append(
-                    f"{path}: target {tuple(target.shape)} vs saved {tuple(leaf['shape'])}"
-                )
+            if tuple(target.shape) != leaf.shape:
+                shapes.append(f"{path}: target {tuple(target.shape)} vs saved {leaf.shape}")
                 continue
-            if np.dtype(target.dtype) != _dtype_from_name(leaf["dtype"]):
+            if np.dtype(target.dtype) != leaf.dtype:
                 dtypes.append(
-                    f"{path}: target {np.dtype(target.dtype).name} vs saved {leaf['dtype']}"
+                    f"{path}: target {np.dtype(target.dtype).name} vs saved {leaf.dtype_name}"
                 )
         plan.reads.append((i, target))
         plan.paths.append((path, target))
@@ -631,9 +626,7 @@ def _few(title: str, items: list[str], n: int = 5) -> str:
 class _Reader:
     """Reads saved leaves, region by region, within a byte budget."""
 
-    def __init__(
-        self, directory: StoragePath, saved: list[dict[str, Any]], budget: ByteBudget
-    ) -> None:
+    def __init__(self, directory: StoragePath, saved: Sequence[Leaf], budget: ByteBudget) -> None:
         self.directory = directory
         self.saved = saved
         self.budget = budget
@@ -645,11 +638,11 @@ class _Reader:
     def regions_for(self, leaf: int, target: Any) -> list[layout.Index]:
         """The regions of ``leaf`` this process reads for ``target`` (None: all of it)."""
         info = self.saved[leaf]
-        if info["kind"] == "str":
+        if info.kind == "str":
             return []
         if keys.is_key_leaf(info):
             return keys.regions(info, target)
-        shape = tuple(info["shape"])
+        shape = info.shape
         sharding = getattr(target, "sharding", None)
         if not isinstance(sharding, jax.sharding.Sharding):
             return [layout.full_index(shape)]
@@ -669,11 +662,11 @@ class _Reader:
         """
         wanted: dict[str, list[layout.PackEntry]] = {}
         for leaf, regions in requests:
-            storage = self.saved[leaf].get("storage", {})
-            if storage.get("type") != "packed":
+            storage = self.saved[leaf].storage
+            if not isinstance(storage, _document.PackedStorage):
                 continue
-            for raw in storage["entries"]:
-                entry = layout.PackEntry.from_json(leaf, raw)
+            for entry in storage.entries:
+                entry = dataclasses.replace(entry, leaf=leaf)
                 if (leaf, entry.index) in self._packed:
                     continue
                 if any(_overlap(entry.index, r) is not None for r in regions):
@@ -722,11 +715,12 @@ class _Reader:
 
     def _open(self, leaf: int) -> Awaitable[Any]:
         if leaf not in self._stores:
-            storage = self.saved[leaf]["storage"]
+            storage = self.saved[leaf].storage
+            assert isinstance(storage, _document.ZarrStorage)
             spec = {
                 "driver": "zarr3",
-                "kvstore": (self.directory / storage["key"]).kvstore_spec(),
-                "metadata": storage["metadata"],
+                "kvstore": (self.directory / storage.key).kvstore_spec(),
+                "metadata": storage.metadata,
                 "assume_metadata": True,
                 "fill_missing_data_reads": False,
                 "recheck_cached_data": False,
@@ -744,13 +738,15 @@ class _Reader:
     async def region(self, leaf: int, index: layout.Index) -> np.ndarray:
         """The saved values of ``leaf`` over ``index``, as a host array of the saved dtype."""
         info = self.saved[leaf]
-        dtype = _dtype_from_name(info["dtype"])
+        dtype = info.dtype
+        assert dtype is not None
         shape = layout.index_shape(index)
-        storage = info["storage"]
-        if storage["type"] == "empty" or math.prod(shape) == 0:
+        storage = info.storage
+        if isinstance(storage, _document.EmptyStorage) or math.prod(shape) == 0:
             return np.zeros(shape, dtype)
-        if storage["type"] == "packed":
+        if isinstance(storage, _document.PackedStorage):
             return await self._packed_region(leaf, index, dtype)
+        assert isinstance(storage, _document.ZarrStorage)
         store = await self._open(leaf)
         nbytes = math.prod(shape) * dtype.itemsize
         async with self.budget.hold(nbytes):
@@ -758,7 +754,7 @@ class _Reader:
                 data = await store[layout.index_slices(index)].read()
             except Exception as exc:
                 raise _storage_error(
-                    exc, {"kvstore": (self.directory / storage["key"]).kvstore_spec()}
+                    exc, {"kvstore": (self.directory / storage.key).kvstore_spec()}
                 ) from exc
         return data if data.dtype == dtype else data.view(dtype)
 
@@ -766,8 +762,9 @@ class _Reader:
         await self.prefetch_packed([(leaf, [index])])  # no request for entries already read
         out = np.empty(layout.index_shape(index), dtype)
         covered = 0
-        for raw in self.saved[leaf]["storage"]["entries"]:
-            entry = layout.PackEntry.from_json(leaf, raw)
+        storage = self.saved[leaf].storage
+        assert isinstance(storage, _document.PackedStorage)
+        for entry in storage.entries:  # they tile the leaf (checked by parse_pytree)
             overlap = _overlap(entry.index, index)
             if overlap is None:
                 continue
@@ -781,7 +778,7 @@ class _Reader:
             covered += math.prod(layout.index_shape(overlap))
         if covered != out.size:
             raise CorruptCheckpointError(
-                f"packed data of leaf {self.saved[leaf]['path']} in {self.directory} does not cover "
+                f"packed data of leaf {self.saved[leaf].path} in {self.directory} does not cover "
                 "the requested region; the pytree metadata is corrupt"
             )
         return out
@@ -789,9 +786,9 @@ class _Reader:
     async def leaf_to_host(self, leaf: int) -> Any:
         """A leaf as saved, on the host (numpy array, numpy scalar, Python scalar, str)."""
         info = self.saved[leaf]
-        if info["kind"] == "str":
-            return info["value"]
-        value = await self.region(leaf, layout.full_index(tuple(info["shape"])))
+        if info.kind == "str":
+            return info.value
+        value = await self.region(leaf, layout.full_index(info.shape))
         if keys.is_key_leaf(info):
             return keys.wrap_host(info, value)
         return _as_kind(info, value)
@@ -799,14 +796,12 @@ class _Reader:
     async def leaf_like(self, leaf: int, target: Any) -> Any:
         """A leaf shaped, typed and placed like ``target``."""
         info = self.saved[leaf]
-        if info["kind"] == "str":
-            return info["value"]
+        if info.kind == "str":
+            return info.value
         if keys.is_key_leaf(info):
             return await keys.read_like(info, target, lambda index: self.region(leaf, index))
-        shape = tuple(info["shape"])
-        dtype = (
-            np.dtype(target.dtype) if hasattr(target, "dtype") else _dtype_from_name(info["dtype"])
-        )
+        shape = info.shape
+        dtype = np.dtype(target.dtype) if hasattr(target, "dtype") else info.dtype
         sharding = getattr(target, "sharding", None)
         if not isinstance(sharding, jax.sharding.Sharding):
             value = await self.region(leaf, layout.full_index(shape))
@@ -826,10 +821,10 @@ class _Reader:
         )
 
 
-def _as_kind(info: dict[str, Any], value: np.ndarray) -> Any:
-    kind = info["kind"]
+def _as_kind(info: Leaf, value: np.ndarray) -> Any:
+    kind = info.kind
     if kind == "py":
-        return {"bool": bool, "int": int, "float": float, "complex": complex}[info["py_type"]](
+        return {"bool": bool, "int": int, "float": float, "complex": complex}[str(info.py_type)](
             value.item()
         )
     if kind == "np_scalar":

@@ -26,6 +26,7 @@ import numpy as np
 
 from cloudckpt.errors import CorruptCheckpointError
 from cloudckpt.handlers.pytree import _layout as layout
+from cloudckpt.handlers.pytree._document import Leaf
 
 #: The field a key leaf adds to its ``pytree.json`` entry.
 IMPL_FIELD = "prng_impl"
@@ -46,9 +47,9 @@ def is_key(value: Any) -> bool:
         return False
 
 
-def is_key_leaf(info: dict[str, Any]) -> bool:
-    """Whether a saved leaf entry holds typed keys."""
-    return IMPL_FIELD in info
+def is_key_leaf(info: Leaf) -> bool:
+    """Whether a saved leaf holds typed keys."""
+    return info.prng_impl is not None
 
 
 @cache
@@ -59,15 +60,15 @@ def _impl_facts(name: str) -> tuple[Any, tuple[int, ...]]:
     return key.dtype, tuple(data.shape)
 
 
-def impl_facts(info: dict[str, Any]) -> tuple[str, Any, tuple[int, ...]]:
+def impl_facts(info: Leaf) -> tuple[str, Any, tuple[int, ...]]:
     """(implementation name, key dtype, key shape) of a saved key leaf, validated.
 
     Raises:
         CorruptCheckpointError: The entry names an implementation this jax does
             not know, or its stored shape and dtype do not fit it.
     """
-    name = info.get(IMPL_FIELD)
-    where = f"leaf {info.get('path')!r}"
+    name = info.prng_impl
+    where = f"leaf {info.path!r}"
     if not isinstance(name, str) or not name:
         raise CorruptCheckpointError(f"{where}: {IMPL_FIELD} must be a name, got {name!r}")
     try:
@@ -77,23 +78,23 @@ def impl_facts(info: dict[str, Any]) -> tuple[str, Any, tuple[int, ...]]:
             f"{where} holds PRNG keys of implementation {name!r}, which this jax does not know; "
             "register it (jax.extend.random.define_prng_impl) or upgrade jax"
         ) from exc
-    shape = info.get("shape")
+    shape = info.shape
     if (
-        info.get("dtype") != "uint32"
-        or not isinstance(shape, list)
+        info.dtype_name != "uint32"
+        or len(shape) < len(key_shape)
         or tuple(shape[len(shape) - len(key_shape) :]) != key_shape
     ):
         raise CorruptCheckpointError(
             f"{where}: {name} keys are stored as uint32 with trailing dims {list(key_shape)}, "
-            f"the entry says {info.get('dtype')} {shape}; the pytree metadata is corrupt"
+            f"the entry says {info.dtype_name} {list(shape)}; the pytree metadata is corrupt"
         )
     return name, dtype, key_shape
 
 
-def key_shape_of(info: dict[str, Any]) -> tuple[int, ...]:
+def key_shape_of(info: Leaf) -> tuple[int, ...]:
     """The logical shape of a saved key leaf (its key data's without the key dims)."""
     _, _, key_shape = impl_facts(info)
-    shape = tuple(info["shape"])
+    shape = info.shape
     return shape[: len(shape) - len(key_shape)]
 
 
@@ -114,14 +115,14 @@ def key_data(value: jax.Array) -> jax.Array:
 
 
 # --------------------------------------------------------------------------- restore
-def mismatch(path: str, info: dict[str, Any], target: Any) -> tuple[str, str] | None:
+def mismatch(path: str, info: Leaf, target: Any) -> tuple[str, str] | None:
     """Why ``target`` cannot receive saved leaf ``info``: (category, text), or None.
 
     Called when either side holds typed keys. Categories: ``shape``,
     ``kind`` (keys against non-keys, or another implementation).
     """
     if not is_key_leaf(info):
-        saved = info.get("dtype") or info.get("kind")
+        saved = info.dtype_name or info.kind
         return "kind", (
             f"{path} (saved {saved} data, target PRNG keys {target.dtype}; "
             "raw uint32 keys restore into a uint32 target, then jax.random.wrap_key_data)"
@@ -144,22 +145,22 @@ def mismatch(path: str, info: dict[str, Any], target: Any) -> tuple[str, str] | 
     return None
 
 
-def regions(info: dict[str, Any], target: Any) -> list[layout.Index]:
+def regions(info: Leaf, target: Any) -> list[layout.Index]:
     """The key-data regions this process reads for ``target`` (None: all of it).
 
     Validates the entry first, so a corrupt one is reported before any data is read.
     """
     impl_facts(info)
-    data_shape = tuple(info["shape"])
+    data_shape = info.shape
     sharding = getattr(target, "sharding", None)
     if not isinstance(sharding, jax.sharding.Sharding):
         return [layout.full_index(data_shape)]
     return sorted(set(_device_regions(info, sharding).values()))
 
 
-def _device_regions(info: dict[str, Any], sharding: Any) -> dict[Any, layout.Index]:
+def _device_regions(info: Leaf, sharding: Any) -> dict[Any, layout.Index]:
     """Per addressable device, the region of key data its shard of the keys holds."""
-    data_shape = tuple(info["shape"])
+    data_shape = info.shape
     shape = key_shape_of(info)
     tail = tuple((0, n) for n in data_shape[len(shape) :])
     return {
@@ -168,20 +169,20 @@ def _device_regions(info: dict[str, Any], sharding: Any) -> dict[Any, layout.Ind
     }
 
 
-def wrap_host(info: dict[str, Any], data: np.ndarray) -> jax.Array:
+def wrap_host(info: Leaf, data: np.ndarray) -> jax.Array:
     """Host key data as a typed key array of the saved implementation."""
     name, _, _ = impl_facts(info)
     return jax.random.wrap_key_data(data, impl=name)
 
 
 async def read_like(
-    info: dict[str, Any],
+    info: Leaf,
     target: Any,
     region: Callable[[layout.Index], Awaitable[np.ndarray]],
 ) -> jax.Array:
     """Saved keys placed like ``target``, each device's shard read by ``region``."""
     name, _, _ = impl_facts(info)
-    data_shape = tuple(info["shape"])
+    data_shape = info.shape
     sharding = getattr(target, "sharding", None)
     if not isinstance(sharding, jax.sharding.Sharding):
         return jax.random.wrap_key_data(await region(layout.full_index(data_shape)), impl=name)

@@ -218,13 +218,6 @@ class PackEntry:
     def to_json(self) -> list[Any]:
         return [self.obj, self.offset, self.nbytes, [list(r) for r in self.index]]
 
-    @classmethod
-    def from_json(cls, leaf: int, data: list[Any]) -> PackEntry:
-        obj, offset, nbytes, index = data
-        return cls(
-            leaf, tuple((int(a), int(b)) for a, b in index), -1, str(obj), int(offset), int(nbytes)
-        )
-
 
 def pack_layout(shards: list[tuple[int, Shard]], max_object_bytes: int) -> list[PackEntry]:
     """Assigns packed shards (leaf id, shard) to objects ``packs/<writer>.<n>``, in order."""
