@@ -211,7 +211,13 @@ def test_unknown_or_inconsistent_implementation_is_corruption(
     document = _jsonio.loads(path.read_bytes(), where="test")
     for field, value, message in (
         ("prng_impl", "no_such_rng", "implementation 'no_such_rng', which this jax does not know"),
-        ("shape", [3], r"stored as uint32 with trailing dims \[2\], the entry says uint32 \[3\]"),
+        (
+            "dtype",
+            "int32",
+            r"stored as uint32 with trailing dims \[2\], the entry says int32 \[2\]",
+        ),
+        # A shape its stored bytes do not back is refused before the key check.
+        ("shape", [3], r"pack entries overlap or leave part of the array uncovered"),
     ):
         changed = json.loads(json.dumps(document))
         changed["leaves"][0][field] = value
