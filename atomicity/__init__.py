@@ -24,14 +24,17 @@ from atomicity.discovery import (
     scan,
     settle,
 )
-from atomicity.errors import ClaimLostError, ValidationError
+from atomicity.errors import ClaimLostError, OutcomeUnknownError, ValidationError
 from atomicity.paths import (
+    ATTEMPT_TAG,
     CLAIM_NAME,
     MARKER_NAME,
     TMP_INFIX,
     AtomicRenamePath,
     CommitMarkerPath,
     TemporaryPath,
+    attempt_dir,
+    attempt_of,
     default_temporary_path_class,
     delete_stale,
     final_name_of,
@@ -43,6 +46,7 @@ from atomicity.paths import (
 from atomicity.store import ObjectInfo, Store, Versioned, join
 
 __all__ = [
+    "ATTEMPT_TAG",
     "CLAIM_NAME",
     "COMMITTED",
     "DEFAULT_GRACE_S",
@@ -57,11 +61,14 @@ __all__ = [
     "ClaimLostError",
     "CommitMarkerPath",
     "ObjectInfo",
+    "OutcomeUnknownError",
     "Settlement",
     "Store",
     "TemporaryPath",
     "ValidationError",
     "Versioned",
+    "attempt_dir",
+    "attempt_of",
     "cleanup_uncommitted",
     "default_temporary_path_class",
     "delete_checkpoint",

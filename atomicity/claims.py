@@ -90,6 +90,18 @@ def pid_alive(pid: int) -> bool:
     return state not in (b"Z", b"X")
 
 
+_IDENTITY: dict[int, tuple[str, str | None, str | None]] = {}
+
+
+def _this_process() -> tuple[int, str, str | None, str | None]:
+    """(pid, host, pid start, PID namespace) of this process, cached per PID (forks differ)."""
+    pid = os.getpid()
+    known = _IDENTITY.get(pid)
+    if known is None:
+        known = _IDENTITY[pid] = (socket.gethostname(), _process_start_token(pid), pid_namespace())
+    return (pid, *known)
+
+
 @dataclass(frozen=True)
 class Claim:
     """One version of the ownership record of a save attempt.
@@ -120,16 +132,16 @@ class Claim:
     @classmethod
     def new(cls, grace_s: float = DEFAULT_GRACE_S, attempt: str | None = None) -> Claim:
         """A ``writing`` claim for this process; ``attempt`` is shared by all processes of a save."""
-        pid = os.getpid()
+        pid, host, pid_start, pidns = _this_process()
         return cls(
             attempt=attempt or uuid.uuid4().hex,
-            host=socket.gethostname(),
+            host=host,
             pid=pid,
-            pid_start=_process_start_token(pid),
+            pid_start=pid_start,
             created_ns=time.time_ns(),
             grace_s=float(grace_s),
             nonce=uuid.uuid4().hex,
-            pidns=pid_namespace(),
+            pidns=pidns,
         )
 
     def next(self, state: str | None = None) -> Claim:
@@ -195,12 +207,11 @@ class Claim:
         Hostname alone is not proof: containers sharing a hostname have
         separate PID namespaces, so the namespace must match too.
         """
-        if self.pid is None or self.host != socket.gethostname():
+        _, host, _, pidns = _this_process()
+        if self.pid is None or self.host != host:
             return False
-        if self.pidns is not None and self.pidns != pid_namespace():
-            return False
-        if self.pidns is None and pid_namespace() is not None:
-            return False  # written before namespaces were recorded: no proof
+        if self.pidns != pidns and not (self.pidns is None and pidns is None):
+            return False  # another PID namespace (or not recorded): no proof either way
         if not pid_alive(self.pid):
             return True
         start = _process_start_token(self.pid)

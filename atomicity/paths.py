@@ -32,7 +32,7 @@ import warnings
 from typing import ClassVar, Protocol, Self
 
 from atomicity.claims import COMMITTED, DEFAULT_GRACE_S, DELETING, REVOKED, Claim
-from atomicity.errors import ClaimLostError, ValidationError
+from atomicity.errors import ClaimLostError, OutcomeUnknownError, ValidationError
 from atomicity.store import Store, Versioned, basename, join, parent
 
 logger = logging.getLogger(__name__)
@@ -125,6 +125,51 @@ async def read_versioned_claim(store: Store, path: str) -> tuple[Claim | None, V
     return Claim.from_bytes(current.data), current
 
 
+#: A path component ``@<attempt>`` marks an object as written by that attempt only.
+ATTEMPT_TAG = "@"
+
+
+def attempt_dir(path: str, attempt: str) -> str:
+    """Where an attempt writes objects under its own names (``<path>/@<attempt>``).
+
+    Objects under their attempt's own names can never be mixed up with
+    another attempt's: a writer paused past its fence writes only its own
+    names, and clean-up deletes only attempts that can no longer commit.
+    """
+    return join(path, f"{ATTEMPT_TAG}{attempt}")
+
+
+def attempt_of(relative: str) -> str | None:
+    """The attempt tag of an object path relative to its step, if it carries one."""
+    for part in relative.split("/"):
+        if part.startswith(ATTEMPT_TAG) and len(part) > 1:
+            return part[1:]
+    return None
+
+
+async def _garbage(store: Store, path: str, version: str, keep_attempt: str | None) -> list[str]:
+    """Objects under ``path`` to delete, for the holder of claim ``version``.
+
+    Listed first, then the claim is read back: if it is no longer ``version``
+    (a writer took over this caller's tombstone), nothing is deleted, since
+    everything there may be the new holder's. Otherwise every listed object
+    goes except the claim and the objects of ``keep_attempt`` (a writer
+    clearing its step keeps its own). An object written after the listing is
+    never deleted; one written by a later holder under the same name as a
+    listed one (fixed, untagged names) can be: that holder needed this
+    caller's tombstone to be stale first (see docs/FORMAT.md, I5).
+    """
+    keep = join(path, CLAIM_NAME)
+    start = len(path.rstrip("/")) + 1
+    listed = [info.path async for info in store.list_prefix(path) if info.path != keep]
+    if not listed:
+        return []
+    current = await store.get_versioned(keep)
+    if current is None or current.version != version:
+        return []
+    return [p for p in listed if keep_attempt is None or attempt_of(p[start:]) != keep_attempt]
+
+
 async def delete_stale(store: Store, path: str) -> None:
     """Deletes the objects under ``path``, the claim last (so an interruption stays recognisable).
 
@@ -139,11 +184,9 @@ async def delete_stale(store: Store, path: str) -> None:
 
 async def _delete_fenced(store: Store, path: str, version: str) -> None:
     """Deletes ``path`` whose claim is the tombstone ``version`` this caller wrote."""
-    keep = join(path, CLAIM_NAME)
-    doomed = [info.path async for info in store.list_prefix(path) if info.path != keep]
-    await store.delete_many(doomed)
+    await store.delete_many(await _garbage(store, path, version, None))
     # Conditional where the store can: a writer that took over the tombstone keeps its claim.
-    await store.delete_versioned(keep, version)
+    await store.delete_versioned(join(path, CLAIM_NAME), version)
 
 
 class _ClaimedPath:
@@ -311,13 +354,10 @@ class CommitMarkerPath(_ClaimedPath):
     async def _remove_leftovers(self) -> None:
         # Whatever a stale attempt or an interrupted deletion left behind must
         # not survive into this checkpoint; the attempt that wrote it is fenced.
-        claim_path = self._claim_path()
-        doomed = [
-            info.path
-            async for info in self._store.list_prefix(self._final)
-            if info.path != claim_path
-        ]
-        await self._store.delete_many(doomed)
+        assert self._version is not None
+        await self._store.delete_many(
+            await _garbage(self._store, self._final, self._version, self._claim.attempt)
+        )
 
     async def finalize(self) -> None:
         if self._version is None:
@@ -336,6 +376,17 @@ class CommitMarkerPath(_ClaimedPath):
         await self._write_marker(self._final)
 
     async def abort(self) -> bool:
+        try:
+            return await self._abort()
+        except OutcomeUnknownError:
+            raise
+        except Exception as exc:
+            raise OutcomeUnknownError(
+                f"the save of {self._final} failed and its outcome could not be read back "
+                f"({type(exc).__name__}: {exc}); it is committed only if `cloudckpt ls` lists it"
+            ) from exc
+
+    async def _abort(self) -> bool:
         if self._version is None:
             return False
         store, path = self._store, self._final
@@ -355,7 +406,9 @@ class CommitMarkerPath(_ClaimedPath):
             if version is not None:
                 await _delete_fenced(store, path, version)
                 return False
-        raise ConnectionError(f"could not settle the failed save at {path}; `cloudckpt gc` will")
+        raise OutcomeUnknownError(
+            f"could not settle the failed save at {path}: its claim keeps changing"
+        )
 
     @classmethod
     async def validate(cls, temporary_path: str, store: Store) -> None:

@@ -302,13 +302,16 @@ class _Commit:
                     error = exc
                     # The commit request may have taken effect although it failed
                     # here (a lost answer): read back before telling anyone.
-                    if await _remove_own_attempt(self.tmp):
-                        committed, error = True, None
-                        logger.warning(
-                            "the save of %s committed although finalize reported %r",
-                            self.location,
-                            exc,
-                        )
+                    try:
+                        if await _remove_own_attempt(self.tmp):
+                            committed, error = True, None
+                            logger.warning(
+                                "the save of %s committed although finalize reported %r",
+                                self.location,
+                                exc,
+                            )
+                    except atomicity.OutcomeUnknownError as unknown:
+                        error = unknown
             # The others learn whether the primary committed; the primary only tells.
             primary = group.options.primary_host
             await group.sync(
@@ -394,17 +397,13 @@ async def _remove_own_attempt(tmp: atomicity.TemporaryPath) -> bool:
 
     ``abort`` reads the claim back before deleting anything, so a step whose
     commit request took effect although its answer was lost (or a timeout
-    cancelled the wait) is never deleted. Shielded from a second cancellation:
-    a half-settled attempt is left to ``cloudckpt gc``, never half-deleted
-    without its fence.
+    cancelled the wait) is never deleted. Shielded from a second cancellation.
+
+    Raises:
+        atomicity.OutcomeUnknownError: the outcome could not be read back; the
+            caller must not report the save as failed.
     """
-    try:
-        return await asyncio.shield(tmp.abort())
-    except asyncio.CancelledError:
-        raise
-    except Exception:  # the next clean-up finishes the job
-        logger.warning("could not settle the failed save at %s", tmp.get(), exc_info=True)
-        return False
+    return await asyncio.shield(tmp.abort())
 
 
 @dataclass

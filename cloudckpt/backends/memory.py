@@ -1,5 +1,8 @@
 """``memory://`` backend: process-local, for fast unit tests only.
 
+Requests complete synchronously (tensorstore's memory driver does no I/O),
+which keeps the interleaving explorer's tens of thousands of schedules fast.
+
 Objects live in one tensorstore ``memory`` key-value store shared by the whole
 process, so array data written by tensorstore and the JSON objects written
 through this backend sit side by side, and listing or deleting a prefix sees
@@ -42,11 +45,11 @@ class MemoryBackend(Backend):
 
     async def _get(self, path: str, byte_range: tuple[int, int] | None) -> bytes | None:
         kwargs = {} if byte_range is None else {"byte_range": slice(*byte_range)}
-        result = await _KVSTORE.read(path, **kwargs)
+        result = _KVSTORE.read(path, **kwargs).result()
         return None if result.state == "missing" else bytes(result.value)
 
     async def _put(self, path: str, data: bytes) -> None:
-        stamp = await _KVSTORE.write(path, bytes(data))
+        stamp = _KVSTORE.write(path, bytes(data)).result()
         _MTIMES[path] = (bytes(stamp.generation).hex(), time.time())
 
     async def _create(self, path: str, data: bytes, token: str) -> None:
@@ -60,7 +63,7 @@ class MemoryBackend(Backend):
         return True
 
     async def _get_versioned(self, path: str) -> Versioned | None:
-        result = await _KVSTORE.read(path)
+        result = _KVSTORE.read(path).result()
         if result.state == "missing":
             return None
         return Versioned(bytes(result.value), _version(result), _mtime(path, result))
@@ -87,7 +90,7 @@ class MemoryBackend(Backend):
             return True
 
     async def _exists(self, path: str) -> bool:
-        return (await _KVSTORE.read(path)).state != "missing"
+        return _KVSTORE.read(path).result().state != "missing"
 
     async def _stat(self, path: str) -> ObjectInfo:
         result = await _KVSTORE.read(path)
@@ -97,10 +100,10 @@ class MemoryBackend(Backend):
 
     async def _list(self, prefix: str) -> list[ObjectInfo]:
         start = prefix + "/"
-        keys = await _KVSTORE.list(ts.KvStore.KeyRange(start, start[:-1] + "0"))
+        keys = _KVSTORE.list(ts.KvStore.KeyRange(start, start[:-1] + "0")).result()
         out = []
         for key in keys:
-            result = await _KVSTORE.read(key)
+            result = _KVSTORE.read(key).result()
             if result.state != "missing":
                 out.append(
                     ObjectInfo(key.decode(), len(result.value), _mtime(key.decode(), result))
