@@ -30,7 +30,7 @@ import os
 import socket
 import time
 import uuid
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 #: Default time after which an unrenewed claim is considered abandoned. Writers
 #: renew their claim well within it (see :data:`RENEW_FRACTION`).
@@ -150,7 +150,18 @@ class Claim:
         return replace(mine, state=state or self.state)
 
     def to_bytes(self) -> bytes:
-        return json.dumps({"claim": asdict(self)}, sort_keys=True).encode()
+        fields = {
+            "attempt": self.attempt,
+            "host": self.host,
+            "pid": self.pid,
+            "pid_start": self.pid_start,
+            "created_ns": self.created_ns,
+            "grace_s": self.grace_s,
+            "state": self.state,
+            "nonce": self.nonce,
+            "pidns": self.pidns,
+        }
+        return json.dumps({"claim": fields}, sort_keys=True).encode()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Claim | None:

@@ -21,7 +21,7 @@ import logging
 import uuid
 from dataclasses import dataclass, field
 
-from atomicity.claims import DELETING, REVOKED, Claim
+from atomicity.claims import COMMITTED, DELETING, REVOKED, Claim
 from atomicity.paths import (
     CLAIM_NAME,
     MARKER_NAME,
@@ -30,10 +30,11 @@ from atomicity.paths import (
     delete_stale,
     is_temporary_name,
     judge,
+    marker_bytes,
     read_versioned_claim,
     revoke_by_rename,
 )
-from atomicity.store import Store, join
+from atomicity.store import Store, Versioned, join
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +128,7 @@ class Settlement:
     deleted: bool
     reason: str
     claim: Claim | None = None
+    rolled_forward: bool = False
 
 
 async def settle(
@@ -149,6 +151,8 @@ async def settle(
         return Settlement(False, "committed")
     claim, current = await read_versioned_claim(store, child.path)
     now = store_now if store_now is not None else await store.now(join(child.path, CLAIM_NAME))
+    if claim is not None and current is not None and claim.state == COMMITTED:
+        return await _roll_forward(store, child, claim, current, now, dry_run=dry_run)
     if current is None:
         doomed, why = True, "no claim: debris of a crashed save or an interrupted deletion"
     else:
@@ -179,6 +183,26 @@ async def settle(
         return Settlement(False, "the claim changed since it was judged: left alone", claim)
     await _delete_fenced(store, child.path, version)
     return Settlement(True, why, claim)
+
+
+async def _roll_forward(
+    store: Store, child: ChildInfo, claim: Claim, current: Versioned, now: float, *, dry_run: bool
+) -> Settlement:
+    """A committed claim without its marker: its writer died between the commit point and
+    the marker. Once the claim is stale, clean-up writes the marker it would have written."""
+    where = claim.describe(current.mtime, now)
+    if not claim.owner_gone() and claim.store_age_s(current.mtime, now) <= claim.grace_s:
+        return Settlement(False, f"committed, marker not yet written ({where})", claim)
+    why = f"committed by its claim but its writer died before the marker: rolled forward ({where})"
+    if dry_run:
+        return Settlement(False, why, claim, rolled_forward=True)
+    await store.put_if_absent(join(child.path, MARKER_NAME), marker_bytes(claim.attempt))
+    after = await store.get_versioned(join(child.path, CLAIM_NAME))
+    if after is None or after.version != current.version:
+        # Possible only if this clean-up paused for longer than a whole delete and a new
+        # claim took (see docs/FORMAT.md, "Clean-up"); say so loudly rather than guess.
+        logger.error("the claim of %s changed while rolling its commit forward", child.path)
+    return Settlement(False, why, claim, rolled_forward=True)
 
 
 async def is_abandoned(store: Store, child: ChildInfo, now_ns: int | None = None) -> bool:

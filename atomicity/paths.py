@@ -102,7 +102,8 @@ class TemporaryPath(Protocol):
     async def validate_final(cls, final_path: str, store: Store) -> None: ...
 
 
-def _marker_bytes(attempt: str) -> bytes:
+def marker_bytes(attempt: str) -> bytes:
+    """The content of the marker that commits ``attempt``."""
     return b'{"committed_attempt": "%s"}' % attempt.encode()
 
 
@@ -259,7 +260,7 @@ class _ClaimedPath:
     async def _write_marker(self, where: str) -> None:
         """Creates the marker for this attempt (create-only), reading back a lost answer."""
         path = join(where, MARKER_NAME)
-        data = _marker_bytes(self._claim.attempt)
+        data = marker_bytes(self._claim.attempt)
         for _ in range(3):
             try:
                 if await self._store.put_if_absent(path, data):

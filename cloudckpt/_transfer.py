@@ -207,7 +207,7 @@ class GcEntry:
     url: str
     n_objects: int
     nbytes: int
-    action: str  # "delete", "spare" or "deleted"
+    action: str  # "delete", "spare", "deleted", or "commit"/"committed" (a roll-forward)
     reason: str
     claim: dict[str, Any] | None = None
 
@@ -260,13 +260,15 @@ async def collect_garbage(root: StoragePath, *, yes: bool, include_live: bool) -
             backend.url(child.path),
             child.n_objects,
             child.nbytes,
-            "delete" if judged.deleted else "spare",
+            "delete" if judged.deleted else "commit" if judged.rolled_forward else "spare",
             judged.reason,
             _claim_summary(judged.claim),
         )
         report.entries.append(entry)
-        if yes and judged.deleted:
+        if yes and (judged.deleted or judged.rolled_forward):
             done = await atomicity.settle(backend, child, include_live=include_live)
-            entry.action = "deleted" if done.deleted else "spare"
+            entry.action = (
+                "deleted" if done.deleted else "committed" if done.rolled_forward else "spare"
+            )
             entry.reason = done.reason
     return report

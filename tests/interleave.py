@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -342,14 +343,16 @@ def check(
                 old is not None
                 and old.state == atomicity.WRITING
                 and (new.attempt != old.attempt or new.state != atomicity.WRITING)
-            ):
-                if new.state != atomicity.COMMITTED:
-                    fenced.setdefault(old.attempt, event.tick)
-        elif event.kind == "claim-delete" and event.old is not None:
-            if event.old.state == atomicity.WRITING:
-                fenced.setdefault(event.old.attempt, event.tick)
+            ) and new.state != atomicity.COMMITTED:
+                fenced.setdefault(old.attempt, event.tick)
+        elif (
+            event.kind == "claim-delete"
+            and event.old is not None
+            and event.old.state == atomicity.WRITING
+        ):
+            fenced.setdefault(event.old.attempt, event.tick)
     # I1: at most one commit per life of the step (lives end with an explicit delete).
-    for a, b in zip(commits, commits[1:], strict=False):
+    for a, b in itertools.pairwise(commits):
         if not any(a.tick < t < b.tick for t in deletions):
             problems.append(
                 f"I1: attempts {a.new.attempt} (t={a.tick}) and {b.new.attempt} (t={b.tick}) "  # type: ignore[union-attr]

@@ -33,7 +33,7 @@ import pytest
 import atomicity
 from atomicity import CLAIM_NAME, MARKER_NAME, Claim, CommitMarkerPath, OutcomeUnknownError
 
-from .interleave import Chooser, Outcome, Plan, Scheduler, ScheduledStore, check
+from .interleave import Chooser, Outcome, ScheduledStore, Scheduler, check
 
 N_RANDOM = int(os.environ.get("CLOUDCKPT_SCHEDULES", "10000"))
 STATS: Counter[str] = Counter()
@@ -42,6 +42,7 @@ ALL = ["W1", "W2", "C", "G", "R", "X", "T"]
 
 @dataclass
 class Run:
+    params: dict[str, object]
     problems: list[str]
     trace: list[tuple[str, str]]
     labels: list[str]
@@ -75,7 +76,9 @@ def run_schedule(chooser: Chooser, actors: list[str], *, grace: float) -> Run:
     return asyncio.run(arun_schedule(chooser, actors, grace=grace))
 
 
-async def arun_schedule(chooser: Chooser, actors: list[str], *, grace: float) -> Run:
+async def arun_schedule(
+    chooser: Chooser, actors: list[str], *, grace: float, timeout_after: int = 0
+) -> Run:
     """:func:`run_schedule` on the running event loop."""
     sched = Scheduler(chooser)
     store = ScheduledStore(sched)
@@ -136,6 +139,9 @@ async def arun_schedule(chooser: Chooser, actors: list[str], *, grace: float) ->
             pass
 
     async def timeout() -> None:
+        # The timeout expires after a number of scheduling steps the schedule picks.
+        for _ in range(timeout_after):
+            await sched.point("timeout pending")
         await sched.point("timeout fires")
         sched.cancel("W1")
 
@@ -165,6 +171,7 @@ async def arun_schedule(chooser: Chooser, actors: list[str], *, grace: float) ->
     final = await main()
     problems = check(store, step, outcomes, final)
     return Run(
+        {"actors": actors, "grace": grace, "timeout_after": timeout_after},
         problems,
         [(s.actor, s.fault) for s in sched.trace],
         [f"{s.actor}: {s.label} [{s.fault}]" for s in sched.trace],
@@ -180,7 +187,9 @@ def _fail(run: Run, what: str) -> None:
     outcomes = ", ".join(f"{o.actor}={o.result}" for o in run.outcomes)
     pytest.fail(
         f"{what}: invariant violated:\n  " + "\n  ".join(run.problems) + f"\noutcomes: {outcomes}"
-        f"\nschedule:\n{lines}\nreplay: CLOUDCKPT_REPLAY='{json.dumps(run.trace)}'"
+        f"\nschedule:\n{lines}\nreplay: CLOUDCKPT_REPLAY='"
+        + json.dumps({**run.params, "trace": run.trace})
+        + "' pytest tests/test_interleavings.py -k random"
     )
 
 
@@ -238,7 +247,13 @@ def test_schedules_random_with_faults_and_timeouts() -> None:
     """Seeded random schedules of all actors with lost answers, failures and slow answers."""
     replay = os.environ.get("CLOUDCKPT_REPLAY")
     if replay:
-        run = run_schedule(Chooser([tuple(x) for x in json.loads(replay)]), ALL, grace=4.0)
+        spec = json.loads(replay)
+        chooser = Chooser([tuple(x) for x in spec["trace"]])
+        run = asyncio.run(
+            arun_schedule(
+                chooser, spec["actors"], grace=spec["grace"], timeout_after=spec["timeout_after"]
+            )
+        )
         if run.problems:
             _fail(run, "replayed schedule")
     start = time.monotonic()
@@ -249,7 +264,7 @@ def test_schedules_random_with_faults_and_timeouts() -> None:
             actors = ALL if seed % 2 else ["W1", "W2", "C", "G", "T"]
             grace = (4.0, 12.0, 1000.0)[seed % 3]
             chooser = Chooser(seed=seed, fault_rate=(0.0, 0.1, 0.25)[seed % 3])
-            run = await arun_schedule(chooser, actors, grace=grace)
+            run = await arun_schedule(chooser, actors, grace=grace, timeout_after=seed % 13)
             _tally(run)
             if run.problems:
                 _fail(run, f"random schedule seed={seed}")
