@@ -296,16 +296,16 @@ def _slow_commit(kind: str, delay_s: float, hits: list[str]) -> Any:
 def test_timeout_while_commit_in_flight_reports_the_truth_repro4(
     kind: str, servers: LocalServers, loop: LoopThread
 ) -> None:
-    """AsyncCheckpointer(timeout_s=1): the commit lands but its answer is late."""
+    """AsyncCheckpointer(timeout_s=4): the commit lands but its answer comes 8 s late."""
     upstream = servers.s3.endpoint if kind == "s3" else servers.gcs.endpoint
     hits: list[str] = []
-    slow = _slow_commit(kind, 2.5, hits)
+    slow = _slow_commit(kind, 8.0, hits)
     with FaultProxy(upstream, fault_rate=0.0, flavor=kind, delay=slow) as proxy:
         scheme = "s3" if kind == "s3" else "gs"
         url = f"{scheme}://{BUCKET}/{unique('timeout')}/1"
         ck = cc.AsyncCheckpointer(
             cc.CompositeCheckpointHandler(),
-            timeout_s=1.0,
+            timeout_s=4.0,
             storage_options={"endpoint_url": proxy.endpoint},
         )
         ck.save(url, args=cc.args.Composite(meta=cc.args.JsonSave({"step": 1})))
