@@ -430,7 +430,12 @@ class AsyncCheckpointer(Checkpointer):
     for the one in flight. A background failure, or a commit exceeding
     ``timeout_s``, is raised exactly once, at the next ``save``,
     ``wait_until_finished`` or ``close``, naming the path and chaining the
-    original error; that step is never committed.
+    original error; that step is never committed, then or later (its claim
+    is revoked first). When the timeout cancels the commit request itself,
+    the claim is read back: a commit that took effect is reported as saved,
+    and one whose outcome cannot be read raises
+    :class:`atomicity.OutcomeUnknownError` (a ``ConnectionError``) instead of
+    a false "not committed".
     """
 
     def __init__(

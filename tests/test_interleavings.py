@@ -209,10 +209,13 @@ def _preemptions(choices: list[tuple[str, str]], enabled: list[list[str]]) -> in
     return count
 
 
-@pytest.mark.parametrize("grace", [1000.0, 12.0])
-def test_interleavings_exhaustive_two_writers_and_cleanup(grace: float) -> None:
-    """Every schedule of W1, W2 and C with at most 2 preemptions (CHESS-style bound)."""
-    bound = 2
+@pytest.mark.parametrize(("grace", "bound"), [(12.0, 2), (1000.0, 1)])
+def test_interleavings_exhaustive_two_writers_and_cleanup(grace: float, bound: int) -> None:
+    """Every schedule of W1, W2 and C with at most ``bound`` preemptions (CHESS-style).
+
+    With a grace of 12 store-clock ticks a writer's claim expires mid-save in
+    many schedules (clean-up may then revoke it); with 1000 it never does.
+    """
     stack: list[list[tuple[str, str]]] = [[]]
     seen = 0
     outcomes: Counter[str] = Counter()
@@ -238,7 +241,7 @@ def test_interleavings_exhaustive_two_writers_and_cleanup(grace: float) -> None:
     print(
         f"\n[explorer] exhaustive grace={grace}: {seen} schedules, bound {bound}; {dict(outcomes)}"
     )
-    assert seen > 100
+    assert seen > (1000 if bound == 2 else 20)
     # Both writers won in some schedule and lost in others: the race was really explored.
     assert any("W1=committed" in k for k in outcomes) and any("W2=committed" in k for k in outcomes)
 
@@ -261,7 +264,9 @@ def test_schedules_random_with_faults_and_timeouts() -> None:
 
     async def batch() -> None:
         for seed in range(N_RANDOM):
-            actors = ALL if seed % 2 else ["W1", "W2", "C", "G", "T"]
+            actors = ["W1", "W2", "C", "G"]
+            actors += ["R", "X"] if seed % 2 else []
+            actors += ["T"] if seed % 3 == 0 else []
             grace = (4.0, 12.0, 1000.0)[seed % 3]
             chooser = Chooser(seed=seed, fault_rate=(0.0, 0.1, 0.25)[seed % 3])
             run = await arun_schedule(chooser, actors, grace=grace, timeout_after=seed % 13)
@@ -277,5 +282,5 @@ def test_schedules_random_with_faults_and_timeouts() -> None:
         f"{STATS['steps']} scheduled requests; outcomes {dict(outcomes)}"
     )
     assert outcomes["W1=committed"] + outcomes["W2=committed"] > 0
-    assert outcomes["W1=timed out"] > 0
+    assert outcomes["W1=timed out"] > 0 and outcomes["W1=committed"] > 0
     assert outcomes["W1=failed"] + outcomes["W2=failed"] > 0
