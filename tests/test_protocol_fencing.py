@@ -468,3 +468,42 @@ print(events)
     renames = [i for i, e in enumerate(events) if e == ("rename", str(tmp_path / "root" / "5"))]
     assert renames, events
     assert ("open-parent", str(tmp_path / "root")) in events[renames[-1] :], events
+
+
+# -------------------------------------------------------------------- end to end
+@pytest.mark.parametrize("kind", ["memory", "s3"])
+def test_fenced_end_to_end_two_async_checkpointers_one_step(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Any, loop: LoopThread
+) -> None:
+    """Two AsyncCheckpointers save the same step over a crashed job's stale claim."""
+    import numpy as np
+
+    under = make_store(kind, request, tmp_path)
+    stale = dataclasses.replace(Claim.new(3600, "crashed"), pid=_dead_pid())
+    _put_claim(under, loop, under.path("5"), stale)
+    loop.run(under.backend.put(under.path("5", "meta", "data.json"), b"debris"))
+    states = {name: np.arange(1000, dtype=np.float32) * (i + 2) for i, name in enumerate("AB")}
+    checkpointers = [cc.AsyncCheckpointer(cc.CompositeCheckpointHandler()) for _ in states]
+    errors: dict[str, BaseException | None] = {}
+    for ck, (name, state) in zip(checkpointers, states.items(), strict=True):
+        ck.save(
+            under.url("5"),
+            args=cc.args.Composite(
+                state=cc.args.StandardSave({"w": state}), meta=cc.args.JsonSave(name)
+            ),
+        )
+    for ck, name in zip(checkpointers, states, strict=True):
+        try:
+            ck.wait_until_finished()
+            errors[name] = None
+        except Exception as exc:
+            errors[name] = exc
+        ck.close()
+    winners = [name for name, error in errors.items() if error is None]
+    assert len(winners) == 1, errors
+    loser = next(name for name in errors if name not in winners)
+    assert isinstance(errors[loser], FileExistsError), errors[loser]
+    with cc.Checkpointer(cc.CompositeCheckpointHandler()) as reader:
+        restored = reader.restore(under.url("5"))
+    assert restored.meta == winners[0]
+    np.testing.assert_array_equal(restored.state["w"], states[winners[0]])
