@@ -31,7 +31,7 @@ import uuid
 import warnings
 from typing import ClassVar, Protocol, Self
 
-from atomicity.claims import COMMITTED, DEFAULT_GRACE_S, DELETING, REVOKED, Claim
+from atomicity.claims import COMMITTED, DEFAULT_GRACE_S, DELETING, REVOKED, WRITING, Claim
 from atomicity.errors import ClaimLostError, OutcomeUnknownError, ValidationError
 from atomicity.store import Store, Versioned, basename, join, parent
 
@@ -198,6 +198,8 @@ class _ClaimedPath:
         self._store = store
         self._claim = claim
         self._version: str | None = None
+        #: Nonces of every claim version this attempt sent, landed or not.
+        self._sent: set[str] = set()
 
     @classmethod
     def from_final(
@@ -232,6 +234,7 @@ class _ClaimedPath:
 
     async def _put_claim(self, new: Claim, if_version: str | None) -> str | None:
         """One conditional write of ``new``; on a lost answer, reads back whether it landed."""
+        self._sent.add(new.nonce)
         try:
             version = await self._store.put_versioned(
                 self._claim_path(), new.to_bytes(), if_version=if_version
@@ -367,6 +370,14 @@ class CommitMarkerPath(_ClaimedPath):
             raise FileExistsError(f"{self._final} is already committed")
         committed = self._claim.next(COMMITTED)
         version = await self._put_claim(committed, self._version)  # the commit point
+        if version is None:
+            # A renewal cancelled in flight may have landed: its version is ours too.
+            claim, current = await read_versioned_claim(self._store, self._final)
+            if current is not None and claim is not None and claim.nonce in self._sent:
+                if claim.state == COMMITTED:
+                    version = current.version
+                elif claim.state == WRITING:
+                    version = await self._put_claim(committed, current.version)
         if version is None:
             raise ClaimLostError(
                 f"not committing {self._final}: its claim was removed or replaced while the "

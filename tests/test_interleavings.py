@@ -4,7 +4,8 @@ Actors, all against one step of the memory backend through
 :class:`tests.interleave.ScheduledStore` (every request a scheduling point):
 
 * ``W1``, ``W2``: two writers of step 5 (claim, two data objects under their
-  own attempt's names, commit; on any failure, settle with ``abort``), the
+  own attempt's names with a heartbeat between, commit; on any failure,
+  settle with ``abort``), the
   way ``cloudckpt.checkpointer._Commit`` drives the strategy;
 * ``C``: a restarted job's start-up clean-up; ``G``: ``gc`` run twice;
 * ``R``: retention (keep 1), ``X``: an explicit delete of step 5;
@@ -100,6 +101,8 @@ async def arun_schedule(
                     data = f"{attempt}:{key}".encode()
                     out.payload[f"{where[len(step) + 1 :]}/{key}"] = data
                     await store.put(f"{where}/{key}", data)
+                    if key == "a":
+                        await tmp.renew()  # a heartbeat between the writes
                 await tmp.finalize()
                 out.result = "committed"
             except BaseException as exc:  # a timeout arrives as CancelledError
