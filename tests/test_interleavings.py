@@ -212,6 +212,7 @@ def _preemptions(choices: list[tuple[str, str]], enabled: list[list[str]]) -> in
     return count
 
 
+@pytest.mark.timeout(600)
 @pytest.mark.parametrize(("grace", "bound"), [(12.0, 2), (1000.0, 1)])
 def test_interleavings_exhaustive_two_writers_and_cleanup(grace: float, bound: int) -> None:
     """Every schedule of W1, W2 and C with at most ``bound`` preemptions (CHESS-style).
@@ -249,6 +250,7 @@ def test_interleavings_exhaustive_two_writers_and_cleanup(grace: float, bound: i
     assert any("W1=committed" in k for k in outcomes) and any("W2=committed" in k for k in outcomes)
 
 
+@pytest.mark.timeout(max(600, N_RANDOM // 20))
 def test_schedules_random_with_faults_and_timeouts() -> None:
     """Seeded random schedules of all actors with lost answers, failures and slow answers."""
     replay = os.environ.get("CLOUDCKPT_REPLAY")

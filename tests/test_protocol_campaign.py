@@ -102,6 +102,7 @@ def _stored(url: str, loop: LoopThread) -> dict[str, Any] | None:
         return reader.restore(url).meta
 
 
+@pytest.mark.timeout(max(600, RUNS * 30))
 @pytest.mark.parametrize("kind", ["s3", "gcs"])
 def test_campaign_fenced_writers_through_faulty_proxy(
     kind: str, servers: LocalServers, loop: LoopThread
