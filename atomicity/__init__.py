@@ -10,9 +10,10 @@ This package is independent of cloudckpt: it needs only a small async
 
 from __future__ import annotations
 
-from atomicity.claims import DEFAULT_GRACE_S, Claim
+from atomicity.claims import COMMITTED, DEFAULT_GRACE_S, DELETING, REVOKED, WRITING, Claim
 from atomicity.discovery import (
     ChildInfo,
+    Settlement,
     cleanup_uncommitted,
     delete_checkpoint,
     is_abandoned,
@@ -21,36 +22,53 @@ from atomicity.discovery import (
     list_uncommitted,
     read_claim,
     scan,
+    settle,
 )
-from atomicity.errors import ClaimLostError, ValidationError
+from atomicity.errors import ClaimLostError, OutcomeUnknownError, ValidationError
 from atomicity.paths import (
+    ATTEMPT_TAG,
     CLAIM_NAME,
     MARKER_NAME,
     TMP_INFIX,
     AtomicRenamePath,
     CommitMarkerPath,
     TemporaryPath,
+    attempt_dir,
+    attempt_of,
     default_temporary_path_class,
     delete_stale,
     final_name_of,
     is_temporary_name,
+    judge,
+    marker_attempt,
+    read_versioned_claim,
 )
-from atomicity.store import ObjectInfo, Store, join
+from atomicity.store import ObjectInfo, Store, Versioned, join
 
 __all__ = [
+    "ATTEMPT_TAG",
     "CLAIM_NAME",
+    "COMMITTED",
     "DEFAULT_GRACE_S",
+    "DELETING",
     "MARKER_NAME",
+    "REVOKED",
     "TMP_INFIX",
+    "WRITING",
     "AtomicRenamePath",
     "ChildInfo",
     "Claim",
     "ClaimLostError",
     "CommitMarkerPath",
     "ObjectInfo",
+    "OutcomeUnknownError",
+    "Settlement",
     "Store",
     "TemporaryPath",
     "ValidationError",
+    "Versioned",
+    "attempt_dir",
+    "attempt_of",
     "cleanup_uncommitted",
     "default_temporary_path_class",
     "delete_checkpoint",
@@ -60,8 +78,12 @@ __all__ = [
     "is_committed",
     "is_temporary_name",
     "join",
+    "judge",
     "list_committed",
     "list_uncommitted",
+    "marker_attempt",
     "read_claim",
+    "read_versioned_claim",
     "scan",
+    "settle",
 ]

@@ -8,6 +8,11 @@ request per child: a child ``<root>/<name>`` is
 * uncommitted when it is not committed but carries a claim or a temporary
   name: an attempt that crashed, failed, or is still in flight;
 * foreign otherwise (someone else's files): never listed, never deleted.
+
+Clean-up never deletes on the strength of a judgement alone: it first fences
+the attempt it judged abandoned with a conditional request on the exact claim
+version it judged (or, on POSIX, a rename of the attempt's own directory),
+and deletes only once that succeeded. See docs/FORMAT.md ("Clean-up").
 """
 
 from __future__ import annotations
@@ -16,15 +21,20 @@ import logging
 import uuid
 from dataclasses import dataclass, field
 
-from atomicity.claims import Claim
+from atomicity.claims import COMMITTED, DELETING, REVOKED, Claim
 from atomicity.paths import (
     CLAIM_NAME,
     MARKER_NAME,
     TMP_INFIX,
+    _delete_fenced,
     delete_stale,
     is_temporary_name,
+    judge,
+    marker_bytes,
+    read_versioned_claim,
+    revoke_by_rename,
 )
-from atomicity.store import Store, join
+from atomicity.store import Store, Versioned, join
 
 logger = logging.getLogger(__name__)
 
@@ -105,41 +115,131 @@ async def read_claim(store: Store, path: str) -> Claim | None:
     return None if data is None else Claim.from_bytes(data)
 
 
-async def is_abandoned(store: Store, child: ChildInfo, now_ns: int | None = None) -> bool:
-    """Whether an uncommitted child can be deleted without harming a live writer."""
+@dataclass
+class Settlement:
+    """What clean-up decided (and did) about one uncommitted child.
+
+    Attributes:
+        deleted: Whether the child was fenced and deleted (or would be, on a dry run).
+        reason: Why, for logs and ``cloudckpt gc``.
+        claim: The claim judged, if readable.
+    """
+
+    deleted: bool
+    reason: str
+    claim: Claim | None = None
+    rolled_forward: bool = False
+
+
+async def settle(
+    store: Store,
+    child: ChildInfo,
+    *,
+    include_live: bool = False,
+    dry_run: bool = False,
+    store_now: float | None = None,
+) -> Settlement:
+    """Judges one uncommitted child and, unless ``dry_run``, fences and deletes it if abandoned.
+
+    The judgement reads the claim's exact version; the deletion happens only
+    after a request conditional on that version fenced the attempt off (a
+    revoked tombstone, or a rename of its own directory on POSIX). A claim
+    that changed in between (renewed, taken over, committed) wins: nothing is
+    deleted.
+    """
     if child.committed:
-        return False
-    claim = await read_claim(store, child.path)
-    # A save writes its claim before anything else, so an uncommitted child
-    # without a readable claim is debris of an interrupted deletion.
-    return claim is None or claim.is_stale(now_ns)
+        return Settlement(False, "committed")
+    claim, current = await read_versioned_claim(store, child.path)
+    now = store_now if store_now is not None else await store.now(join(child.path, CLAIM_NAME))
+    if claim is not None and current is not None and claim.state == COMMITTED:
+        return await _roll_forward(store, child, claim, current, now, dry_run=dry_run)
+    if current is None:
+        doomed, why = True, "no claim: debris of a crashed save or an interrupted deletion"
+    else:
+        doomed, why = judge(claim, current, now, include_live=include_live)
+    if not doomed or dry_run:
+        return Settlement(doomed, why, claim)
+    if store.supports_atomic_rename:
+        # Every attempt has its own directory: renaming it away is the fence
+        # (its writer's final rename of the same directory then fails).
+        await revoke_by_rename(store, child.path)
+        return Settlement(True, why, claim)
+    fence = Claim.new(claim.grace_s if claim else 60.0, claim.attempt if claim else None).next(
+        REVOKED
+    )
+    if current is None:
+        # Claimless debris: claim it for deletion first, so that a writer
+        # claiming the step meanwhile wins and its objects are left alone.
+        version = await store.put_versioned(
+            join(child.path, CLAIM_NAME), fence.to_bytes(), if_version=None
+        )
+    else:
+        if claim is not None and claim.state in (REVOKED, DELETING):
+            fence = Claim.new(claim.grace_s, claim.attempt).next(claim.state)
+        version = await store.put_versioned(
+            join(child.path, CLAIM_NAME), fence.to_bytes(), if_version=current.version
+        )
+    if version is None:
+        return Settlement(False, "the claim changed since it was judged: left alone", claim)
+    await _delete_fenced(store, child.path, version)
+    return Settlement(True, why, claim)
+
+
+async def _roll_forward(
+    store: Store, child: ChildInfo, claim: Claim, current: Versioned, now: float, *, dry_run: bool
+) -> Settlement:
+    """A committed claim without its marker: its writer died between the commit point and
+    the marker. Once the claim is stale, clean-up writes the marker it would have written."""
+    where = claim.describe(current.mtime, now)
+    if not claim.owner_gone() and claim.store_age_s(current.mtime, now) <= claim.grace_s:
+        return Settlement(False, f"committed, marker not yet written ({where})", claim)
+    why = f"committed by its claim but its writer died before the marker: rolled forward ({where})"
+    if dry_run:
+        return Settlement(False, why, claim, rolled_forward=True)
+    await store.put_if_absent(join(child.path, MARKER_NAME), marker_bytes(claim.attempt))
+    after = await store.get_versioned(join(child.path, CLAIM_NAME))
+    if after is None or after.version != current.version:
+        # Possible only if this clean-up paused for longer than a whole delete and a new
+        # claim took (see docs/FORMAT.md, "Clean-up"); say so loudly rather than guess.
+        logger.error("the claim of %s changed while rolling its commit forward", child.path)
+    return Settlement(False, why, claim, rolled_forward=True)
+
+
+async def is_abandoned(store: Store, child: ChildInfo, now_ns: int | None = None) -> bool:
+    """Whether an uncommitted child can be deleted without harming a live writer (no action)."""
+    return (await settle(store, child, dry_run=True)).deleted
 
 
 async def cleanup_uncommitted(store: Store, root: str, *, include_live: bool = False) -> list[str]:
-    """Deletes uncommitted children of ``root``; returns the deleted paths.
+    """Fences and deletes abandoned uncommitted children of ``root``; returns the deleted paths.
 
-    Children whose claim is still live (owner running, within its grace
-    period) are spared unless ``include_live`` is set. Committed children are
-    never touched.
+    Children whose claim is still live (renewed within its grace period by the
+    store's clock, owner not known gone) are spared unless ``include_live``;
+    committed children and committed claims are never touched.
     """
     deleted = []
-    for child in await list_uncommitted(store, root):
-        if include_live or await is_abandoned(store, child):
-            logger.info("deleting uncommitted checkpoint %s", child.path)
-            await delete_stale(store, child.path)
+    children = await list_uncommitted(store, root)
+    if not children:
+        return deleted
+    now = await store.now(join(root, CLAIM_NAME))
+    for child in children:
+        outcome = await settle(store, child, include_live=include_live, store_now=now)
+        if outcome.deleted:
+            logger.info("deleted uncommitted checkpoint %s: %s", child.path, outcome.reason)
             deleted.append(child.path)
         else:
-            logger.info("sparing %s: its save may still be in progress", child.path)
+            logger.info("sparing %s: %s", child.path, outcome.reason)
     return deleted
 
 
 async def delete_checkpoint(store: Store, path: str) -> None:
-    """Deletes a checkpoint so that an interruption never leaves it listed.
+    """Deletes a checkpoint so that an interruption never leaves it listed or resurrected.
 
     Where the store can rename, the checkpoint is first renamed to a temporary
-    name (one atomic step); otherwise the marker goes first. Either way the path
-    stops being committed before any data goes, and a deletion cut short is
-    finished by the next clean-up (the claim goes last).
+    name (one atomic step). Otherwise its claim first becomes ``deleting``
+    (conditional on the version read, so that no clean-up or writer acts on
+    the old state), then the marker goes, then the data, then the claim.
+    A deletion cut short is finished by the next clean-up.
     """
     path = path.rstrip("/")
     if store.supports_atomic_rename:
@@ -147,5 +247,23 @@ async def delete_checkpoint(store: Store, path: str) -> None:
         await store.rename(path, doomed)
         await store.delete_prefix(doomed)
         return
+    version: str | None = None
+    for _ in range(5):
+        claim, current = await read_versioned_claim(store, path)
+        if current is None:
+            break  # a checkpoint without a claim (copied in, or written by an old version)
+        fence = Claim.new(claim.grace_s if claim else 60.0, claim.attempt if claim else None).next(
+            DELETING
+        )
+        version = await store.put_versioned(
+            join(path, CLAIM_NAME), fence.to_bytes(), if_version=current.version
+        )
+        if version is not None:
+            break
+    else:
+        raise FileExistsError(f"could not delete {path}: its claim keeps changing")
     await store.delete(join(path, MARKER_NAME))
-    await delete_stale(store, path)
+    if version is None:
+        await delete_stale(store, path)
+    else:
+        await _delete_fenced(store, path, version)

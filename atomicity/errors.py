@@ -9,3 +9,11 @@ class ValidationError(ValueError):
 
 class ClaimLostError(RuntimeError):
     """A save's claim vanished or expired before commit; it must not be committed."""
+
+
+class OutcomeUnknownError(ConnectionError):
+    """A save's commit request may or may not have taken effect and could not be read back.
+
+    The step is committed only if ``_COMMITTED`` (or, on object stores, its
+    claim in state ``committed``) is there; ``cloudckpt ls`` tells.
+    """

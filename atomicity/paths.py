@@ -3,35 +3,48 @@
 Contract (who calls what, in order):
 
 1. Every process computes the same ``TemporaryPath`` with ``from_final``.
-2. The primary process alone calls ``await create()``. It claims the path with
-   a create-only put (a live claim held by someone else, or a committed
-   checkpoint already at the final path, raises ``FileExistsError``) and
-   removes stale leftovers of crashed attempts, so nothing stale survives into
-   the new checkpoint. Other processes wait for it (a barrier) before writing.
-3. All processes write their data under ``get()``.
+2. The primary process alone calls ``await create()``. It claims the path (a
+   conditional create of ``_CLAIM``, or a conditional takeover of a stale
+   claim on the exact version judged stale). A live claim held by someone
+   else, or a committed checkpoint at the final path, raises
+   ``FileExistsError`` before any data is written. Other processes wait for
+   it (a barrier) before writing.
+3. All processes write their data under ``get()``. The primary calls
+   ``renew()`` now and then (heartbeat) so that clean-up sees the claim live.
 4. After every process has finished writing, the primary alone calls
-   ``await finalize()``. Nothing may be written under the path afterwards.
+   ``await finalize()``: the commit point is one conditional request on this
+   attempt's own claim version, so an attempt whose claim was taken over or
+   revoked can never commit, however long it was paused (fencing).
+5. On any failure the primary calls ``await abort()``: it finds out whether
+   the commit point was passed (reading back its own claim) and otherwise
+   revokes the claim (conditionally) before deleting what it wrote. It
+   returns True when the attempt turned out committed.
 
-``validate`` checks that a path is an in-progress temporary path;
-``validate_final`` that a path is a committed checkpoint. Both raise
-:class:`ValidationError` (a ``ValueError``) naming the path and what is missing.
+See docs/FORMAT.md ("How a step becomes visible") for the full protocol and
+the invariants it keeps.
 """
 
 from __future__ import annotations
 
+import logging
+import uuid
 import warnings
 from typing import ClassVar, Protocol, Self
 
-from atomicity.claims import DEFAULT_GRACE_S, Claim
-from atomicity.errors import ClaimLostError, ValidationError
-from atomicity.store import Store, basename, join, parent
+from atomicity.claims import COMMITTED, DEFAULT_GRACE_S, DELETING, REVOKED, WRITING, Claim
+from atomicity.errors import ClaimLostError, OutcomeUnknownError, ValidationError
+from atomicity.store import Store, Versioned, basename, join, parent
+
+logger = logging.getLogger(__name__)
 
 #: Object written last, create-only; its presence makes a path a checkpoint.
 MARKER_NAME = "_COMMITTED"
-#: Object written first, create-only; names the attempt that owns the path.
+#: Object written first, changed only by conditional requests; see atomicity.claims.
 CLAIM_NAME = "_CLAIM"
 #: Infix of temporary sibling names used by :class:`AtomicRenamePath`.
 TMP_INFIX = ".cloudckpt-tmp-"
+#: Errors after which a request's outcome is unknown (it may have taken effect).
+UNKNOWN_OUTCOME = (ConnectionError, TimeoutError, OSError)
 
 
 def is_temporary_name(name: str) -> bool:
@@ -70,8 +83,16 @@ class TemporaryPath(Protocol):
         """Claims the path (primary process only). Returns ``get()``."""
         ...
 
+    async def renew(self) -> None:
+        """Renews the claim (heartbeat); ``ClaimLostError`` when it was taken."""
+        ...
+
     async def finalize(self) -> None:
         """Makes the checkpoint visible (primary process only, after all writes)."""
+        ...
+
+    async def abort(self) -> bool:
+        """After a failure: True when the attempt committed after all, else revokes and removes it."""
         ...
 
     @classmethod
@@ -81,52 +102,104 @@ class TemporaryPath(Protocol):
     async def validate_final(cls, final_path: str, store: Store) -> None: ...
 
 
-async def _read_claim(store: Store, path: str) -> Claim | None:
-    data = await store.get(join(path, CLAIM_NAME))
-    return None if data is None else Claim.from_bytes(data)
+def marker_bytes(attempt: str) -> bytes:
+    """The content of the marker that commits ``attempt``."""
+    return b'{"committed_attempt": "%s"}' % attempt.encode()
 
 
-async def _check_still_owned(store: Store, path: str, claim: Claim) -> None:
-    """Refuses to commit when this attempt's claim is gone, foreign or expired.
+def marker_attempt(data: bytes | None) -> str | None:
+    """The attempt a marker names; None when unreadable (markers are untrusted input)."""
+    import json
 
-    Clean-up never touches a claim younger than its grace period, so while this
-    holds, nothing this attempt wrote can have been deleted underneath it.
+    try:
+        value = json.loads(data or b"")["committed_attempt"]
+    except (ValueError, KeyError, TypeError, RecursionError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+async def read_versioned_claim(store: Store, path: str) -> tuple[Claim | None, Versioned | None]:
+    """The claim of ``path`` and the stored version it came from (both None when absent)."""
+    current = await store.get_versioned(join(path, CLAIM_NAME))
+    if current is None:
+        return None, None
+    return Claim.from_bytes(current.data), current
+
+
+#: A path component ``@<attempt>`` marks an object as written by that attempt only.
+ATTEMPT_TAG = "@"
+
+
+def attempt_dir(path: str, attempt: str) -> str:
+    """Where an attempt writes objects under its own names (``<path>/@<attempt>``).
+
+    Objects under their attempt's own names can never be mixed up with
+    another attempt's: a writer paused past its fence writes only its own
+    names, and clean-up deletes only attempts that can no longer commit.
     """
-    current = await _read_claim(store, path)
-    if current is None or current.attempt != claim.attempt:
-        raise ClaimLostError(
-            f"not committing {path}: its claim was removed or replaced while the save "
-            "was in progress (a clean-up or another writer took the path); write the "
-            "step again"
-        )
-    if claim.age_s() > claim.grace_s:
-        raise ClaimLostError(
-            f"not committing {path}: the save took {claim.age_s():.0f}s, longer than "
-            f"its {claim.grace_s:.0f}s grace period, so clean-up may have removed part "
-            "of it; raise the grace period or the timeout and save again"
-        )
+    return join(path, f"{ATTEMPT_TAG}{attempt}")
+
+
+def attempt_of(relative: str) -> str | None:
+    """The attempt tag of an object path relative to its step, if it carries one."""
+    for part in relative.split("/"):
+        if part.startswith(ATTEMPT_TAG) and len(part) > 1:
+            return part[1:]
+    return None
+
+
+async def _garbage(store: Store, path: str, version: str, keep_attempt: str | None) -> list[str]:
+    """Objects under ``path`` to delete, for the holder of claim ``version``.
+
+    Listed first, then the claim is read back: if it is no longer ``version``
+    (a writer took over this caller's tombstone), nothing is deleted, since
+    everything there may be the new holder's. Otherwise every listed object
+    goes except the claim and the objects of ``keep_attempt`` (a writer
+    clearing its step keeps its own). An object written after the listing is
+    never deleted; one written by a later holder under the same name as a
+    listed one (fixed, untagged names) can be: that holder needed this
+    caller's tombstone to be stale first (see docs/FORMAT.md, I5).
+    """
+    keep = join(path, CLAIM_NAME)
+    start = len(path.rstrip("/")) + 1
+    listed = [info.path async for info in store.list_prefix(path) if info.path != keep]
+    if not listed:
+        return []
+    current = await store.get_versioned(keep)
+    if current is None or current.version != version:
+        return []
+    return [p for p in listed if keep_attempt is None or attempt_of(p[start:]) != keep_attempt]
 
 
 async def delete_stale(store: Store, path: str) -> None:
-    """Deletes an uncommitted path so that an interruption leaves it recognisable.
+    """Deletes the objects under ``path``, the claim last (so an interruption stays recognisable).
 
-    The claim goes last, so a half-finished deletion still carries a claim
-    and the next clean-up finds and finishes it.
+    Callers must first have fenced off every attempt that could still write
+    or commit there (a revoked or ``deleting`` claim they hold, or a rename).
     """
     keep = join(path, CLAIM_NAME)
     doomed = [info.path async for info in store.list_prefix(path) if info.path != keep]
     await store.delete_many(doomed)
     await store.delete(keep)
-    await store.delete_prefix(path)
+
+
+async def _delete_fenced(store: Store, path: str, version: str) -> None:
+    """Deletes ``path`` whose claim is the tombstone ``version`` this caller wrote."""
+    await store.delete_many(await _garbage(store, path, version, None))
+    # Conditional where the store can: a writer that took over the tombstone keeps its claim.
+    await store.delete_versioned(join(path, CLAIM_NAME), version)
 
 
 class _ClaimedPath:
-    """What both strategies share: a final path, a store, this attempt's claim."""
+    """What both strategies share: a final path, a store, this attempt's claim and its version."""
 
     def __init__(self, final_path: str, store: Store, claim: Claim) -> None:
         self._final = final_path.rstrip("/")
         self._store = store
         self._claim = claim
+        self._version: str | None = None
+        #: Nonces of every claim version this attempt sent, landed or not.
+        self._sent: set[str] = set()
 
     @classmethod
     def from_final(
@@ -149,6 +222,9 @@ class _ClaimedPath:
     def claim(self) -> Claim:
         return self._claim
 
+    def _claim_path(self) -> str:
+        return join(self.get(), CLAIM_NAME)
+
     async def _refuse_if_committed(self) -> None:
         if await self._store.exists(join(self._final, MARKER_NAME)):
             raise FileExistsError(
@@ -156,8 +232,49 @@ class _ClaimedPath:
                 "or save with force=True"
             )
 
-    async def _put_marker(self, where: str) -> bool:
-        return await self._store.put_if_absent(join(where, MARKER_NAME), _marker_bytes(self._claim))
+    async def _put_claim(self, new: Claim, if_version: str | None) -> str | None:
+        """One conditional write of ``new``; on a lost answer, reads back whether it landed."""
+        self._sent.add(new.nonce)
+        try:
+            version = await self._store.put_versioned(
+                self._claim_path(), new.to_bytes(), if_version=if_version
+            )
+        except UNKNOWN_OUTCOME:
+            version = None
+        if version is None:
+            current = await self._store.get_versioned(self._claim_path())
+            stored = None if current is None else Claim.from_bytes(current.data)
+            if current is not None and stored is not None and stored.nonce == new.nonce:
+                version = current.version  # our write landed; its answer was lost
+        return version
+
+    async def renew(self) -> None:
+        if self._version is None:
+            raise ClaimLostError(f"{self.get()} was never claimed by this attempt")
+        renewed = self._claim.next()
+        version = await self._put_claim(renewed, self._version)
+        if version is None:
+            raise ClaimLostError(
+                f"the claim of {self.get()} was taken over or revoked (the save was judged "
+                "abandoned); this attempt can no longer commit. Save the step again"
+            )
+        self._claim, self._version = renewed, version
+
+    async def _write_marker(self, where: str) -> None:
+        """Creates the marker for this attempt (create-only), reading back a lost answer."""
+        path = join(where, MARKER_NAME)
+        data = marker_bytes(self._claim.attempt)
+        for _ in range(3):
+            try:
+                if await self._store.put_if_absent(path, data):
+                    return
+            except UNKNOWN_OUTCOME:
+                pass
+            if marker_attempt(await self._store.get(path)) == self._claim.attempt:
+                return
+            if await self._store.exists(path):
+                raise FileExistsError(f"{where} carries another attempt's commit marker")
+        raise ConnectionError(f"could not write the commit marker of {where}; `cloudckpt gc` will")
 
     @staticmethod
     async def _require_claim(temporary_path: str, store: Store) -> None:
@@ -173,47 +290,137 @@ class _ClaimedPath:
             )
 
 
-class CommitMarkerPath(_ClaimedPath):
-    """For object stores: write in place, commit with a create-only marker.
+def judge(
+    claim: Claim | None, current: Versioned, store_now: float, *, include_live: bool = False
+) -> tuple[bool, str]:
+    """(may the version ``current`` be revoked or taken over?, why) by the store's clock."""
+    if claim is None:
+        age = store_now - current.mtime if current.mtime is not None else float("inf")
+        if age > DEFAULT_GRACE_S or include_live:
+            return True, "unreadable claim, unchanged for longer than the default grace"
+        return False, "unreadable claim, recently written: left alone for now"
+    where = claim.describe(current.mtime, store_now)
+    if claim.state == COMMITTED:
+        return False, f"committed claim ({where}); only an explicit delete removes it"
+    if claim.owner_gone():
+        return True, f"abandoned: its writer is gone ({where})"
+    if claim.store_age_s(current.mtime, store_now) > claim.grace_s:
+        return True, f"abandoned: not renewed within its {claim.grace_s:.0f}s grace ({where})"
+    if include_live:
+        return True, f"live claim, revoked because of --include-live ({where})"
+    return False, f"save may be in progress ({where}); --include-live deletes it"
 
-    The temporary path is the final path. ``create`` puts ``_CLAIM``
-    create-only, so a second writer of the same step fails before its first
-    byte. ``finalize`` checks the claim is still this attempt's and puts
-    ``_COMMITTED`` create-only; a second finalize raises ``FileExistsError``.
+
+class CommitMarkerPath(_ClaimedPath):
+    """For object stores: write in place; the commit point is the claim's own update.
+
+    The temporary path is the final path. ``create`` creates ``_CLAIM``
+    (``If-None-Match: *``), or takes over a stale claim with a write
+    conditional on the version judged stale, so of two writers exactly one
+    gets the step and the other fails before its first byte. ``finalize``
+    changes this attempt's claim to ``committed`` with a write conditional on
+    its own version (the commit point), then creates ``_COMMITTED``.
     """
 
     async def create(self) -> str:
         store, path = self._store, self._final
-        for _ in range(2):
+        claim_path = self._claim_path()
+        for _ in range(3):
             await self._refuse_if_committed()
-            if await store.put_if_absent(join(path, CLAIM_NAME), self._claim.to_bytes()):
-                await self._remove_unclaimed_leftovers()
+            version = await self._put_claim(self._claim, None)
+            if version is not None:
+                self._version = version
+                await self._remove_leftovers()
                 return path
-            other = await _read_claim(store, path)
-            if other is not None and not other.is_stale():
+            other, current = await read_versioned_claim(store, path)
+            if current is None:
+                continue  # deleted in between: try to create again
+            if other is not None and other.state == COMMITTED:
                 raise FileExistsError(
-                    f"another save is in progress at {path} ({other.describe()}); "
-                    "only one writer may save a step. If that writer is gone, wait "
-                    f"{other.grace_s:.0f}s for its claim to expire or delete the step"
+                    f"{path} is committed by attempt {other.attempt[:18]} (its claim says so) but "
+                    "its marker is missing; its writer may still be finishing. Run `cloudckpt gc`"
                 )
-            await delete_stale(store, path)
-        raise FileExistsError(f"could not claim {path}: another writer keeps claiming it")
+            takeable, why = judge(other, current, await store.now(claim_path))
+            if not takeable:
+                raise FileExistsError(
+                    f"another save is in progress at {path}: {why}. Only one writer may save a "
+                    "step; if "
+                    "that writer is gone, wait for its claim to expire or run `cloudckpt gc`"
+                )
+            version = await self._put_claim(self._claim, current.version)
+            if version is not None:
+                logger.info("took over %s from a stale claim: %s", path, why)
+                self._version = version
+                await self._remove_leftovers()
+                return path
+        raise FileExistsError(f"could not claim {path}: other writers keep claiming it")
 
-    async def _remove_unclaimed_leftovers(self) -> None:
-        # Objects without a claim can only be debris of an interrupted deletion
-        # or crash; none of them may survive into this checkpoint.
-        claim_path = join(self._final, CLAIM_NAME)
-        doomed = [
-            info.path
-            async for info in self._store.list_prefix(self._final)
-            if info.path != claim_path
-        ]
-        await self._store.delete_many(doomed)
+    async def _remove_leftovers(self) -> None:
+        # Whatever a stale attempt or an interrupted deletion left behind must
+        # not survive into this checkpoint; the attempt that wrote it is fenced.
+        assert self._version is not None
+        await self._store.delete_many(
+            await _garbage(self._store, self._final, self._version, self._claim.attempt)
+        )
 
     async def finalize(self) -> None:
-        await _check_still_owned(self._store, self._final, self._claim)
-        if not await self._put_marker(self._final):
+        if self._version is None:
+            raise ClaimLostError(f"not committing {self._final}: it was never claimed")
+        if self._claim.state == COMMITTED:
             raise FileExistsError(f"{self._final} is already committed")
+        committed = self._claim.next(COMMITTED)
+        version = await self._put_claim(committed, self._version)  # the commit point
+        if version is None:
+            # A renewal cancelled in flight may have landed: its version is ours too.
+            claim, current = await read_versioned_claim(self._store, self._final)
+            if current is not None and claim is not None and claim.nonce in self._sent:
+                if claim.state == COMMITTED:
+                    version = current.version
+                elif claim.state == WRITING:
+                    version = await self._put_claim(committed, current.version)
+        if version is None:
+            raise ClaimLostError(
+                f"not committing {self._final}: its claim was removed or replaced while the "
+                "save was in progress (judged abandoned by clean-up or another writer); write "
+                "the step again"
+            )
+        self._claim, self._version = committed, version
+        await self._write_marker(self._final)
+
+    async def abort(self) -> bool:
+        try:
+            return await self._abort()
+        except OutcomeUnknownError:
+            raise
+        except Exception as exc:
+            raise OutcomeUnknownError(
+                f"the save of {self._final} failed and its outcome could not be read back "
+                f"({type(exc).__name__}: {exc}); it is committed only if `cloudckpt ls` lists it"
+            ) from exc
+
+    async def _abort(self) -> bool:
+        if self._version is None:
+            return False
+        store, path = self._store, self._final
+        for _ in range(5):
+            claim, current = await read_versioned_claim(store, path)
+            if current is None or claim is None or claim.attempt != self._claim.attempt:
+                return False  # taken over or cleaned up: nothing of ours to remove
+            if claim.state == COMMITTED:
+                # The commit point was passed (an answer was lost); finish the commit.
+                self._claim, self._version = claim, current.version
+                await self._write_marker(path)
+                return True
+            if claim.state in (REVOKED, DELETING) and claim.nonce != self._claim.nonce:
+                return False  # someone else fenced it and is deleting it
+            tombstone = self._claim.next(REVOKED)
+            version = await self._put_claim(tombstone, current.version)
+            if version is not None:
+                await _delete_fenced(store, path, version)
+                return False
+        raise OutcomeUnknownError(
+            f"could not settle the failed save at {path}: its claim keeps changing"
+        )
 
     @classmethod
     async def validate(cls, temporary_path: str, store: Store) -> None:
@@ -229,9 +436,12 @@ class CommitMarkerPath(_ClaimedPath):
 class AtomicRenamePath(_ClaimedPath):
     """For stores with atomic rename (POSIX): write a sibling, rename it at the end.
 
-    The temporary path is ``<final>.cloudckpt-tmp-<attempt>``; ``finalize``
-    puts the marker inside it and renames it onto the final name, which fails
-    with ``FileExistsError`` when the final name is taken.
+    The temporary path is ``<final>.cloudckpt-tmp-<attempt>`` (the whole
+    attempt id: each attempt has its own). ``finalize`` puts the marker
+    inside, checks that the claim is still this attempt's own version, and
+    renames the directory onto the final name: the commit point. Clean-up
+    revokes an attempt by renaming its directory away first, so of the two
+    renames of one directory exactly one succeeds.
     """
 
     _warned_stores: ClassVar[set[int]] = set()
@@ -245,29 +455,52 @@ class AtomicRenamePath(_ClaimedPath):
                 stacklevel=3,
             )
         super().__init__(final_path, store, claim)
-        self._tmp = f"{self._final}{TMP_INFIX}{claim.attempt[:16]}"
+        self._tmp = f"{self._final}{TMP_INFIX}{claim.attempt}"
 
     def get(self) -> str:
         return self._tmp
 
     async def create(self) -> str:
         await self._refuse_if_committed()
-        if not await self._store.put_if_absent(join(self._tmp, CLAIM_NAME), self._claim.to_bytes()):
+        version = await self._put_claim(self._claim, None)
+        if version is None:
             raise FileExistsError(f"temporary path {self._tmp} already exists")
+        self._version = version
         return self._tmp
 
     async def finalize(self) -> None:
         if await self._store.exists(join(self._final, MARKER_NAME)):
             raise FileExistsError(f"{self._final} is already committed")
-        await _check_still_owned(self._store, self._tmp, self._claim)
-        if not await self._put_marker(self._tmp):
-            raise FileExistsError(f"{self._tmp} was already finalized")
+        # The marker first: if the directory was revoked, writing it re-creates
+        # only a claimless directory, which the check below then refuses.
+        await self._write_marker(self._tmp)
+        claim, current = await read_versioned_claim(self._store, self._tmp)
+        if current is None or claim is None or current.version != self._version:
+            raise ClaimLostError(
+                f"not committing {self._final}: its claim was removed or replaced (clean-up "
+                "revoked its temporary directory) while the save was in progress; write the "
+                "step again"
+            )
         try:
-            await self._store.rename(self._tmp, self._final)
+            await self._store.rename(self._tmp, self._final)  # the commit point
         except FileExistsError:
             raise FileExistsError(
                 f"{self._final} is already committed (another save finished first)"
             ) from None
+        except FileNotFoundError:
+            raise ClaimLostError(
+                f"not committing {self._final}: clean-up revoked its temporary directory at "
+                "the last moment; write the step again"
+            ) from None
+
+    async def abort(self) -> bool:
+        if self._version is None:
+            return False
+        claim, _ = await read_versioned_claim(self._store, self._final)
+        if claim is not None and claim.attempt == self._claim.attempt:
+            return True  # the rename happened; its answer was lost
+        await revoke_by_rename(self._store, self._tmp)
+        return False
 
     @classmethod
     async def validate(cls, temporary_path: str, store: Store) -> None:
@@ -284,8 +517,20 @@ class AtomicRenamePath(_ClaimedPath):
         await cls._require_marker(final_path, store)
 
 
-def _marker_bytes(claim: Claim) -> bytes:
-    return b'{"committed_attempt": "%s"}' % claim.attempt.encode()
+async def revoke_by_rename(store: Store, path: str) -> bool:
+    """Fences and deletes a directory on a rename store; False when it was already gone."""
+    path = path.rstrip("/")
+    name = basename(path)
+    if is_temporary_name(name) and name.split(TMP_INFIX, 1)[1].startswith("deleting-"):
+        doomed = path  # already renamed away by an earlier deletion
+    else:
+        doomed = f"{final_name_of(path)}{TMP_INFIX}deleting-{uuid.uuid4().hex}"
+        try:
+            await store.rename(path, doomed)
+        except FileNotFoundError:
+            return False
+    await store.delete_prefix(doomed)
+    return True
 
 
 def default_temporary_path_class(store: Store) -> type[CommitMarkerPath] | type[AtomicRenamePath]:

@@ -29,6 +29,22 @@ class ObjectInfo:
     mtime: float | None = None
 
 
+@dataclass(frozen=True)
+class Versioned:
+    """An object's bytes with the version a conditional request must name.
+
+    Attributes:
+        data: The object's bytes.
+        version: Opaque token (GCS generation, S3 ETag, a file's inode and
+            mtime, the memory store's generation) naming exactly this version.
+        mtime: When this version was written, by the store's clock, if known.
+    """
+
+    data: bytes
+    version: str
+    mtime: float | None = None
+
+
 @runtime_checkable
 class Store(Protocol):
     """What a temporary-path strategy needs from a store.
@@ -40,6 +56,15 @@ class Store(Protocol):
         writer's object was already there.
       * ``get`` returns None for a missing object.
       * ``delete`` of a missing object is a no-op.
+      * ``get_versioned``/``put_versioned``/``delete_versioned`` are single
+        conditional requests on one version: ``put_versioned(p, d,
+        if_version=None)`` creates only if absent, ``if_version=v`` replaces
+        only version ``v``; each returns the new version, or None when the
+        condition did not hold. ``delete_versioned`` deletes only version
+        ``v`` where ``supports_conditional_delete``; elsewhere it deletes
+        unconditionally (the protocol never relies on it for safety).
+      * ``now(path)`` is the current time of the store holding ``path`` (seconds since the epoch), the
+        clock claim ages are judged by.
       * ``rename`` is only called when ``supports_atomic_rename`` is True; it
         moves a whole directory atomically and raises ``FileExistsError`` when
         the destination exists.
@@ -55,6 +80,19 @@ class Store(Protocol):
     async def put(self, path: str, data: bytes) -> None: ...
 
     async def put_if_absent(self, path: str, data: bytes) -> bool: ...
+
+    @property
+    def supports_conditional_delete(self) -> bool: ...
+
+    async def get_versioned(self, path: str) -> Versioned | None: ...
+
+    async def put_versioned(
+        self, path: str, data: bytes, *, if_version: str | None
+    ) -> str | None: ...
+
+    async def delete_versioned(self, path: str, version: str) -> bool: ...
+
+    async def now(self, path: str) -> float: ...
 
     def list_prefix(self, prefix: str) -> AsyncIterator[ObjectInfo]: ...
 

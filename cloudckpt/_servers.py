@@ -35,7 +35,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -402,6 +402,9 @@ class FaultStats:
 class FaultProxy:
     """A reverse proxy in front of a real server that fails some requests.
 
+    ``delay(method, path_qs, headers, body)`` may hold an answer back for that
+    many seconds after the request took effect upstream (a slow response).
+
     Modes: ``503`` and ``429`` answer with that status without forwarding;
     ``drop`` closes the connection without forwarding; ``lost_response``
     forwards the request (so it takes effect) and then closes the connection
@@ -418,6 +421,7 @@ class FaultProxy:
         modes: tuple[str, ...] = ("503", "429", "drop", "lost_response"),
         seed: int = 0,
         flavor: str = "s3",
+        delay: Callable[[str, str, Mapping[str, str], bytes], float] | None = None,
     ) -> None:
         if flavor not in ("s3", "gcs"):
             raise ValueError(f"flavor must be 's3' or 'gcs', got {flavor!r}")
@@ -425,6 +429,7 @@ class FaultProxy:
         self.upstream = upstream.rstrip("/")
         self.fault_rate = fault_rate
         self.modes = modes
+        self.delay = delay
         self.stats = FaultStats()
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
@@ -468,6 +473,10 @@ class FaultProxy:
             auto_decompress=False,
         ) as upstream:
             payload = await upstream.read()
+            if self.delay is not None:
+                held = self.delay(request.method, request.path_qs, request.headers, body)
+                if held > 0:
+                    await asyncio.sleep(held)
             if fault == "lost_response":
                 request.transport.close()
                 raise ConnectionResetError("injected lost response")

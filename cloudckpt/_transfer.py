@@ -208,11 +208,10 @@ def _check_listing(
 
 
 async def _remove_attempt(backend: Any, tmp: atomicity.TemporaryPath) -> None:
-    """Best effort: delete what this copy wrote, if the path is still its own."""
+    """Best effort: revoke and delete this copy's attempt (never a committed one)."""
     try:
-        claim = await atomicity.read_claim(backend, tmp.get())
-        if claim is not None and claim.attempt == tmp.claim.attempt:
-            await atomicity.delete_stale(backend, tmp.get())
+        if await tmp.abort():
+            logger.warning("the copy at %s committed although it was interrupted", tmp.get())
     except Exception:  # `cloudckpt gc` finishes the job
         logger.warning("could not remove the failed copy at %s", tmp.get(), exc_info=True)
 
@@ -248,7 +247,7 @@ class GcEntry:
     url: str
     n_objects: int
     nbytes: int
-    action: str  # "delete", "spare" or "deleted"
+    action: str  # "delete", "spare", "deleted", or "commit"/"committed" (a roll-forward)
     reason: str
     claim: dict[str, Any] | None = None
 
@@ -270,54 +269,46 @@ class GcReport:
         }
 
 
-def _why(claim: atomicity.Claim | None, include_live: bool) -> tuple[bool, str]:
-    """(delete?, reason) for an uncommitted child with ``claim``."""
+def _claim_summary(claim: atomicity.Claim | None) -> dict[str, Any] | None:
     if claim is None:
-        return True, "no readable claim: debris of a crashed save or an interrupted deletion"
-    if claim.owner_gone():
-        return True, f"abandoned: its writer is gone ({claim.describe()})"
-    if claim.age_s() > claim.grace_s:
-        return True, f"abandoned: older than its {claim.grace_s:.0f}s grace ({claim.describe()})"
-    if include_live:
-        return True, f"live claim, deleted because of --include-live ({claim.describe()})"
-    return False, f"save may be in progress ({claim.describe()}); --include-live deletes it"
+        return None
+    return {"attempt": claim.attempt, "host": claim.host, "pid": claim.pid, "state": claim.state}
 
 
 async def collect_garbage(root: StoragePath, *, yes: bool, include_live: bool) -> GcReport:
     """Finds uncommitted children of ``root`` and, with ``yes``, deletes the abandoned ones.
 
-    Committed children are never touched. Each deletion re-reads the claim
-    first, so a save that started after the listing is spared.
+    Committed children (and committed claims) are never touched. Liveness is
+    judged by the store's clock; each deletion is preceded by a request
+    conditional on the exact claim version judged (see
+    :func:`atomicity.settle`), so a save that claimed or renewed the step
+    since the judgement wins and is spared.
     """
     backend = root.backend
     children = await atomicity.scan(backend, root.path)
     report = GcReport(root.url, committed=sum(1 for c in children if c.committed))
-    for child in sorted(children, key=lambda c: step_sort_key(c.name)):
-        if child.committed:
-            continue
-        claim = await atomicity.read_claim(backend, child.path)
-        delete, reason = _why(claim, include_live)
+    pending = [c for c in children if not c.committed]
+    if not pending:
+        return report
+    now = await backend.now(root.path + "/" + atomicity.CLAIM_NAME)
+    for child in sorted(pending, key=lambda c: step_sort_key(c.name)):
+        judged = await atomicity.settle(
+            backend, child, include_live=include_live, dry_run=True, store_now=now
+        )
         entry = GcEntry(
             child.name,
             backend.url(child.path),
             child.n_objects,
             child.nbytes,
-            "delete" if delete else "spare",
-            reason,
-            None
-            if claim is None
-            else {"attempt": claim.attempt, "host": claim.host, "pid": claim.pid},
+            "delete" if judged.deleted else "commit" if judged.rolled_forward else "spare",
+            judged.reason,
+            _claim_summary(judged.claim),
         )
         report.entries.append(entry)
-        if yes and delete:
-            claim = await atomicity.read_claim(backend, child.path)
-            delete, reason = _why(claim, include_live)
-            if not delete:  # a new save claimed it since the listing
-                entry.action, entry.reason = "spare", reason
-                continue
-            if await atomicity.is_committed(backend, child.path):
-                entry.action, entry.reason = "spare", "committed since the listing"
-                continue
-            await atomicity.delete_stale(backend, child.path)
-            entry.action = "deleted"
+        if yes and (judged.deleted or judged.rolled_forward):
+            done = await atomicity.settle(backend, child, include_live=include_live)
+            entry.action = (
+                "deleted" if done.deleted else "committed" if done.rolled_forward else "spare"
+            )
+            entry.reason = done.reason
     return report

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import atomicity
+from atomicity.claims import RENEW_FRACTION
 from cloudckpt._args_base import CheckpointArgs
 from cloudckpt._loop import LoopThread, check_not_forked, in_forked_child
 from cloudckpt.handlers.base import AsyncCheckpointHandler, CheckpointHandler
@@ -295,22 +296,31 @@ class _Commit:
         self.metadata = metadata
 
     async def run(self) -> None:
+        """Claims, writes, meets and commits; raises only when the step is not committed.
+
+        A failure after the commit point (a lost answer, a timeout while the
+        commit request was in flight) is settled by reading the claim back:
+        if the step committed, the save succeeds; otherwise the attempt is
+        revoked (conditionally) before anything it wrote is deleted.
+        """
         group = self.checkpointer.process_group
         if not group.is_member:
             return
         handler = self.checkpointer.handler
-        backend = self.location.backend
         attempt = self.tmp.claim.attempt
         created = committed = False
         started = False
+        heartbeat: asyncio.Task[None] | None = None
         try:
             error: BaseException | None = None
             if group.is_primary:
                 try:
+                    backend = self.location.backend
                     if self.force and await atomicity.is_committed(backend, self.location.path):
                         await atomicity.delete_checkpoint(backend, self.location.path)
                     await self.tmp.create()
                     created = True
+                    heartbeat = asyncio.create_task(_renew_periodically(self.tmp))
                 except Exception as exc:
                     error = exc
             await group.sync(attempt, "created", error=error)
@@ -326,6 +336,7 @@ class _Commit:
                 raise error
             if group.is_primary:
                 try:
+                    await _stop(heartbeat)
                     self.metadata.commit_timestamp_nsecs = time.time_ns()
                     await write_step_metadata(self.directory, self.metadata)
                     await handler.finalize(self.directory)
@@ -333,6 +344,18 @@ class _Commit:
                     committed = True
                 except Exception as exc:
                     error = exc
+                    # The commit request may have taken effect although it failed
+                    # here (a lost answer): read back before telling anyone.
+                    try:
+                        if await _remove_own_attempt(self.tmp):
+                            committed, error = True, None
+                            logger.warning(
+                                "the save of %s committed although finalize reported %r",
+                                self.location,
+                                exc,
+                            )
+                    except atomicity.OutcomeUnknownError as unknown:
+                        error = unknown
             # The others learn whether the primary committed; the primary only tells.
             primary = group.options.primary_host
             await group.sync(
@@ -340,15 +363,47 @@ class _Commit:
             )
             if error is not None:
                 raise error
-        except BaseException:
+        except BaseException as exc:
             if not started:
                 for write in self.writes:
                     if asyncio.iscoroutine(write):
                         write.close()
+            await _stop(heartbeat)
             # Once committed, the step is a checkpoint: whatever fails later, keep it whole.
-            if created and not committed:
-                await _remove_own_attempt(backend, self.tmp)
+            if created and not committed and await _remove_own_attempt(self.tmp):
+                logger.warning(
+                    "the save of %s committed although %s interrupted it (its answer was "
+                    "lost); it is reported as saved",
+                    self.location,
+                    type(exc).__name__,
+                )
+                return
             raise
+        finally:
+            await _stop(heartbeat)
+
+
+async def _renew_periodically(tmp: atomicity.TemporaryPath) -> None:
+    """Heartbeat: renews the claim so that clean-up by the store's clock sees it live."""
+    interval = max(tmp.claim.grace_s * RENEW_FRACTION, 0.001)
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await tmp.renew()
+        except atomicity.ClaimLostError:
+            logger.warning("the claim of %s was taken over; the save will fail", tmp.get())
+            return  # finalize's conditional commit fails on its own
+        except Exception:
+            logger.warning("could not renew the claim of %s", tmp.get(), exc_info=True)
+
+
+async def _stop(task: asyncio.Task[None] | None) -> None:
+    if task is not None and not task.done():
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
 
 
 async def _run_all(writes: Sequence[Awaitable[None]]) -> None:
@@ -381,14 +436,18 @@ async def _await(awaitable: Awaitable[None]) -> None:
     await awaitable
 
 
-async def _remove_own_attempt(backend: Any, tmp: atomicity.TemporaryPath) -> None:
-    """Best effort: delete what a failed save wrote, if the path is still ours."""
-    try:
-        claim = await atomicity.read_claim(backend, tmp.get())
-        if claim is not None and claim.attempt == tmp.claim.attempt:
-            await atomicity.delete_stale(backend, tmp.get())
-    except Exception:  # the next clean-up finishes the job
-        logger.warning("could not remove the failed save at %s", tmp.get(), exc_info=True)
+async def _remove_own_attempt(tmp: atomicity.TemporaryPath) -> bool:
+    """After a failure: True when the step committed after all, else revoke and remove it.
+
+    ``abort`` reads the claim back before deleting anything, so a step whose
+    commit request took effect although its answer was lost (or a timeout
+    cancelled the wait) is never deleted. Shielded from a second cancellation.
+
+    Raises:
+        atomicity.OutcomeUnknownError: the outcome could not be read back; the
+            caller must not report the save as failed.
+    """
+    return await asyncio.shield(tmp.abort())
 
 
 @dataclass
@@ -415,7 +474,12 @@ class AsyncCheckpointer(Checkpointer):
     for the one in flight. A background failure, or a commit exceeding
     ``timeout_s``, is raised exactly once, at the next ``save``,
     ``wait_until_finished`` or ``close``, naming the path and chaining the
-    original error; that step is never committed.
+    original error; that step is never committed, then or later (its claim
+    is revoked first). When the timeout cancels the commit request itself,
+    the claim is read back: a commit that took effect is reported as saved,
+    and one whose outcome cannot be read raises
+    :class:`atomicity.OutcomeUnknownError` (a ``ConnectionError``) instead of
+    a false "not committed".
     """
 
     def __init__(
@@ -496,22 +560,34 @@ class AsyncCheckpointer(Checkpointer):
             return
         url = self._inflight_url
         try:
-            # The loop enforces timeout_s; the margin only guards against a wedged loop.
-            future.result(self._timeout_s + 60)
+            # The loop enforces timeout_s and then settles the attempt (reads its
+            # claim back, revokes it if uncommitted); the margin covers settling.
+            future.result(self._timeout_s + 120)
         except KeyboardInterrupt:
             # The background save goes on; keep it, so close() still waits for it
             # and its failure is still reported.
             self._inflight = future
             raise
-        except (TimeoutError, concurrent.futures.TimeoutError) as exc:
-            if isinstance(exc, concurrent.futures.TimeoutError) and not future.done():
-                future.cancel()
+        except concurrent.futures.TimeoutError as exc:
+            if future.done():
+                raise self._timed_out(url) from exc
             raise TimeoutError(
-                f"background save of {url} did not finish within {self._timeout_s:.0f}s and was "
-                "abandoned; it was not committed. Raise timeout_s or check the storage channel"
+                f"background save of {url} did not finish within {self._timeout_s:.0f}s and could "
+                "not be settled; its outcome is unknown (the storage channel is not answering). "
+                "It commits only if its commit request already reached the store: "
+                "`cloudckpt ls` shows whether it did"
             ) from exc
+        except TimeoutError as exc:
+            raise self._timed_out(url) from exc
         except Exception as exc:
             raise _named(exc, url) from exc
+
+    def _timed_out(self, url: str) -> TimeoutError:
+        return TimeoutError(
+            f"background save of {url} did not finish within {self._timeout_s:.0f}s and was "
+            "abandoned; it was not committed (its claim was revoked, so it never will be). "
+            "Raise timeout_s or check the storage channel"
+        )
 
     def close(self) -> None:
         """Waits for the save in flight (raising its failure), then releases resources."""

@@ -113,14 +113,17 @@ class TestStrategies:
             loop.run(tmp.finalize())
         assert not loop.run(atomicity.is_committed(store.backend, tmp.get_final()))
 
-    def test_finalize_refuses_past_grace_period(
+    def test_finalize_refuses_after_cleanup_revoked_an_expired_claim(
         self, store: StoreUnderTest, loop: LoopThread
     ) -> None:
         tmp = _strategy(store).from_final(store.path("6"), store.backend, grace_s=0.05)
         loop.run(tmp.create())
-        time.sleep(0.1)
-        with pytest.raises(ClaimLostError, match="grace period"):
+        time.sleep(1.2)  # past its grace by the store's clock (S3 reports whole seconds)
+        deleted = loop.run(atomicity.cleanup_uncommitted(store.backend, store.root))
+        assert deleted == [tmp.get()]
+        with pytest.raises(ClaimLostError, match="claim was removed or replaced"):
             loop.run(tmp.finalize())
+        assert loop.run(atomicity.list_committed(store.backend, store.root)) == []
 
 
 class TestCommitMarker:
@@ -156,8 +159,10 @@ class TestCommitMarker:
         assert _listing(ostore, loop, ostore.path("st")) == {CLAIM_NAME}
 
     def test_expired_claim_is_replaced(self, ostore: StoreUnderTest, loop: LoopThread) -> None:
-        old = dataclasses.replace(Claim.new(grace_s=1), created_ns=time.time_ns() - 10**10)
-        ostore.raw_put(ostore.path("ex", CLAIM_NAME), old.to_bytes())
+        # Expiry is judged by the store's clock: the claim's stored mtime, not created_ns.
+        old = dataclasses.replace(Claim.new(grace_s=0.05), created_ns=time.time_ns() + 10**13)
+        loop.run(ostore.backend.put(ostore.path("ex", CLAIM_NAME), old.to_bytes()))
+        time.sleep(1.2)
         loop.run(CommitMarkerPath.from_final(ostore.path("ex"), ostore.backend).create())
 
     def test_unclaimed_leftovers_do_not_survive(
@@ -267,9 +272,18 @@ class TestDiscovery:
                 )
             )
         else:
-            loop.run(
-                store.backend.delete(store.path("6", MARKER_NAME))
-            )  # interrupted after the marker
+            # A deletion first turns the claim into "deleting", then removes the marker.
+            claim, current = loop.run(
+                atomicity.read_versioned_claim(store.backend, store.path("6"))
+            )
+            assert claim is not None and current is not None
+            tombstone = claim.next(atomicity.DELETING)
+            assert loop.run(
+                store.backend.put_versioned(
+                    store.path("6", CLAIM_NAME), tombstone.to_bytes(), if_version=current.version
+                )
+            )
+            loop.run(store.backend.delete(store.path("6", MARKER_NAME)))  # then interrupted
         assert loop.run(atomicity.list_committed(store.backend, store.root)) == []
         # The claim's owner (this process) is alive, so only an explicit sweep removes it.
         loop.run(atomicity.cleanup_uncommitted(store.backend, store.root, include_live=True))

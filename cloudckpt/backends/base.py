@@ -21,6 +21,7 @@ stores, an absolute path for the file system, ``name/key`` for memory.
 from __future__ import annotations
 
 import abc
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, ClassVar, TypeVar
@@ -28,7 +29,7 @@ from typing import Any, ClassVar, TypeVar
 import tensorstore as ts
 
 import atomicity
-from atomicity import ObjectInfo
+from atomicity import ObjectInfo, Versioned
 from cloudckpt.backends.retry import DEFAULT_POLICY, RetryPolicy, RetryStats
 
 T = TypeVar("T")
@@ -52,6 +53,11 @@ class Backend(abc.ABC):
     @property
     def supports_atomic_rename(self) -> bool:
         """Whether ``rename`` moves a directory atomically."""
+        return False
+
+    @property
+    def supports_conditional_delete(self) -> bool:
+        """Whether ``delete_versioned`` is honoured as a conditional delete."""
         return False
 
     @property
@@ -116,6 +122,42 @@ class Backend(abc.ABC):
 
         return await self._retrying("put_if_absent", path, attempt)
 
+    # ------------------------------------------------- conditional (versioned) requests
+    # The commit protocol's fencing (docs/FORMAT.md, "Claims"). Each is one
+    # conditional request; a precondition failure is an answer (None/False),
+    # never an exception. A transient failure is retried: a retried replace
+    # whose first try took effect answers None, and the caller reads back the
+    # nonce it wrote to learn that it was its own.
+
+    async def get_versioned(self, path: str) -> Versioned | None:
+        """An object's bytes, version and store mtime; None when missing."""
+        return await self._retrying("get", path, lambda: self._get_versioned(path))
+
+    async def put_versioned(self, path: str, data: bytes, *, if_version: str | None) -> str | None:
+        """Creates (``if_version=None``) or replaces exactly version ``if_version``.
+
+        Returns the new version, or None when the condition did not hold.
+        """
+        return await self._retrying(
+            "put_if_absent" if if_version is None else "put_if_match",
+            path,
+            lambda: self._put_versioned(path, data, if_version),
+        )
+
+    async def delete_versioned(self, path: str, version: str) -> bool:
+        """Deletes exactly ``version`` (where ``supports_conditional_delete``).
+
+        Returns False when another version is there. Stores without the
+        condition delete unconditionally; the protocol is safe either way.
+        """
+        return await self._retrying(
+            "delete_if_match", path, lambda: self._delete_versioned(path, version)
+        )
+
+    async def now(self, path: str) -> float:
+        """The current time by the clock of the store holding ``path`` (claim ages use it)."""
+        return await self._retrying("now", path, lambda: self._now(path))
+
     async def exists(self, path: str) -> bool:
         return await self._retrying("exists", path, lambda: self._exists(path))
 
@@ -175,6 +217,20 @@ class Backend(abc.ABC):
     async def _created_with_token(self, path: str, token: str) -> bool:
         """Whether the existing object at ``path`` was created with ``token``."""
         return False
+
+    async def _now(self, path: str) -> float:
+        return time.time()
+
+    @abc.abstractmethod
+    async def _get_versioned(self, path: str) -> Versioned | None: ...
+
+    @abc.abstractmethod
+    async def _put_versioned(
+        self, path: str, data: bytes, if_version: str | None
+    ) -> str | None: ...
+
+    @abc.abstractmethod
+    async def _delete_versioned(self, path: str, version: str) -> bool: ...
 
     @abc.abstractmethod
     async def _get(self, path: str, byte_range: tuple[int, int] | None) -> bytes | None: ...

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import os
 import shutil
 import stat
 import uuid
 from typing import Any
 
-from atomicity import ObjectInfo
+from atomicity import ObjectInfo, Versioned
 from cloudckpt.backends.base import Backend
 
 _PARTIAL = ".cloudckpt-partial-"
@@ -90,6 +91,79 @@ def _link_error(path: str) -> OSError:
         "never follows links inside one. Replace the link with the file it points to, or "
         "remove it",
     )
+
+
+def _version_of(st: os.stat_result) -> str:
+    # Every write makes a new inode (write a fresh file, then link or rename it),
+    # and the mtime in ns guards against an inode number being reused.
+    return f"{st.st_ino}.{st.st_mtime_ns}.{st.st_size}"
+
+
+def _get_versioned(path: str) -> Versioned | None:
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            return Versioned(f.read(), _version_of(st), st.st_mtime)
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return None
+
+
+class _Locked:
+    """The file at ``path``, locked with flock(2) and still the one the name points to.
+
+    Every conditional change of an object takes this lock on the inode it
+    judges, so two changers of one version are serialised and the second sees
+    that the name now points elsewhere.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd = -1
+        self.version: str | None = None
+
+    def __enter__(self) -> _Locked:
+        try:
+            self.fd = os.open(self.path, os.O_RDONLY)
+        except (FileNotFoundError, NotADirectoryError):
+            return self
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        st = os.fstat(self.fd)
+        try:
+            now = os.stat(self.path)
+        except FileNotFoundError:
+            return self
+        if (now.st_ino, now.st_dev) == (st.st_ino, st.st_dev):
+            self.version = _version_of(st)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # releases the lock
+
+
+def _put_versioned(path: str, data: bytes, if_version: str | None) -> str | None:
+    if if_version is None:
+        try:
+            _create(path, data)
+        except FileExistsError:
+            return None
+        return _version_of(os.stat(path))
+    with _Locked(path) as locked:
+        if locked.version != if_version:
+            return None
+        tmp = _write_new_file(path, data)
+        os.replace(tmp, path)
+        _fsync_dir(os.path.dirname(path))
+        return _version_of(os.stat(path))
+
+
+def _delete_versioned(path: str, version: str) -> bool:
+    with _Locked(path) as locked:
+        if locked.version != version:
+            return False
+        os.unlink(path)
+        _fsync_dir(os.path.dirname(path))
+        return True
 
 
 def _get(path: str, byte_range: tuple[int, int] | None) -> bytes | None:
@@ -182,6 +256,11 @@ def _rename(src: str, dst: str) -> None:
         if os.path.lexists(dst):
             raise FileExistsError(dst)
         os.rename(src, dst)
+        # The commit point of a step: make the new name durable before anyone
+        # is told the step is committed (both parents, when they differ).
+        _fsync_dir(os.path.dirname(dst))
+        if os.path.dirname(src) != os.path.dirname(dst):
+            _fsync_dir(os.path.dirname(src))
     except OSError as exc:
         if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
             raise FileExistsError(f"cannot rename {src} to {dst}: the destination exists") from None
@@ -214,6 +293,19 @@ class FileBackend(Backend):
 
     async def _create(self, path: str, data: bytes, token: str) -> None:
         await asyncio.to_thread(_create, _checked(path), data)
+
+    @property
+    def supports_conditional_delete(self) -> bool:
+        return True
+
+    async def _get_versioned(self, path: str) -> Versioned | None:
+        return await asyncio.to_thread(_get_versioned, _checked(path))
+
+    async def _put_versioned(self, path: str, data: bytes, if_version: str | None) -> str | None:
+        return await asyncio.to_thread(_put_versioned, _checked(path), data, if_version)
+
+    async def _delete_versioned(self, path: str, version: str) -> bool:
+        return await asyncio.to_thread(_delete_versioned, _checked(path), version)
 
     async def _exists(self, path: str) -> bool:
         return await asyncio.to_thread(_exists, _checked(path))

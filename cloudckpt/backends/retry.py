@@ -218,6 +218,18 @@ class RetryPolicy:
         naming the operation and chaining the last error.
         """
         start = time.monotonic()
+        if self.max_attempts == 1:  # no retries: skip tenacity's per-call machinery
+            stats.calls[op] += 1
+            try:
+                return await fn()
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                stats.gave_up[op] += 1
+                raise ConnectionError(
+                    f"{f'{op} {describe()}'.strip()} failed (retries disabled): "
+                    f"{type(exc).__name__}: {_safe_text(exc)}"
+                ) from exc
 
         def before_sleep(state: tenacity.RetryCallState) -> None:
             stats.retries[op] += 1
