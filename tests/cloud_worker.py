@@ -15,6 +15,7 @@ import contextlib
 import io
 import json
 import sys
+import time
 import urllib.request
 
 import jax
@@ -87,6 +88,9 @@ def main(root: str, phases: str) -> dict[str, object]:
         )
         where = loop.run(tmp.create())
         loop.run(half.backend.put(f"{where}/state/pytree.json", b"half-written"))
+    # Staleness is judged by the store's clock, which S3 and GCS report in whole
+    # seconds: let the zero-grace claim be visibly older than its grace.
+    time.sleep(1.1)
     no_grace = cc.CheckpointManagerOptions(max_to_keep=2, enable_async=False, grace_s=0.0)
     with cc.CheckpointManager(f"{root}/run", options=no_grace) as mngr:
         mngr.wait_until_finished()
