@@ -103,6 +103,8 @@ class LoopThread:
                     await backend.aclose()
                 except Exception:  # closing is best effort
                     pass
+            # Join the threads of asyncio.to_thread, so a closed loop leaves none behind.
+            await asyncio.get_running_loop().shutdown_default_executor()
 
         try:
             self.run(shutdown(), timeout=30)
