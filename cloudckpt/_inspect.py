@@ -158,6 +158,7 @@ class StepSummary:
     metrics: dict[str, Any] = field(default_factory=dict)
     claim: dict[str, Any] | None = None
     problem: str | None = None
+    format: str = "cloudckpt"  # or "orbax": a step Orbax wrote, read-only to cloudckpt
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -220,7 +221,38 @@ async def list_steps(root: StoragePath, *, read_claims: bool) -> list[StepSummar
                 row.claim = _claim_json(await atomicity.read_claim(backend, child.path))
 
     await asyncio.gather(*(fill(r, c) for r, c in zip(rows, children, strict=True)))
+    rows += await _orbax_rows(root)  # Orbax hook
     return sorted(rows, key=lambda r: step_sort_key(r.name))
+
+
+async def _orbax_rows(root: StoragePath) -> list[StepSummary]:
+    """Steps Orbax wrote under ``root``, marked as such (one more listing, one read each)."""
+    from cloudckpt import orbax
+
+    rows = []
+    for found in await orbax.list_steps(root):
+        row = StepSummary(
+            name=found.name,
+            url=root.backend.url(found.path),
+            committed=found.committed,
+            nbytes=found.nbytes,
+            n_objects=found.n_objects,
+            mtime=found.mtime,
+            items=[i.name or "(the whole step)" for i in found.items],
+            format="orbax",
+        )
+        if found.committed:
+            try:
+                meta = await orbax.step_metadata(
+                    StoragePath(root.backend, found.path), found, with_items=False
+                )
+                row.metrics = dict(meta.metrics or {})
+                if meta.commit_timestamp_nsecs:
+                    row.commit_time = meta.commit_timestamp_nsecs / 1e9
+            except (OSError, ValueError) as exc:
+                row.problem = f"unreadable Orbax step metadata: {exc}"
+        rows.append(row)
+    return rows
 
 
 # ------------------------------------------------------------------------------ inspect
@@ -335,7 +367,16 @@ def describe_leaves(document: dict[str, Any]) -> list[dict[str, Any]]:
 
 async def describe_step(step: StoragePath) -> dict[str, Any]:
     """What ``cloudckpt inspect`` shows, as JSON-able data; reads no array data."""
-    objects = await require_committed(step)
+    try:
+        objects = await require_committed(step)
+    except ValueError:  # Orbax hook: a step Orbax wrote has no cloudckpt marker
+        from cloudckpt import orbax
+        from cloudckpt.orbax import _tools
+
+        found = await orbax.probe(step)
+        if found is None:
+            raise
+        return await _tools.describe(step, found)
     metadata = await read_step_metadata(step)
     out: dict[str, Any] = {
         "url": step.url,

@@ -77,7 +77,18 @@ async def copy_step(
             raise ValueError(
                 f"cannot copy {src} to {dst}: one lies inside the other; choose another destination"
             )
-    objects = await require_committed(src)
+    try:
+        objects = await require_committed(src)
+    except ValueError:  # Orbax hook: an Orbax step is converted, not copied
+        from cloudckpt import orbax
+        from cloudckpt.orbax import _tools
+
+        found = await orbax.probe(src)
+        if found is None:
+            raise
+        return await _tools.convert_step(
+            src, found, dst, force=force, verify_copy=verify, progress=progress
+        )
     todo = {rel: info for rel, info in objects.items() if rel not in (MARKER_NAME, CLAIM_NAME)}
     backend = dst.backend
     replaced = False

@@ -10,6 +10,7 @@ docs/FORMAT.md, "Orbax checkpoints", for the layouts read.
 from __future__ import annotations
 
 import asyncio
+import uuid
 from typing import Any
 
 from cloudckpt._args_base import CheckpointArgs, Composite
@@ -21,6 +22,7 @@ from cloudckpt.orbax import _pytree
 from cloudckpt.orbax._layout import (
     COMMIT_FILE,
     JSON_ITEM_FILE,
+    ORBAX_TMP_INFIX,
     STEP_METADATA,
     OrbaxItem,
     OrbaxStep,
@@ -36,6 +38,7 @@ __all__ = [
     "OrbaxItem",
     "OrbaxStep",
     "UnsupportedOrbaxLayoutError",
+    "delete_step",
     "is_orbax_tmp_name",
     "item_metadata",
     "list_steps",
@@ -200,3 +203,20 @@ async def step_metadata(step: StoragePath, info: OrbaxStep, *, with_items: bool)
 
 def _int_or_none(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+async def delete_step(step: StoragePath) -> None:
+    """Deletes an Orbax step so that an interruption never leaves it looking committed.
+
+    On object stores ``commit_success.txt`` goes first; on POSIX the step is
+    first renamed to an Orbax temporary name. Only called when a user asked
+    for this step's deletion explicitly.
+    """
+    backend = step.backend
+    if backend.supports_atomic_rename:
+        doomed = f"{step.path.rstrip('/')}{ORBAX_TMP_INFIX}-deleting-{uuid.uuid4().hex[:16]}"
+        await backend.rename(step.path, doomed)
+        await backend.delete_prefix(doomed)
+        return
+    await backend.delete((step / COMMIT_FILE).path)
+    await backend.delete_prefix(step.path)

@@ -35,7 +35,6 @@ JSON_ITEM_FILE = "metadata"
 LEGACY_MSGPACK = "checkpoint"
 _OURS = frozenset({atomicity.MARKER_NAME, atomicity.CLAIM_NAME})
 _TOP_LEVEL_SIGNS = frozenset({STEP_METADATA, COMMIT_FILE, PYTREE_METADATA, "manifest.ocdbt"})
-_ITEM_SIGNS = frozenset({PYTREE_METADATA, JSON_ITEM_FILE, COMMIT_FILE, LEGACY_MSGPACK})
 
 
 class UnsupportedOrbaxLayoutError(ValueError):
@@ -85,9 +84,7 @@ def classify(
     if not rels or _OURS & rels.keys() or atomicity.is_temporary_name(name):
         return None
     top = {rel for rel in rels if "/" not in rel}
-    if not (top & _TOP_LEVEL_SIGNS) and not any(
-        rel.split("/", 1)[1] in _ITEM_SIGNS for rel in rels if rel.count("/") == 1
-    ):
+    if not top & _TOP_LEVEL_SIGNS:
         return None
     committed = not is_orbax_tmp_name(name) and (atomic_rename or COMMIT_FILE in top)
     step = OrbaxStep(
