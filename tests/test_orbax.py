@@ -13,6 +13,7 @@ save.
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -277,3 +278,99 @@ def test_unsupported_layout_is_named(tmp_path: Path) -> None:
         pytest.raises(UnsupportedOrbaxLayoutError, match="msgpack"),
     ):
         ckptr.restore(str(step))
+
+
+# ------------------------------------------------------------------ command line
+@pytest.mark.parametrize("version", VERSIONS)
+def test_cli_ls_inspect_verify(
+    store: StoreUnderTest, version: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = upload(store, version, "composite_default")
+    assert main(["ls", url, "--all", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert sorted(rows) == ["1", "2", "7.orbax-checkpoint-tmp-1732000000000000"]
+    assert {r["format"] for r in rows.values()} == {"orbax"}
+    assert rows["2"]["committed"] and rows["2"]["items"] == ["meta", "state"]
+    assert not rows["7.orbax-checkpoint-tmp-1732000000000000"]["committed"]
+    assert main(["ls", url]) == 0
+    out = capsys.readouterr().out
+    assert "orbax" in out and "orbax-checkpoint-tmp" not in out
+    assert main(["inspect", url + "/2", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["format"] == "orbax"
+    items = {i["name"]: i for i in info["items"]}
+    assert items["meta"]["value"] == expected_json(version)["meta"]["2"]
+    leaves = {leaf["path"]: leaf for leaf in items["state"]["leaves"]}
+    assert leaves[BF16]["dtype"] == "bfloat16" and leaves[BF16]["shape"] == [16, 4]
+    assert main(["verify", url + "/2"]) == 0
+    assert "no checksum over array bytes" in capsys.readouterr().out
+
+
+def test_verify_reports_a_missing_orbax_chunk(
+    store: StoreUnderTest, loop: LoopThread, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Orbax 0.12.8 stores every chunk (store_array_data_equal_to_fill_value), so a missing
+    # chunk is an error, not a silent run of zeros.
+    url = upload(store, "0.12.8", "composite_pytree_zarr2")
+    loop.run(
+        store.backend.delete(store.path("composite_pytree_zarr2", "1/state/params.dense.w/1.1"))
+    )
+    assert main(["verify", url + "/1"]) == 1
+    assert "MISSING" in capsys.readouterr().out
+    with manager(url) as mngr, pytest.raises(cc.CorruptCheckpointError, match="missing"):
+        mngr.restore(1)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_cp_converts_an_orbax_step(
+    store: StoreUnderTest,
+    version: str,
+    loop: LoopThread,
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    url = upload(store, version, "composite_default")
+    # Into another backend: file -> s3, s3 -> gcs, gcs -> file.
+    other = {"file": "s3", "s3": "gcs", "gcs": "file"}[store.name]
+    dst_store = make_store(other, request, tmp_path / "dst")
+    dst = dst_store.url("converted", "2")
+    assert main(["cp", url + "/2", dst]) == 0
+    assert "verified" in capsys.readouterr().out
+    with cc.Checkpointer(cc.CompositeCheckpointHandler()) as ckptr:
+        got = ckptr.restore(dst)
+        assert_tree(got["state"], version, 2)
+        assert got["meta"] == expected_json(version)["meta"]["2"]
+        assert ckptr.metadata(dst).custom["converted_from_orbax"] == url + "/2"
+    assert main(["verify", dst]) == 0
+    assert re.search(r"[1-9]\d* checksums verified", capsys.readouterr().out)
+    names = _objects(dst_store, loop, "converted", "2")
+    assert "_COMMITTED" in names and "_CLAIM" in names and "state/pytree.json" in names
+    # A second conversion onto the committed copy is refused without --force.
+    assert main(["cp", url + "/2", dst]) != 0
+    assert "already a committed checkpoint" in capsys.readouterr().err
+    # An uncommitted Orbax save is not converted.
+    assert (
+        main(["cp", url + "/7.orbax-checkpoint-tmp-1732000000000000", dst_store.url("x", "7")]) != 0
+    )
+    assert "uncommitted Orbax save" in capsys.readouterr().err
+    assert _objects(dst_store, loop, "x") == {}
+
+
+def test_cp_all_converts_every_committed_step(
+    store: StoreUnderTest, loop: LoopThread, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = upload(store, "0.12.8", "composite_default")
+    with manager(url) as mngr:  # a cloudckpt step beside the Orbax ones is copied as is
+        mngr.save(5, args=cc.args.Composite(meta=cc.args.JsonSave({"ours": True})))
+    dst = store.url("all")
+    assert main(["cp", "--all", url, dst]) == 0
+    out = capsys.readouterr()
+    assert "3 step(s) committed" in out.out
+    assert out.err.count("copy 3 steps") >= 1  # one progress bar for the whole root
+    with manager(dst) as mngr:
+        assert mngr.all_steps() == [1, 2, 5] and mngr.orbax_steps() == []
+        assert_tree(mngr.restore(1)["state"], "0.12.8", 1)
+        assert dict(mngr.restore(5)) == {"meta": {"ours": True}}
+    assert main(["cp", "--all", url, dst]) == 0  # again: nothing to do, all skipped
+    assert "skipped: 1, 2, 5" in capsys.readouterr().out

@@ -161,12 +161,14 @@ async def verify(
                 leaf = tree.leaves[i]
                 try:
                     await reader.leaf_to_host(i)
+                    report.objects_read += 1  # one array (all its chunks) read and decoded
                 except Exception as exc:
-                    kind = (
-                        "corrupt"
-                        if isinstance(exc, CorruptCheckpointError)
-                        else _classify_tensorstore_error(exc)
-                    )
+                    text = str(exc)
+                    kind = _classify_tensorstore_error(exc)
+                    if "missing data" in text:
+                        kind = "missing"
+                    elif kind == "unreadable" and isinstance(exc, CorruptCheckpointError):
+                        kind = "corrupt"
                     report.problems.append(
                         Problem(kind, f"{where.url} leaf {leaf['path']}", str(exc).splitlines()[0])
                     )
@@ -176,9 +178,9 @@ async def verify(
         bar.advance(prefix_bytes)
     finally:
         bar.close()
-    report.objects_read = max(report.objects_read, len(objects))
     report.notes.append(
-        "Orbax step: every array was read and decoded and all metadata parsed; Orbax writes no "
+        "Orbax step: 'objects read' counts arrays and JSON documents; every array was read "
+        "and decoded and all metadata parsed; Orbax writes no "
         "checksum over array bytes, so a flipped bit inside chunk data cannot be detected "
         "(convert with `cloudckpt cp` to get crc32c on every chunk)"
     )
