@@ -202,7 +202,19 @@ class RemoveReport:
 
 async def remove_step(step: StoragePath, *, yes: bool) -> RemoveReport:
     """Deletes the committed checkpoint at ``step`` (marker first); dry run unless ``yes``."""
-    objects = await require_committed(step)
+    try:
+        objects = await require_committed(step)
+    except ValueError:  # Orbax hook: `rm` is an explicit request, so Orbax steps may go
+        from cloudckpt import orbax
+
+        found = await orbax.probe(step)
+        if found is None or not found.committed:
+            raise
+        report = RemoveReport(step.url, found.n_objects, found.nbytes, False)
+        if yes:
+            await orbax.delete_step(step)
+            report.deleted = True
+        return report
     report = RemoveReport(step.url, len(objects), sum(o.size for o in objects.values()), False)
     if yes:
         await atomicity.delete_checkpoint(step.backend, step.path)

@@ -374,3 +374,17 @@ def test_cp_all_converts_every_committed_step(
         assert dict(mngr.restore(5)) == {"meta": {"ours": True}}
     assert main(["cp", "--all", url, dst]) == 0  # again: nothing to do, all skipped
     assert "skipped: 1, 2, 5" in capsys.readouterr().out
+
+
+def test_rm_deletes_an_orbax_step_only_with_yes(
+    store: StoreUnderTest, loop: LoopThread, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = upload(store, "0.6.4", "composite_default")
+    before = _objects(store, loop, "composite_default")
+    assert main(["rm", url + "/1"]) == 0
+    assert "dry run" in capsys.readouterr().out
+    assert _objects(store, loop, "composite_default") == before
+    assert main(["rm", url + "/1", "--yes"]) == 0
+    after = _objects(store, loop, "composite_default")
+    assert not any(k.startswith("1") for k in after)
+    assert {k: v for k, v in before.items() if not k.startswith("1")} == after
