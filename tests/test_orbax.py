@@ -132,6 +132,45 @@ def test_manager_lists_and_restores_orbax_steps(
         assert shapes["params"]["embed"].dtype == np.dtype(ml_dtypes.bfloat16)
 
 
+def _mesh_target(tree_meta: Any, mesh: Mesh) -> Any:
+    """A target of every array leaf, sharded over ``mesh`` where the shape allows."""
+
+    def one(meta: Any) -> Any:
+        if not hasattr(meta, "shape"):
+            return meta
+        if meta.kind == "py":  # a Python scalar: restored as one, not as an array
+            return 0
+        axes = [a for a, n in zip(("x", "y"), mesh.devices.shape, strict=True)]
+        spec = [
+            axes[i] if i < len(axes) and meta.shape[i] % mesh.devices.shape[i] == 0 else None
+            for i in range(len(meta.shape))
+        ]
+        return jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=NamedSharding(mesh, P(*spec)))
+
+    return jax.tree.map(one, tree_meta, is_leaf=lambda x: hasattr(x, "shape"))
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_sharded_restore_onto_another_mesh(
+    store: StoreUnderTest, version: str, layout: str
+) -> None:
+    """Saved on a 2x2 mesh of 4 devices; restored onto 4x2 of 8, each leaf straight into it."""
+    url = upload(store, version, layout)
+    steps, item = LAYOUTS[layout]
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("x", "y"))
+    with manager(url) as mngr:
+        tree_meta = mngr.metadata(steps[-1]).item_metadata[item]
+        target = _mesh_target(tree_meta, mesh)
+        got = mngr.restore(
+            steps[-1], args=cc.args.Composite(**{item: cc.args.StandardRestore(target)})
+        )[item]
+    w = got["params"]["dense"]["w"]
+    assert isinstance(w, jax.Array) and w.sharding.spec == P("x", "y")
+    assert len({s.device for s in w.addressable_shards}) == 8
+    assert_tree(got, version, steps[-1])
+
+
 @pytest.mark.parametrize("version", VERSIONS)
 def test_restore_into_another_mesh_partial_and_strict(store: StoreUnderTest, version: str) -> None:
     url = upload(store, version, "composite_default")
@@ -388,3 +427,19 @@ def test_rm_deletes_an_orbax_step_only_with_yes(
     after = _objects(store, loop, "composite_default")
     assert not any(k.startswith("1") for k in after)
     assert {k: v for k, v in before.items() if not k.startswith("1")} == after
+
+
+def test_corrupt_ocdbt_manifest_is_caught(
+    store: StoreUnderTest, loop: LoopThread, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = upload(store, "0.12.8", "composite_default")
+    rel = "composite_default/2/state/manifest.ocdbt"
+    data = bytearray(store.raw_get(store.path(rel)) or b"")
+    data[len(data) // 2] ^= 0x01
+    store.raw_put(store.path(rel), bytes(data))
+    assert main(["verify", url + "/2"]) == 1
+    assert "CORRUPT" in capsys.readouterr().out
+    with manager(url) as mngr, pytest.raises(cc.CorruptCheckpointError, match="CRC-32C"):
+        mngr.restore(2)
+    assert main(["cp", url + "/2", store.url("conv", "2")]) != 0
+    assert _objects(store, loop, "conv") == {}  # the failed conversion left nothing

@@ -152,7 +152,7 @@ async def restore_step(
                     f"item {name!r} is not in the Orbax step at {step}; it has: {sorted(items)}"
                 )
             plan[name] = item_args
-    results = await asyncio.gather(*(restore_item(step, items[n], a) for n, a in plan.items()))
+    results = await _pytree.gather_all([restore_item(step, items[n], a) for n, a in plan.items()])
     return Composite(**dict(zip(plan, results, strict=True)))
 
 

@@ -116,7 +116,11 @@ def items_of(rels: Iterable[str]) -> list[OrbaxItem]:
     )
     out = []
     for name in names:
-        if f"{name}/{PYTREE_METADATA}" in rels:
+        if name in (".", "..") or "\\" in name or any(ord(c) < 32 for c in name):
+            out.append(
+                OrbaxItem(name, "unsupported", f"an item name that is not a plain name: {name!r}")
+            )
+        elif f"{name}/{PYTREE_METADATA}" in rels:
             out.append(OrbaxItem(name, "pytree"))
         elif f"{name}/{JSON_ITEM_FILE}" in rels:
             out.append(OrbaxItem(name, "json"))

@@ -215,6 +215,19 @@ async def read_tree(item: StoragePath) -> OrbaxTree:
     )
 
 
+async def gather_all(aws: list[Any]) -> list[Any]:
+    """Like ``asyncio.gather``, but settles every awaitable before raising the first error.
+
+    A failed read must not leave sibling reads running when the caller's event
+    loop ends (the command line runs one loop per command).
+    """
+    results = await asyncio.gather(*aws, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return list(results)
+
+
 class _OrbaxReader(_Reader):
     """cloudckpt's region reader, opening Orbax's tensorstore arrays."""
 
@@ -246,7 +259,7 @@ class _OrbaxReader(_Reader):
                 )
 
         arrays = [i for i, leaf in enumerate(self.saved) if leaf["kind"] != "str"]
-        await asyncio.gather(*(one(i) for i in arrays))
+        await gather_all([one(i) for i in arrays])
 
 
 async def open_tree(item: StoragePath, max_inflight_bytes: int) -> tuple[OrbaxTree, _OrbaxReader]:
@@ -264,12 +277,12 @@ async def restore(
     tree, reader = await open_tree(item, max_inflight_bytes)
     saved = tree.leaves
     if args.target is None:
-        values = await asyncio.gather(*(reader.leaf_to_host(i) for i in range(len(saved))))
-        return rebuild(tree.skeleton, list(values))
+        values = await gather_all([reader.leaf_to_host(i) for i in range(len(saved))])
+        return rebuild(tree.skeleton, values)
     by_path = {leaf["path"]: i for i, leaf in enumerate(saved)}
     targets, _ = flatten(args.target)
     plan = _match(item, targets, saved, by_path, strict=args.strict)
-    results = await asyncio.gather(*(reader.leaf_like(i, t) for i, t in plan.reads))
+    results = await gather_all([reader.leaf_like(i, t) for i, t in plan.reads])
     values = {path: value for (path, _), value in zip(plan.paths, results, strict=True)}
     values.update(plan.untouched)
     return unflatten_like(args.target, values)

@@ -34,7 +34,7 @@ from cloudckpt.orbax import (
     restore_item,
     step_metadata,
 )
-from cloudckpt.orbax._layout import JSON_ITEM_FILE, PYTREE_METADATA
+from cloudckpt.orbax._layout import JSON_ITEM_FILE
 from cloudckpt.path import StoragePath
 
 
@@ -145,7 +145,7 @@ async def verify(
                 report.problems.append(
                     Problem(
                         _classify_tensorstore_error(exc),
-                        (where / PYTREE_METADATA).url,
+                        where.url,
                         str(exc).splitlines()[0],
                     )
                 )
