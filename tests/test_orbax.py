@@ -108,6 +108,24 @@ def manager(url: str, **options: Any) -> cc.CheckpointManager:
     )
 
 
+def _mesh_target(tree_meta: Any, mesh: Mesh) -> Any:
+    """A target of every array leaf, sharded over ``mesh`` where the shape allows."""
+
+    def one(meta: Any) -> Any:
+        if not hasattr(meta, "shape"):
+            return meta
+        if meta.kind == "py":  # a Python scalar: restored as one, not as an array
+            return 0
+        axes = [a for a, n in zip(("x", "y"), mesh.devices.shape, strict=True)]
+        spec = [
+            axes[i] if i < len(axes) and meta.shape[i] % mesh.devices.shape[i] == 0 else None
+            for i in range(len(meta.shape))
+        ]
+        return jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=NamedSharding(mesh, P(*spec)))
+
+    return jax.tree.map(one, tree_meta, is_leaf=lambda x: hasattr(x, "shape"))
+
+
 # ------------------------------------------------------------------- list and restore
 @pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
@@ -130,38 +148,9 @@ def test_manager_lists_and_restores_orbax_steps(
         shapes = meta.item_metadata[item]
         assert shapes["params"]["dense"]["w"].shape == (8, 12)
         assert shapes["params"]["embed"].dtype == np.dtype(ml_dtypes.bfloat16)
-
-
-def _mesh_target(tree_meta: Any, mesh: Mesh) -> Any:
-    """A target of every array leaf, sharded over ``mesh`` where the shape allows."""
-
-    def one(meta: Any) -> Any:
-        if not hasattr(meta, "shape"):
-            return meta
-        if meta.kind == "py":  # a Python scalar: restored as one, not as an array
-            return 0
-        axes = [a for a, n in zip(("x", "y"), mesh.devices.shape, strict=True)]
-        spec = [
-            axes[i] if i < len(axes) and meta.shape[i] % mesh.devices.shape[i] == 0 else None
-            for i in range(len(meta.shape))
-        ]
-        return jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=NamedSharding(mesh, P(*spec)))
-
-    return jax.tree.map(one, tree_meta, is_leaf=lambda x: hasattr(x, "shape"))
-
-
-@pytest.mark.parametrize("version", VERSIONS)
-@pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_sharded_restore_onto_another_mesh(
-    store: StoreUnderTest, version: str, layout: str
-) -> None:
-    """Saved on a 2x2 mesh of 4 devices; restored onto 4x2 of 8, each leaf straight into it."""
-    url = upload(store, version, layout)
-    steps, item = LAYOUTS[layout]
-    mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("x", "y"))
-    with manager(url) as mngr:
-        tree_meta = mngr.metadata(steps[-1]).item_metadata[item]
-        target = _mesh_target(tree_meta, mesh)
+        # Saved on a 2x2 mesh of 4 devices; restored onto 4x2 of 8, each leaf straight into it.
+        mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("x", "y"))
+        target = _mesh_target(shapes, mesh)
         got = mngr.restore(
             steps[-1], args=cc.args.Composite(**{item: cc.args.StandardRestore(target)})
         )[item]
