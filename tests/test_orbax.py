@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -27,12 +29,14 @@ from jax.sharding import PartitionSpec as P
 
 import cloudckpt as cc
 from cloudckpt._loop import LoopThread
+from cloudckpt._servers import free_port
 from cloudckpt.cli import main
 from cloudckpt.orbax import UnsupportedOrbaxLayoutError
 
 from .backend_harness import StoreUnderTest, make_store
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures" / "orbax"
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures" / "orbax"
 VERSIONS = ["0.12.8", "0.6.4"]
 KINDS = ["file", "s3", "gcs"]
 #: layout -> (steps, item holding the tree)
@@ -432,3 +436,46 @@ def test_corrupt_ocdbt_manifest_is_caught(
         mngr.restore(2)
     assert main(["cp", url + "/2", store.url("conv", "2")]) != 0
     assert _objects(store, loop, "conv") == {}  # the failed conversion left nothing
+
+
+def test_two_processes_restore_an_orbax_step(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """Two jax.distributed processes (4 devices each) restore one Orbax step from S3."""
+    store = make_store("s3", request, tmp_path)
+    url = upload(store, "0.12.8", "composite_default")
+    port = free_port()
+    procs = []
+    for i in range(2):
+        spec = {
+            "process_id": i,
+            "num_processes": 2,
+            "devices": 4,
+            "port": port,
+            "url": url,
+            "step": 2,
+            "fixtures": str(FIXTURES / "0.12.8"),
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "tests.orbax_mp_worker", json.dumps(spec)],
+                cwd=REPO,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    results = []
+    for proc in procs:
+        try:
+            out, _ = proc.communicate(timeout=180)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+        lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
+        assert proc.returncode == 0 and lines, out[-3000:]
+        results.append(json.loads(lines[0][len("RESULT ") :]))
+    assert [r["steps"] for r in results] == [[1, 2], [1, 2]]
+    # Each process read exactly the shards its own devices hold: together, every element once.
+    assert sum(r["checked"] for r in results) == 8 * 12 + 16 * 4
+    assert all(r["checked"] > 0 for r in results)
