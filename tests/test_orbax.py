@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import warnings
@@ -479,3 +480,22 @@ def test_two_processes_restore_an_orbax_step(
     # Each process read exactly the shards its own devices hold: together, every element once.
     assert sum(r["checked"] for r in results) == 8 * 12 + 16 * 4
     assert all(r["checked"] > 0 for r in results)
+
+
+def test_best_fn_ranks_orbax_steps_by_their_metrics(tmp_path: Path) -> None:
+    """Orbax records metrics in _CHECKPOINT_METADATA; best_step ranks them, retention keeps them."""
+    root = tmp_path / "run"
+    shutil.copytree(FIXTURES / "0.12.8" / "composite_default", root)
+    for step, loss in ((1, 0.1), (2, 0.5)):
+        meta_file = root / str(step) / "_CHECKPOINT_METADATA"
+        meta = json.loads(meta_file.read_text())
+        meta["metrics"] = {"loss": loss}
+        meta_file.write_text(json.dumps(meta))
+    with manager(str(root), best_fn=lambda m: m["loss"], best_mode="min", max_to_keep=1) as mngr:
+        assert mngr.best_step() == 1
+        mngr.save(3, args=cc.args.Composite(meta=cc.args.JsonSave({})), metrics={"loss": 0.9})
+        mngr.save(4, args=cc.args.Composite(meta=cc.args.JsonSave({})), metrics={"loss": 0.3})
+        mngr.wait_until_finished()  # retention deletes in the background
+        assert mngr.all_steps() == [1, 2, 4]  # our own steps: best one kept; Orbax's untouched
+        assert mngr.best_step() == 1
+    assert (root / "1" / "state" / "manifest.ocdbt").exists() and (root / "2").exists()
