@@ -20,7 +20,7 @@ import numpy as np
 
 import atomicity
 from atomicity import MARKER_NAME, ObjectInfo
-from cloudckpt import _jsonio
+from cloudckpt import _jsonio, orbax
 from cloudckpt.handlers.json import DATA_NAME, JsonCheckpointHandler
 from cloudckpt.handlers.pytree import METADATA_NAME as PYTREE_NAME
 from cloudckpt.handlers.pytree import StandardCheckpointHandler
@@ -191,7 +191,8 @@ async def list_steps(root: StoragePath, *, read_claims: bool) -> list[StepSummar
     metrics) and, with ``read_claims``, one per uncommitted step (its claim).
     """
     backend = root.backend
-    children = await atomicity.scan(backend, root.path)
+    tap = orbax.ListingTap(backend)  # Orbax hook: Orbax steps come from the same listing
+    children = await atomicity.scan(tap, root.path)
     rows = [
         StepSummary(
             name=c.name,
@@ -221,16 +222,15 @@ async def list_steps(root: StoragePath, *, read_claims: bool) -> list[StepSummar
                 row.claim = _claim_json(await atomicity.read_claim(backend, child.path))
 
     await asyncio.gather(*(fill(r, c) for r, c in zip(rows, children, strict=True)))
-    rows += await _orbax_rows(root)  # Orbax hook
+    rows += await _orbax_rows(root, tap.infos)  # Orbax hook
     return sorted(rows, key=lambda r: step_sort_key(r.name))
 
 
-async def _orbax_rows(root: StoragePath) -> list[StepSummary]:
-    """Steps Orbax wrote under ``root``, marked as such (one more listing, one read each)."""
-    from cloudckpt import orbax
-
+async def _orbax_rows(root: StoragePath, infos: list[ObjectInfo]) -> list[StepSummary]:
+    """Steps Orbax wrote under ``root`` (from its listing), marked as such; one read each."""
     rows = []
-    for found in await orbax.list_steps(root):
+    atomic_rename = root.backend.supports_atomic_rename
+    for found in orbax.steps_from_listing(root.path, infos, atomic_rename=atomic_rename):
         row = StepSummary(
             name=found.name,
             url=root.backend.url(found.path),

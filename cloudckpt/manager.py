@@ -205,15 +205,20 @@ class CheckpointManager:
             }
 
     async def _scan(self) -> list[dict[str, Any]]:
-        children = await atomicity.list_committed(self._root.backend, self._root.path)
+        # Orbax hook: the tap keeps the one listing so Orbax discovery need not list again.
+        tap = orbax.ListingTap(self._root.backend)
+        children = await atomicity.list_committed(tap, self._root.path)
         steps = []
         for child in children:
             step = self._parse_step(child.name)
             if step is not None:
                 steps.append(_Step(step, None, child.nbytes))
-        # Orbax hook: committed steps Orbax wrote under the same root (one more listing).
+        # Orbax hook: committed steps Orbax wrote under the same root, from the same listing.
         ours = {s.step for s in steps}
-        for found in await orbax.list_steps(self._root):
+        atomic_rename = self._root.backend.supports_atomic_rename
+        for found in orbax.steps_from_listing(
+            self._root.path, tap.infos, atomic_rename=atomic_rename
+        ):
             step = self._parse_step(found.name)
             if found.committed and step is not None and step not in ours:
                 steps.append(_Step(step, None, found.nbytes, orbax=True))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 from cloudckpt._args_base import CheckpointArgs, Composite
@@ -35,6 +36,7 @@ from cloudckpt.path import StoragePath
 
 __all__ = [
     "COMMIT_FILE",
+    "ListingTap",
     "OrbaxItem",
     "OrbaxStep",
     "UnsupportedOrbaxLayoutError",
@@ -46,10 +48,31 @@ __all__ = [
     "restore_item",
     "restore_step",
     "step_metadata",
+    "steps_from_listing",
 ]
 
 #: The cloudckpt handler that reads each Orbax item kind (what ``metadata()`` reports).
 TYPESTRS = {"pytree": StandardCheckpointHandler.typestr(), "json": JsonCheckpointHandler.typestr()}
+
+
+class ListingTap:
+    """Forwards to a store and keeps what its listings returned.
+
+    Lets Orbax discovery share the one listing of a root that cloudckpt's own
+    discovery (``atomicity.scan``) makes, instead of listing the root twice.
+    """
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self.infos: list[Any] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def list_prefix(self, prefix: str) -> AsyncIterator[Any]:
+        async for info in self._store.list_prefix(prefix):
+            self.infos.append(info)
+            yield info
 
 
 async def _listing(location: StoragePath) -> list[Any]:
