@@ -6,16 +6,22 @@ the tensorstore array ``<param>`` (keys joined with ``.``), zarr v2 or zarr v3
 key ``<param>`` of the OCDBT database whose root is the item directory
 (``manifest.ocdbt``; its data files under ``d/`` and ``ocdbt.process_<i>/d/``,
 all referenced from the root manifest once Orbax has merged them). Strings
-live in ``<item>/_strings.json``. The tree is translated into the same leaf
-records cloudckpt's own pytree handler uses, so matching a target, ``strict``,
-partial restores and reading straight into another sharding behave the same.
+live in ``<item>/_strings.json``. The tree is translated into the same
+:class:`~cloudckpt.handlers.pytree._document.Leaf` records cloudckpt's own
+pytree handler uses, so matching a target, ``strict``, partial restores and
+reading straight into another sharding behave the same. The records are built
+here, from Orbax's metadata and each array's zarr metadata, never through
+``parse_pytree``: that validator accepts only what cloudckpt writes and stays
+as strict as it is. An Orbax leaf has no cloudckpt ``storage``; the reader
+addresses its array by the leaf's Orbax name instead.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -26,9 +32,12 @@ from cloudckpt.handlers.pytree import (
     _leaf_metadata,
     _match,
     _Reader,
+    _storage_error,
     _ts_open,
 )
+from cloudckpt.handlers.pytree import _layout as layout
 from cloudckpt.handlers.pytree._budget import ByteBudget
+from cloudckpt.handlers.pytree._document import MAX_NBYTES, MAX_NDIM, Leaf
 from cloudckpt.handlers.pytree._tree import flatten, rebuild, unflatten_like
 from cloudckpt.orbax._layout import PYTREE_METADATA, UnsupportedOrbaxLayoutError
 from cloudckpt.path import StoragePath
@@ -60,19 +69,41 @@ async def read_json(location: StoragePath, what: str) -> Any:
         raise CorruptCheckpointError(f"{what} at {location} is not valid JSON: {exc}") from None
 
 
+@dataclass(frozen=True)
+class OrbaxEntry:
+    """One leaf as Orbax's ``_METADATA`` names it, before its array is opened.
+
+    Attributes:
+        path: ``jax.tree_util.keystr`` of the leaf (what targets are matched by).
+        name: Orbax's parameter name (keys joined with ``.``): the array's key.
+        kind: ``jax``, ``ndarray``, ``py`` or ``str`` (cloudckpt's leaf kinds).
+        value: The string of a ``str`` leaf.
+    """
+
+    path: str
+    name: str
+    kind: str
+    value: str | None = None
+
+
 @dataclass
 class OrbaxTree:
-    """An Orbax pytree item translated into cloudckpt leaf records."""
+    """An Orbax pytree item: its entries and, once described, cloudckpt leaf records.
+
+    ``leaves[i]`` is the :class:`Leaf` of ``entries[i]``; it is empty until
+    :meth:`_OrbaxReader.describe` has read every array's zarr metadata.
+    """
 
     item: StoragePath
     skeleton: dict[str, Any]
-    leaves: list[dict[str, Any]]
+    entries: list[OrbaxEntry]
     use_ocdbt: bool
     use_zarr3: bool
     fill_missing: bool
+    leaves: tuple[Leaf, ...] = field(default=())
 
     def spec(self, leaf: int) -> dict[str, Any]:
-        name = self.leaves[leaf]["storage"]["key"]
+        name = self.entries[leaf].name
         if self.use_ocdbt:
             kvstore = {"driver": "ocdbt", "base": self.item.kvstore_spec(), "path": name}
         else:
@@ -150,8 +181,8 @@ async def read_tree(item: StoragePath) -> OrbaxTree:
             "cloudckpt does not read (Orbax before 0.5)"
         )
     root = _Node()
-    leaves: list[dict[str, Any]] = []
-    strings: list[int] = []
+    leaves: list[OrbaxEntry] = []
+    strings: dict[int, str] = {}
     for entry in tree_meta.values():
         if not isinstance(entry, dict) or not isinstance(entry.get("value_metadata"), dict):
             raise CorruptCheckpointError(f"{item / PYTREE_METADATA}: malformed tree entry")
@@ -167,13 +198,10 @@ async def read_tree(item: StoragePath) -> OrbaxTree:
             leaf_node: Any = _EMPTY[vtype]
         elif vtype in _ARRAY_TYPES or vtype == "string":
             leaf_node = {"leaf": len(leaves)}
-            record: dict[str, Any] = {"path": _keystr(parts), "name": name}
             if vtype == "string":
-                record["kind"] = "str"
-                strings.append(len(leaves))
-            else:
-                record.update(kind=_ARRAY_TYPES[vtype], storage={"type": "zarr", "key": name})
-            leaves.append(record)
+                strings[len(leaves)] = name
+            kind = "str" if vtype == "string" else _ARRAY_TYPES[vtype]
+            leaves.append(OrbaxEntry(_keystr(parts), name, kind))
         else:
             raise UnsupportedOrbaxLayoutError(
                 f"{item}: leaf {name!r} has Orbax value type {vtype!r}; cloudckpt reads "
@@ -192,11 +220,11 @@ async def read_tree(item: StoragePath) -> OrbaxTree:
                     raise CorruptCheckpointError(f"{item}: {name!r} lies under a leaf")
     if strings:
         table = await read_json(item / STRINGS_FILE, "the Orbax string leaves")
-        for i in strings:
-            value = table.get(leaves[i]["name"]) if isinstance(table, dict) else None
+        for i, name in strings.items():
+            value = table.get(name) if isinstance(table, dict) else None
             if not isinstance(value, str):
-                raise CorruptCheckpointError(f"{item / STRINGS_FILE} lacks {leaves[i]['name']!r}")
-            leaves[i]["value"] = value
+                raise CorruptCheckpointError(f"{item / STRINGS_FILE} lacks {name!r}")
+            leaves[i] = OrbaxEntry(leaves[i].path, name, "str", value)
     use_ocdbt = meta.get("use_ocdbt")
     if not isinstance(use_ocdbt, bool):  # Orbax < 0.9 did not record it
         use_ocdbt = await item.backend.exists((item / "manifest.ocdbt").path)
@@ -208,7 +236,7 @@ async def read_tree(item: StoragePath) -> OrbaxTree:
     return OrbaxTree(
         item=item,
         skeleton=_skeleton(root, item) if tree_meta else {"dict": []},
-        leaves=leaves,
+        entries=leaves,
         use_ocdbt=use_ocdbt,
         use_zarr3=bool(meta.get("use_zarr3", False)),
         fill_missing=not meta.get("store_array_data_equal_to_fill_value", False),
@@ -229,7 +257,7 @@ async def gather_all(aws: list[Any]) -> list[Any]:
 
 
 class _OrbaxReader(_Reader):
-    """cloudckpt's region reader, opening Orbax's tensorstore arrays."""
+    """cloudckpt's region reader, opening Orbax's tensorstore arrays by their Orbax names."""
 
     def __init__(self, tree: OrbaxTree, budget: ByteBudget) -> None:
         super().__init__(tree.item, tree.leaves, budget)
@@ -242,24 +270,59 @@ class _OrbaxReader(_Reader):
         return self._stores[leaf]
 
     async def describe(self) -> None:
-        """Fills every array leaf's dtype and shape from its zarr metadata (no data read)."""
+        """Builds every leaf's record, arrays' dtype and shape from their zarr metadata.
 
-        async def one(i: int) -> None:
+        Reads no array data. Shapes and dtypes come from storage, so they are
+        bounded here like ``parse_pytree`` bounds cloudckpt's own.
+        """
+
+        async def one(i: int, entry: OrbaxEntry) -> Leaf:
+            if entry.kind == "str":
+                return Leaf(i, entry.path, "str", value=entry.value)
             store = await self._open(i)
             dtype = np.dtype(store.dtype.numpy_dtype)
-            leaf = self.saved[i]
-            leaf["dtype"], leaf["shape"] = dtype.name, list(store.domain.shape)
-            if leaf["kind"] == "py":
-                if leaf["shape"]:
-                    raise CorruptCheckpointError(
-                        f"{self.tree.item}: scalar {leaf['name']!r} is not 0-d"
-                    )
-                leaf["py_type"] = {"b": "bool", "i": "int", "u": "int", "c": "complex"}.get(
+            shape = tuple(int(n) for n in store.domain.shape)
+            where = f"{self.tree.item}: leaf {entry.name!r}"
+            if len(shape) > MAX_NDIM or math.prod(shape) * dtype.itemsize > MAX_NBYTES:
+                raise CorruptCheckpointError(
+                    f"{where} claims shape {list(shape)}, beyond any array"
+                )
+            py_type = None
+            if entry.kind == "py":
+                if shape:
+                    raise CorruptCheckpointError(f"{where} is a scalar but not 0-d")
+                py_type = {"b": "bool", "i": "int", "u": "int", "c": "complex"}.get(
                     dtype.kind, "float"
                 )
+            return Leaf(
+                i,
+                entry.path,
+                entry.kind,
+                dtype=dtype,
+                dtype_name=dtype.name,
+                shape=shape,
+                py_type=py_type,
+            )
 
-        arrays = [i for i, leaf in enumerate(self.saved) if leaf["kind"] != "str"]
-        await gather_all([one(i) for i in arrays])
+        leaves = await gather_all([one(i, e) for i, e in enumerate(self.tree.entries)])
+        self.tree.leaves = self.saved = tuple(leaves)
+
+    async def region(self, leaf: int, index: layout.Index) -> np.ndarray:
+        """The values of ``leaf`` over ``index`` (Orbax arrays are zarr, not packed)."""
+        info = self.saved[leaf]
+        dtype = info.dtype
+        assert dtype is not None
+        shape = layout.index_shape(index)
+        if math.prod(shape) == 0:
+            return np.zeros(shape, dtype)
+        store = await self._open(leaf)
+        async with self.budget.hold(math.prod(shape) * dtype.itemsize):
+            try:
+                data = await store[layout.index_slices(index)].read()
+            except Exception as exc:
+                where = self.tree.item / self.tree.entries[leaf].name
+                raise _storage_error(exc, {"kvstore": where.kvstore_spec()}) from exc
+        return data if data.dtype == dtype else data.view(dtype)
 
 
 async def open_tree(item: StoragePath, max_inflight_bytes: int) -> tuple[OrbaxTree, _OrbaxReader]:
@@ -279,7 +342,7 @@ async def restore(
     if args.target is None:
         values = await gather_all([reader.leaf_to_host(i) for i in range(len(saved))])
         return rebuild(tree.skeleton, values)
-    by_path = {leaf["path"]: i for i, leaf in enumerate(saved)}
+    by_path = {leaf.path: i for i, leaf in enumerate(saved)}
     targets, _ = flatten(args.target)
     plan = _match(item, targets, saved, by_path, strict=args.strict)
     results = await gather_all([reader.leaf_like(i, t) for i, t in plan.reads])

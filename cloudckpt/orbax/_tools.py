@@ -10,11 +10,8 @@ destination's strategy (marker or rename), exactly like ``cloudckpt cp``.
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from typing import Any
-
-import numpy as np
 
 import atomicity
 from cloudckpt._inspect import ProgressFactory, list_objects, no_progress, step_sort_key
@@ -22,7 +19,7 @@ from cloudckpt._transfer import CopyReport, _remove_attempt
 from cloudckpt._verify import Problem, VerifyReport, _classify_tensorstore_error, verify_contents
 from cloudckpt.errors import CorruptCheckpointError
 from cloudckpt.handlers.json import JsonCheckpointHandler, JsonSave
-from cloudckpt.handlers.pytree import StandardCheckpointHandler, StandardSave, _dtype_from_name
+from cloudckpt.handlers.pytree import StandardCheckpointHandler, StandardSave
 from cloudckpt.metadata import write_step_metadata
 from cloudckpt.orbax import (
     OrbaxStep,
@@ -46,26 +43,25 @@ def _leaf_rows(tree: _pytree.OrbaxTree) -> list[dict[str, Any]]:
     engine = ("OCDBT, " if tree.use_ocdbt else "") + ("zarr v3" if tree.use_zarr3 else "zarr v2")
     rows = []
     for leaf in tree.leaves:
-        if leaf["kind"] == "str":
+        if leaf.kind == "str":
             rows.append(
                 {
-                    "path": leaf["path"],
+                    "path": leaf.path,
                     "dtype": "str",
                     "shape": [],
                     "sharding": None,
-                    "nbytes": len(leaf["value"].encode()),
+                    "nbytes": leaf.nbytes,
                     "storage": "orbax _strings.json",
                 }
             )
             continue
-        nbytes = math.prod(leaf["shape"]) * np.dtype(_dtype_from_name(leaf["dtype"])).itemsize
         rows.append(
             {
-                "path": leaf["path"],
-                "dtype": leaf["dtype"],
-                "shape": leaf["shape"],
+                "path": leaf.path,
+                "dtype": leaf.dtype_name,
+                "shape": list(leaf.shape),
                 "sharding": None,
-                "nbytes": nbytes,
+                "nbytes": leaf.nbytes,
                 "storage": f"orbax {engine}",
             }
         )
@@ -170,7 +166,7 @@ async def verify(
                     elif kind == "unreadable" and isinstance(exc, CorruptCheckpointError):
                         kind = "corrupt"
                     report.problems.append(
-                        Problem(kind, f"{where.url} leaf {leaf['path']}", str(exc).splitlines()[0])
+                        Problem(kind, f"{where.url} leaf {leaf.path}", str(exc).splitlines()[0])
                     )
 
             await asyncio.gather(*(read(i) for i in range(len(tree.leaves))))
