@@ -390,6 +390,23 @@ def test_cp_converts_an_orbax_step(
     assert _objects(dst_store, loop, "x") == {}
 
 
+def test_cp_refuses_an_orbax_step_holding_a_symlink(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # tensorstore follows links on a file system: converting would copy what they name.
+    root = tmp_path / "root"
+    shutil.copytree(FIXTURES / "0.12.8" / "composite_pytree_zarr2", root)
+    array = root / "1" / "state" / "params.dense.w"
+    outside = tmp_path / "elsewhere"
+    shutil.move(array, outside)
+    array.symlink_to(outside, target_is_directory=True)
+    dst = tmp_path / "converted" / "1"
+    assert main(["cp", str(root / "1"), str(dst)]) == 1
+    err = capsys.readouterr().err
+    assert "symbolic links" in err and str(array) in err and "Nothing was written" in err
+    assert not (tmp_path / "converted").exists() or not any((tmp_path / "converted").rglob("*"))
+
+
 def test_cp_all_converts_every_committed_step(
     store: StoreUnderTest, loop: LoopThread, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -202,6 +202,16 @@ async def convert_step(
             raise UnsupportedOrbaxLayoutError(
                 f"cannot convert {src}: item {item.name!r} is not supported ({item.detail})"
             )
+    # As for `cloudckpt cp` of our own steps: tensorstore would follow a link on a
+    # file system, so the conversion would copy what it points to.
+    links = await src.backend.symlinks_under(src.path)
+    if links:
+        more = f" and {len(links) - 1} more" if len(links) > 1 else ""
+        raise PermissionError(
+            f"{src} contains symbolic links ({links[0]}{more}); cloudckpt never converts what a "
+            "link points to. Nothing was written; replace the links with regular files or "
+            "remove them, then convert again"
+        )
     backend = dst.backend
     replaced = False
     if await atomicity.is_committed(backend, dst.path):
