@@ -407,6 +407,27 @@ def test_cp_refuses_an_orbax_step_holding_a_symlink(
     assert not (tmp_path / "converted").exists() or not any((tmp_path / "converted").rglob("*"))
 
 
+def test_an_orbax_item_named_like_our_own_objects_is_not_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Converted, an item "_COMMITTED" would collide with the marker of the copy.
+    root = tmp_path / "root"
+    shutil.copytree(FIXTURES / "0.12.8" / "composite_default" / "2", root / "2")
+    (root / "2" / "state").rename(root / "2" / "_COMMITTED")
+    dst = tmp_path / "converted" / "2"
+    assert main(["cp", str(root / "2"), str(dst)]) == 1
+    err = capsys.readouterr().err
+    assert "'_COMMITTED' is not supported" in err and "reserved" in err
+    assert not (tmp_path / "converted").exists() or not any((tmp_path / "converted").rglob("*"))
+    with manager(str(root)) as mngr:
+        assert mngr.all_steps() == [2]
+        with pytest.raises(UnsupportedOrbaxLayoutError, match="reserved"):
+            mngr.restore(2)
+        assert dict(mngr.restore(2, args=cc.args.Composite(meta=cc.args.JsonRestore()))) == {
+            "meta": expected_json("0.12.8")["meta"]["2"]
+        }
+
+
 def test_cp_all_converts_every_committed_step(
     store: StoreUnderTest, loop: LoopThread, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import atomicity
 from atomicity import ObjectInfo
+from cloudckpt.metadata import validate_item_name
 
 #: Orbax's temporary-name infix (``<name>.orbax-checkpoint-tmp-<timestamp>``).
 ORBAX_TMP_INFIX = ".orbax-checkpoint-tmp"
@@ -116,11 +117,12 @@ def items_of(rels: Iterable[str]) -> list[OrbaxItem]:
     )
     out = []
     for name in names:
-        if name in (".", "..") or "\\" in name or any(ord(c) < 32 for c in name):
-            out.append(
-                OrbaxItem(name, "unsupported", f"an item name that is not a plain name: {name!r}")
-            )
-        elif f"{name}/{PYTREE_METADATA}" in rels:
+        try:  # the rule for cloudckpt's own items: a converted step must be readable
+            validate_item_name(name)
+        except ValueError as exc:
+            out.append(OrbaxItem(name, "unsupported", str(exc)))
+            continue
+        if f"{name}/{PYTREE_METADATA}" in rels:
             out.append(OrbaxItem(name, "pytree"))
         elif f"{name}/{JSON_ITEM_FILE}" in rels:
             out.append(OrbaxItem(name, "json"))
