@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import atomicity
 from atomicity import MARKER_NAME, ObjectInfo
-from cloudckpt import _jsonio
+from cloudckpt import _jsonio, orbax
 from cloudckpt.handlers.json import DATA_NAME, JsonCheckpointHandler
 from cloudckpt.handlers.pytree import METADATA_NAME as PYTREE_NAME
 from cloudckpt.handlers.pytree import StandardCheckpointHandler
@@ -171,6 +171,7 @@ class StepSummary:
     metrics: dict[str, Any] = field(default_factory=dict)
     claim: dict[str, Any] | None = None
     problem: str | None = None
+    format: str = "cloudckpt"  # or "orbax": a step Orbax wrote, read-only to cloudckpt
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -203,7 +204,8 @@ async def list_steps(root: StoragePath, *, read_claims: bool) -> list[StepSummar
     metrics) and, with ``read_claims``, one per uncommitted step (its claim).
     """
     backend = root.backend
-    children = await atomicity.scan(backend, root.path)
+    tap = orbax.ListingTap(backend)  # Orbax hook: Orbax steps come from the same listing
+    children = await atomicity.scan(tap, root.path)
     rows = [
         StepSummary(
             name=c.name,
@@ -233,7 +235,37 @@ async def list_steps(root: StoragePath, *, read_claims: bool) -> list[StepSummar
                 row.claim = _claim_json(await atomicity.read_claim(backend, child.path))
 
     await asyncio.gather(*(fill(r, c) for r, c in zip(rows, children, strict=True)))
+    rows += await _orbax_rows(root, tap.infos)  # Orbax hook
     return sorted(rows, key=lambda r: step_sort_key(r.name))
+
+
+async def _orbax_rows(root: StoragePath, infos: list[ObjectInfo]) -> list[StepSummary]:
+    """Steps Orbax wrote under ``root`` (from its listing), marked as such; one read each."""
+    rows = []
+    atomic_rename = root.backend.supports_atomic_rename
+    for found in orbax.steps_from_listing(root.path, infos, atomic_rename=atomic_rename):
+        row = StepSummary(
+            name=found.name,
+            url=root.backend.url(found.path),
+            committed=found.committed,
+            nbytes=found.nbytes,
+            n_objects=found.n_objects,
+            mtime=found.mtime,
+            items=[i.name or "(the whole step)" for i in found.items],
+            format="orbax",
+        )
+        if found.committed:
+            try:
+                meta = await orbax.step_metadata(
+                    StoragePath(root.backend, found.path), found, with_items=False
+                )
+                row.metrics = dict(meta.metrics or {})
+                if meta.commit_timestamp_nsecs:
+                    row.commit_time = meta.commit_timestamp_nsecs / 1e9
+            except (OSError, ValueError) as exc:
+                row.problem = f"unreadable Orbax step metadata: {exc}"
+        rows.append(row)
+    return rows
 
 
 # ------------------------------------------------------------------------------ inspect
@@ -343,7 +375,16 @@ def describe_leaves(document: PytreeDocument) -> list[dict[str, Any]]:
 
 async def describe_step(step: StoragePath) -> dict[str, Any]:
     """What ``cloudckpt inspect`` shows, as JSON-able data; reads no array data."""
-    objects = await require_committed(step)
+    try:
+        objects = await require_committed(step)
+    except ValueError:  # Orbax hook: a step Orbax wrote has no cloudckpt marker
+        from cloudckpt import orbax
+        from cloudckpt.orbax import _tools
+
+        found = await orbax.probe(step)
+        if found is None:
+            raise
+        return await _tools.describe(step, found)
     metadata = await read_step_metadata(step)
     out: dict[str, Any] = {
         "url": step.url,

@@ -77,7 +77,18 @@ async def copy_step(
             raise ValueError(
                 f"cannot copy {src} to {dst}: one lies inside the other; choose another destination"
             )
-    objects = await require_committed(src)
+    try:
+        objects = await require_committed(src)
+    except ValueError:  # Orbax hook: an Orbax step is converted, not copied
+        from cloudckpt import orbax
+        from cloudckpt.orbax import _tools
+
+        found = await orbax.probe(src)
+        if found is None:
+            raise
+        return await _tools.convert_step(
+            src, found, dst, force=force, verify_copy=verify, progress=progress
+        )
     todo = {rel: info for rel, info in objects.items() if rel not in (MARKER_NAME, CLAIM_NAME)}
     # Every key listed from the source is untrusted: it becomes a destination path.
     for rel in todo:
@@ -230,7 +241,19 @@ class RemoveReport:
 
 async def remove_step(step: StoragePath, *, yes: bool) -> RemoveReport:
     """Deletes the committed checkpoint at ``step`` (marker first); dry run unless ``yes``."""
-    objects = await require_committed(step)
+    try:
+        objects = await require_committed(step)
+    except ValueError:  # Orbax hook: `rm` is an explicit request, so Orbax steps may go
+        from cloudckpt import orbax
+
+        found = await orbax.probe(step)
+        if found is None or not found.committed:
+            raise
+        report = RemoveReport(step.url, found.n_objects, found.nbytes, False)
+        if yes:
+            await orbax.delete_step(step)
+            report.deleted = True
+        return report
     report = RemoveReport(step.url, len(objects), sum(o.size for o in objects.values()), False)
     if yes:
         await atomicity.delete_checkpoint(step.backend, step.path)

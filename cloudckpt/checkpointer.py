@@ -32,6 +32,7 @@ from typing import Any
 
 import atomicity
 from atomicity.claims import RENEW_FRACTION
+from cloudckpt import orbax
 from cloudckpt._args_base import CheckpointArgs
 from cloudckpt._loop import LoopThread, check_not_forked, in_forked_child
 from cloudckpt.handlers.base import AsyncCheckpointHandler, CheckpointHandler
@@ -199,14 +200,21 @@ class Checkpointer:
         self._run_to_outcome(job.run())
 
     # -------------------------------------------------------------------- restore
-    async def _check_committed(self, location: StoragePath) -> None:
+    async def _check_committed(self, location: StoragePath) -> orbax.OrbaxStep | None:
+        """Raises unless ``location`` is committed; returns the Orbax step it is, if one."""
         strategy = location.backend.default_temporary_path_class()
         try:
             await strategy.validate_final(location.path, location.backend)
         except atomicity.ValidationError:
+            # Orbax hook: a step Orbax wrote has no cloudckpt marker (docs/FORMAT.md).
+            found = await orbax.probe(location)
+            if found is not None:
+                orbax.require_committed(location, found)
+                return found
             if not await _has_objects(location):
                 raise FileNotFoundError(f"no checkpoint at {location}") from None
             raise
+        return None
 
     def restore(self, path: PathLike, args: CheckpointArgs | None = None) -> Any:
         """Restores the committed checkpoint at ``path``.
@@ -218,7 +226,9 @@ class Checkpointer:
         location = self.location(path)
 
         async def run() -> Any:
-            await self._check_committed(location)
+            found = await self._check_committed(location)
+            if found is not None:  # Orbax hook
+                return await orbax.restore_step(location, found, self._handler, args)
             return await self._handler.restore(location, args)
 
         return self._run(run())
@@ -229,12 +239,14 @@ class Checkpointer:
 
         async def run() -> StepMetadata:
             try:
-                await self._check_committed(location)
+                found = await self._check_committed(location)
             except atomicity.ValidationError as exc:
                 raise ValueError(
                     f"{exc}. Finalize the save first (wait for it to commit) before reading "
                     "its metadata"
                 ) from None
+            if found is not None:  # Orbax hook
+                return await orbax.step_metadata(location, found, with_items=True)
             step = await read_step_metadata(location)
             step.item_metadata = await self._handler.metadata(location)
             return step

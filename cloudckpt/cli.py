@@ -222,7 +222,10 @@ async def cmd_ls(args: argparse.Namespace, con: Console) -> None:
         return
     table = [["STEP", "STATUS", "TIME (UTC)", "SIZE", "OBJECTS", "ITEMS", "METRICS / CLAIM"]]
     for r in shown:
-        if r.committed:
+        if r.format == "orbax":  # Orbax hook: read-only steps another library wrote
+            status = "orbax" if r.committed else "UNCOMMITTED orbax"
+            when, details = utc(r.commit_time or r.mtime), r.problem or _metrics_text(r.metrics)
+        elif r.committed:
             status, when = "committed", utc(r.commit_time or r.mtime)
             details = r.problem or _metrics_text(r.metrics)
         else:
@@ -254,7 +257,7 @@ async def cmd_inspect(args: argparse.Namespace, con: Console) -> None:
     con.out(f"checkpoint  {info['url']}")
     con.out(f"committed   {utc(commit_ns / 1e9 if commit_ns else None)} UTC{took}")
     con.out(f"stored      {human_bytes(info['nbytes'])} in {info['n_objects']} objects")
-    con.out(f"format      {meta.get('format_version')}")
+    con.out(f"format      {info.get('format', meta.get('format_version'))}")
     con.out(f"metrics     {_metrics_text(meta.get('metrics') or {})}")
     if meta.get("custom"):
         con.out(f"custom      {json.dumps(meta['custom'], sort_keys=True)}")
@@ -403,6 +406,28 @@ def _destination(src: str, dst: str) -> str:
 
 
 async def cmd_cp(args: argparse.Namespace, con: Console) -> None:
+    if args.all:  # every committed step of a root; Orbax steps are converted
+        from cloudckpt.orbax import _tools
+
+        result = await _tools.copy_all(
+            _location(args.src),
+            _location(args.dst),
+            force=args.force,
+            verify_copy=not args.no_verify,
+            progress=con.progress,
+        )
+        if args.json:
+            con.json(result)
+            return
+        for entry in result["copied"]:
+            how = "converted from Orbax" if entry["converted_from_orbax"] else "copied"
+            con.out(f"{how} {entry['src']} -> {entry['dst']}: {entry['n_objects']} objects")
+        skipped = result["skipped"]
+        con.out(
+            f"{len(result['copied'])} step(s) committed under {result['dst']}"
+            + (f"; {len(skipped)} already there, skipped: {', '.join(skipped)}" if skipped else "")
+        )
+        return
     src = _location(args.src)
     dst = _location(_destination(args.src, args.dst))
     start = time.perf_counter()
@@ -540,6 +565,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="replace a committed checkpoint at DST (deleted first)"
     )
     p.add_argument("--no-verify", action="store_true", help="skip reading the copy back")
+    p.add_argument(
+        "--all",
+        action="store_true",
+        help="SRC and DST are roots: copy every committed step (Orbax steps are converted); "
+        "steps already committed at DST are skipped unless --force",
+    )
 
     p = command(
         "doctor",

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import atomicity
+from cloudckpt import orbax
 from cloudckpt._args_base import CheckpointArgs
 from cloudckpt._loop import check_not_forked, in_forked_child
 from cloudckpt.checkpointer import AsyncCheckpointer, Checkpointer, SaveTiming
@@ -101,6 +102,7 @@ class _Step:
     step: int
     metrics: dict[str, Any] | None = None
     nbytes: int = 0
+    orbax: bool = False  # written by Orbax: listed and restored, never deleted by retention
 
 
 @dataclass
@@ -197,27 +199,52 @@ class CheckpointManager:
         found = self._group.share("manager-steps/" + self._root.url, found)
         with self._state.lock:
             self._state.steps = {
-                int(s["step"]): _Step(int(s["step"]), s.get("metrics"), int(s.get("nbytes", 0)))
+                int(s["step"]): _Step(
+                    int(s["step"]),
+                    s.get("metrics"),
+                    int(s.get("nbytes", 0)),
+                    bool(s.get("orbax", False)),
+                )
                 for s in found
             }
 
     async def _scan(self) -> list[dict[str, Any]]:
-        children = await atomicity.list_committed(self._root.backend, self._root.path)
+        # Orbax hook: the tap keeps the one listing so Orbax discovery need not list again.
+        tap = orbax.ListingTap(self._root.backend)
+        children = await atomicity.list_committed(tap, self._root.path)
         steps = []
         for child in children:
             step = self._parse_step(child.name)
             if step is not None:
                 steps.append(_Step(step, None, child.nbytes))
+        # Orbax hook: committed steps Orbax wrote under the same root, from the same listing.
+        ours = {s.step for s in steps}
+        atomic_rename = self._root.backend.supports_atomic_rename
+        for found in orbax.steps_from_listing(
+            self._root.path, tap.infos, atomic_rename=atomic_rename
+        ):
+            step = self._parse_step(found.name)
+            if found.committed and step is not None and step not in ours:
+                steps.append(_Step(step, None, found.nbytes, orbax=True))
         if self._options.best_fn is not None:
             # Ranking needs each step's metrics: one small read per kept step, at start only.
             async def metrics_of(s: _Step) -> None:
+                path = self.step_path(s.step)
                 try:
-                    s.metrics = (await read_step_metadata(self.step_path(s.step))).metrics or None
+                    if s.orbax:
+                        info = await orbax.probe(path)
+                        meta = await orbax.step_metadata(path, info, with_items=False)  # type: ignore[arg-type]
+                    else:
+                        meta = await read_step_metadata(path)
+                    s.metrics = meta.metrics or None
                 except Exception:
                     logger.warning("could not read metrics of step %d", s.step, exc_info=True)
 
             await asyncio.gather(*(metrics_of(s) for s in steps))
-        return [{"step": s.step, "metrics": s.metrics, "nbytes": s.nbytes} for s in steps]
+        return [
+            {"step": s.step, "metrics": s.metrics, "nbytes": s.nbytes, "orbax": s.orbax}
+            for s in steps
+        ]
 
     def all_steps(self) -> list[int]:
         """Committed steps, ascending."""
@@ -227,6 +254,15 @@ class CheckpointManager:
     def latest_step(self) -> int | None:
         steps = self.all_steps()
         return steps[-1] if steps else None
+
+    def orbax_steps(self) -> list[int]:
+        """Committed steps written by Orbax (listed and restorable; retention skips them)."""
+        with self._state.lock:
+            return sorted(
+                s.step
+                for s in self._state.steps.values()
+                if s.orbax and s.step not in self._state.deleting
+            )
 
     def best_step(self) -> int | None:
         """The step whose metrics ``best_fn`` ranks best (None without best_fn or metrics)."""
@@ -307,8 +343,11 @@ class CheckpointManager:
     def _steps_to_delete(self) -> list[int]:
         opts = self._options
         with self._state.lock:
+            # Orbax steps are neither counted nor deleted: retention manages our own steps.
             steps = {
-                s: info for s, info in self._state.steps.items() if s not in self._state.deleting
+                s: info
+                for s, info in self._state.steps.items()
+                if s not in self._state.deleting and not info.orbax
             }
         if opts.max_to_keep is None or len(steps) <= opts.max_to_keep:
             return []
@@ -316,7 +355,7 @@ class CheckpointManager:
         if opts.keep_period:
             keep |= {s for s in steps if s % opts.keep_period == 0}
         if opts.best_fn is not None:
-            keep |= set(self._ranked_by_metrics()[: opts.max_to_keep])
+            keep |= set([s for s in self._ranked_by_metrics() if s in steps][: opts.max_to_keep])
             unranked = {s for s, info in steps.items() if info.metrics is None}
             if opts.keep_checkpoints_without_metrics:
                 keep |= unranked
@@ -335,8 +374,13 @@ class CheckpointManager:
 
     async def _delete_step(self, step: int) -> None:
         path = self.step_path(step)
+        with self._state.lock:
+            info = self._state.steps.get(step)
         try:
-            await atomicity.delete_checkpoint(path.backend, path.path)
+            if info is not None and info.orbax:
+                await orbax.delete_step(path)
+            else:
+                await atomicity.delete_checkpoint(path.backend, path.path)
         except Exception:
             logger.warning("could not delete step %d at %s", step, path, exc_info=True)
             with self._state.lock:
@@ -347,11 +391,19 @@ class CheckpointManager:
             self._state.deleting.discard(step)
         logger.info("deleted step %d at %s", step, path)
 
-    def delete(self, step: int) -> None:
-        """Deletes a committed step now (marker first: it is never half listed)."""
+    def delete(self, step: int, *, orbax_ok: bool = False) -> None:
+        """Deletes a committed step now (marker first: it is never half listed).
+
+        A step written by Orbax is deleted only with ``orbax_ok=True``.
+        """
         with self._state.lock:
             if step not in self._state.steps:
                 raise FileNotFoundError(f"step {step} is not a committed step under {self._root}")
+            if self._state.steps[step].orbax and not orbax_ok:
+                raise PermissionError(
+                    f"step {step} at {self.step_path(step)} was written by Orbax; cloudckpt "
+                    "deletes it only when asked explicitly: delete(step, orbax_ok=True)"
+                )
             self._state.deleting.add(step)
         if self._group.is_primary:
             self._ckptr._run(self._delete_step(step))
