@@ -28,11 +28,9 @@ Not part of the public API.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import json
-import logging
 import random
 import re
 import threading
@@ -51,7 +49,7 @@ from cloudckpt._cloudiam import (
     gcs_permissions,
     s3_permissions,
 )
-from cloudckpt._servers import S3_ACCESS_KEY, S3_REGION, S3_SECRET_KEY, free_port
+from cloudckpt._servers import S3_ACCESS_KEY, S3_REGION, S3_SECRET_KEY, LoopbackProxy
 
 
 # ----------------------------------------------------------------------------- answers
@@ -98,7 +96,7 @@ class ProxyStats:
     matrix: dict[str, Counter[str]] = field(default_factory=dict)
 
 
-class CloudProxy:
+class CloudProxy(LoopbackProxy):
     """See the module docstring. Use as a context manager; ``endpoint`` is where to point clients."""
 
     def __init__(
@@ -131,12 +129,7 @@ class CloudProxy:
         self.stats = ProxyStats()
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
-        self.port = free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._runner: Any = None
-        self._session: Any = None
+        super().__init__()
         self.phase = "-"
 
     @property
@@ -399,43 +392,6 @@ class CloudProxy:
                 dropped += ("content-length",)
             out = {k: v for k, v in upstream.headers.items() if k.lower() not in dropped}
             return upstream.status, out, payload
-
-    # ------------------------------------------------------------------- lifecycle
-    def start(self) -> CloudProxy:
-        from aiohttp import ClientSession, TCPConnector, web
-
-        logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
-
-        async def setup() -> None:
-            self._session = ClientSession(
-                connector=TCPConnector(limit=64), skip_auto_headers=("User-Agent",)
-            )
-            app = web.Application(client_max_size=1 << 30)
-            app.router.add_route("*", "/{tail:.*}", self._handle)
-            self._runner = web.AppRunner(app, access_log=None)
-            await self._runner.setup()
-            await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
-
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(setup(), self._loop).result(30)
-        return self
-
-    def stop(self) -> None:
-        async def teardown() -> None:
-            if self._runner is not None:
-                await self._runner.cleanup()
-            if self._session is not None:
-                await self._session.close()
-
-        asyncio.run_coroutine_threadsafe(teardown(), self._loop).result(30)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-
-    def __enter__(self) -> CloudProxy:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def _resign_s3(method: str, url: str, headers: dict[str, str], body: bytes) -> dict[str, str]:

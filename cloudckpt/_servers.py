@@ -38,6 +38,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Self
 
 S3_ACCESS_KEY = "cloudckpt-test"
 S3_SECRET_KEY = "cloudckpt-test-secret"
@@ -399,7 +400,63 @@ class FaultStats:
         return sum(self.faults.values())
 
 
-class FaultProxy:
+class LoopbackProxy:
+    """An aiohttp reverse proxy on a free 127.0.0.1 port, run on a thread of its own.
+
+    Subclasses implement ``_handle(request)``; ``self._session`` is the client
+    session they forward with. ``start``/``stop`` (or ``with``) run it.
+    """
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._runner: Any = None
+        self._session: Any = None
+
+    async def _handle(self, request: Any) -> Any:
+        raise NotImplementedError
+
+    def start(self) -> Self:
+        from aiohttp import ClientSession, TCPConnector, web
+
+        # Injected faults are the point; don't log each one as a server error.
+        logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
+
+        async def setup() -> None:
+            self._session = ClientSession(
+                connector=TCPConnector(limit=64), skip_auto_headers=("User-Agent",)
+            )
+            app = web.Application(client_max_size=1 << 30)
+            app.router.add_route("*", "/{tail:.*}", self._handle)
+            self._runner = web.AppRunner(app, access_log=None)
+            await self._runner.setup()
+            await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(setup(), self._loop).result(30)
+        return self
+
+    def stop(self) -> None:
+        async def teardown() -> None:
+            if self._runner is not None:
+                await self._runner.cleanup()
+            if self._session is not None:
+                await self._session.close()
+
+        asyncio.run_coroutine_threadsafe(teardown(), self._loop).result(30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class FaultProxy(LoopbackProxy):
     """A reverse proxy in front of a real server that fails some requests.
 
     ``delay(method, path_qs, headers, body)`` may hold an answer back for that
@@ -433,11 +490,7 @@ class FaultProxy:
         self.stats = FaultStats()
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
-        self.port = free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._runner = None
+        super().__init__()
 
     def _choose_fault(self, method: str, path: str) -> str | None:
         with self._lock:
@@ -499,39 +552,3 @@ class FaultProxy:
         code = "SlowDown" if status == 503 else "TooManyRequests"
         body = f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code><Message>injected fault</Message></Error>"
         return web.Response(status=status, text=body, content_type="application/xml")
-
-    def start(self) -> FaultProxy:
-        from aiohttp import ClientSession, TCPConnector, web
-
-        # Injected drops are the point; don't log each one as a server error.
-        logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
-
-        async def setup() -> None:
-            self._session = ClientSession(
-                connector=TCPConnector(limit=64), skip_auto_headers=("User-Agent",)
-            )
-            app = web.Application(client_max_size=1 << 30)
-            app.router.add_route("*", "/{tail:.*}", self._handle)
-            self._runner = web.AppRunner(app, access_log=None)
-            await self._runner.setup()
-            await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
-
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(setup(), self._loop).result(30)
-        return self
-
-    def stop(self) -> None:
-        async def teardown() -> None:
-            if self._runner is not None:
-                await self._runner.cleanup()
-            await self._session.close()
-
-        asyncio.run_coroutine_threadsafe(teardown(), self._loop).result(30)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-
-    def __enter__(self) -> FaultProxy:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

@@ -99,24 +99,9 @@ async def copy_step(
                 "because it would land outside the destination. Nothing was written; delete "
                 "that object from the source or copy another step"
             )
-    links = await src.backend.symlinks_under(src.path)
-    if links:
-        more = f" and {len(links) - 1} more" if len(links) > 1 else ""
-        raise PermissionError(
-            f"{src} contains symbolic links ({links[0]}{more}); cloudckpt never copies what a "
-            "link points to. Nothing was written; replace the links with regular files or "
-            "remove them, then copy again"
-        )
+    await refuse_symlinks(src, "copies")
     backend = dst.backend
-    replaced = False
-    if await atomicity.is_committed(backend, dst.path):
-        if not force:
-            raise FileExistsError(
-                f"{dst} is already a committed checkpoint; pass --force to replace it "
-                "(it is deleted before the copy starts) or choose another destination"
-            )
-        await atomicity.delete_checkpoint(backend, dst.path)
-        replaced = True
+    replaced = await clear_destination(dst, force=force)
     tmp = backend.default_temporary_path_class().from_final(dst.path, backend)
     await tmp.create()
     work = StoragePath(backend, tmp.get())
@@ -172,6 +157,35 @@ def unsafe_key_problem(rel: str) -> str | None:
         if not segment:
             return "has an empty path segment"
     return None
+
+
+async def refuse_symlinks(src: StoragePath, verb: str) -> None:
+    """Refuses a source holding symbolic links (local disks): nothing is read through one."""
+    links = await src.backend.symlinks_under(src.path)
+    if links:
+        more = f" and {len(links) - 1} more" if len(links) > 1 else ""
+        raise PermissionError(
+            f"{src} contains symbolic links ({links[0]}{more}); cloudckpt never {verb} what a "
+            "link points to. Nothing was written; replace the links with regular files or "
+            "remove them, then try again"
+        )
+
+
+async def clear_destination(dst: StoragePath, *, force: bool) -> bool:
+    """Deletes a committed checkpoint at ``dst`` when ``force``; returns whether it did.
+
+    Raises:
+        FileExistsError: ``dst`` is committed and ``force`` is False.
+    """
+    if not await atomicity.is_committed(dst.backend, dst.path):
+        return False
+    if not force:
+        raise FileExistsError(
+            f"{dst} is already a committed checkpoint; pass --force to replace it "
+            "(it is deleted before anything is written) or choose another destination"
+        )
+    await atomicity.delete_checkpoint(dst.backend, dst.path)
+    return True
 
 
 async def _copy_objects(

@@ -15,7 +15,7 @@ from typing import Any
 
 import atomicity
 from cloudckpt._inspect import ProgressFactory, list_objects, no_progress, step_sort_key
-from cloudckpt._transfer import CopyReport, _remove_attempt
+from cloudckpt._transfer import CopyReport, _remove_attempt, clear_destination, refuse_symlinks
 from cloudckpt._verify import Problem, VerifyReport, _classify_tensorstore_error, verify_contents
 from cloudckpt.errors import CorruptCheckpointError
 from cloudckpt.handlers.json import JsonCheckpointHandler, JsonSave
@@ -204,24 +204,9 @@ async def convert_step(
             )
     # As for `cloudckpt cp` of our own steps: tensorstore would follow a link on a
     # file system, so the conversion would copy what it points to.
-    links = await src.backend.symlinks_under(src.path)
-    if links:
-        more = f" and {len(links) - 1} more" if len(links) > 1 else ""
-        raise PermissionError(
-            f"{src} contains symbolic links ({links[0]}{more}); cloudckpt never converts what a "
-            "link points to. Nothing was written; replace the links with regular files or "
-            "remove them, then convert again"
-        )
+    await refuse_symlinks(src, "converts")
     backend = dst.backend
-    replaced = False
-    if await atomicity.is_committed(backend, dst.path):
-        if not force:
-            raise FileExistsError(
-                f"{dst} is already a committed checkpoint; pass --force to replace it "
-                "(it is deleted before the conversion starts) or choose another destination"
-            )
-        await atomicity.delete_checkpoint(backend, dst.path)
-        replaced = True
+    replaced = await clear_destination(dst, force=force)
     meta = await step_metadata(src, info, with_items=False)
     tmp = backend.default_temporary_path_class().from_final(dst.path, backend)
     init_ns = time.time_ns()
