@@ -71,7 +71,8 @@ def run_backend(ctx: Context, target: Target, state: Any, abstract: Any) -> dict
     if peer is not None:
         warm_up(peer, target.fresh_orbax("warmup"), ctx)
     names = ("save", "restore", "raw_put", "raw_get", "engine_save", "engine_restore", "copy")
-    times: dict[str, list[float]] = {k: [] for k in (*names, "orbax_save", "orbax_restore")}
+    peer_names = ("orbax_save", "orbax_restore", "cloudckpt_restore_of_orbax")
+    times: dict[str, list[float]] = {k: [] for k in (*names, *peer_names)}
     objects: dict[str, Any] = {}
     verified: dict[str, bool] = {}
     payloads: list[bytes] = []
@@ -110,9 +111,15 @@ def run_backend(ctx: Context, target: Target, state: Any, abstract: Any) -> dict
                 save_s, restore_s, ok = _save_restore(peer, url, state, abstract, check=rep == 0)
                 times["orbax_save"].append(save_s)
                 times["orbax_restore"].append(restore_s)
+                # The same Orbax-written checkpoint restored by cloudckpt (issue 15).
+                cc_s, restored = timed(lambda u=url: cc.restore(u, abstract))
+                times["cloudckpt_restore_of_orbax"].append(cc_s)
                 if rep == 0:
                     objects["orbax"] = object_stats(list_objects(url), nbytes)
                     verified["orbax"] = bool(ok)
+                    verified["cloudckpt_reads_orbax"] = same_values(state, restored)
+                del restored
+                gc.collect()
                 remove(url)
             ctx.log(
                 f"{target.name} rep {rep}: "
@@ -137,6 +144,9 @@ def run_backend(ctx: Context, target: Target, state: Any, abstract: Any) -> dict
         "restore_vs_orbax": ratio(med["restore"], med["orbax_restore"]),
         "orbax_save_vs_raw": ratio(med["orbax_save"], med["raw_put"]),
         "orbax_restore_vs_raw": ratio(med["orbax_restore"], med["raw_get"]),
+        "orbax_step_restore_cloudckpt_vs_orbax": ratio(
+            med["cloudckpt_restore_of_orbax"], med["orbax_restore"]
+        ),
         "MiBps": {k: ratio(mib, v) for k, v in med.items() if k != "copy"},
         "engine_bytes": engine_bytes,
         "objects": objects,
