@@ -114,10 +114,7 @@ class CloudProxy(LoopbackProxy):
         refuse_preconditions: bool = False,
         seed: int = 0,
     ) -> None:
-        if flavor not in ("s3", "gcs"):
-            raise ValueError(f"flavor must be 's3' or 'gcs', got {flavor!r}")
-        self.flavor = flavor
-        self.upstream = upstream.rstrip("/")
+        super().__init__(upstream, flavor)
         self.s3_policy = s3_policy
         self.gcs_granted = gcs_permissions_granted
         self.page_size = page_size
@@ -129,7 +126,6 @@ class CloudProxy(LoopbackProxy):
         self.stats = ProxyStats()
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
-        super().__init__()
         self.phase = "-"
 
     @property

@@ -132,6 +132,19 @@ def _wait_http(proc: _Process, url: str, timeout_s: float) -> None:
     raise proc.fail(f"no answer at {url} within {timeout_s:.0f}s")
 
 
+def s3_admin_client(endpoint: str) -> Any:
+    """A plain botocore S3 client with the harness's test credentials (no retries added)."""
+    import botocore.session
+
+    return botocore.session.get_session().create_client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name=S3_REGION,
+        aws_access_key_id=S3_ACCESS_KEY,
+        aws_secret_access_key=S3_SECRET_KEY,
+    )
+
+
 @dataclass
 class _Server:
     """A server process with its data under ``workdir``, stopped by PID."""
@@ -205,15 +218,7 @@ class SeaweedFS(_Server):
         self._create_buckets(time.monotonic() + timeout_s)
 
     def _create_buckets(self, deadline: float) -> None:
-        import botocore.session
-
-        client = botocore.session.get_session().create_client(
-            "s3",
-            endpoint_url=self.endpoint,
-            region_name=S3_REGION,
-            aws_access_key_id=S3_ACCESS_KEY,
-            aws_secret_access_key=S3_SECRET_KEY,
-        )
+        client = s3_admin_client(self.endpoint)
         assert self._proc is not None
         try:
             for bucket in self.buckets:
@@ -247,15 +252,7 @@ class MotoS3(_Server):
         argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
         self._proc = _Process("moto", argv, self.workdir / "moto.log")
         _wait_http(self._proc, self.endpoint + "/", timeout_s)
-        import botocore.session
-
-        client = botocore.session.get_session().create_client(
-            "s3",
-            endpoint_url=self.endpoint,
-            region_name=S3_REGION,
-            aws_access_key_id=S3_ACCESS_KEY,
-            aws_secret_access_key=S3_SECRET_KEY,
-        )
+        client = s3_admin_client(self.endpoint)
         try:
             for bucket in self.buckets:
                 client.create_bucket(Bucket=bucket)
@@ -407,7 +404,11 @@ class LoopbackProxy:
     session they forward with. ``start``/``stop`` (or ``with``) run it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, upstream: str, flavor: str) -> None:
+        if flavor not in ("s3", "gcs"):
+            raise ValueError(f"flavor must be 's3' or 'gcs', got {flavor!r}")
+        self.flavor = flavor
+        self.upstream = upstream.rstrip("/")
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self._loop = asyncio.new_event_loop()
@@ -480,17 +481,13 @@ class FaultProxy(LoopbackProxy):
         flavor: str = "s3",
         delay: Callable[[str, str, Mapping[str, str], bytes], float] | None = None,
     ) -> None:
-        if flavor not in ("s3", "gcs"):
-            raise ValueError(f"flavor must be 's3' or 'gcs', got {flavor!r}")
-        self.flavor = flavor
-        self.upstream = upstream.rstrip("/")
+        super().__init__(upstream, flavor)
         self.fault_rate = fault_rate
         self.modes = modes
         self.delay = delay
         self.stats = FaultStats()
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
-        super().__init__()
 
     def _choose_fault(self, method: str, path: str) -> str | None:
         with self._lock:

@@ -73,14 +73,9 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
 def main(spec: dict[str, Any]) -> None:
     import jax
 
-    jax.config.update("jax_num_cpu_devices", spec["devices"])
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        f"127.0.0.1:{spec['port']}",
-        num_processes=spec["num_processes"],
-        process_id=spec["process_id"],
-        initialization_timeout=60,
-    )
+    from tests.mp_worker import join_job
+
+    join_job(spec)
     result = run(spec)
     print("RESULT", json.dumps(result), flush=True)
     jax.distributed.shutdown()

@@ -238,8 +238,8 @@ def scenario_fault(result: dict[str, Any]) -> None:
     result["steps"] = mngr.all_steps()
 
 
-def main(spec: dict[str, Any]) -> None:
-    SPEC.update(spec)
+def join_job(spec: dict[str, Any]) -> None:
+    """Configures this process's CPU devices and joins the others (jax.distributed, gloo)."""
     import jax
 
     jax.config.update("jax_num_cpu_devices", spec["devices"])
@@ -252,6 +252,13 @@ def main(spec: dict[str, Any]) -> None:
             heartbeat_timeout_seconds=spec.get("heartbeat_s", 10),
             initialization_timeout=60,
         )
+
+
+def main(spec: dict[str, Any]) -> None:
+    SPEC.update(spec)
+    import jax
+
+    join_job(spec)
     result: dict[str, Any] = {"process": spec["process_id"], "devices": jax.device_count()}
     {"save": scenario_save, "restore": scenario_restore, "fault": scenario_fault}[spec["scenario"]](
         result

@@ -16,14 +16,9 @@ import numpy as np
 
 
 def main(spec: dict[str, Any]) -> None:
-    jax.config.update("jax_num_cpu_devices", spec["devices"])
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        f"127.0.0.1:{spec['port']}",
-        num_processes=spec["num_processes"],
-        process_id=spec["process_id"],
-        initialization_timeout=60,
-    )
+    from tests.mp_worker import join_job
+
+    join_job(spec)
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
 

@@ -207,9 +207,7 @@ def test_s3_multi_object_delete_refuses_key_by_key(servers: LocalServers) -> Non
     # AWS authorises DeleteObjects per key: a refused key is an AccessDenied entry
     # in a 200 answer, not a 403. A client that ignores the entries loses nothing
     # visibly, and deletes nothing.
-    import botocore.session
-
-    from cloudckpt._servers import S3_ACCESS_KEY, S3_REGION, S3_SECRET_KEY
+    from cloudckpt._servers import s3_admin_client
 
     from .backend_harness import _fsspec_raw, _s3fs_client
 
@@ -218,13 +216,7 @@ def test_s3_multi_object_delete_refuses_key_by_key(servers: LocalServers) -> Non
     raw_put(f"{BUCKET}/{granted}a", b"1")
     raw_put(f"{BUCKET}/{other}b", b"2")
     with _proxy("s3", servers, granted) as proxy:
-        client = botocore.session.get_session().create_client(
-            "s3",
-            endpoint_url=proxy.endpoint,
-            region_name=S3_REGION,
-            aws_access_key_id=S3_ACCESS_KEY,
-            aws_secret_access_key=S3_SECRET_KEY,
-        )
+        client = s3_admin_client(proxy.endpoint)
         out = client.delete_objects(
             Bucket=BUCKET, Delete={"Objects": [{"Key": f"{granted}a"}, {"Key": f"{other}b"}]}
         )

@@ -222,11 +222,21 @@ class S3Backend(FsspecObjectBackend):
     async def _get(self, path: str, byte_range: tuple[int, int] | None) -> bytes | None:
         if byte_range is not None and byte_range[0] == byte_range[1]:
             return b"" if await self._exists(path) else None
-        fs = await self._fs()
-        bucket, _, key = path.partition("/")
         extra = (
             {} if byte_range is None else {"Range": f"bytes={byte_range[0]}-{byte_range[1] - 1}"}
         )
+        try:
+            got = await self._get_object(path, **extra)
+        except OSError as exc:
+            if http_status_of(exc) == 416:  # range starts at the end of the object
+                return b""
+            raise
+        return None if got is None else got[0]
+
+    async def _get_object(self, path: str, **extra: Any) -> tuple[bytes, dict[str, Any]] | None:
+        """One GetObject: (body, response), or None when only the object is missing."""
+        fs = await self._fs()
+        bucket, _, key = path.partition("/")
         try:
             response = await fs._call_s3("get_object", Bucket=bucket, Key=key, **extra)
         except FileNotFoundError as exc:
@@ -234,13 +244,9 @@ class S3Backend(FsspecObjectBackend):
             if missing_bucket is not None:
                 raise missing_bucket from None
             return None
-        except OSError as exc:
-            if http_status_of(exc) == 416:  # range starts at the end of the object
-                return b""
-            raise
         body = response["Body"]
         try:
-            return bytes(await body.read())
+            return bytes(await body.read()), response
         finally:
             body.close()
 
@@ -302,20 +308,10 @@ class S3Backend(FsspecObjectBackend):
         return True
 
     async def _get_versioned(self, path: str) -> Versioned | None:
-        fs = await self._fs()
-        bucket, _, key = path.partition("/")
-        try:
-            response = await fs._call_s3("get_object", Bucket=bucket, Key=key)
-        except FileNotFoundError as exc:
-            missing_bucket = await self._missing(path, exc)
-            if missing_bucket is not None:
-                raise missing_bucket from None
+        got = await self._get_object(path)
+        if got is None:
             return None
-        body = response["Body"]
-        try:
-            data = bytes(await body.read())
-        finally:
-            body.close()
+        data, response = got
         modified = response.get("LastModified")
         return Versioned(data, response["ETag"], modified.timestamp() if modified else None)
 
