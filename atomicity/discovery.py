@@ -27,7 +27,6 @@ from atomicity.paths import (
     MARKER_NAME,
     TMP_INFIX,
     _delete_fenced,
-    delete_stale,
     is_temporary_name,
     judge,
     marker_bytes,
@@ -77,6 +76,10 @@ async def scan(store: Store, root: str) -> list[ChildInfo]:
         name, _, rest = rel.partition("/")
         if not rest:
             continue  # an object directly under the root is not a checkpoint
+        if name in ("", ".", ".."):
+            # A key such as ``root//_CLAIM`` names no child: joined back onto the root
+            # it would address the root itself (or its parent), never a checkpoint.
+            continue
         child = children.get(name)
         if child is None:
             child = children[name] = ChildInfo(name=name, path=join(root, name))
@@ -162,7 +165,10 @@ async def settle(
     if store.supports_atomic_rename:
         # Every attempt has its own directory: renaming it away is the fence
         # (its writer's final rename of the same directory then fails).
-        await revoke_by_rename(store, child.path)
+        if not await revoke_by_rename(store, child.path):
+            # Gone before the rename: its writer committed it (renamed it) or another
+            # clean-up removed it; either way nothing was deleted here.
+            return Settlement(False, "gone or committed meanwhile", claim)
         return Settlement(True, why, claim)
     fence = Claim.new(claim.grace_s if claim else 60.0, claim.attempt if claim else None).next(
         REVOKED
@@ -247,23 +253,24 @@ async def delete_checkpoint(store: Store, path: str) -> None:
         await store.rename(path, doomed)
         await store.delete_prefix(doomed)
         return
-    version: str | None = None
     for _ in range(5):
         claim, current = await read_versioned_claim(store, path)
-        if current is None:
-            break  # a checkpoint without a claim (copied in, or written by an old version)
         fence = Claim.new(claim.grace_s if claim else 60.0, claim.attempt if claim else None).next(
             DELETING
         )
+        # A checkpoint without a claim (copied in, or written by an old version) is
+        # fenced by creating one, create-only: a writer claiming it meanwhile wins.
         version = await store.put_versioned(
-            join(path, CLAIM_NAME), fence.to_bytes(), if_version=current.version
+            join(path, CLAIM_NAME),
+            fence.to_bytes(),
+            if_version=None if current is None else current.version,
         )
         if version is not None:
             break
     else:
-        raise FileExistsError(f"could not delete {path}: its claim keeps changing")
+        raise FileExistsError(
+            f"could not delete {path}: its claim kept changing (another writer or clean-up is "
+            "acting on it); wait for it to finish, check `cloudckpt ls --all`, and delete again"
+        )
     await store.delete(join(path, MARKER_NAME))
-    if version is None:
-        await delete_stale(store, path)
-    else:
-        await _delete_fenced(store, path, version)
+    await _delete_fenced(store, path, version)

@@ -270,11 +270,19 @@ class _ClaimedPath:
                     return
             except UNKNOWN_OUTCOME:
                 pass
-            if marker_attempt(await self._store.get(path)) == self._claim.attempt:
-                return
-            if await self._store.exists(path):
-                raise FileExistsError(f"{where} carries another attempt's commit marker")
-        raise ConnectionError(f"could not write the commit marker of {where}; `cloudckpt gc` will")
+            found = await self._store.get(path)
+            if found is not None:
+                if marker_attempt(found) == self._claim.attempt:
+                    return
+                raise FileExistsError(
+                    f"{where} carries another attempt's commit marker: another save committed "
+                    "this step first. Check it with `cloudckpt inspect`, or delete it and save again"
+                )
+        raise ConnectionError(
+            f"could not write the commit marker of {where}: the store kept failing. Its claim "
+            "is committed, so `cloudckpt gc` on its root finishes the commit once the claim is "
+            "stale; or save the step again"
+        )
 
     @staticmethod
     async def _require_claim(temporary_path: str, store: Store) -> None:
