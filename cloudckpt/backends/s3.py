@@ -65,6 +65,16 @@ def _exact_filesystem_class() -> type:
     return ExactKeyS3FileSystem
 
 
+def _lost_condition(exc: BaseException) -> bool:
+    """A conditional request that failed because the condition no longer holds.
+
+    412, or a 409 other than ``ConditionalRequestConflict``: that one means a
+    concurrent conditional write was in progress, and AWS asks for a retry.
+    """
+    status = http_status_of(exc)
+    return status == 412 or (status == 409 and error_code_of(exc) != "ConditionalRequestConflict")
+
+
 def _env(*names: str) -> str | None:
     for name in names:
         value = os.environ.get(name)
@@ -332,9 +342,9 @@ class S3Backend(FsspecObjectBackend):
                 ) from None
             return None  # If-Match on a missing object: 404
         except OSError as exc:
-            if http_status_of(exc) in (409, 412):  # 409: a concurrent conditional write won
+            if _lost_condition(exc):
                 return None
-            raise
+            raise  # ConditionalRequestConflict: retried by the policy, as AWS advises
         return str(response["ETag"])
 
     async def _delete_versioned(self, path: str, version: str) -> bool:
@@ -345,7 +355,7 @@ class S3Backend(FsspecObjectBackend):
         except (FileNotFoundError, FileExistsError):
             return False
         except OSError as exc:
-            if http_status_of(exc) in (404, 409, 412):
+            if http_status_of(exc) == 404 or _lost_condition(exc):
                 return False
             raise
         return True
