@@ -320,7 +320,7 @@ class _Commit:
             return
         handler = self.checkpointer.handler
         attempt = self.tmp.claim.attempt
-        created = committed = False
+        created = committed = settled = False
         started = False
         heartbeat: asyncio.Task[None] | None = None
         try:
@@ -358,6 +358,7 @@ class _Commit:
                     error = exc
                     # The commit request may have taken effect although it failed
                     # here (a lost answer): read back before telling anyone.
+                    settled = True  # settled here, whatever the outcome: not again below
                     try:
                         if await _remove_own_attempt(self.tmp):
                             committed, error = True, None
@@ -382,7 +383,7 @@ class _Commit:
                         write.close()
             await _stop(heartbeat)
             # Once committed, the step is a checkpoint: whatever fails later, keep it whole.
-            if created and not committed and await _remove_own_attempt(self.tmp):
+            if created and not committed and not settled and await _remove_own_attempt(self.tmp):
                 logger.warning(
                     "the save of %s committed although %s interrupted it (its answer was "
                     "lost); it is reported as saved",
