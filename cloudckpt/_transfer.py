@@ -327,7 +327,7 @@ async def collect_garbage(root: StoragePath, *, yes: bool, include_live: bool) -
     pending = [c for c in children if not c.committed]
     if not pending:
         return report
-    now = await backend.now(root.path + "/" + atomicity.CLAIM_NAME)
+    now = await backend.now(atomicity.join(root.path, atomicity.CLAIM_NAME))
     for child in sorted(pending, key=lambda c: step_sort_key(c.name)):
         judged = await atomicity.settle(
             backend, child, include_live=include_live, dry_run=True, store_now=now
@@ -343,7 +343,9 @@ async def collect_garbage(root: StoragePath, *, yes: bool, include_live: bool) -
         )
         report.entries.append(entry)
         if yes and (judged.deleted or judged.rolled_forward):
-            done = await atomicity.settle(backend, child, include_live=include_live)
+            # Judged again on the exact claim version it fences; the clock read above is
+            # older than now, so it can only make a claim look younger (safe).
+            done = await atomicity.settle(backend, child, include_live=include_live, store_now=now)
             entry.action = (
                 "deleted" if done.deleted else "committed" if done.rolled_forward else "spare"
             )

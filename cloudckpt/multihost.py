@@ -173,7 +173,7 @@ class ProcessGroup:
         """An id for the next save of ``path``, the same on every process without
         communication: every process starts the saves of one path in the same order."""
         n = _JOB.count(_JOB.saves, path)
-        # Opaque and unique in every prefix (temporary names use the first 16 characters).
+        # Opaque, and unique in any prefix of it.
         return hashlib.sha256(f"{self._run_id}|{path}|{n}".encode()).hexdigest()[:24]
 
     def share(self, name: str, value: Any) -> Any:
