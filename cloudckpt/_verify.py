@@ -57,6 +57,9 @@ from cloudckpt.handlers.pytree._layout import CRC_BYTES, entry_data
 from cloudckpt.metadata import STEP_METADATA_NAME, StepMetadata
 from cloudckpt.path import StoragePath
 
+#: Missing or mis-sized objects of one item reported one by one (the rest are counted).
+MAX_BACKING_PROBLEMS = 1000
+
 
 @dataclass
 class Problem:
@@ -222,11 +225,19 @@ class _Verifier:
         sizes = {
             rel[len(prefix) :]: o.size for rel, o in self.objects.items() if rel.startswith(prefix)
         }
+        # Every leaf is checked (bounded by the listing); the first problems are reported.
         broken: set[str] = set()
-        for obj, kind, detail in backing_problems(document, sizes, limit=1000):
-            self.problem(kind, prefix + obj, detail)
+        problems = backing_problems(document, sizes, limit=None)
+        for n, (obj, kind, detail) in enumerate(problems):
+            if n < MAX_BACKING_PROBLEMS:
+                self.problem(kind, prefix + obj, detail)
             self.referenced.add(prefix + obj)
             broken.add(obj)
+        if len(problems) > MAX_BACKING_PROBLEMS:
+            self.report.notes.append(
+                f"{where}: {len(problems) - MAX_BACKING_PROBLEMS} more missing or mis-sized "
+                "objects not listed one by one"
+            )
         packs: dict[str, list[tuple[str, layout.PackEntry]]] = {}
         tasks = []
         for leaf in document.leaves:

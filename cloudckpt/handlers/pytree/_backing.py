@@ -16,18 +16,23 @@ from cloudckpt.errors import CorruptCheckpointError
 from cloudckpt.handlers.pytree._document import PackedStorage, PytreeDocument, ZarrStorage
 from cloudckpt.path import StoragePath
 
+#: Missing chunks a leaf may lack and still be enumerated one by one (to name them).
+GRID_SLACK = 5
+
 
 def backing_problems(
     document: PytreeDocument,
     sizes: Mapping[str, int],
     leaves: Iterable[int] | None = None,
     *,
-    limit: int = 5,
+    limit: int | None = 5,
 ) -> list[tuple[str, str, str]]:
     """What the listing of the item lacks for ``leaves`` (default all).
 
     Returns ``(object, kind, detail)`` with kind ``missing`` or ``corrupt``;
-    at most ``limit`` of them. ``sizes`` maps every object of the item
+    at most ``limit`` of them (None: all, which is still bounded by the
+    listing: a leaf is enumerated only when its grid is within a few chunks
+    of what is stored). ``sizes`` maps every object of the item
     (relative to it) to its size. A zarr leaf needs each of its chunks at the
     exact size its metadata implies; a pack object must be exactly as long as
     its entries. Work is bounded by the listing, never by a declared shape: a
@@ -51,7 +56,7 @@ def backing_problems(
         elif isinstance(storage, ZarrStorage):
             stored = chunk_counts.get(storage.key.split("/")[1], 0)
             # A few missing chunks are named one by one; a grid far beyond the listing is not.
-            if storage.n_chunks > 2 * stored + limit:
+            if storage.n_chunks > 2 * stored + GRID_SLACK:
                 detail = f"{name} declares {storage.n_chunks} chunks but {stored} are stored"
                 problems.append((storage.key, "corrupt", detail))
                 continue
@@ -63,9 +68,9 @@ def backing_problems(
                 elif size != want:
                     detail = f"chunk of {name} is {size} bytes; its metadata implies {want}"
                     problems.append((key, "corrupt", detail))
-                if len(problems) >= limit:
+                if limit is not None and len(problems) >= limit:
                     return problems
-        if len(problems) >= limit:
+        if limit is not None and len(problems) >= limit:
             return problems
     for obj in sorted(objects):
         size, want = sizes.get(obj), document.pack_sizes[obj]
@@ -74,7 +79,7 @@ def backing_problems(
         elif size != want:
             detail = f"pack object is {size} bytes; its entries need exactly {want}"
             problems.append((obj, "corrupt", detail))
-        if len(problems) >= limit:
+        if limit is not None and len(problems) >= limit:
             break
     return problems
 
