@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -118,6 +119,9 @@ class OrbaxTree:
         }
 
 
+_SEQUENCE_INDEX = re.compile(r"0|[1-9][0-9]{0,8}")
+
+
 def _param_name(keys: list[Any], where: StoragePath) -> tuple[str, list[tuple[int, str]]]:
     if not isinstance(keys, list) or not keys:
         raise CorruptCheckpointError(f"{where}: a leaf has no key_metadata")
@@ -126,8 +130,12 @@ def _param_name(keys: list[Any], where: StoragePath) -> tuple[str, list[tuple[in
         key, kind = (k.get("key"), k.get("key_type")) if isinstance(k, dict) else (None, None)
         if not isinstance(key, str) or kind not in (_SEQUENCE, _DICT):
             raise CorruptCheckpointError(f"{where}: malformed key_metadata entry {k!r}")
-        if kind == _SEQUENCE and not key.isdigit():
-            raise CorruptCheckpointError(f"{where}: sequence index {key!r} is not a number")
+        if kind == _SEQUENCE and not _SEQUENCE_INDEX.fullmatch(key):
+            # Canonical ASCII only: "²" passes isdigit() and "01" would alias "1".
+            raise CorruptCheckpointError(
+                f"{where}: sequence index {key!r} is not a plain number; the Orbax metadata is "
+                "corrupt, restore another step"
+            )
         if (
             not key
             or "/" in key
@@ -159,7 +167,10 @@ def _skeleton(node: Any, where: StoragePath) -> dict[str, Any]:
     if node.kind == _SEQUENCE:
         n = max(int(k) for k in node.children) + 1
         if n > 10 * len(node.children) + 1000:
-            raise CorruptCheckpointError(f"{where}: a sequence index is implausibly large")
+            raise CorruptCheckpointError(
+                f"{where}: a sequence index is implausibly large; the Orbax metadata is corrupt, "
+                "restore another step"
+            )
         return {
             "list": [
                 _skeleton(node.children[str(i)], where)
