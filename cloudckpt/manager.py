@@ -220,20 +220,21 @@ class CheckpointManager:
         # Orbax hook: committed steps Orbax wrote under the same root, from the same listing.
         ours = {s.step for s in steps}
         atomic_rename = self._root.backend.supports_atomic_rename
+        theirs: dict[int, Any] = {}  # step -> what the listing says of the Orbax step
         for found in orbax.steps_from_listing(
             self._root.path, tap.infos, atomic_rename=atomic_rename
         ):
             step = self._parse_step(found.name)
             if found.committed and step is not None and step not in ours:
                 steps.append(_Step(step, None, found.nbytes, orbax=True))
+                theirs[step] = found
         if self._options.best_fn is not None:
             # Ranking needs each step's metrics: one small read per kept step, at start only.
             async def metrics_of(s: _Step) -> None:
                 path = self.step_path(s.step)
                 try:
-                    if s.orbax:
-                        info = await orbax.probe(path)
-                        meta = await orbax.step_metadata(path, info, with_items=False)  # type: ignore[arg-type]
+                    if s.orbax:  # described by the listing already: no second one
+                        meta = await orbax.step_metadata(path, theirs[s.step], with_items=False)
                     else:
                         meta = await read_step_metadata(path)
                     s.metrics = meta.metrics or None

@@ -155,6 +155,8 @@ def steps_from_listing(
         if not info.path.startswith(root + "/") or "/" not in rel:
             continue
         name, rest = rel.split("/", 1)
+        if name in ("", ".", ".."):  # names no child: it would address the root itself
+            continue
         children.setdefault(name, {})[rest] = info
     out = []
     for name, rels in children.items():
