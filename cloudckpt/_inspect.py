@@ -120,7 +120,31 @@ async def require_committed(step: StoragePath) -> dict[str, ObjectInfo]:
         FileNotFoundError: nothing is stored at ``step``.
         ValueError: ``step`` is a root of checkpoints, or an uncommitted save.
     """
+    return _require_committed(step, await list_objects(step))
+
+
+async def committed_or_orbax(step: StoragePath) -> tuple[dict[str, ObjectInfo], Any]:
+    """The objects of ``step`` and, when Orbax wrote it, its :class:`OrbaxStep` (else None).
+
+    One listing serves both: a step without cloudckpt's marker is classified
+    as Orbax from it (Orbax hook). Raises as :func:`require_committed` when
+    it is neither.
+    """
     objects = await list_objects(step)
+    try:
+        return _require_committed(step, objects), None
+    except ValueError:
+        from cloudckpt import orbax
+
+        found = orbax.classify(
+            step.name, step.path, objects, atomic_rename=step.backend.supports_atomic_rename
+        )
+        if found is None:
+            raise
+        return objects, found
+
+
+def _require_committed(step: StoragePath, objects: dict[str, ObjectInfo]) -> dict[str, ObjectInfo]:
     if not objects:
         raise FileNotFoundError(
             f"no checkpoint at {step}: nothing is stored there; `cloudckpt ls` on its parent "
@@ -240,10 +264,12 @@ async def list_steps(root: StoragePath, *, read_claims: bool) -> list[StepSummar
 
 
 async def _orbax_rows(root: StoragePath, infos: list[ObjectInfo]) -> list[StepSummary]:
-    """Steps Orbax wrote under ``root`` (from its listing), marked as such; one read each."""
-    rows = []
+    """Steps Orbax wrote under ``root`` (from its listing), marked as such; one read each,
+    concurrently (as for cloudckpt's own steps)."""
     atomic_rename = root.backend.supports_atomic_rename
-    for found in orbax.steps_from_listing(root.path, infos, atomic_rename=atomic_rename):
+    limit = asyncio.Semaphore(16)
+
+    async def row_of(found: Any) -> StepSummary:
         row = StepSummary(
             name=found.name,
             url=root.backend.url(found.path),
@@ -256,16 +282,19 @@ async def _orbax_rows(root: StoragePath, infos: list[ObjectInfo]) -> list[StepSu
         )
         if found.committed:
             try:
-                meta = await orbax.step_metadata(
-                    StoragePath(root.backend, found.path), found, with_items=False
-                )
+                async with limit:
+                    meta = await orbax.step_metadata(
+                        StoragePath(root.backend, found.path), found, with_items=False
+                    )
                 row.metrics = dict(meta.metrics or {})
                 if meta.commit_timestamp_nsecs:
                     row.commit_time = meta.commit_timestamp_nsecs / 1e9
             except (OSError, ValueError) as exc:
                 row.problem = f"unreadable Orbax step metadata: {exc}"
-        rows.append(row)
-    return rows
+        return row
+
+    found = orbax.steps_from_listing(root.path, infos, atomic_rename=atomic_rename)
+    return list(await asyncio.gather(*(row_of(f) for f in found)))
 
 
 # ------------------------------------------------------------------------------ inspect
@@ -375,16 +404,11 @@ def describe_leaves(document: PytreeDocument) -> list[dict[str, Any]]:
 
 async def describe_step(step: StoragePath) -> dict[str, Any]:
     """What ``cloudckpt inspect`` shows, as JSON-able data; reads no array data."""
-    try:
-        objects = await require_committed(step)
-    except ValueError:  # Orbax hook: a step Orbax wrote has no cloudckpt marker
-        from cloudckpt import orbax
+    objects, found = await committed_or_orbax(step)
+    if found is not None:  # Orbax hook: a step Orbax wrote has no cloudckpt marker
         from cloudckpt.orbax import _tools
 
-        found = await orbax.probe(step)
-        if found is None:
-            raise
-        return await _tools.describe(step, found)
+        return await _tools.describe(step, found, objects)
     metadata = await read_step_metadata(step)
     out: dict[str, Any] = {
         "url": step.url,

@@ -38,11 +38,11 @@ from cloudckpt._inspect import (
     Limiter,
     Progress,
     ProgressFactory,
+    committed_or_orbax,
     items_of_step,
     list_objects,
     no_progress,
     prefix_of,
-    require_committed,
 )
 from cloudckpt.errors import CorruptCheckpointError
 from cloudckpt.handlers.pytree import METADATA_NAME as PYTREE_NAME
@@ -369,14 +369,9 @@ async def verify_step(
     step: StoragePath, *, progress: ProgressFactory = no_progress
 ) -> VerifyReport:
     """Verifies the committed checkpoint at ``step`` (see the module docstring)."""
-    try:
-        objects = await require_committed(step)
-    except ValueError:  # Orbax hook: what can be checked of a step Orbax wrote
-        from cloudckpt import orbax
+    objects, found = await committed_or_orbax(step)
+    if found is not None:  # Orbax hook: what can be checked of a step Orbax wrote
         from cloudckpt.orbax import _tools
 
-        found = await orbax.probe(step)
-        if found is None:
-            raise
-        return await _tools.verify(step, found, progress=progress)
+        return await _tools.verify(step, found, objects, progress=progress)
     return await verify_contents(step, committed=True, progress=progress, objects=objects)

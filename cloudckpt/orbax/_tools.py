@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 import atomicity
+from atomicity import ObjectInfo
 from cloudckpt._inspect import ProgressFactory, list_objects, no_progress, step_sort_key
 from cloudckpt._transfer import CopyReport, _remove_attempt, clear_destination, refuse_symlinks
 from cloudckpt._verify import Problem, VerifyReport, _classify_tensorstore_error, verify_contents
@@ -68,10 +69,16 @@ def _leaf_rows(tree: _pytree.OrbaxTree) -> list[dict[str, Any]]:
     return rows
 
 
-async def describe(step: StoragePath, info: OrbaxStep) -> dict[str, Any]:
-    """What ``cloudckpt inspect`` shows for an Orbax step; reads no array data."""
+async def describe(
+    step: StoragePath, info: OrbaxStep, objects: dict[str, ObjectInfo] | None = None
+) -> dict[str, Any]:
+    """What ``cloudckpt inspect`` shows for an Orbax step; reads no array data.
+
+    ``objects`` is the step's listing when the caller already has it.
+    """
     require_committed(step, info)
-    objects = await list_objects(step)
+    if objects is None:
+        objects = await list_objects(step)
     meta = await step_metadata(step, info, with_items=False)
     out: dict[str, Any] = {
         "url": step.url,
@@ -104,7 +111,11 @@ async def describe(step: StoragePath, info: OrbaxStep) -> dict[str, Any]:
 
 
 async def verify(
-    step: StoragePath, info: OrbaxStep, *, progress: ProgressFactory = no_progress
+    step: StoragePath,
+    info: OrbaxStep,
+    objects: dict[str, ObjectInfo] | None = None,
+    *,
+    progress: ProgressFactory = no_progress,
 ) -> VerifyReport:
     """Reads and decodes everything an Orbax step's metadata references.
 
@@ -113,7 +124,8 @@ async def verify(
     inside an uncompressed chunk (noted in the report).
     """
     require_committed(step, info)
-    objects = await list_objects(step)
+    if objects is None:
+        objects = await list_objects(step)
     report = VerifyReport(
         url=step.url, n_objects=len(objects), nbytes=sum(o.size for o in objects.values())
     )
