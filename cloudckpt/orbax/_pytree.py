@@ -33,10 +33,8 @@ from cloudckpt.handlers.pytree import (
     _leaf_metadata,
     _match,
     _Reader,
-    _storage_error,
     _ts_open,
 )
-from cloudckpt.handlers.pytree import _layout as layout
 from cloudckpt.handlers.pytree._budget import ByteBudget
 from cloudckpt.handlers.pytree._document import MAX_NBYTES, MAX_NDIM, Leaf
 from cloudckpt.handlers.pytree._tree import flatten, rebuild, unflatten_like
@@ -318,22 +316,8 @@ class _OrbaxReader(_Reader):
         leaves = await gather_all([one(i, e) for i, e in enumerate(self.tree.entries)])
         self.tree.leaves = self.saved = tuple(leaves)
 
-    async def region(self, leaf: int, index: layout.Index) -> np.ndarray:
-        """The values of ``leaf`` over ``index`` (Orbax arrays are zarr, not packed)."""
-        info = self.saved[leaf]
-        dtype = info.dtype
-        assert dtype is not None
-        shape = layout.index_shape(index)
-        if math.prod(shape) == 0:
-            return np.zeros(shape, dtype)
-        store = await self._open(leaf)
-        async with self.budget.hold(math.prod(shape) * dtype.itemsize):
-            try:
-                data = await store[layout.index_slices(index)].read()
-            except Exception as exc:
-                where = self.tree.item / self.tree.entries[leaf].name
-                raise _storage_error(exc, {"kvstore": where.kvstore_spec()}) from exc
-        return data if data.dtype == dtype else data.view(dtype)
+    def _array_location(self, leaf: int) -> StoragePath:
+        return self.tree.item / self.tree.entries[leaf].name
 
 
 async def open_tree(item: StoragePath, max_inflight_bytes: int) -> tuple[OrbaxTree, _OrbaxReader]:

@@ -746,17 +746,21 @@ class _Reader:
             return np.zeros(shape, dtype)
         if isinstance(storage, _document.PackedStorage):
             return await self._packed_region(leaf, index, dtype)
-        assert isinstance(storage, _document.ZarrStorage)
         store = await self._open(leaf)
         nbytes = math.prod(shape) * dtype.itemsize
         async with self.budget.hold(nbytes):
             try:
                 data = await store[layout.index_slices(index)].read()
             except Exception as exc:
-                raise _storage_error(
-                    exc, {"kvstore": (self.directory / storage.key).kvstore_spec()}
-                ) from exc
+                where = self._array_location(leaf)
+                raise _storage_error(exc, {"kvstore": where.kvstore_spec()}) from exc
         return data if data.dtype == dtype else data.view(dtype)
+
+    def _array_location(self, leaf: int) -> StoragePath:
+        """Where the array of ``leaf`` is stored (named in errors)."""
+        storage = self.saved[leaf].storage
+        assert isinstance(storage, _document.ZarrStorage)
+        return self.directory / storage.key
 
     async def _packed_region(self, leaf: int, index: layout.Index, dtype: np.dtype) -> np.ndarray:
         await self.prefetch_packed([(leaf, [index])])  # no request for entries already read
