@@ -130,7 +130,7 @@ class Group:
     """The processes of one topology, started together and driven in lock step."""
 
     def __init__(self, name: str, processes: int, devices: int, size_mib: float) -> None:
-        from cloudckpt._servers import free_port
+        from cloudckpt.testing.servers import free_port
 
         self.name = name
         self.processes = processes

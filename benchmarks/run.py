@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg.workdir = workdir
         servers = None
         if any(b in ("s3", "gcs") for b in cfg.backends):
-            from cloudckpt._servers import local_servers
+            from cloudckpt.testing.servers import local_servers
 
             server_dir = Path(workdir) / "servers"
             server_dir.mkdir(parents=True, exist_ok=True)

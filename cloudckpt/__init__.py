@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-from cloudckpt import args, backends
-from cloudckpt._args_base import CheckpointArgs
-from cloudckpt.backends import Backend, RetryPolicy
-from cloudckpt.checkpointer import AsyncCheckpointer, Checkpointer, SaveTiming
-from cloudckpt.composite import CompositeCheckpointHandler
+from cloudckpt import args
+from cloudckpt import storage as backends
+from cloudckpt.engine.checkpointer import AsyncCheckpointer, Checkpointer, SaveTiming
+from cloudckpt.engine.manager import CheckpointManager, CheckpointManagerOptions
+from cloudckpt.engine.multihost import MultiprocessingOptions, ProcessFailedError
 from cloudckpt.errors import CorruptCheckpointError
+from cloudckpt.format.step import StepMetadata
+from cloudckpt.handlers.args import CheckpointArgs
 from cloudckpt.handlers.base import AsyncCheckpointHandler, CheckpointHandler
+from cloudckpt.handlers.composite import CompositeCheckpointHandler
 from cloudckpt.handlers.json import JsonCheckpointHandler
 from cloudckpt.handlers.pytree import ArrayMetadata, StandardCheckpointHandler
-from cloudckpt.manager import CheckpointManager, CheckpointManagerOptions
-from cloudckpt.metadata import StepMetadata
-from cloudckpt.multihost import MultiprocessingOptions, ProcessFailedError
-from cloudckpt.path import StoragePath
-from cloudckpt.registry import HandlerRegistry, register_with_handler
+from cloudckpt.handlers.registry import HandlerRegistry, register_with_handler
+from cloudckpt.storage import Backend, RetryPolicy
+from cloudckpt.storage.path import StoragePath
 
 __all__ = [
     "ArrayMetadata",

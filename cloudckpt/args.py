@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from cloudckpt._args_base import CheckpointArgs, Composite
+from cloudckpt.handlers.args import CheckpointArgs, Composite
 from cloudckpt.handlers.json import JsonRestore, JsonSave
 from cloudckpt.handlers.pytree import StandardRestore, StandardSave
 

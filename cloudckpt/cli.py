@@ -13,7 +13,7 @@ a usage error, 130 when interrupted. Errors are one line on stderr naming
 what, where and what to do; ``--debug`` adds the traceback and DEBUG logs.
 Credentials never appear in the output or the logs: secret environment
 values, credential headers and signed-URL parameters are redacted
-(:mod:`cloudckpt._redact`).
+(:mod:`cloudckpt.storage.redact`).
 """
 
 from __future__ import annotations
@@ -31,10 +31,14 @@ import traceback
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TextIO
 
-from cloudckpt import _doctor, _inspect, _redact, _transfer, _verify
-from cloudckpt._loop import LoopThread
-from cloudckpt.backends import RetryPolicy
-from cloudckpt.path import StoragePath
+from cloudckpt.engine.loop import LoopThread
+from cloudckpt.storage import RetryPolicy
+from cloudckpt.storage import redact as _redact
+from cloudckpt.storage.path import StoragePath
+from cloudckpt.tools import doctor as _doctor
+from cloudckpt.tools import inspect as _inspect
+from cloudckpt.tools import transfer as _transfer
+from cloudckpt.tools import verify as _verify
 
 PROG = "cloudckpt"
 #: Seconds between plain progress lines when stderr is not a terminal.

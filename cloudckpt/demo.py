@@ -207,8 +207,8 @@ def _run_child(
 
 def _listing(url: str) -> list[str]:
     import atomicity
-    from cloudckpt import backends
-    from cloudckpt.path import StoragePath
+    from cloudckpt import storage as backends
+    from cloudckpt.storage.path import StoragePath
 
     root = StoragePath.from_url(url)
 
@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.url:
         results = [_one_location(url, args) for url in args.url]
     else:
-        from cloudckpt._servers import local_servers
+        from cloudckpt.testing.servers import local_servers
 
         with (
             tempfile.TemporaryDirectory(prefix="cloudckpt-demo-") as folder,

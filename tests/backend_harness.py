@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 import tensorstore as ts
 
-from cloudckpt import backends
-from cloudckpt.backends import Backend
-from cloudckpt.backends.retry import RetryPolicy
+from cloudckpt import storage as backends
+from cloudckpt.storage import Backend
+from cloudckpt.storage.retry import RetryPolicy
 
 from .helpers import BUCKET, unique
 

@@ -1,7 +1,7 @@
 """Every cloudckpt operation against one root, in its own process, phase by phase.
 
 Run as ``python -m tests.cloud_worker ROOT_URL PHASE_URL`` with the client
-environment pointing at a :class:`cloudckpt._cloudproxy.CloudProxy`. Before each
+environment pointing at a :class:`cloudckpt.testing.cloudproxy.CloudProxy`. Before each
 operation it tells the proxy the phase's name (``GET PHASE_URL/<name>``), so
 the proxy can file every request under the operation that made it. Prints one
 JSON line of results; any failed operation raises (non-zero exit).
@@ -25,9 +25,9 @@ jax.config.update("jax_num_cpu_devices", 8)
 import numpy as np  # noqa: E402
 
 import cloudckpt as cc  # noqa: E402
-from cloudckpt._loop import LoopThread  # noqa: E402
 from cloudckpt.cli import main as cli_main  # noqa: E402
-from cloudckpt.path import StoragePath  # noqa: E402
+from cloudckpt.engine.loop import LoopThread  # noqa: E402
+from cloudckpt.storage.path import StoragePath  # noqa: E402
 
 from .test_cli import assert_same_tree, make_tree, restore, save  # noqa: E402
 

@@ -12,8 +12,8 @@ import pytest
 # Eight CPU devices per test process, before anything initialises JAX's backend.
 jax.config.update("jax_num_cpu_devices", 8)
 
-from cloudckpt._loop import LoopThread
-from cloudckpt._servers import LocalServers, local_servers
+from cloudckpt.engine.loop import LoopThread
+from cloudckpt.testing.servers import LocalServers, local_servers
 
 from .helpers import BUCKET
 

@@ -69,7 +69,7 @@ def scenario_interrupt(root: str) -> dict[str, Any]:
 
 def _is_committed(url: str) -> bool:
     import atomicity
-    from cloudckpt._loop import LoopThread
+    from cloudckpt.engine.loop import LoopThread
 
     location = cc.StoragePath.from_url(url)
     with LoopThread("engine-worker-check") as loop:
@@ -77,7 +77,7 @@ def _is_committed(url: str) -> bool:
 
 
 def _list(url: str) -> list[str]:
-    from cloudckpt._loop import LoopThread
+    from cloudckpt.engine.loop import LoopThread
 
     location = cc.StoragePath.from_url(url)
 

@@ -19,9 +19,9 @@ from typing import Any
 
 import google_crc32c
 
-from cloudckpt import _jsonio
-from cloudckpt._loop import LoopThread
-from cloudckpt.path import StoragePath
+from cloudckpt.engine.loop import LoopThread
+from cloudckpt.format import jsonio as _jsonio
+from cloudckpt.storage.path import StoragePath
 
 STEPS = (1, 2)
 JSON_OBJECTS = ("_CHECKPOINT_METADATA", "state/pytree.json", "meta/data.json")

@@ -50,8 +50,8 @@ import jax
 import numpy as np
 
 import cloudckpt as cc
-from cloudckpt import _jsonio
-from cloudckpt._loop import LoopThread
+from cloudckpt.engine.loop import LoopThread
+from cloudckpt.format import jsonio as _jsonio
 
 from .fuzz_mutations import STEPS, Mutation, Store, mutate_bytes, mutate_json, mutate_names
 from .hostile import manager, run_cli, save_steps, state

@@ -13,7 +13,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import cloudckpt as cc
-from cloudckpt import _jsonio, cli
+from cloudckpt import cli
+from cloudckpt.format import jsonio as _jsonio
 
 
 def registry(pack_below_bytes: int = 1024, inner_chunk_bytes: int = 1024) -> cc.HandlerRegistry:

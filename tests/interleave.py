@@ -26,8 +26,8 @@ from typing import Any
 
 import atomicity
 from atomicity import CLAIM_NAME, MARKER_NAME, Claim, ObjectInfo, Versioned
-from cloudckpt.backends.memory import MemoryBackend
-from cloudckpt.backends.retry import RetryPolicy
+from cloudckpt.storage.memory import MemoryBackend
+from cloudckpt.storage.retry import RetryPolicy
 
 #: Faults are the explorer's to inject; the backend under it does not retry.
 NO_RETRY = RetryPolicy(max_attempts=1)

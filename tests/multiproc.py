@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cloudckpt._servers import free_port
+from cloudckpt.testing.servers import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 

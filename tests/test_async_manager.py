@@ -20,7 +20,7 @@ import pytest
 
 import atomicity
 import cloudckpt as cc
-from cloudckpt._loop import LoopThread
+from cloudckpt.engine.loop import LoopThread
 
 from .backend_harness import ALL_KINDS, StoreUnderTest, make_store
 
@@ -311,7 +311,7 @@ class TestRetention:
                 await asyncio.sleep(1.0)
                 await original(backend, path)
 
-            atomicity_module = sys.modules["cloudckpt.manager"].atomicity
+            atomicity_module = sys.modules["cloudckpt.engine.manager"].atomicity
             atomicity_module.delete_checkpoint = slow_delete
             try:
                 mngr.save(1, args=composite(1))  # triggers the slow deletion of step 0
@@ -463,7 +463,7 @@ class TestRacingWriters:
 PREEMPTION_SCRIPT = """
 import os, signal, sys
 import jax
-from cloudckpt._servers import free_port
+from cloudckpt.testing.servers import free_port
 jax.distributed.initialize(f"127.0.0.1:{free_port()}", num_processes=1, process_id=0)
 import cloudckpt as cc
 mngr = cc.CheckpointManager(sys.argv[1], options=cc.CheckpointManagerOptions(save_interval_steps=1000))

@@ -20,7 +20,7 @@ from atomicity import (
     CommitMarkerPath,
     ValidationError,
 )
-from cloudckpt._loop import LoopThread
+from cloudckpt.engine.loop import LoopThread
 
 from .backend_harness import ALL_KINDS, StoreUnderTest, make_store
 

@@ -10,8 +10,8 @@ import pytest
 import tensorstore as ts
 
 import atomicity
-from cloudckpt import backends
-from cloudckpt._loop import LoopThread
+from cloudckpt import storage as backends
+from cloudckpt.engine.loop import LoopThread
 
 from .backend_harness import ALL_KINDS, OBJECT_KINDS, StoreUnderTest, make_store
 

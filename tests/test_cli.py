@@ -34,9 +34,9 @@ from jax.sharding import PartitionSpec as P
 
 import atomicity
 import cloudckpt as cc
-from cloudckpt._loop import LoopThread
-from cloudckpt._servers import S3_REGION, S3_SECRET_KEY, LocalServers
 from cloudckpt.cli import main
+from cloudckpt.engine.loop import LoopThread
+from cloudckpt.testing.servers import S3_REGION, S3_SECRET_KEY, LocalServers
 
 from .backend_harness import StoreUnderTest, make_store
 from .helpers import BUCKET, unique

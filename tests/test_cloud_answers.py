@@ -3,7 +3,7 @@
 The emulators never answer S3 ``409 ConditionalRequestConflict`` (AWS: a
 conditional write raced another; retry it), throttle (S3 ``503 SlowDown``,
 GCS ``429``/``503``, possibly with ``Retry-After``), or cut listings into
-small pages. cloudckpt._cloudproxy.CloudProxy does, and these tests hold the
+small pages. cloudckpt.testing.cloudproxy.CloudProxy does, and these tests hold the
 backends to each cloud's documented advice.
 """
 
@@ -15,12 +15,12 @@ import os
 import pytest
 from botocore.exceptions import ClientError
 
-from cloudckpt._cloudproxy import CloudProxy
-from cloudckpt._loop import LoopThread
-from cloudckpt._servers import LocalServers
-from cloudckpt.backends.gcs import GCSBackend
-from cloudckpt.backends.retry import error_code_of, is_transient, retry_after_of
-from cloudckpt.backends.s3 import S3Backend
+from cloudckpt.engine.loop import LoopThread
+from cloudckpt.storage.gcs import GCSBackend
+from cloudckpt.storage.retry import error_code_of, is_transient, retry_after_of
+from cloudckpt.storage.s3 import S3Backend
+from cloudckpt.testing.cloudproxy import CloudProxy
+from cloudckpt.testing.servers import LocalServers
 
 from .backend_harness import FAST_RETRY, _fsspec_raw, _gcsfs_client, _s3fs_client
 from .helpers import BUCKET, unique

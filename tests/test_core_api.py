@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 import cloudckpt as cc
-from cloudckpt._loop import LoopThread
+from cloudckpt.engine.loop import LoopThread
 
 from .backend_harness import ALL_KINDS, StoreUnderTest, make_store
 

@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 
 import cloudckpt as cc
-from cloudckpt import backends
-from cloudckpt._loop import LoopThread
+from cloudckpt import storage as backends
 from cloudckpt.cli import main
+from cloudckpt.engine.loop import LoopThread
 
 from .backend_harness import make_store
 

@@ -23,7 +23,7 @@ import pytest
 
 import atomicity
 import cloudckpt as cc
-from cloudckpt._loop import LoopThread
+from cloudckpt.engine.loop import LoopThread
 
 from . import crash_worker
 from .helpers import BUCKET, unique

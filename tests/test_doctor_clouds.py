@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from cloudckpt._cloudiam import gcs_role_from_terraform, s3_policy_from_terraform
-from cloudckpt._cloudproxy import CloudProxy
-from cloudckpt._servers import LocalServers
+from cloudckpt.testing.cloudiam import gcs_role_from_terraform, s3_policy_from_terraform
+from cloudckpt.testing.cloudproxy import CloudProxy
+from cloudckpt.testing.servers import LocalServers
 
 from .helpers import BUCKET, unique
 

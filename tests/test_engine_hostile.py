@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import cloudckpt as cc
-from cloudckpt._servers import LocalServers
+from cloudckpt.testing.servers import LocalServers
 
 from . import mp_worker
 from .helpers import unique

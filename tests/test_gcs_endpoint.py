@@ -9,7 +9,7 @@ import sys
 def test_an_inherited_endpoint_does_not_override_this_processs() -> None:
     script = (
         "import os\n"
-        "from cloudckpt.backends.gcs import GCSBackend\n"
+        "from cloudckpt.storage.gcs import GCSBackend\n"
         "spec = GCSBackend(endpoint_url='http://127.0.0.1:2').kvstore_spec('b/k')\n"
         "print(os.environ['TENSORSTORE_GCS_HTTP_URL'])\n"
         "try:\n"

@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 
 import cloudckpt as cc
-from cloudckpt import _jsonio
-from cloudckpt.handlers.pytree import _layout as layout
+from cloudckpt.format import jsonio as _jsonio
+from cloudckpt.handlers.pytree import layout
 
 from .hostile import leaf, manager, rewrap, run_cli, save_steps, state
 

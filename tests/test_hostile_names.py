@@ -29,8 +29,8 @@ import pytest
 
 import atomicity
 import cloudckpt as cc
-from cloudckpt._loop import LoopThread
 from cloudckpt.cli import main
+from cloudckpt.engine.loop import LoopThread
 
 from .backend_harness import ALL_KINDS, StoreUnderTest, make_store
 

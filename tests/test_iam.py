@@ -1,6 +1,6 @@
 """Every operation under exactly the permissions terraform/ grants, through an IAM-enforcing proxy.
 
-The proxy (cloudckpt._cloudproxy.CloudProxy) reads the S3 module's ``training``
+The proxy (cloudckpt.testing.cloudproxy.CloudProxy) reads the S3 module's ``training``
 policy document and the GCS module's role binding with python-hcl2, forwards
 only what they allow, and answers the rest with the 403 the cloud sends. The
 emulators behind it enforce no IAM, so this is where a request for bucket
@@ -21,15 +21,15 @@ from pathlib import Path
 
 import pytest
 
-from cloudckpt._cloudiam import (
+from cloudckpt.testing.cloudiam import (
     S3Policy,
     gcs_permissions,
     gcs_role_from_terraform,
     s3_permissions,
     s3_policy_from_terraform,
 )
-from cloudckpt._cloudproxy import CloudProxy
-from cloudckpt._servers import LocalServers
+from cloudckpt.testing.cloudproxy import CloudProxy
+from cloudckpt.testing.servers import LocalServers
 
 from .helpers import BUCKET, unique
 
@@ -149,8 +149,8 @@ def test_every_operation_works_with_the_modules_permissions(
 def test_a_missing_bucket_is_named_without_bucket_permissions(
     kind: str, servers: LocalServers, loop
 ) -> None:
-    from cloudckpt.backends.gcs import GCSBackend
-    from cloudckpt.backends.s3 import S3Backend
+    from cloudckpt.storage.gcs import GCSBackend
+    from cloudckpt.storage.s3 import S3Backend
 
     from .backend_harness import FAST_RETRY
 
@@ -180,8 +180,8 @@ def test_a_missing_bucket_is_named_without_bucket_permissions(
 def test_a_refused_request_names_the_permission_the_cloud_refused(
     kind: str, servers: LocalServers, loop
 ) -> None:
-    from cloudckpt.backends.gcs import GCSBackend
-    from cloudckpt.backends.s3 import S3Backend
+    from cloudckpt.storage.gcs import GCSBackend
+    from cloudckpt.storage.s3 import S3Backend
 
     from .backend_harness import FAST_RETRY
 
@@ -207,7 +207,7 @@ def test_s3_multi_object_delete_refuses_key_by_key(servers: LocalServers) -> Non
     # AWS authorises DeleteObjects per key: a refused key is an AccessDenied entry
     # in a 200 answer, not a 403. A client that ignores the entries loses nothing
     # visibly, and deletes nothing.
-    from cloudckpt._servers import s3_admin_client
+    from cloudckpt.testing.servers import s3_admin_client
 
     from .backend_harness import _fsspec_raw, _s3fs_client
 

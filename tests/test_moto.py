@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 import cloudckpt as cc
-from cloudckpt._loop import LoopThread
-from cloudckpt._servers import S3_ACCESS_KEY, S3_REGION, S3_SECRET_KEY, LocalServers, MotoS3
-from cloudckpt.backends.s3 import S3Backend
+from cloudckpt.engine.loop import LoopThread
+from cloudckpt.storage.s3 import S3Backend
+from cloudckpt.testing.servers import S3_ACCESS_KEY, S3_REGION, S3_SECRET_KEY, LocalServers, MotoS3
 
 from .backend_harness import FAST_RETRY, StoreUnderTest, _fsspec_raw
 from .helpers import BUCKET, unique

@@ -8,8 +8,8 @@ import pytest
 
 import atomicity
 import cloudckpt as cc
-from cloudckpt._loop import LoopThread
-from cloudckpt._servers import LocalServers
+from cloudckpt.engine.loop import LoopThread
+from cloudckpt.testing.servers import LocalServers
 
 from . import mp_worker
 from .helpers import BUCKET, unique

@@ -29,10 +29,10 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import cloudckpt as cc
-from cloudckpt._loop import LoopThread
-from cloudckpt._servers import free_port
 from cloudckpt.cli import main
+from cloudckpt.engine.loop import LoopThread
 from cloudckpt.orbax import UnsupportedOrbaxLayoutError
+from cloudckpt.testing.servers import free_port
 
 from .backend_harness import StoreUnderTest, make_store
 

@@ -17,10 +17,10 @@ from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 import cloudckpt as cc
-from cloudckpt import _jsonio
-from cloudckpt._servers import LocalServers, free_port
 from cloudckpt.cli import main
 from cloudckpt.errors import CorruptCheckpointError
+from cloudckpt.format import jsonio as _jsonio
+from cloudckpt.testing.servers import LocalServers, free_port
 
 from .backend_harness import StoreUnderTest, make_store
 from .multiproc import REPO, Worker, finish, tail

@@ -32,8 +32,8 @@ import pytest
 
 import atomicity
 import cloudckpt as cc
-from cloudckpt._loop import LoopThread
-from cloudckpt._servers import FaultProxy, LocalServers
+from cloudckpt.engine.loop import LoopThread
+from cloudckpt.testing.servers import FaultProxy, LocalServers
 
 from .helpers import BUCKET, unique
 

@@ -38,8 +38,8 @@ from atomicity import (
     Versioned,
 )
 from cloudckpt import cli
-from cloudckpt._loop import LoopThread
-from cloudckpt._servers import FaultProxy, LocalServers
+from cloudckpt.engine.loop import LoopThread
+from cloudckpt.testing.servers import FaultProxy, LocalServers
 
 from .backend_harness import StoreUnderTest, make_store
 from .helpers import BUCKET, unique
@@ -442,7 +442,7 @@ def test_file_commit_fsyncs_the_parent_after_the_rename(tmp_path: Any) -> None:
     script = f"""
 import asyncio, os, sys
 sys.path.insert(0, {os.getcwd()!r})
-from cloudckpt.backends.file import FileBackend
+from cloudckpt.storage.file import FileBackend
 from atomicity import AtomicRenamePath
 events = []
 root = {str(tmp_path / "root")!r}

@@ -15,7 +15,7 @@ import pytest
 
 import atomicity
 import cloudckpt as cc
-from cloudckpt._loop import LoopThread
+from cloudckpt.engine.loop import LoopThread
 
 from .backend_harness import make_store
 

@@ -14,9 +14,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import cloudckpt as cc
-from cloudckpt._loop import LoopThread
-from cloudckpt._servers import FaultProxy, LocalServers
-from cloudckpt.handlers.pytree import _layout as layout
+from cloudckpt.engine.loop import LoopThread
+from cloudckpt.handlers.pytree import layout
+from cloudckpt.testing.servers import FaultProxy, LocalServers
 
 from .backend_harness import ALL_KINDS, StoreUnderTest, make_store
 from .helpers import BUCKET, unique

@@ -8,11 +8,11 @@ import time
 
 import pytest
 
-from cloudckpt._loop import LoopThread
-from cloudckpt._servers import FaultProxy, LocalServers
-from cloudckpt.backends.gcs import GCSBackend
-from cloudckpt.backends.retry import RetryPolicy, RetryStats, http_status_of, is_transient
-from cloudckpt.backends.s3 import S3Backend
+from cloudckpt.engine.loop import LoopThread
+from cloudckpt.storage.gcs import GCSBackend
+from cloudckpt.storage.retry import RetryPolicy, RetryStats, http_status_of, is_transient
+from cloudckpt.storage.s3 import S3Backend
+from cloudckpt.testing.servers import FaultProxy, LocalServers
 
 from .backend_harness import FAST_RETRY, _fsspec_raw, _gcsfs_client, _s3fs_client
 from .helpers import BUCKET, unique

@@ -8,10 +8,10 @@ import pytest
 
 import atomicity
 from atomicity import CLAIM_NAME, MARKER_NAME
-from cloudckpt._loop import LoopThread
+from cloudckpt.engine.loop import LoopThread
 from cloudckpt.errors import CorruptCheckpointError
 from cloudckpt.orbax import _pytree as orbax_pytree
-from cloudckpt.path import StoragePath
+from cloudckpt.storage.path import StoragePath
 
 from .backend_harness import make_store
 
@@ -76,7 +76,7 @@ VERIFY_AFTER_MANY_PROBLEMS = """
     import pathlib, sys
     import numpy as np
     import cloudckpt as cc
-    from cloudckpt.handlers.pytree import _layout as layout
+    from cloudckpt.handlers.pytree import layout
     from tests.hostile import leaf, rewrap, run_cli
 
     step = pathlib.Path(sys.argv[1]) / "s"

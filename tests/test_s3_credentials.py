@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cloudckpt._servers import LocalServers
+from cloudckpt.testing.servers import LocalServers
 
 from .helpers import BUCKET, unique
 

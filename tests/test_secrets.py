@@ -26,11 +26,11 @@ import pytest
 
 import atomicity
 import cloudckpt as cc
-from cloudckpt import backends
-from cloudckpt._loop import LoopThread
-from cloudckpt._redact import redact
-from cloudckpt._servers import S3_SECRET_KEY, LocalServers
+from cloudckpt import storage as backends
 from cloudckpt.cli import main
+from cloudckpt.engine.loop import LoopThread
+from cloudckpt.storage.redact import redact
+from cloudckpt.testing.servers import S3_SECRET_KEY, LocalServers
 
 from .helpers import BUCKET, unique
 

@@ -38,8 +38,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import cloudckpt as cc
-from cloudckpt import _jsonio
-from cloudckpt._loop import LoopThread
+from cloudckpt.engine.loop import LoopThread
+from cloudckpt.format import jsonio as _jsonio
 
 from .backend_harness import StoreUnderTest, make_store
 

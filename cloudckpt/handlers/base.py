@@ -22,8 +22,8 @@ import asyncio
 from collections.abc import Awaitable, Sequence
 from typing import Any, ClassVar
 
-from cloudckpt._args_base import CheckpointArgs
-from cloudckpt.path import StoragePath
+from cloudckpt.handlers.args import CheckpointArgs
+from cloudckpt.storage.path import StoragePath
 
 #: typestr -> handler class, filled as handler classes are defined. Restoring
 #: by recorded type only ever resolves classes already imported: nothing in a

@@ -6,12 +6,12 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from cloudckpt import _jsonio
-from cloudckpt._args_base import CheckpointArgs
+from cloudckpt.format import jsonio as _jsonio
+from cloudckpt.format.step import write_object
+from cloudckpt.handlers.args import CheckpointArgs
 from cloudckpt.handlers.base import AsyncCheckpointHandler
-from cloudckpt.metadata import write_object
-from cloudckpt.path import StoragePath
-from cloudckpt.registry import register_with_handler
+from cloudckpt.handlers.registry import register_with_handler
+from cloudckpt.storage.path import StoragePath
 
 #: The one object a JSON item is stored as, under the item's prefix.
 DATA_NAME = "data.json"

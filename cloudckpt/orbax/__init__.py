@@ -14,11 +14,11 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from cloudckpt._args_base import CheckpointArgs, Composite
+from cloudckpt.format.step import StepMetadata
+from cloudckpt.handlers.args import CheckpointArgs, Composite
 from cloudckpt.handlers.base import CheckpointHandler
 from cloudckpt.handlers.json import JsonCheckpointHandler, JsonRestore
 from cloudckpt.handlers.pytree import StandardCheckpointHandler, StandardRestore
-from cloudckpt.metadata import StepMetadata
 from cloudckpt.orbax import _pytree
 from cloudckpt.orbax._layout import (
     COMMIT_FILE,
@@ -32,7 +32,7 @@ from cloudckpt.orbax._layout import (
     is_orbax_tmp_name,
     steps_from_listing,
 )
-from cloudckpt.path import StoragePath
+from cloudckpt.storage.path import StoragePath
 
 __all__ = [
     "COMMIT_FILE",
@@ -144,7 +144,7 @@ async def restore_step(
     step: StoragePath, info: OrbaxStep, handler: CheckpointHandler, args: CheckpointArgs | None
 ) -> Any:
     """Restores a committed Orbax step the way ``handler`` would restore its own format."""
-    from cloudckpt.composite import CompositeCheckpointHandler, validate_item_name
+    from cloudckpt.handlers.composite import CompositeCheckpointHandler, validate_item_name
 
     require_committed(step, info)
     if isinstance(handler, StandardCheckpointHandler):

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import atomicity
 from atomicity import ObjectInfo
-from cloudckpt.metadata import validate_item_name
+from cloudckpt.format.step import validate_item_name
 
 #: Orbax's temporary-name infix (``<name>.orbax-checkpoint-tmp-<timestamp>``).
 ORBAX_TMP_INFIX = ".orbax-checkpoint-tmp"

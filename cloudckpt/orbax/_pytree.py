@@ -7,7 +7,7 @@ key ``<param>`` of the OCDBT database whose root is the item directory
 (``manifest.ocdbt``; its data files under ``d/`` and ``ocdbt.process_<i>/d/``,
 all referenced from the root manifest once Orbax has merged them). Strings
 live in ``<item>/_strings.json``. The tree is translated into the same
-:class:`~cloudckpt.handlers.pytree._document.Leaf` records cloudckpt's own
+:class:`~cloudckpt.format.pytree.Leaf` records cloudckpt's own
 pytree handler uses, so matching a target, ``strict``, partial restores and
 reading straight into another sharding behave the same. The records are built
 here, from Orbax's metadata and each array's zarr metadata, never through
@@ -28,18 +28,13 @@ from typing import Any
 import numpy as np
 
 from cloudckpt.errors import CorruptCheckpointError
-from cloudckpt.handlers.pytree import (
-    StandardRestore,
-    _leaf_metadata,
-    _match,
-    _Reader,
-    _ts_open,
-)
-from cloudckpt.handlers.pytree._budget import ByteBudget
-from cloudckpt.handlers.pytree._document import MAX_NBYTES, MAX_NDIM, Leaf
-from cloudckpt.handlers.pytree._tree import flatten, rebuild, unflatten_like
+from cloudckpt.format.pytree import MAX_NBYTES, MAX_NDIM, Leaf
+from cloudckpt.handlers.pytree import StandardRestore
+from cloudckpt.handlers.pytree.budget import ByteBudget
+from cloudckpt.handlers.pytree.read import Reader, leaf_metadata, match_targets, ts_open
+from cloudckpt.handlers.pytree.tree import flatten, rebuild, unflatten_like
 from cloudckpt.orbax._layout import PYTREE_METADATA, UnsupportedOrbaxLayoutError
-from cloudckpt.path import StoragePath
+from cloudckpt.storage.path import StoragePath
 
 #: JSON documents larger than this are refused before parsing (untrusted sizes).
 MAX_JSON_BYTES = 256 << 20
@@ -265,7 +260,7 @@ async def gather_all(aws: list[Any]) -> list[Any]:
     return list(results)
 
 
-class _OrbaxReader(_Reader):
+class _OrbaxReader(Reader):
     """cloudckpt's region reader, opening Orbax's tensorstore arrays by their Orbax names."""
 
     def __init__(self, tree: OrbaxTree, budget: ByteBudget) -> None:
@@ -275,7 +270,7 @@ class _OrbaxReader(_Reader):
     def _open(self, leaf: int) -> Any:
         if leaf not in self._stores:
             spec = self.tree.spec(leaf)
-            self._stores[leaf] = asyncio.ensure_future(_ts_open(spec, self.context))
+            self._stores[leaf] = asyncio.ensure_future(ts_open(spec, self.context))
         return self._stores[leaf]
 
     async def describe(self) -> None:
@@ -339,7 +334,7 @@ async def restore(
         return rebuild(tree.skeleton, values)
     by_path = {leaf.path: i for i, leaf in enumerate(saved)}
     targets, _ = flatten(args.target)
-    plan = _match(item, targets, saved, by_path, strict=args.strict)
+    plan = match_targets(item, targets, saved, by_path, strict=args.strict)
     results = await gather_all([reader.leaf_like(i, t) for i, t in plan.reads])
     values = {path: value for (path, _), value in zip(plan.paths, results, strict=True)}
     values.update(plan.untouched)
@@ -349,4 +344,4 @@ async def restore(
 async def metadata(item: StoragePath) -> Any:
     """The tree of ArrayMetadata (strings as themselves); reads no array data."""
     tree, _ = await open_tree(item, 1 << 20)
-    return rebuild(tree.skeleton, [_leaf_metadata(leaf, []) for leaf in tree.leaves])
+    return rebuild(tree.skeleton, [leaf_metadata(leaf, []) for leaf in tree.leaves])

@@ -15,13 +15,10 @@ from typing import Any
 
 import atomicity
 from atomicity import ObjectInfo
-from cloudckpt._inspect import ProgressFactory, list_objects, no_progress, step_sort_key
-from cloudckpt._transfer import CopyReport, _remove_attempt, clear_destination, refuse_symlinks
-from cloudckpt._verify import Problem, VerifyReport, _classify_tensorstore_error, verify_contents
 from cloudckpt.errors import CorruptCheckpointError
+from cloudckpt.format.step import write_step_metadata
 from cloudckpt.handlers.json import JsonCheckpointHandler, JsonSave
 from cloudckpt.handlers.pytree import StandardCheckpointHandler, StandardSave
-from cloudckpt.metadata import write_step_metadata
 from cloudckpt.orbax import (
     OrbaxStep,
     _pytree,
@@ -33,7 +30,15 @@ from cloudckpt.orbax import (
     step_metadata,
 )
 from cloudckpt.orbax._layout import JSON_ITEM_FILE
-from cloudckpt.path import StoragePath
+from cloudckpt.storage.path import StoragePath
+from cloudckpt.tools.inspect import ProgressFactory, list_objects, no_progress, step_sort_key
+from cloudckpt.tools.transfer import CopyReport, _remove_attempt, clear_destination, refuse_symlinks
+from cloudckpt.tools.verify import (
+    Problem,
+    VerifyReport,
+    _classify_tensorstore_error,
+    verify_contents,
+)
 
 
 def _where(step: StoragePath, name: str) -> StoragePath:
@@ -326,7 +331,7 @@ async def copy_all(
     Orbax steps are converted, cloudckpt steps copied; steps already committed
     at the destination are skipped unless ``force``. One progress bar.
     """
-    from cloudckpt._transfer import copy_step
+    from cloudckpt.tools.transfer import copy_step
 
     ours = await atomicity.list_committed(src_root.backend, src_root.path)
     theirs = [s for s in await list_steps(src_root) if s.committed]

@@ -21,8 +21,8 @@ import weakref
 from typing import Any
 
 from atomicity import ObjectInfo
-from cloudckpt.backends.base import Backend
-from cloudckpt.backends.retry import RetryPolicy, error_code_of, http_status_of
+from cloudckpt.storage.base import Backend
+from cloudckpt.storage.retry import RetryPolicy, error_code_of, http_status_of
 
 
 def _mtime(info: dict[str, Any]) -> float | None:

@@ -18,7 +18,7 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from cloudckpt import backends
+from cloudckpt import storage as backends
 
 T = TypeVar("T")
 

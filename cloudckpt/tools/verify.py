@@ -31,8 +31,20 @@ import tensorstore as ts
 
 import atomicity
 from atomicity import CLAIM_NAME, MARKER_NAME, ObjectInfo
-from cloudckpt import _jsonio
-from cloudckpt._inspect import (
+from cloudckpt.errors import CorruptCheckpointError
+from cloudckpt.format import jsonio as _jsonio
+from cloudckpt.format.pytree import (
+    PackedStorage,
+    ZarrStorage,
+    parse_pytree,
+)
+from cloudckpt.format.step import STEP_METADATA_NAME, StepMetadata
+from cloudckpt.handlers.pytree import METADATA_NAME as PYTREE_NAME
+from cloudckpt.handlers.pytree import layout
+from cloudckpt.handlers.pytree.backing import backing_problems
+from cloudckpt.handlers.pytree.layout import CRC_BYTES, entry_data
+from cloudckpt.storage.path import StoragePath
+from cloudckpt.tools.inspect import (
     JSON_ITEM_NAME,
     Item,
     Limiter,
@@ -44,18 +56,6 @@ from cloudckpt._inspect import (
     no_progress,
     prefix_of,
 )
-from cloudckpt.errors import CorruptCheckpointError
-from cloudckpt.handlers.pytree import METADATA_NAME as PYTREE_NAME
-from cloudckpt.handlers.pytree import _layout as layout
-from cloudckpt.handlers.pytree._backing import backing_problems
-from cloudckpt.handlers.pytree._document import (
-    PackedStorage,
-    ZarrStorage,
-    parse_pytree,
-)
-from cloudckpt.handlers.pytree._layout import CRC_BYTES, entry_data
-from cloudckpt.metadata import STEP_METADATA_NAME, StepMetadata
-from cloudckpt.path import StoragePath
 
 #: Missing or mis-sized objects of one item reported one by one (the rest are counted).
 MAX_BACKING_PROBLEMS = 1000

@@ -25,14 +25,14 @@ from typing import Any
 
 import atomicity
 from cloudckpt import orbax
-from cloudckpt._args_base import CheckpointArgs
-from cloudckpt._loop import check_not_forked, in_forked_child
-from cloudckpt.checkpointer import AsyncCheckpointer, Checkpointer, SaveTiming
-from cloudckpt.composite import CompositeCheckpointHandler
+from cloudckpt.engine.checkpointer import AsyncCheckpointer, Checkpointer, SaveTiming
+from cloudckpt.engine.loop import check_not_forked, in_forked_child
+from cloudckpt.engine.multihost import MultiprocessingOptions
+from cloudckpt.format.step import StepMetadata, read_step_metadata
+from cloudckpt.handlers.args import CheckpointArgs
 from cloudckpt.handlers.base import CheckpointHandler
-from cloudckpt.metadata import StepMetadata, read_step_metadata
-from cloudckpt.multihost import MultiprocessingOptions
-from cloudckpt.path import StoragePath
+from cloudckpt.handlers.composite import CompositeCheckpointHandler
+from cloudckpt.storage.path import StoragePath
 
 logger = logging.getLogger(__name__)
 

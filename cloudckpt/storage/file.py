@@ -25,7 +25,7 @@ import uuid
 from typing import Any
 
 from atomicity import ObjectInfo, Versioned
-from cloudckpt.backends.base import Backend
+from cloudckpt.storage.base import Backend
 
 _PARTIAL = ".cloudckpt-partial-"
 

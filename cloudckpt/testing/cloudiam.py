@@ -1,6 +1,6 @@
 """The training identity's permissions, read from terraform/, and what each request needs.
 
-For :class:`cloudckpt._cloudproxy.CloudProxy`: :func:`s3_policy_from_terraform`
+For :class:`cloudckpt.testing.cloudproxy.CloudProxy`: :func:`s3_policy_from_terraform`
 reads the S3 module's ``training`` policy document and
 :func:`gcs_role_from_terraform` the GCS module's role binding with
 python-hcl2, so module and proxy cannot drift. :func:`s3_permissions` and

@@ -25,9 +25,9 @@ import os
 from typing import Any
 
 from atomicity import ObjectInfo, Versioned
-from cloudckpt.backends._fsspec import FsspecObjectBackend, _mtime
-from cloudckpt.backends.base import CREATE_TOKEN_KEY
-from cloudckpt.backends.retry import RetryPolicy, error_code_of, http_status_of
+from cloudckpt.storage._fsspec import FsspecObjectBackend, _mtime
+from cloudckpt.storage.base import CREATE_TOKEN_KEY
+from cloudckpt.storage.retry import RetryPolicy, error_code_of, http_status_of
 
 #: Keys per DeleteObjects request (the S3 maximum).
 DELETE_BATCH = 1000
@@ -164,7 +164,7 @@ class S3Backend(FsspecObjectBackend):
             endpoint_url=self.endpoint_url,
             client_kwargs=client_kwargs,
             config_kwargs={
-                # Retries happen once, in cloudckpt.backends.retry.
+                # Retries happen once, in cloudckpt.storage.retry.
                 "retries": {"total_max_attempts": 1, "mode": "standard"},
                 "connect_timeout": self.request_timeout_s,
                 "read_timeout": self.request_timeout_s,

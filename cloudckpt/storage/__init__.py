@@ -13,15 +13,15 @@ import os
 import threading
 from typing import Any
 
-from cloudckpt.backends.base import Backend
-from cloudckpt.backends.retry import RetryPolicy, RetryStats
+from cloudckpt.storage.base import Backend
+from cloudckpt.storage.retry import RetryPolicy, RetryStats
 
 # scheme -> (module, class, pip requirement that provides the client library)
 _REGISTRY: dict[str, tuple[str, str, str | None]] = {
-    "file": ("cloudckpt.backends.file", "FileBackend", None),
-    "memory": ("cloudckpt.backends.memory", "MemoryBackend", None),
-    "gs": ("cloudckpt.backends.gcs", "GCSBackend", "gcsfs"),
-    "s3": ("cloudckpt.backends.s3", "S3Backend", "s3fs"),
+    "file": ("cloudckpt.storage.file", "FileBackend", None),
+    "memory": ("cloudckpt.storage.memory", "MemoryBackend", None),
+    "gs": ("cloudckpt.storage.gcs", "GCSBackend", "gcsfs"),
+    "s3": ("cloudckpt.storage.s3", "S3Backend", "s3fs"),
 }
 _ALIASES = {"gcs": "gs"}
 

@@ -6,7 +6,7 @@
   requests the training identity of the terraform modules may make, and
   answers the rest with the 403 the cloud sends (S3 ``AccessDenied`` XML, no
   body for HEAD; GCS JSON ``forbidden``). The permissions are read from the
-  modules themselves (see :mod:`cloudckpt._cloudiam`), so module and proxy
+  modules themselves (see :mod:`cloudckpt.testing.cloudiam`), so module and proxy
   cannot drift.
 * **page cap** (``page_size``): rewrites ``max-keys`` / ``maxResults`` of every
   listing down to the cap, so every listing must follow continuation tokens.
@@ -43,13 +43,13 @@ from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlencode
 from xml.sax.saxutils import escape as xml_escape
 
-from cloudckpt._cloudiam import (
+from cloudckpt.testing.cloudiam import (
     S3_BUCKET_SUBRESOURCES,
     S3Policy,
     gcs_permissions,
     s3_permissions,
 )
-from cloudckpt._servers import S3_ACCESS_KEY, S3_REGION, S3_SECRET_KEY, LoopbackProxy
+from cloudckpt.testing.servers import S3_ACCESS_KEY, S3_REGION, S3_SECRET_KEY, LoopbackProxy
 
 
 # ----------------------------------------------------------------------------- answers

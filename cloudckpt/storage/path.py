@@ -6,8 +6,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from cloudckpt import backends
-from cloudckpt.backends import Backend
+from cloudckpt import storage as backends
+from cloudckpt.storage import Backend
 
 
 @dataclass(frozen=True)

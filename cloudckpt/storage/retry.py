@@ -25,7 +25,7 @@ from typing import TypeVar
 import aiohttp
 import tenacity
 
-from cloudckpt._redact import redact
+from cloudckpt.storage.redact import redact
 
 logger = logging.getLogger(__name__)
 

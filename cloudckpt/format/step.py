@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import atomicity
-from cloudckpt import _jsonio
 from cloudckpt.errors import CorruptCheckpointError
-from cloudckpt.path import StoragePath
+from cloudckpt.format import jsonio as _jsonio
+from cloudckpt.storage.path import StoragePath
 
 STEP_METADATA_NAME = "_CHECKPOINT_METADATA"
 #: Bumped when the on-storage format changes incompatibly (docs/FORMAT.md).

@@ -33,12 +33,12 @@ from typing import Any
 import atomicity
 from atomicity.claims import RENEW_FRACTION
 from cloudckpt import orbax
-from cloudckpt._args_base import CheckpointArgs
-from cloudckpt._loop import LoopThread, check_not_forked, in_forked_child
+from cloudckpt.engine.loop import LoopThread, check_not_forked, in_forked_child
+from cloudckpt.engine.multihost import MultiprocessingOptions, ProcessGroup
+from cloudckpt.format.step import StepMetadata, read_step_metadata, write_step_metadata
+from cloudckpt.handlers.args import CheckpointArgs
 from cloudckpt.handlers.base import AsyncCheckpointHandler, CheckpointHandler
-from cloudckpt.metadata import StepMetadata, read_step_metadata, write_step_metadata
-from cloudckpt.multihost import MultiprocessingOptions, ProcessGroup
-from cloudckpt.path import StoragePath
+from cloudckpt.storage.path import StoragePath
 
 logger = logging.getLogger(__name__)
 

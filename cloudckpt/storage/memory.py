@@ -18,7 +18,7 @@ from typing import Any
 import tensorstore as ts
 
 from atomicity import ObjectInfo, Versioned
-from cloudckpt.backends.base import Backend
+from cloudckpt.storage.base import Backend
 
 # One context, hence one memory key-value store, for the whole process.
 _CONTEXT = ts.Context()

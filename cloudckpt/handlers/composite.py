@@ -6,15 +6,15 @@ import asyncio
 from collections.abc import Awaitable, Sequence
 from typing import Any
 
-from cloudckpt._args_base import CheckpointArgs, Composite
+from cloudckpt.format.step import read_step_metadata, validate_item_name
+from cloudckpt.handlers.args import CheckpointArgs, Composite
 from cloudckpt.handlers.base import (
     AsyncCheckpointHandler,
     CheckpointHandler,
     handler_class_by_typestr,
 )
-from cloudckpt.metadata import read_step_metadata, validate_item_name
-from cloudckpt.path import StoragePath
-from cloudckpt.registry import HandlerRegistry, handler_class_for, registered_args_for
+from cloudckpt.handlers.registry import HandlerRegistry, handler_class_for, registered_args_for
+from cloudckpt.storage.path import StoragePath
 
 
 class CompositeCheckpointHandler(AsyncCheckpointHandler):

@@ -31,9 +31,9 @@ import gcsfs
 from gcsfs.retry import validate_response
 
 from atomicity import ObjectInfo, Versioned
-from cloudckpt.backends._fsspec import FsspecObjectBackend, _mtime
-from cloudckpt.backends.base import CREATE_TOKEN_KEY
-from cloudckpt.backends.retry import RetryPolicy
+from cloudckpt.storage._fsspec import FsspecObjectBackend, _mtime
+from cloudckpt.storage.base import CREATE_TOKEN_KEY
+from cloudckpt.storage.retry import RetryPolicy
 
 _TS_URL_VAR = "TENSORSTORE_GCS_HTTP_URL"
 _TS_TOKEN_VAR = "GOOGLE_AUTH_TOKEN_FOR_TESTING"
@@ -59,7 +59,7 @@ class _SingleAttemptGCSFileSystem(gcsfs.GCSFileSystem):
     """gcsfs with one attempt per request and the error body's details kept.
 
     gcsfs wraps every request in its own retry loop; cloudckpt retries once, in
-    cloudckpt.backends.retry. gcsfs's errors also drop the response's
+    cloudckpt.storage.retry. gcsfs's errors also drop the response's
     ``Retry-After`` and turn every 404 into a bare ``FileNotFoundError``; this
     request keeps both (as ``retry_after``, ``error_code`` and ``gcs_message``
     on the exception) so that retries honour the server's wait and a missing

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TypeVar
 
-from cloudckpt._args_base import CheckpointArgs
+from cloudckpt.handlers.args import CheckpointArgs
 from cloudckpt.handlers.base import CheckpointHandler
 
 A = TypeVar("A", bound=type)

@@ -35,8 +35,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import tensorstore as ts
 
-from cloudckpt.backends import Backend
-from cloudckpt.path import StoragePath
+from cloudckpt.storage import Backend
+from cloudckpt.storage.path import StoragePath
 
 OK, FAIL, WARN, UNKNOWN, INFO = "ok", "fail", "fix", "unknown", "info"
 PROBE_PREFIX = "_cloudckpt-doctor-"

@@ -16,7 +16,7 @@ the shapes the writer produces (docs/FORMAT.md) and refuses anything else with
   :data:`MAX_DEPTH` deep.
 
 A valid document can still claim more data than storage holds.
-:func:`cloudckpt.handlers.pytree._backing.backing_problems` compares it with one listing of the item: every
+:func:`cloudckpt.handlers.pytree.backing.backing_problems` compares it with one listing of the item: every
 chunk of a zarr leaf must exist with the exact size its metadata implies
 (arrays are stored uncompressed), and every pack object must be exactly as
 long as its entries. Only then does a reader size an allocation from a shape.
@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from cloudckpt.errors import CorruptCheckpointError
-from cloudckpt.handlers.pytree import _layout as layout
+from cloudckpt.handlers.pytree import layout
 
 #: Newest ``format`` of ``pytree.json`` this reader understands.
 PYTREE_FORMAT = 1

@@ -30,7 +30,7 @@ import tensorstore as ts
 
 import atomicity
 from atomicity import ObjectInfo, Versioned
-from cloudckpt.backends.retry import DEFAULT_POLICY, RetryPolicy, RetryStats
+from cloudckpt.storage.retry import DEFAULT_POLICY, RetryPolicy, RetryStats
 
 T = TypeVar("T")
 

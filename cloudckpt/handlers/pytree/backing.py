@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 from cloudckpt.errors import CorruptCheckpointError
-from cloudckpt.handlers.pytree._document import PackedStorage, PytreeDocument, ZarrStorage
-from cloudckpt.path import StoragePath
+from cloudckpt.format.pytree import PackedStorage, PytreeDocument, ZarrStorage
+from cloudckpt.storage.path import StoragePath
 
 #: Missing chunks a leaf may lack and still be enumerated one by one (to name them).
 GRID_SLACK = 5

@@ -4,7 +4,7 @@ The ``cloudckpt`` command line is built on these coroutines; they print
 nothing. A root is listed with one listing (``atomicity.scan``) plus one small
 read per step for its metadata. ``describe_step`` reads only JSON (step
 metadata, ``pytree.json``, JSON items), never array data. Verification lives
-in :mod:`cloudckpt._verify`.
+in :mod:`cloudckpt.tools.verify`.
 """
 
 from __future__ import annotations
@@ -18,13 +18,9 @@ from typing import Any, Protocol
 
 import atomicity
 from atomicity import MARKER_NAME, ObjectInfo
-from cloudckpt import _jsonio, orbax
-from cloudckpt.handlers.json import DATA_NAME, JsonCheckpointHandler
-from cloudckpt.handlers.pytree import METADATA_NAME as PYTREE_NAME
-from cloudckpt.handlers.pytree import StandardCheckpointHandler
-from cloudckpt.handlers.pytree import _keys as keys
-from cloudckpt.handlers.pytree._budget import ByteBudget
-from cloudckpt.handlers.pytree._document import (
+from cloudckpt import orbax
+from cloudckpt.format import jsonio as _jsonio
+from cloudckpt.format.pytree import (
     EmptyStorage,
     Leaf,
     PackedStorage,
@@ -32,8 +28,12 @@ from cloudckpt.handlers.pytree._document import (
     ZarrStorage,
     parse_pytree,
 )
-from cloudckpt.metadata import STEP_METADATA_NAME, StepMetadata, validate_item_name
-from cloudckpt.path import StoragePath
+from cloudckpt.format.step import STEP_METADATA_NAME, StepMetadata, validate_item_name
+from cloudckpt.handlers.json import DATA_NAME, JsonCheckpointHandler
+from cloudckpt.handlers.pytree import METADATA_NAME as PYTREE_NAME
+from cloudckpt.handlers.pytree import StandardCheckpointHandler, keys
+from cloudckpt.handlers.pytree.budget import ByteBudget
+from cloudckpt.storage.path import StoragePath
 
 PYTREE_TYPESTR = StandardCheckpointHandler.typestr()
 JSON_TYPESTR = JsonCheckpointHandler.typestr()

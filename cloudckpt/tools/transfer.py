@@ -15,7 +15,9 @@ from typing import Any
 
 import atomicity
 from atomicity import CLAIM_NAME, MARKER_NAME, ObjectInfo
-from cloudckpt._inspect import (
+from cloudckpt.errors import CorruptCheckpointError
+from cloudckpt.storage.path import StoragePath
+from cloudckpt.tools.inspect import (
     Limiter,
     ProgressFactory,
     list_objects,
@@ -23,9 +25,7 @@ from cloudckpt._inspect import (
     require_committed,
     step_sort_key,
 )
-from cloudckpt._verify import VerifyReport, verify_contents
-from cloudckpt.errors import CorruptCheckpointError
-from cloudckpt.path import StoragePath
+from cloudckpt.tools.verify import VerifyReport, verify_contents
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,419 @@
+"""The restore side: matching a target to the saved leaves, and reading regions.
+
+Each process reads only the regions its target shardings address; packed
+entries are fetched in runs, one ranged read per run of adjacent entries, and
+every entry's crc32c is checked. Nothing is allocated from a size read off
+storage until :mod:`cloudckpt.handlers.pytree.backing` has checked it
+against a listing (the caller's job, before reading).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+import warnings
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import numpy as np
+import tensorstore as ts
+
+from cloudckpt.errors import CorruptCheckpointError
+from cloudckpt.format import pytree as _document
+from cloudckpt.format.pytree import Leaf
+from cloudckpt.handlers.pytree import keys, layout
+from cloudckpt.handlers.pytree.budget import ByteBudget
+from cloudckpt.storage.path import StoragePath
+
+METADATA_NAME = "pytree.json"
+
+
+@dataclass(frozen=True)
+class ArrayMetadata:
+    """What a saved array is, without its data (a ``jax.ShapeDtypeStruct`` look-alike).
+
+    Attributes:
+        shape: Global shape.
+        dtype: numpy dtype, or jax's key dtype (``key<fry>``) for typed PRNG keys.
+        sharding: How it was sharded when saved (mesh axes and partition
+            spec for a ``NamedSharding``), or None for host values.
+        kind: ``jax``, ``ndarray``, ``np_scalar`` or ``py`` (Python scalar).
+        nbytes: Size in bytes.
+    """
+
+    shape: tuple[int, ...]
+    dtype: Any  # np.dtype, or a jax PRNG key dtype
+    sharding: dict[str, Any] | None = None
+    kind: str = "jax"
+    nbytes: int = 0
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+
+def leaf_metadata(leaf: Leaf, shardings: list[Any]) -> Any:
+    if leaf.dtype is None:
+        return leaf.value
+    if keys.is_key_leaf(leaf):
+        return _key_metadata(leaf, shardings)
+    return ArrayMetadata(
+        shape=leaf.shape,
+        dtype=leaf.dtype,
+        sharding=None if leaf.sharding is None else shardings[leaf.sharding],
+        kind=leaf.kind,
+        nbytes=leaf.nbytes,
+    )
+
+
+def _key_metadata(leaf: Leaf, shardings: list[Any]) -> ArrayMetadata:
+    _, dtype, _ = keys.impl_facts(leaf)
+    shape = keys.key_shape_of(leaf)
+    sharding = None if leaf.sharding is None else shardings[leaf.sharding]
+    return ArrayMetadata(
+        shape=shape,
+        dtype=dtype,
+        sharding=keys.logical_sharding(sharding, len(shape)),
+        kind=leaf.kind,
+        nbytes=leaf.nbytes,  # the uint32 key data
+    )
+
+
+async def ts_open(spec: dict[str, Any], context: ts.Context) -> Any:
+    try:
+        return await ts.open(spec, context=context)
+    except Exception as exc:
+        raise storage_error(exc, spec) from exc
+
+
+def storage_error(exc: Exception, spec: dict[str, Any]) -> Exception:
+    text = str(exc)
+    where = json_location(spec)
+    if "DATA_LOSS" in text or "checksum" in text.lower() or "digest" in text.lower():
+        return CorruptCheckpointError(f"corrupt data in {where}: {text.splitlines()[0]}")
+    if "NOT_FOUND" in text:
+        return CorruptCheckpointError(f"missing data in {where}: {text.splitlines()[0]}")
+    return exc
+
+
+def json_location(spec: dict[str, Any]) -> str:
+    kv = spec.get("kvstore", spec)
+    bucket = kv.get("bucket")
+    return f"{kv['driver']}://{bucket + '/' if bucket else ''}{kv.get('path', '')}"
+
+
+# ------------------------------------------------------------------------------ matching
+@dataclass
+class MatchPlan:
+    reads: list[tuple[int, Any]]
+    paths: list[tuple[str, Any]]
+    untouched: dict[str, Any]
+
+
+def match_targets(
+    directory: StoragePath,
+    targets: list[tuple[str, Any]],
+    saved: Sequence[Leaf],
+    by_path: dict[str, int],
+    *,
+    strict: bool,
+) -> MatchPlan:
+    missing, shapes, dtypes, kinds = [], [], [], []
+    plan = MatchPlan([], [], {})
+    for path, target in targets:
+        i = by_path.get(path)
+        if i is None:
+            missing.append(path)
+            plan.untouched[path] = target
+            continue
+        leaf = saved[i]
+        if keys.is_key_leaf(leaf) or keys.is_key(target):
+            problem = keys.mismatch(path, leaf, target)
+            if problem is not None:
+                (shapes if problem[0] == "shape" else kinds).append(problem[1])
+                continue
+        elif leaf.kind == "str" or isinstance(target, str):
+            if not (leaf.kind == "str" and isinstance(target, str)):
+                kinds.append(f"{path} (saved {leaf.kind}, target {type(target).__name__})")
+                continue
+        elif hasattr(target, "shape") and hasattr(target, "dtype"):
+            if tuple(target.shape) != leaf.shape:
+                shapes.append(f"{path}: target {tuple(target.shape)} vs saved {leaf.shape}")
+                continue
+            if np.dtype(target.dtype) != leaf.dtype:
+                dtypes.append(
+                    f"{path}: target {np.dtype(target.dtype).name} vs saved {leaf.dtype_name}"
+                )
+        plan.reads.append((i, target))
+        plan.paths.append((path, target))
+    problems = []
+    if missing and strict:
+        problems.append(_few(f"{len(missing)} leaves missing from the checkpoint", missing))
+    if shapes:
+        problems.append(_few(f"{len(shapes)} shape mismatches", shapes))
+    if dtypes and strict:
+        problems.append(_few(f"{len(dtypes)} dtype mismatches", dtypes))
+    if kinds:
+        problems.append(_few(f"{len(kinds)} kind mismatches", kinds))
+    if problems:
+        hint = "" if not strict else "; strict=False casts dtypes and skips missing leaves"
+        raise ValueError(
+            f"restore target does not match the checkpoint at {directory}: "
+            + "; ".join(problems)
+            + hint
+        )
+    if missing or dtypes:
+        warnings.warn(
+            f"partial restore from {directory}: "
+            + "; ".join(
+                p
+                for p in (
+                    _few(
+                        f"{len(missing)} target leaves not in the checkpoint (left as given)",
+                        missing,
+                    )
+                    if missing
+                    else "",
+                    _few(f"{len(dtypes)} leaves cast", dtypes) if dtypes else "",
+                )
+                if p
+            ),
+            stacklevel=4,
+        )
+    return plan
+
+
+def _few(title: str, items: list[str], n: int = 5) -> str:
+    more = f" and {len(items) - n} more" if len(items) > n else ""
+    return f"{title}: {', '.join(items[:n])}{more}"
+
+
+# ------------------------------------------------------------------------------- reading
+class Reader:
+    """Reads saved leaves, region by region, within a byte budget."""
+
+    def __init__(self, directory: StoragePath, saved: Sequence[Leaf], budget: ByteBudget) -> None:
+        self.directory = directory
+        self.saved = saved
+        self.budget = budget
+        self.context = directory.backend.tensorstore_context()
+        self._stores: dict[int, asyncio.Future[Any]] = {}
+        self._kvstore: asyncio.Future[Any] | None = None
+        self._packed: dict[tuple[int, layout.Index], bytes] = {}
+
+    def regions_for(self, leaf: int, target: Any) -> list[layout.Index]:
+        """The regions of ``leaf`` this process reads for ``target`` (None: all of it)."""
+        info = self.saved[leaf]
+        if info.kind == "str":
+            return []
+        if keys.is_key_leaf(info):
+            return keys.regions(info, target)
+        shape = info.shape
+        sharding = getattr(target, "sharding", None)
+        if not isinstance(sharding, jax.sharding.Sharding):
+            return [layout.full_index(shape)]
+        return sorted(
+            {
+                layout.normalize_index(idx, shape)
+                for idx in sharding.addressable_devices_indices_map(shape).values()
+            }
+        )
+
+    async def prefetch_packed(self, requests: Any) -> None:
+        """Reads the packed entries these (leaf, regions) need: one ranged read per run.
+
+        Entries of one object that lie back to back are fetched together, so a
+        full restore reads each pack once, while a partial one reads only the
+        entries it needs.
+        """
+        wanted: dict[str, list[layout.PackEntry]] = {}
+        for leaf, regions in requests:
+            storage = self.saved[leaf].storage
+            if not isinstance(storage, _document.PackedStorage):
+                continue
+            for entry in storage.entries:
+                entry = dataclasses.replace(entry, leaf=leaf)
+                if (leaf, entry.index) in self._packed:
+                    continue
+                if any(_overlap(entry.index, r) is not None for r in regions):
+                    wanted.setdefault(entry.obj, []).append(entry)
+        runs: list[list[layout.PackEntry]] = []
+        for entries in wanted.values():
+            entries.sort(key=lambda e: e.offset)
+            run = [entries[0]]
+            for entry in entries[1:]:
+                last = run[-1]
+                if entry.offset == last.offset + last.nbytes + layout.CRC_BYTES:
+                    run.append(entry)
+                else:
+                    runs.append(run)
+                    run = [entry]
+            runs.append(run)
+        if runs:
+            kvstore = await self._packs()
+            await asyncio.gather(*(self._read_run(kvstore, run) for run in runs))
+
+    async def _read_run(self, kvstore: Any, run: list[layout.PackEntry]) -> None:
+        start = run[0].offset
+        end = run[-1].offset + run[-1].nbytes + layout.CRC_BYTES
+        async with self.budget.hold(end - start):
+            result = await kvstore.read(run[0].obj, byte_range=slice(start, end))
+        if result.state == "missing":
+            raise CorruptCheckpointError(
+                f"missing data: {self.directory / run[0].obj} does not exist"
+            )
+        blob = bytes(result.value)
+        for entry in run:
+            lo = entry.offset - start
+            self._packed[(entry.leaf, entry.index)] = self._verified(
+                entry, blob[lo : lo + entry.nbytes + layout.CRC_BYTES]
+            )
+
+    def _verified(self, entry: layout.PackEntry, blob: bytes) -> bytes:
+        data = layout.entry_data(blob, 0, entry.nbytes)
+        end = entry.offset + entry.nbytes + layout.CRC_BYTES
+        if data is None or len(blob) != entry.nbytes + layout.CRC_BYTES:
+            raise CorruptCheckpointError(
+                f"checksum mismatch in {self.directory / entry.obj} bytes {entry.offset}-{end}: "
+                "the packed data is corrupt"
+            )
+        return data
+
+    def _open(self, leaf: int) -> Awaitable[Any]:
+        if leaf not in self._stores:
+            storage = self.saved[leaf].storage
+            assert isinstance(storage, _document.ZarrStorage)
+            spec = {
+                "driver": "zarr3",
+                "kvstore": (self.directory / storage.key).kvstore_spec(),
+                "metadata": storage.metadata,
+                "assume_metadata": True,
+                "fill_missing_data_reads": False,
+                "recheck_cached_data": False,
+            }
+            self._stores[leaf] = asyncio.ensure_future(ts_open(spec, self.context))
+        return self._stores[leaf]
+
+    def _packs(self) -> Awaitable[Any]:
+        if self._kvstore is None:
+            self._kvstore = asyncio.ensure_future(
+                ts.KvStore.open(self.directory.kvstore_spec(), context=self.context)
+            )
+        return self._kvstore
+
+    async def region(self, leaf: int, index: layout.Index) -> np.ndarray:
+        """The saved values of ``leaf`` over ``index``, as a host array of the saved dtype."""
+        info = self.saved[leaf]
+        dtype = info.dtype
+        assert dtype is not None
+        shape = layout.index_shape(index)
+        storage = info.storage
+        if isinstance(storage, _document.EmptyStorage) or math.prod(shape) == 0:
+            return np.zeros(shape, dtype)
+        if isinstance(storage, _document.PackedStorage):
+            return await self._packed_region(leaf, index, dtype)
+        store = await self._open(leaf)
+        nbytes = math.prod(shape) * dtype.itemsize
+        async with self.budget.hold(nbytes):
+            try:
+                data = await store[layout.index_slices(index)].read()
+            except Exception as exc:
+                where = self._array_location(leaf)
+                raise storage_error(exc, {"kvstore": where.kvstore_spec()}) from exc
+        return data if data.dtype == dtype else data.view(dtype)
+
+    def _array_location(self, leaf: int) -> StoragePath:
+        """Where the array of ``leaf`` is stored (named in errors)."""
+        storage = self.saved[leaf].storage
+        assert isinstance(storage, _document.ZarrStorage)
+        return self.directory / storage.key
+
+    async def _packed_region(self, leaf: int, index: layout.Index, dtype: np.dtype) -> np.ndarray:
+        await self.prefetch_packed([(leaf, [index])])  # no request for entries already read
+        out = np.empty(layout.index_shape(index), dtype)
+        covered = 0
+        storage = self.saved[leaf].storage
+        assert isinstance(storage, _document.PackedStorage)
+        for entry in storage.entries:  # they tile the leaf (checked by parse_pytree)
+            overlap = _overlap(entry.index, index)
+            if overlap is None:
+                continue
+            data = self._packed[(leaf, entry.index)]
+            piece = np.frombuffer(data, dtype).reshape(layout.index_shape(entry.index))
+            src = tuple(
+                slice(a - s, b - s) for (a, b), (s, _) in zip(overlap, entry.index, strict=True)
+            )
+            dst = tuple(slice(a - s, b - s) for (a, b), (s, _) in zip(overlap, index, strict=True))
+            out[dst] = piece[src]
+            covered += math.prod(layout.index_shape(overlap))
+        if covered != out.size:
+            raise CorruptCheckpointError(
+                f"packed data of leaf {self.saved[leaf].path} in {self.directory} does not cover "
+                "the requested region; the pytree metadata is corrupt"
+            )
+        return out
+
+    async def leaf_to_host(self, leaf: int) -> Any:
+        """A leaf as saved, on the host (numpy array, numpy scalar, Python scalar, str)."""
+        info = self.saved[leaf]
+        if info.kind == "str":
+            return info.value
+        value = await self.region(leaf, layout.full_index(info.shape))
+        if keys.is_key_leaf(info):
+            return keys.wrap_host(info, value)
+        return _as_kind(info, value)
+
+    async def leaf_like(self, leaf: int, target: Any) -> Any:
+        """A leaf shaped, typed and placed like ``target``."""
+        info = self.saved[leaf]
+        if info.kind == "str":
+            return info.value
+        if keys.is_key_leaf(info):
+            return await keys.read_like(info, target, lambda index: self.region(leaf, index))
+        shape = info.shape
+        dtype = np.dtype(target.dtype) if hasattr(target, "dtype") else info.dtype
+        sharding = getattr(target, "sharding", None)
+        if not isinstance(sharding, jax.sharding.Sharding):
+            value = await self.region(leaf, layout.full_index(shape))
+            return _as_kind(info, value.astype(dtype, copy=False))
+        indices = sorted(
+            {
+                layout.normalize_index(idx, shape)
+                for idx in sharding.addressable_devices_indices_map(shape).values()
+            }
+        )
+        pieces = await asyncio.gather(*(self.region(leaf, idx) for idx in indices))
+        by_index = {
+            idx: piece.astype(dtype, copy=False) for idx, piece in zip(indices, pieces, strict=True)
+        }
+        return jax.make_array_from_callback(
+            shape, sharding, lambda idx: by_index[layout.normalize_index(idx, shape)]
+        )
+
+
+def _as_kind(info: Leaf, value: np.ndarray) -> Any:
+    kind = info.kind
+    if kind == "py":
+        return {"bool": bool, "int": int, "float": float, "complex": complex}[str(info.py_type)](
+            value.item()
+        )
+    if kind == "np_scalar":
+        return value[()]
+    return value
+
+
+def _overlap(a: layout.Index, b: layout.Index) -> layout.Index | None:
+    out = []
+    for (a0, a1), (b0, b1) in zip(a, b, strict=True):
+        lo, hi = max(a0, b0), min(a1, b1)
+        if lo >= hi:
+            return None
+        out.append((lo, hi))
+    return tuple(out)
