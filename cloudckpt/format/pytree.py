@@ -1,6 +1,6 @@
-"""``pytree.json`` read as untrusted input: the one validating reader of a pytree item.
+"""``pytree.json``: the one writer and the one validating reader of a pytree item's document.
 
-Everything a restore, ``cloudckpt inspect`` or ``cloudckpt verify`` learns
+:func:`write_pytree` stores what the save planned; everything a restore, ``cloudckpt inspect`` or ``cloudckpt verify`` learns
 about a pytree item comes through :func:`parse_pytree`, which accepts exactly
 the shapes the writer produces (docs/FORMAT.md) and refuses anything else with
 :class:`~cloudckpt.errors.CorruptCheckpointError` naming the leaf:
@@ -16,8 +16,8 @@ the shapes the writer produces (docs/FORMAT.md) and refuses anything else with
   :data:`MAX_DEPTH` deep.
 
 A valid document can still claim more data than storage holds.
-:func:`cloudckpt.handlers.pytree.backing.backing_problems` compares it with one listing of the item: every
-chunk of a zarr leaf must exist with the exact size its metadata implies
+:func:`cloudckpt.format.backing.backing_problems` compares it with one listing of
+the item: every chunk of a zarr leaf must exist with the exact size its metadata implies
 (arrays are stored uncompressed), and every pack object must be exactly as
 long as its entries. Only then does a reader size an allocation from a shape.
 """
@@ -35,9 +35,13 @@ from typing import Any
 import numpy as np
 
 from cloudckpt.errors import CorruptCheckpointError
-from cloudckpt.handlers.pytree import layout
+from cloudckpt.format import jsonio, layout
+from cloudckpt.format.step import write_object
+from cloudckpt.storage.path import StoragePath
 
-#: Newest ``format`` of ``pytree.json`` this reader understands.
+#: The document's object, under the item's prefix.
+METADATA_NAME = "pytree.json"
+#: Newest ``format`` of ``pytree.json`` this reader understands, and the one the writer writes.
 PYTREE_FORMAT = 1
 #: Deepest skeleton accepted (``flatten`` recurses too, so deeper trees cannot be saved).
 MAX_DEPTH = 512
@@ -157,6 +161,41 @@ class PytreeDocument:
     leaves: tuple[Leaf, ...]
     #: Exact size of every pack object, from its entries.
     pack_sizes: dict[str, int]
+
+
+# ------------------------------------------------------------------------- reading, writing
+async def write_pytree(
+    directory: StoragePath,
+    skeleton: dict[str, Any],
+    shardings: list[dict[str, Any] | None],
+    leaves: list[dict[str, Any]],
+) -> None:
+    """Writes the item's ``pytree.json`` (create-only where there is no atomic rename).
+
+    ``leaves`` are the leaf records as docs/FORMAT.md gives them (the save's
+    plan builds them, pack entries through :meth:`layout.PackEntry.to_json`).
+    """
+    document = {
+        "format": PYTREE_FORMAT,
+        "skeleton": skeleton,
+        "shardings": shardings,
+        "leaves": leaves,
+    }
+    await write_object(directory / METADATA_NAME, jsonio.dumps(document, what="pytree metadata"))
+
+
+async def read_pytree(directory: StoragePath) -> PytreeDocument:
+    """Reads, checksums and validates the ``pytree.json`` of the item at ``directory``.
+
+    Raises:
+        FileNotFoundError: the item has no ``pytree.json``.
+        CorruptCheckpointError: as :func:`parse_pytree`, or a checksum mismatch.
+    """
+    target = directory / METADATA_NAME
+    data = await target.backend.get(target.path)
+    if data is None:
+        raise FileNotFoundError(f"no pytree at {directory} ({METADATA_NAME} is missing)")
+    return parse_pytree(jsonio.loads(data, where=str(target)), where=str(target))
 
 
 # ------------------------------------------------------------------------------- parsing
