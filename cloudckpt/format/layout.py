@@ -19,6 +19,7 @@ shardings) lives in :mod:`cloudckpt.handlers.pytree.layout`.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +60,8 @@ ZARR_DTYPES = frozenset(
 )
 #: Bytes of the crc32c stored after every pack entry (and every zarr chunk).
 CRC_BYTES = 4
+#: Bytes of one entry of a zarr shard index (offset and length, uint64 each).
+SHARD_INDEX_ENTRY_BYTES = 16
 #: zarr metadata fields that ``zarr.json`` and ``pytree.json`` must agree on.
 ZARR_IDENTITY_FIELDS = ("shape", "data_type", "chunk_grid")
 
@@ -121,6 +124,19 @@ def zarr_metadata(
         "chunk_key_encoding": {"name": "default"},
         "codecs": codecs,
     }
+
+
+def chunk_object_bytes(chunk: tuple[int, ...], inner: tuple[int, ...], itemsize: int) -> int:
+    """The exact size of a stored chunk of :func:`zarr_metadata` (arrays are uncompressed).
+
+    Its bytes and crc32c; divided into inner chunks, each inner chunk with its
+    crc32c, then the shard index (one entry per inner chunk) and its crc32c.
+    """
+    if inner == chunk:
+        return math.prod(chunk) * itemsize + CRC_BYTES
+    n_inner = math.prod(c // i for c, i in zip(chunk, inner, strict=True))
+    inner_bytes = math.prod(inner) * itemsize + CRC_BYTES
+    return n_inner * (inner_bytes + SHARD_INDEX_ENTRY_BYTES) + CRC_BYTES
 
 
 def zarr_json_agrees(data: bytes, metadata: dict[str, Any]) -> bool:

@@ -55,11 +55,8 @@ ARRAY_KINDS = frozenset({"jax", "ndarray", "np_scalar", "py"})
 _IMPL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 #: ``py_type`` of a Python scalar leaf and the dtype the writer stores it as.
 PY_TYPES = {"bool": "bool", "int": "int64", "float": "float64", "complex": "complex128"}
-#: Bytes of one shard-index entry (offset and length, uint64 each).
-_INDEX_ENTRY_BYTES = 16
 _NUMBER = r"(?:0|[1-9][0-9]{0,9})"
 _PACK_OBJECT = re.compile(rf"packs/{_NUMBER}\.{_NUMBER}")
-_ARRAY_KEY = re.compile(rf"arrays/({_NUMBER})")
 
 
 # ------------------------------------------------------------------------------- records
@@ -81,12 +78,7 @@ class ZarrStorage:
     @property
     def object_bytes(self) -> int:
         """The exact size of every chunk object: its bytes, crc32c and shard index."""
-        itemsize = self.stored.itemsize
-        if self.inner == self.chunk:
-            return math.prod(self.chunk) * itemsize + layout.CRC_BYTES
-        n_inner = math.prod(c // i for c, i in zip(self.chunk, self.inner, strict=True))
-        inner_bytes = math.prod(self.inner) * itemsize + layout.CRC_BYTES
-        return n_inner * (inner_bytes + _INDEX_ENTRY_BYTES) + layout.CRC_BYTES
+        return layout.chunk_object_bytes(self.chunk, self.inner, self.stored.itemsize)
 
     def chunk_key(self, position: tuple[int, ...]) -> str:
         """The object of the chunk at grid ``position``, relative to the item."""
