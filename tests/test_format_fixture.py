@@ -218,17 +218,21 @@ def test_cli_ls_inspect_verify(
     assert report["checksums"] == 3 + chunks + entries
 
 
-@pytest.mark.parametrize("version", VERSIONS)
-def test_a_flipped_byte_in_the_fixture_is_caught(
-    tmp_path: Path, version: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """The fixture's checksums are live: a flipped byte fails verify and restore."""
-    root = tmp_path / "root"
+def local_copy(version: str, root: Path) -> Path:
     for f in (FIXTURES / version / "run").rglob("*"):
         if f.is_file():
             dest = root / f.relative_to(FIXTURES / version / "run")
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.write_bytes(f.read_bytes())
+    return root
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_a_flipped_byte_in_the_fixture_is_caught(
+    tmp_path: Path, version: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The fixture's checksums are live: a flipped byte fails verify and restore."""
+    root = local_copy(version, tmp_path / "root")
     pack = root / "1" / "state" / "packs" / "0.0"
     data = bytearray(pack.read_bytes())
     data[0] ^= 0x40
@@ -242,3 +246,21 @@ def test_a_flipped_byte_in_the_fixture_is_caught(
         mngr.restore(1)
     with manager(str(root)) as mngr:  # the other step is untouched
         assert_state(mngr.restore(2)["state"], version, 2)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_verify_reads_the_marker_and_claim_of_the_fixture(
+    tmp_path: Path, version: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """verify reads the commit marker and claim through atomicity's readers."""
+    step = local_copy(version, tmp_path / "root") / "1"
+    (step / "_CLAIM").write_bytes(b'{"claim": 7}')
+    assert main(["verify", str(step), "--json"]) == 0  # a claim is a hint: a note, not a problem
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] and any("not a readable claim" in n for n in report["notes"])
+    (step / "_COMMITTED").write_bytes(b'{"committed_attempt": ["not", "an", "attempt"]}')
+    assert main(["verify", str(step), "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert [(p["kind"], p["url"].rsplit("/", 1)[-1]) for p in report["problems"]] == [
+        ("corrupt", "_COMMITTED")
+    ]

@@ -37,7 +37,6 @@ from cloudckpt.storage.path import StoragePath
 
 PYTREE_TYPESTR = StandardCheckpointHandler.typestr()
 JSON_TYPESTR = JsonCheckpointHandler.typestr()
-JSON_ITEM_NAME = DATA_NAME
 #: Bytes read or copied at once (objects are at most a few hundred MiB each).
 INFLIGHT_BYTES = 512 << 20
 #: Requests in flight at once.
@@ -312,7 +311,7 @@ def items_of_step(
         prefix = f"{name}/" if name else ""
         if typestr == PYTREE_TYPESTR or (typestr is None and prefix + PYTREE_NAME in objects):
             kind = "pytree"
-        elif typestr == JSON_TYPESTR or (typestr is None and prefix + JSON_ITEM_NAME in objects):
+        elif typestr == JSON_TYPESTR or (typestr is None and prefix + DATA_NAME in objects):
             kind = "json"
         else:
             kind = "other"

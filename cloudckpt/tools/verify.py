@@ -33,6 +33,7 @@ from atomicity import CLAIM_NAME, MARKER_NAME, ObjectInfo
 from cloudckpt.errors import CorruptCheckpointError
 from cloudckpt.format import jsonio as _jsonio
 from cloudckpt.format.backing import backing_problems
+from cloudckpt.format.json_item import DATA_NAME
 from cloudckpt.format.layout import PackEntry, entry_data, zarr_json_agrees
 from cloudckpt.format.pytree import METADATA_NAME as PYTREE_NAME
 from cloudckpt.format.pytree import (
@@ -43,7 +44,6 @@ from cloudckpt.format.pytree import (
 from cloudckpt.format.step import STEP_METADATA_NAME, StepMetadata
 from cloudckpt.storage.path import StoragePath
 from cloudckpt.tools.inspect import (
-    JSON_ITEM_NAME,
     Item,
     Limiter,
     Progress,
@@ -195,7 +195,7 @@ class _Verifier:
         prefix = prefix_of(item)
         where = f"item {item.name!r}" if item.name else "the checkpoint"
         if item.kind == "json":
-            await self.envelope(prefix + JSON_ITEM_NAME, where)
+            await self.envelope(prefix + DATA_NAME, where)
         elif item.kind == "pytree":
             await self._pytree(item, prefix, where)
         else:
