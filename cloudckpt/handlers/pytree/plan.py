@@ -16,6 +16,14 @@ from typing import Any
 import jax
 import numpy as np
 
+from cloudckpt.format.layout import (
+    CRC_BYTES,
+    Index,
+    PackEntry,
+    normalize_index,
+    storage_dtype,
+    zarr_metadata,
+)
 from cloudckpt.handlers.pytree import keys, layout
 from cloudckpt.handlers.pytree.host import little_endian
 from cloudckpt.handlers.pytree.tree import flatten
@@ -50,7 +58,7 @@ class Region:
     """A zarr region this process writes, with its host copy."""
 
     leaf: int
-    index: layout.Index
+    index: Index
     data: np.ndarray | None
 
 
@@ -62,7 +70,7 @@ class SavePlan:
     zarr_specs: dict[int, dict[str, Any]] = field(default_factory=dict)  # leaf -> zarr metadata
     regions: list[Region] = field(default_factory=list)
     packs: dict[str, np.ndarray] = field(default_factory=dict)  # this process's pack objects
-    pack_entries: list[layout.PackEntry] = field(default_factory=list)
+    pack_entries: list[PackEntry] = field(default_factory=list)
     nbytes: int = 0
 
 
@@ -154,7 +162,7 @@ def plan_save(tree: Any, opts: PlanOptions) -> SavePlan:
     _check_savable(leaves)
     me = jax.process_index()
     packed_shards: list[tuple[int, layout.Shard]] = []
-    pending_copies: list[tuple[int, layout.Index, Any, bool]] = []
+    pending_copies: list[tuple[int, Index, Any, bool]] = []
     # Trees repeat a few shardings and dtypes many times over: compute each once.
     shard_cache: dict[tuple[Any, tuple[int, ...], int], list[layout.Shard]] = {}
     sharding_ids: dict[Any, int] = {}
@@ -202,10 +210,10 @@ def plan_save(tree: Any, opts: PlanOptions) -> SavePlan:
             packed_shards.extend((i, s) for s in shards)
             to_pack = True
         else:
-            stored = layout.storage_dtype(dtype)
+            stored = storage_dtype(dtype)
             chunk = layout.chunk_grid(shape, shards, dtype.itemsize, opts.max_object_bytes)
             inner = layout.split_to_fit(chunk, dtype.itemsize, opts.inner_chunk_bytes)
-            meta = layout.zarr_metadata(shape, stored, chunk, inner)
+            meta = zarr_metadata(shape, stored, chunk, inner)
             plan.zarr_specs[i] = meta
             entry["storage"] = {"type": "zarr", "key": f"arrays/{i}", "metadata": meta}
             to_pack = False
@@ -217,7 +225,7 @@ def plan_save(tree: Any, opts: PlanOptions) -> SavePlan:
             pending_copies.extend((i, idx, array, to_pack) for idx in own)
             continue
         by_index = {
-            layout.normalize_index(sh.index, shape): sh.data
+            normalize_index(sh.index, shape): sh.data
             for sh in array.addressable_shards
             if sh.replica_id == 0
         }
@@ -228,13 +236,13 @@ def plan_save(tree: Any, opts: PlanOptions) -> SavePlan:
             )
         pending_copies.extend((i, idx, by_index[idx], to_pack) for idx in own)
     plan.pack_entries = layout.pack_layout(packed_shards, opts.max_object_bytes)
-    slots: dict[tuple[int, layout.Index], layout.PackEntry] = {}
+    slots: dict[tuple[int, Index], PackEntry] = {}
     sizes: dict[str, int] = {}
     for e in plan.pack_entries:
         plan.leaves_json[e.leaf]["storage"].setdefault("entries", []).append(e.to_json())
         if e.writer == me:
             slots[(e.leaf, e.index)] = e
-            sizes[e.obj] = max(sizes.get(e.obj, 0), e.offset + e.nbytes + layout.CRC_BYTES)
+            sizes[e.obj] = max(sizes.get(e.obj, 0), e.offset + e.nbytes + CRC_BYTES)
     plan.packs = {obj: np.empty(size, np.uint8) for obj, size in sizes.items()}
     # Start every device-to-host transfer before waiting on any of them.
     for _, _, source, _ in pending_copies:
