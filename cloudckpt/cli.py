@@ -35,7 +35,7 @@ from cloudckpt.console import (
     error_text,
     human_bytes,
     metrics_text,
-    table,
+    table_lines,
     utc,
 )
 from cloudckpt.engine.loop import LoopThread
@@ -113,7 +113,7 @@ async def cmd_ls(args: argparse.Namespace, con: Console) -> None:
                 details,
             ]
         )
-    for line in table(table):
+    for line in table_lines(table):
         con.out(line)
 
 
@@ -167,7 +167,7 @@ async def cmd_inspect(args: argparse.Namespace, con: Console) -> None:
                         str(leaf["storage"]),
                     ]
                 )
-            for line in table(rows):
+            for line in table_lines(rows):
                 con.out("  " + line)
         elif item["kind"] == "json":
             con.out(f"{title}: JSON{stored}")
@@ -228,7 +228,7 @@ async def cmd_gc(args: argparse.Namespace, con: Console) -> None:
         [labels[e.action], e.url, f"{e.n_objects} objects", human_bytes(e.nbytes), e.reason]
         for e in report.entries
     ]
-    for line in table(rows) if rows else []:
+    for line in table_lines(rows) if rows else []:
         con.out(line)
     doomed = [e for e in report.entries if e.action == "delete"]
     done = [e for e in report.entries if e.action == "deleted"]

@@ -142,6 +142,7 @@ class _PlainProgress:
 
 
 def human_bytes(n: float) -> str:
+    """``n`` bytes in binary units (``1.5 MiB``)."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -150,17 +151,20 @@ def human_bytes(n: float) -> str:
 
 
 def utc(ts: float | None) -> str:
+    """A POSIX time as ``YYYY-MM-DD HH:MM:SS`` in UTC; ``-`` for None."""
     if ts is None:
         return "-"
     return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def table(rows: list[list[str]]) -> list[str]:
+def table_lines(rows: list[list[str]]) -> list[str]:
+    """``rows`` (all of one length) as lines of left-aligned columns."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
 
 
 def metrics_text(metrics: dict[str, Any]) -> str:
+    """``k=v`` pairs, floats to 6 significant digits; ``-`` for none."""
     if not metrics:
         return "-"
     return " ".join(
@@ -169,6 +173,7 @@ def metrics_text(metrics: dict[str, Any]) -> str:
 
 
 def claim_text(claim: dict[str, Any] | None) -> str:
+    """One line on an uncommitted step's claim: live or abandoned, by whom, how old."""
     if claim is None:
         return "no readable claim"
     state = "live" if claim["live"] else "abandoned"
@@ -179,6 +184,7 @@ def claim_text(claim: dict[str, Any] | None) -> str:
 
 
 def error_text(exc: BaseException) -> str:
+    """An error as one line (a ``KeyError`` says it is a missing key)."""
     text = " ".join(str(exc).split()) or type(exc).__name__
     if isinstance(exc, KeyError):
         text = f"missing key {text}"

@@ -150,6 +150,7 @@ class CheckpointManager:
             }
 
     async def _scan(self) -> list[dict[str, Any]]:
+        """The committed steps under the root, from one listing (plus metrics, with best_fn)."""
         # Orbax hook: the tap keeps the one listing so Orbax discovery need not list again.
         tap = orbax.ListingTap(self._root.backend)
         children = await atomicity.list_committed(tap, self._root.path)
@@ -171,22 +172,23 @@ class CheckpointManager:
                 theirs[step] = found
         if self._options.best_fn is not None:
             # Ranking needs each step's metrics: one small read per kept step, at start only.
-            async def metrics_of(s: _Step) -> None:
-                path = self.step_path(s.step)
-                try:
-                    if s.orbax:  # described by the listing already: no second one
-                        meta = await orbax.step_metadata(path, theirs[s.step], with_items=False)
-                    else:
-                        meta = await read_step_metadata(path)
-                    s.metrics = meta.metrics or None
-                except Exception:
-                    logger.warning("could not read metrics of step %d", s.step, exc_info=True)
-
-            await asyncio.gather(*(metrics_of(s) for s in steps))
+            await asyncio.gather(*(self._read_metrics(s, theirs.get(s.step)) for s in steps))
         return [
             {"step": s.step, "metrics": s.metrics, "nbytes": s.nbytes, "orbax": s.orbax}
             for s in steps
         ]
+
+    async def _read_metrics(self, step: _Step, orbax_step: Any) -> None:
+        """Sets ``step.metrics`` from its metadata; a step that cannot be read keeps None."""
+        path = self.step_path(step.step)
+        try:
+            if step.orbax:  # described by the listing already: no second one
+                meta = await orbax.step_metadata(path, orbax_step, with_items=False)
+            else:
+                meta = await read_step_metadata(path)
+            step.metrics = meta.metrics or None
+        except Exception:
+            logger.warning("could not read metrics of step %d", step.step, exc_info=True)
 
     def all_steps(self) -> list[int]:
         """Committed steps, ascending."""

@@ -5,13 +5,12 @@ Who calls what, in order, for one save (all on the checkpointer's side):
 1. ``async_save(directory, args)`` on the caller's thread: validates ``args``
    and copies whatever the caller may mutate afterwards (device arrays to
    host memory). It does no I/O and returns awaitables.
-2. The awaitables run on the checkpointer's event loop, concurrently with
+2. ``step_item_handlers()`` right after, on the same thread: its answer goes
+   into the step metadata the primary process writes.
+3. The awaitables run on the checkpointer's event loop, concurrently with
    other items', writing under ``directory`` (on every process).
-3. ``finalize(directory)`` once, on the primary process, after every process
+4. ``finalize(directory)`` once, on the primary process, after every process
    has finished writing and before the checkpoint is committed.
-
-4. ``step_item_handlers()`` once, on every process, after step 1 (its
-   answer goes into the step metadata the primary writes).
 
 ``restore`` and ``metadata`` are coroutines run on the checkpointer's loop.
 ``bind_process_group`` is called once, when the checkpointer is made;
@@ -40,14 +39,20 @@ from cloudckpt.storage.path import StoragePath
 def abstract_methods(cls: type) -> set[str]:
     """Names of ``cls``'s abstract methods (empty for a class that can be instantiated).
 
-    ``__abstractmethods__`` is set only after ``__init_subclass__`` returns,
-    so the check there computes it the way ``abc`` does.
+    Computed the way ``abc`` does (its own abstract attributes, and its bases'
+    that it did not override), because ``abc`` sets ``__abstractmethods__``
+    only after ``__init_subclass__`` has returned.
     """
-    return {
-        name
-        for name in dir(cls)
-        if getattr(getattr(cls, name, None), "__isabstractmethod__", False)
-    }
+    names = {name for name, value in vars(cls).items() if _is_abstract(value)}
+    for base in cls.__bases__:
+        for name in getattr(base, "__abstractmethods__", ()):
+            if _is_abstract(getattr(cls, name, None)):
+                names.add(name)
+    return names
+
+
+def _is_abstract(value: object) -> bool:
+    return bool(getattr(value, "__isabstractmethod__", False))
 
 
 class CheckpointHandler(abc.ABC):
