@@ -1,7 +1,9 @@
 """Temporary-path strategies that make checkpoints visible only when complete.
 
 This package is independent of cloudckpt: it needs only a small async
-:class:`~atomicity.store.Store`. Two strategies are provided:
+:class:`~atomicity.store.Store`. :mod:`atomicity.types` states the protocol
+(:class:`TemporaryPath`, its call order and the names it writes);
+:mod:`atomicity.paths` provides two strategies:
 
 * :class:`AtomicRenamePath` for stores with an atomic rename (POSIX);
 * :class:`CommitMarkerPath` for object stores, where a create-only
@@ -26,24 +28,26 @@ from atomicity.discovery import (
 )
 from atomicity.errors import ClaimLostError, OutcomeUnknownError, ValidationError
 from atomicity.paths import (
+    AtomicRenamePath,
+    CommitMarkerPath,
+    default_temporary_path_class,
+    delete_stale,
+    judge,
+    read_versioned_claim,
+)
+from atomicity.store import ObjectInfo, Store, Versioned, join
+from atomicity.types import (
     ATTEMPT_TAG,
     CLAIM_NAME,
     MARKER_NAME,
     TMP_INFIX,
-    AtomicRenamePath,
-    CommitMarkerPath,
     TemporaryPath,
     attempt_dir,
     attempt_of,
-    default_temporary_path_class,
-    delete_stale,
     final_name_of,
     is_temporary_name,
-    judge,
     marker_attempt,
-    read_versioned_claim,
 )
-from atomicity.store import ObjectInfo, Store, Versioned, join
 
 __all__ = [
     "ATTEMPT_TAG",

@@ -1,27 +1,8 @@
-"""Temporary-path strategies: how a checkpoint becomes visible only when complete.
+"""The temporary-path strategies: commit marker (object stores) and atomic rename.
 
-Contract (who calls what, in order):
-
-1. Every process computes the same ``TemporaryPath`` with ``from_final``.
-2. The primary process alone calls ``await create()``. It claims the path (a
-   conditional create of ``_CLAIM``, or a conditional takeover of a stale
-   claim on the exact version judged stale). A live claim held by someone
-   else, or a committed checkpoint at the final path, raises
-   ``FileExistsError`` before any data is written. Other processes wait for
-   it (a barrier) before writing.
-3. All processes write their data under ``get()``. The primary calls
-   ``renew()`` now and then (heartbeat) so that clean-up sees the claim live.
-4. After every process has finished writing, the primary alone calls
-   ``await finalize()``: the commit point is one conditional request on this
-   attempt's own claim version, so an attempt whose claim was taken over or
-   revoked can never commit, however long it was paused (fencing).
-5. On any failure the primary calls ``await abort()``: it finds out whether
-   the commit point was passed (reading back its own claim) and otherwise
-   revokes the claim (conditionally) before deleting what it wrote. It
-   returns True when the attempt turned out committed.
-
-See docs/FORMAT.md ("How a step becomes visible") for the full protocol and
-the invariants it keeps.
+Both implement :class:`atomicity.types.TemporaryPath`; its docstring states
+the contract (who calls what, in order). See docs/FORMAT.md ("How a step
+becomes visible") for the full protocol and the invariants it keeps.
 """
 
 from __future__ import annotations
@@ -29,93 +10,29 @@ from __future__ import annotations
 import logging
 import uuid
 import warnings
-from typing import ClassVar, Protocol, Self
+from typing import ClassVar, Self
 
 from atomicity.claims import COMMITTED, DEFAULT_GRACE_S, DELETING, REVOKED, WRITING, Claim
 from atomicity.errors import ClaimLostError, OutcomeUnknownError, ValidationError
-from atomicity.store import Store, Versioned, basename, join, parent
+from atomicity.store import Store, Versioned, basename, join
+from atomicity.types import (
+    ATTEMPT_TAG,
+    CLAIM_NAME,
+    MARKER_NAME,
+    TMP_INFIX,
+    TemporaryPath,
+    attempt_dir,
+    attempt_of,
+    final_name_of,
+    is_temporary_name,
+    marker_attempt,
+    marker_bytes,
+)
 
 logger = logging.getLogger(__name__)
 
-#: Object written last, create-only; its presence makes a path a checkpoint.
-MARKER_NAME = "_COMMITTED"
-#: Object written first, changed only by conditional requests; see atomicity.claims.
-CLAIM_NAME = "_CLAIM"
-#: Infix of temporary sibling names used by :class:`AtomicRenamePath`.
-TMP_INFIX = ".cloudckpt-tmp-"
 #: Errors after which a request's outcome is unknown (it may have taken effect).
 UNKNOWN_OUTCOME = (ConnectionError, TimeoutError, OSError)
-
-
-def is_temporary_name(name: str) -> bool:
-    return TMP_INFIX in name
-
-
-class TemporaryPath(Protocol):
-    """A strategy that makes a path visible only once it is complete."""
-
-    @classmethod
-    def from_final(
-        cls,
-        final_path: str,
-        store: Store,
-        *,
-        attempt: str | None = None,
-        grace_s: float = DEFAULT_GRACE_S,
-    ) -> TemporaryPath:
-        """Every process of one save must pass the same ``attempt`` id."""
-        ...
-
-    def get(self) -> str:
-        """The path to write under while the save is in progress."""
-        ...
-
-    def get_final(self) -> str:
-        """The path the checkpoint will have once finalized."""
-        ...
-
-    @property
-    def claim(self) -> Claim:
-        """This attempt's claim (identical on every process only for its attempt id)."""
-        ...
-
-    async def create(self) -> str:
-        """Claims the path (primary process only). Returns ``get()``."""
-        ...
-
-    async def renew(self) -> None:
-        """Renews the claim (heartbeat); ``ClaimLostError`` when it was taken."""
-        ...
-
-    async def finalize(self) -> None:
-        """Makes the checkpoint visible (primary process only, after all writes)."""
-        ...
-
-    async def abort(self) -> bool:
-        """After a failure: True when the attempt committed after all, else revokes and removes it."""
-        ...
-
-    @classmethod
-    async def validate(cls, temporary_path: str, store: Store) -> None: ...
-
-    @classmethod
-    async def validate_final(cls, final_path: str, store: Store) -> None: ...
-
-
-def marker_bytes(attempt: str) -> bytes:
-    """The content of the marker that commits ``attempt``."""
-    return b'{"committed_attempt": "%s"}' % attempt.encode()
-
-
-def marker_attempt(data: bytes | None) -> str | None:
-    """The attempt a marker names; None when unreadable (markers are untrusted input)."""
-    import json
-
-    try:
-        value = json.loads(data or b"")["committed_attempt"]
-    except (ValueError, KeyError, TypeError, RecursionError):
-        return None
-    return value if isinstance(value, str) else None
 
 
 async def read_versioned_claim(store: Store, path: str) -> tuple[Claim | None, Versioned | None]:
@@ -124,28 +41,6 @@ async def read_versioned_claim(store: Store, path: str) -> tuple[Claim | None, V
     if current is None:
         return None, None
     return Claim.from_bytes(current.data), current
-
-
-#: A path component ``@<attempt>`` marks an object as written by that attempt only.
-ATTEMPT_TAG = "@"
-
-
-def attempt_dir(path: str, attempt: str) -> str:
-    """Where an attempt writes objects under its own names (``<path>/@<attempt>``).
-
-    Objects under their attempt's own names can never be mixed up with
-    another attempt's: a writer paused past its fence writes only its own
-    names, and clean-up deletes only attempts that can no longer commit.
-    """
-    return join(path, f"{ATTEMPT_TAG}{attempt}")
-
-
-def attempt_of(relative: str) -> str | None:
-    """The attempt tag of an object path relative to its step, if it carries one."""
-    for part in relative.split("/"):
-        if part.startswith(ATTEMPT_TAG) and len(part) > 1:
-            return part[1:]
-    return None
 
 
 async def _garbage(store: Store, path: str, version: str, keep_attempt: str | None) -> list[str]:
@@ -546,9 +441,24 @@ def default_temporary_path_class(store: Store) -> type[CommitMarkerPath] | type[
     return AtomicRenamePath if store.supports_atomic_rename else CommitMarkerPath
 
 
-def final_name_of(path: str) -> str:
-    """The final path a temporary path will be renamed to (identity for final paths)."""
-    name = basename(path)
-    if not is_temporary_name(name):
-        return path.rstrip("/")
-    return join(parent(path), name.split(TMP_INFIX, 1)[0])
+__all__ = [
+    "ATTEMPT_TAG",
+    "CLAIM_NAME",
+    "MARKER_NAME",
+    "TMP_INFIX",
+    "UNKNOWN_OUTCOME",
+    "AtomicRenamePath",
+    "CommitMarkerPath",
+    "TemporaryPath",
+    "attempt_dir",
+    "attempt_of",
+    "default_temporary_path_class",
+    "delete_stale",
+    "final_name_of",
+    "is_temporary_name",
+    "judge",
+    "marker_attempt",
+    "marker_bytes",
+    "read_versioned_claim",
+    "revoke_by_rename",
+]

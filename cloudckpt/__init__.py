@@ -5,8 +5,9 @@ from __future__ import annotations
 from cloudckpt import args
 from cloudckpt import storage as backends
 from cloudckpt.engine.checkpointer import AsyncCheckpointer, Checkpointer, SaveTiming
-from cloudckpt.engine.manager import CheckpointManager, CheckpointManagerOptions
+from cloudckpt.engine.manager import CheckpointManager
 from cloudckpt.engine.multihost import MultiprocessingOptions, ProcessFailedError
+from cloudckpt.engine.policy import CheckpointManagerOptions
 from cloudckpt.errors import CorruptCheckpointError
 from cloudckpt.format.step import StepMetadata
 from cloudckpt.handlers.args import CheckpointArgs

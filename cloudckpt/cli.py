@@ -19,21 +19,27 @@ values, credential headers and signed-URL parameters are redacted
 from __future__ import annotations
 
 import argparse
-import datetime as dt
+import contextvars
 import importlib.metadata
 import json
-import logging
-import os
 import sys
-import threading
 import time
 import traceback
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TextIO
 
+from cloudckpt.console import (
+    Console,
+    claim_text,
+    debug_logging,
+    error_text,
+    human_bytes,
+    metrics_text,
+    table_lines,
+    utc,
+)
 from cloudckpt.engine.loop import LoopThread
-from cloudckpt.storage import RetryPolicy
-from cloudckpt.storage import redact as _redact
+from cloudckpt.storage import Backend, RetryPolicy
 from cloudckpt.storage.path import StoragePath
 from cloudckpt.tools import doctor as _doctor
 from cloudckpt.tools import inspect as _inspect
@@ -41,164 +47,8 @@ from cloudckpt.tools import transfer as _transfer
 from cloudckpt.tools import verify as _verify
 
 PROG = "cloudckpt"
-#: Seconds between plain progress lines when stderr is not a terminal.
-PLAIN_PROGRESS_INTERVAL_S = 5.0
 #: Doctor gives up on an unreachable endpoint quickly instead of retrying for minutes.
 DOCTOR_RETRY = RetryPolicy(max_attempts=3, initial_backoff_s=0.2, max_backoff_s=2.0, max_total_s=20)
-
-
-# ------------------------------------------------------------------------------ output
-class Console:
-    """Where the command writes: results on stdout, progress and errors on stderr."""
-
-    def __init__(self, stdout: TextIO, stderr: TextIO, *, quiet: bool = False) -> None:
-        self.stdout = stdout
-        self.stderr = stderr
-        self.quiet = quiet
-        self._secrets = _redact.secret_values()
-
-    def redact(self, text: str) -> str:
-        return _redact.redact(text, self._secrets)
-
-    def out(self, text: str = "") -> None:
-        self.stdout.write(self.redact(text) + "\n")
-        self.stdout.flush()
-
-    def err(self, text: str) -> None:
-        self.stderr.write(self.redact(text) + "\n")
-        self.stderr.flush()
-
-    def json(self, value: Any) -> None:
-        self.out(json.dumps(value, indent=2, sort_keys=True, default=str))
-
-    def progress(self, label: str, total: int) -> _inspect.Progress:
-        if self.quiet or total <= 0:
-            return _inspect.NoProgress()
-        if _isatty(self.stderr):
-            return _BarProgress(label, total, self.stderr)
-        return _PlainProgress(label, total, self)
-
-
-def _isatty(stream: TextIO) -> bool:
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):
-        return False
-
-
-class _BarProgress:
-    """A tqdm bar in bytes with rate and ETA (terminals)."""
-
-    def __init__(self, label: str, total: int, stream: TextIO) -> None:
-        from tqdm import tqdm
-
-        try:
-            size = os.get_terminal_size(stream.fileno())
-        except (AttributeError, OSError, ValueError):
-            size = os.terminal_size((0, 0))
-        # tqdm draws nothing on a terminal that reports no size (a fresh pty).
-        width: dict[str, Any] = (
-            {"dynamic_ncols": True} if min(size) > 0 else {"ncols": 100, "nrows": 24}
-        )
-        self._bar = tqdm(
-            total=total,
-            desc=label,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            file=stream,
-            leave=True,
-            mininterval=0.2,
-            **width,
-        )
-        self._lock = threading.Lock()
-
-    def advance(self, nbytes: int) -> None:
-        with self._lock:
-            self._bar.update(nbytes)
-
-    def close(self) -> None:
-        with self._lock:
-            self._bar.close()
-
-
-class _PlainProgress:
-    """Log lines every few seconds and one at the end (pipes, files, CI logs)."""
-
-    def __init__(self, label: str, total: int, console: Console) -> None:
-        self._label = label
-        self._total = total
-        self._console = console
-        self._done = 0
-        self._start = self._last = time.monotonic()
-        self._lock = threading.Lock()
-        self._closed = False
-
-    def _line(self, final: bool) -> str:
-        elapsed = max(time.monotonic() - self._start, 1e-6)
-        rate = self._done / elapsed
-        if final:
-            return (
-                f"{self._label}: {human_bytes(self._done)} in {elapsed:.1f}s "
-                f"({human_bytes(rate)}/s)"
-            )
-        left = (self._total - self._done) / rate if rate > 0 else float("inf")
-        eta = "?" if left == float("inf") else str(dt.timedelta(seconds=round(left)))
-        return (
-            f"{self._label}: {human_bytes(self._done)} / {human_bytes(self._total)} "
-            f"({100 * self._done / self._total:.0f}%), {human_bytes(rate)}/s, ETA {eta}"
-        )
-
-    def advance(self, nbytes: int) -> None:
-        with self._lock:
-            self._done += nbytes
-            now = time.monotonic()
-            if now - self._last >= PLAIN_PROGRESS_INTERVAL_S and self._done < self._total:
-                self._last = now
-                self._console.err(self._line(final=False))
-
-    def close(self) -> None:
-        with self._lock:
-            if not self._closed:
-                self._closed = True
-                self._console.err(self._line(final=True))
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} PiB"
-
-
-def utc(ts: float | None) -> str:
-    if ts is None:
-        return "-"
-    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _table(rows: list[list[str]]) -> list[str]:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-
-
-def _metrics_text(metrics: dict[str, Any]) -> str:
-    if not metrics:
-        return "-"
-    return " ".join(
-        f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
-    )
-
-
-def _claim_text(claim: dict[str, Any] | None) -> str:
-    if claim is None:
-        return "no readable claim"
-    state = "live" if claim["live"] else "abandoned"
-    return (
-        f"{state}: attempt {claim['attempt'][:12]} by pid {claim['pid']} on {claim['host']}, "
-        f"{claim['age_s']:.0f}s old"
-    )
 
 
 # ----------------------------------------------------------------------------- commands
@@ -206,8 +56,26 @@ class CommandFailed(Exception):
     """The command ran but found a problem; its report is already printed."""
 
 
+#: The backends this command resolved (by id), whose clients ``main`` closes on its loop.
+_opened: contextvars.ContextVar[dict[int, Backend] | None] = contextvars.ContextVar(
+    "cloudckpt_cli_opened", default=None
+)
+
+
 def _location(url: str, **options: Any) -> StoragePath:
-    return StoragePath.from_url(url, **options)
+    location = StoragePath.from_url(url, **options)
+    opened = _opened.get()
+    if opened is not None:
+        opened.setdefault(id(location.backend), location.backend)
+    return location
+
+
+async def _close_clients(backends: list[Backend]) -> None:
+    for backend in backends:
+        try:
+            await backend.aclose()
+        except Exception:  # closing is best effort
+            pass
 
 
 async def cmd_ls(args: argparse.Namespace, con: Console) -> None:
@@ -228,12 +96,12 @@ async def cmd_ls(args: argparse.Namespace, con: Console) -> None:
     for r in shown:
         if r.format == "orbax":  # Orbax hook: read-only steps another library wrote
             status = "orbax" if r.committed else "UNCOMMITTED orbax"
-            when, details = utc(r.commit_time or r.mtime), r.problem or _metrics_text(r.metrics)
+            when, details = utc(r.commit_time or r.mtime), r.problem or metrics_text(r.metrics)
         elif r.committed:
             status, when = "committed", utc(r.commit_time or r.mtime)
-            details = r.problem or _metrics_text(r.metrics)
+            details = r.problem or metrics_text(r.metrics)
         else:
-            status, when, details = "UNCOMMITTED", utc(r.mtime), _claim_text(r.claim)
+            status, when, details = "UNCOMMITTED", utc(r.mtime), claim_text(r.claim)
         table.append(
             [
                 r.name,
@@ -245,7 +113,7 @@ async def cmd_ls(args: argparse.Namespace, con: Console) -> None:
                 details,
             ]
         )
-    for line in _table(table):
+    for line in table_lines(table):
         con.out(line)
 
 
@@ -262,7 +130,7 @@ async def cmd_inspect(args: argparse.Namespace, con: Console) -> None:
     con.out(f"committed   {utc(commit_ns / 1e9 if commit_ns else None)} UTC{took}")
     con.out(f"stored      {human_bytes(info['nbytes'])} in {info['n_objects']} objects")
     con.out(f"format      {info.get('format', meta.get('format_version'))}")
-    con.out(f"metrics     {_metrics_text(meta.get('metrics') or {})}")
+    con.out(f"metrics     {metrics_text(meta.get('metrics') or {})}")
     if meta.get("custom"):
         con.out(f"custom      {json.dumps(meta['custom'], sort_keys=True)}")
     for item in info["items"]:
@@ -299,7 +167,7 @@ async def cmd_inspect(args: argparse.Namespace, con: Console) -> None:
                         str(leaf["storage"]),
                     ]
                 )
-            for line in _table(rows):
+            for line in table_lines(rows):
                 con.out("  " + line)
         elif item["kind"] == "json":
             con.out(f"{title}: JSON{stored}")
@@ -360,7 +228,7 @@ async def cmd_gc(args: argparse.Namespace, con: Console) -> None:
         [labels[e.action], e.url, f"{e.n_objects} objects", human_bytes(e.nbytes), e.reason]
         for e in report.entries
     ]
-    for line in _table(rows) if rows else []:
+    for line in table_lines(rows) if rows else []:
         con.out(line)
     doomed = [e for e in report.entries if e.action == "delete"]
     done = [e for e in report.entries if e.action == "deleted"]
@@ -594,43 +462,6 @@ def _version() -> str:
 
 
 # ---------------------------------------------------------------------------------- main
-def _error_text(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    if isinstance(exc, KeyError):
-        text = f"missing key {text}"
-    return text
-
-
-def _debug_logging(stderr: TextIO) -> Callable[[], None]:
-    """DEBUG logs on ``stderr``, every root handler redacting; returns how to undo it.
-
-    botocore's DEBUG log carries request headers (``Authorization``,
-    ``X-Amz-Security-Token``) and signed URLs, so the redacting filter goes on
-    the handler installed here and on any the application already had.
-    """
-    root = logging.getLogger()
-    added: logging.Handler | None = None
-    if not root.handlers:
-        added = logging.StreamHandler(stderr)
-        added.setFormatter(logging.Formatter("%(name)s: %(message)s"))
-        root.addHandler(added)
-    previous_level = root.level
-    root.setLevel(logging.DEBUG)
-    redacting = _redact.RedactingFilter()
-    handlers = list(root.handlers)
-    for handler in handlers:
-        handler.addFilter(redacting)
-
-    def undo() -> None:
-        for handler in handlers:
-            handler.removeFilter(redacting)
-        if added is not None:
-            root.removeHandler(added)
-        root.setLevel(previous_level)
-
-    return undo
-
-
 def main(
     argv: Sequence[str] | None = None,
     *,
@@ -646,9 +477,12 @@ def main(
     except SystemExit as exc:  # --help or a usage error, already printed by argparse
         return int(exc.code or 0)
     con = Console(stdout, stderr, quiet=args.quiet)
-    undo_logging = _debug_logging(stderr) if args.debug else lambda: None
+    undo_logging = debug_logging(stderr) if args.debug else lambda: None
     prefix = f"{PROG} {args.command}"
     loop = LoopThread(f"{PROG}-cli")
+    # The command's coroutine runs in a copy of this context, so it records into this dict.
+    opened: dict[int, Backend] = {}
+    token = _opened.set(opened)
     try:
         coro: Coroutine[Any, Any, None] = args.func(args, con)
         loop.run(coro)
@@ -662,16 +496,17 @@ def main(
     except (OSError, ValueError, RuntimeError, KeyError, TypeError, ImportError) as exc:
         if args.debug:
             con.err(traceback.format_exc().rstrip())
-        con.err(f"{prefix}: error: {_error_text(exc)}")
+        con.err(f"{prefix}: error: {error_text(exc)}")
         return 1
     except Exception as exc:
         if args.debug:
             con.err(traceback.format_exc().rstrip())
         con.err(
-            f"{prefix}: internal error: {type(exc).__name__}: {_error_text(exc)} (run with "
+            f"{prefix}: internal error: {type(exc).__name__}: {error_text(exc)} (run with "
             "--debug for the traceback, and please report it)"
         )
         return 1
     finally:
-        loop.close()
+        _opened.reset(token)
+        loop.close(cleanup=_close_clients(list(opened.values())))
         undo_logging()

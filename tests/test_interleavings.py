@@ -6,7 +6,7 @@ Actors, all against one step of the memory backend through
 * ``W1``, ``W2``: two writers of step 5 (claim, two data objects under their
   own attempt's names with a heartbeat between, commit; on any failure,
   settle with ``abort``), the
-  way ``cloudckpt.engine.checkpointer._Commit`` drives the strategy;
+  way ``cloudckpt.engine.commit.StepCommit`` drives the strategy;
 * ``C``: a restarted job's start-up clean-up; ``G``: ``gc`` run twice;
 * ``R``: retention (keep 1), ``X``: an explicit delete of step 5;
 * ``T``: an expiring timeout that cancels ``W1`` wherever it waits.

@@ -13,7 +13,12 @@ A save has two phases:
 
 ``Checkpointer.save`` waits for phase 2; ``AsyncCheckpointer.save`` returns
 after phase 1 and reports a background failure once, at the next ``save``,
-``wait_until_finished`` or ``close``.
+``wait_until_finished`` or ``close``. Phase 2 is :mod:`cloudckpt.engine.commit`.
+
+A checkpointer owns its event loop and the storage clients opened on it: the
+backends of every location it resolved (``location``) are closed on its loop
+when it closes. Code built on a checkpointer (the manager) runs its own
+storage work on the same loop through ``run_on_loop``/``submit_to_loop``.
 """
 
 from __future__ import annotations
@@ -26,23 +31,25 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import atomicity
-from atomicity.claims import RENEW_FRACTION
 from cloudckpt import orbax
+from cloudckpt.engine.commit import StepCommit
 from cloudckpt.engine.loop import LoopThread, check_not_forked, in_forked_child
 from cloudckpt.engine.multihost import MultiprocessingOptions, ProcessGroup
-from cloudckpt.format.step import StepMetadata, read_step_metadata, write_step_metadata
+from cloudckpt.format.step import StepMetadata, read_step_metadata
 from cloudckpt.handlers.args import CheckpointArgs
 from cloudckpt.handlers.base import AsyncCheckpointHandler, CheckpointHandler
+from cloudckpt.storage import Backend
 from cloudckpt.storage.path import StoragePath
 
 logger = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike[str] | StoragePath
+T = TypeVar("T")
 
 
 class Checkpointer:
@@ -73,63 +80,62 @@ class Checkpointer:
         handler.bind_process_group(self._group.options.primary_host, self._group.members)
         self._grace_s = grace_s
         self._loop = LoopThread(f"cloudckpt-{type(self).__name__}")
+        #: Backends of the locations resolved here, by id: their clients on
+        #: this loop are closed with it.
+        self._backends: dict[int, Backend] = {}
         self._closed = False
 
     # ----------------------------------------------------------------- properties
     @property
     def handler(self) -> CheckpointHandler:
+        """The handler every save and restore goes through."""
         return self._handler
 
     @property
     def process_group(self) -> ProcessGroup:
+        """The processes taking part in saves, and which one commits."""
         return self._group
 
     def location(self, path: PathLike) -> StoragePath:
-        return StoragePath.from_url(path, **self._storage_options)
+        """``path`` resolved with this checkpointer's storage options.
 
-    def _run(self, coro: Any, timeout: float | None = None) -> Any:
-        self._check_open()
-        return self._loop.run(coro, timeout)
+        Its backend's clients on this checkpointer's loop are closed with it.
+        """
+        location = StoragePath.from_url(path, **self._storage_options)
+        self._backends.setdefault(id(location.backend), location.backend)
+        return location
 
-    def _check_open(self) -> None:
+    # ------------------------------------------------------------ the event loop
+    def check_open(self) -> None:
+        """Raises ``RuntimeError`` once closed, or in a process forked from this one."""
         check_not_forked()
         if self._closed:
             raise RuntimeError(f"this {type(self).__name__} is closed; create a new one")
 
-    def _run_to_outcome(self, coro: Any) -> Any:
-        """Runs ``coro`` on the loop; on Ctrl-C cancels it and waits until it has unwound.
+    def run_on_loop(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Runs ``coro`` on this checkpointer's event loop and waits for its result.
 
-        Cancelling runs the commit's own clean-up, so once ``KeyboardInterrupt``
-        propagates the save has a definite outcome: nothing of it commits later.
-        A second Ctrl-C while waiting stops the wait.
+        Storage work on locations from :meth:`location` belongs on this loop
+        (their clients are bound to it). Must not be called from the loop.
+
+        Raises:
+            RuntimeError: the checkpointer is closed.
+            TimeoutError: ``timeout`` passed (``coro`` keeps running).
         """
-        self._check_open()
-        finished = threading.Event()
-        running: dict[str, Any] = {"task": None, "cancelled": False}
+        _close_unless(self.check_open, coro)
+        return self._loop.run(coro, timeout)
 
-        async def tracked() -> Any:
-            running["task"] = asyncio.current_task()
-            try:
-                if running["cancelled"]:
-                    coro.close()
-                    raise asyncio.CancelledError
-                return await coro
-            finally:
-                finished.set()
+    def submit_to_loop(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Schedules ``coro`` on this checkpointer's event loop; returns a thread-safe future.
 
-        def cancel() -> None:  # on the loop's thread, so it cannot race tracked()'s start
-            running["cancelled"] = True
-            if running["task"] is not None:
-                running["task"].cancel()
+        The work runs beside a background save; ``close`` does not wait for
+        it (the caller keeps the future and waits itself).
 
-        future = self._loop.submit(tracked())
-        try:
-            return future.result()
-        except KeyboardInterrupt:
-            logger.warning("interrupted: cancelling the save and removing what it wrote")
-            self._loop.loop.call_soon_threadsafe(cancel)
-            finished.wait()
-            raise
+        Raises:
+            RuntimeError: the checkpointer is closed.
+        """
+        _close_unless(self.check_open, coro)
+        return self._loop.submit(coro)
 
     # ----------------------------------------------------------------------- save
     def _prepare(
@@ -140,9 +146,9 @@ class Checkpointer:
         force: bool,
         metrics: Mapping[str, Any] | None,
         custom: Mapping[str, Any] | None,
-    ) -> _Commit:
+    ) -> StepCommit:
         """Phase 1, on the caller's thread: validate and copy; no I/O."""
-        self._check_open()
+        self.check_open()
         if args is None:
             raise ValueError("save needs args, e.g. args=cloudckpt.args.Composite(state=...)")
         location = self.location(path)
@@ -161,15 +167,16 @@ class Checkpointer:
             writes = list(self._handler.async_save(directory, args))
         else:
             writes = [self._handler.save(directory, args)]
-        return _Commit(
-            checkpointer=self,
+        return StepCommit(
+            group=self._group,
+            handler=self._handler,
             location=location,
             tmp=tmp,
             directory=directory,
             writes=writes,
             force=force,
             metadata=StepMetadata(
-                item_handlers=_item_handlers(self._handler),
+                item_handlers=self._handler.step_item_handlers(),
                 metrics=dict(metrics or {}),
                 init_timestamp_nsecs=init_ns,
                 custom=dict(custom or {}),
@@ -197,7 +204,12 @@ class Checkpointer:
                 ``force`` is False, or another writer is saving there.
         """
         job = self._prepare(path, args, force=force, metrics=metrics, custom=custom)
-        self._run_to_outcome(job.run())
+        self._loop.run_to_outcome(
+            job.run(),
+            on_interrupt=lambda: logger.warning(
+                "interrupted: cancelling the save and removing what it wrote"
+            ),
+        )
 
     # -------------------------------------------------------------------- restore
     async def _check_committed(self, location: StoragePath) -> orbax.OrbaxStep | None:
@@ -231,7 +243,7 @@ class Checkpointer:
                 return await orbax.restore_step(location, found, self._handler, args)
             return await self._handler.restore(location, args)
 
-        return self._run(run())
+        return self.run_on_loop(run())
 
     def metadata(self, path: PathLike) -> StepMetadata:
         """The step metadata of ``path`` with per-item metadata, reading no array data."""
@@ -251,11 +263,11 @@ class Checkpointer:
             step.item_metadata = await self._handler.metadata(location)
             return step
 
-        return self._run(run())
+        return self.run_on_loop(run())
 
     # ---------------------------------------------------------------------- close
     def close(self) -> None:
-        """Closes the handler and the event loop."""
+        """Closes the handler, the storage clients opened on the loop, then the loop."""
         if self._closed:
             return
         if in_forked_child():  # the loop and clients belong to the parent process
@@ -265,7 +277,7 @@ class Checkpointer:
             self._handler.close()
         finally:
             self._closed = True
-            self._loop.close()
+            self._loop.close(cleanup=_close_clients(list(self._backends.values())))
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -280,187 +292,22 @@ async def _has_objects(location: StoragePath) -> bool:
     return False
 
 
-def _item_handlers(handler: CheckpointHandler) -> dict[str, str] | str:
-    step_item_handlers = getattr(handler, "step_item_handlers", None)
-    return step_item_handlers() if callable(step_item_handlers) else handler.typestr()
-
-
-class _Commit:
-    """Phase 2 of one save: claim, write everywhere, meet, commit."""
-
-    def __init__(
-        self,
-        *,
-        checkpointer: Checkpointer,
-        location: StoragePath,
-        tmp: atomicity.TemporaryPath,
-        directory: StoragePath,
-        writes: Sequence[Awaitable[None]],
-        force: bool,
-        metadata: StepMetadata,
-    ) -> None:
-        self.checkpointer = checkpointer
-        self.location = location
-        self.tmp = tmp
-        self.directory = directory
-        self.writes = writes
-        self.force = force
-        self.metadata = metadata
-
-    async def run(self) -> None:
-        """Claims, writes, meets and commits; raises only when the step is not committed.
-
-        A failure after the commit point (a lost answer, a timeout while the
-        commit request was in flight) is settled by reading the claim back:
-        if the step committed, the save succeeds; otherwise the attempt is
-        revoked (conditionally) before anything it wrote is deleted.
-        """
-        group = self.checkpointer.process_group
-        if not group.is_member:
-            return
-        handler = self.checkpointer.handler
-        attempt = self.tmp.claim.attempt
-        created = committed = settled = False
-        started = False
-        heartbeat: asyncio.Task[None] | None = None
-        try:
-            error: BaseException | None = None
-            if group.is_primary:
-                try:
-                    backend = self.location.backend
-                    if self.force and await atomicity.is_committed(backend, self.location.path):
-                        await atomicity.delete_checkpoint(backend, self.location.path)
-                    await self.tmp.create()
-                    created = True
-                    heartbeat = asyncio.create_task(_renew_periodically(self.tmp))
-                except Exception as exc:
-                    error = exc
-            await group.sync(attempt, "created", error=error)
-            if error is not None:
-                raise error
-            started = True
-            try:
-                await _run_all(self.writes)
-            except Exception as exc:
-                error = exc
-            await group.sync(attempt, "written", error=error)
-            if error is not None:
-                raise error
-            if group.is_primary:
-                try:
-                    await _stop(heartbeat)
-                    self.metadata.commit_timestamp_nsecs = time.time_ns()
-                    await write_step_metadata(self.directory, self.metadata)
-                    await handler.finalize(self.directory)
-                    await self.tmp.finalize()
-                    committed = True
-                except Exception as exc:
-                    error = exc
-                    # The commit request may have taken effect although it failed
-                    # here (a lost answer): read back before telling anyone.
-                    settled = True  # settled here, whatever the outcome: not again below
-                    try:
-                        if await _remove_own_attempt(self.tmp):
-                            committed, error = True, None
-                            logger.warning(
-                                "the save of %s committed although finalize reported %r",
-                                self.location,
-                                exc,
-                            )
-                    except atomicity.OutcomeUnknownError as unknown:
-                        error = unknown
-            # The others learn whether the primary committed; the primary only tells.
-            primary = group.options.primary_host
-            await group.sync(
-                attempt, "committed", error=error, wait_for=[] if group.is_primary else [primary]
-            )
-            if error is not None:
-                raise error
-        except BaseException as exc:
-            if not started:
-                for write in self.writes:
-                    if asyncio.iscoroutine(write):
-                        write.close()
-            await _stop(heartbeat)
-            # Once committed, the step is a checkpoint: whatever fails later, keep it whole.
-            if created and not committed and not settled and await _remove_own_attempt(self.tmp):
-                logger.warning(
-                    "the save of %s committed although %s interrupted it (its answer was "
-                    "lost); it is reported as saved",
-                    self.location,
-                    type(exc).__name__,
-                )
-                return
-            raise
-        finally:
-            await _stop(heartbeat)
-
-
-async def _renew_periodically(tmp: atomicity.TemporaryPath) -> None:
-    """Heartbeat: renews the claim so that clean-up by the store's clock sees it live."""
-    interval = max(tmp.claim.grace_s * RENEW_FRACTION, 0.001)
-    while True:
-        await asyncio.sleep(interval)
-        try:
-            await tmp.renew()
-        except atomicity.ClaimLostError:
-            logger.warning("the claim of %s was taken over; the save will fail", tmp.get())
-            return  # finalize's conditional commit fails on its own
-        except Exception:
-            logger.warning("could not renew the claim of %s", tmp.get(), exc_info=True)
-
-
-async def _stop(task: asyncio.Task[None] | None) -> None:
-    if task is not None and not task.done():
-        task.cancel()
-        try:
-            await task
-        except asyncio.CancelledError:
-            pass
-
-
-async def _run_all(writes: Sequence[Awaitable[None]]) -> None:
-    """Runs every write; on the first failure cancels the rest and waits for them.
-
-    Raises the failing write's own error (not an ``ExceptionGroup``), so callers
-    can catch it plainly; further failures are attached to it as notes.
-    """
+def _close_unless(check: Callable[[], None], coro: Coroutine[Any, Any, Any]) -> None:
+    """Runs ``check``; if it raises, closes ``coro`` first (it will never be awaited)."""
     try:
-        async with asyncio.TaskGroup() as group:
-            for write in writes:
-                group.create_task(_await(write))
-        return
-    except ExceptionGroup as failures:
-        leaves = _leaf_errors(failures)
-    first = leaves[0]
-    for other in leaves[1:]:
-        first.add_note(f"another write of the same save also failed: {other!r}")
-    raise first
+        check()
+    except BaseException:
+        coro.close()
+        raise
 
 
-def _leaf_errors(group: BaseExceptionGroup[Exception]) -> list[Exception]:
-    out: list[Exception] = []
-    for exc in group.exceptions:
-        out.extend(_leaf_errors(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
-    return out
-
-
-async def _await(awaitable: Awaitable[None]) -> None:
-    await awaitable
-
-
-async def _remove_own_attempt(tmp: atomicity.TemporaryPath) -> bool:
-    """After a failure: True when the step committed after all, else revoke and remove it.
-
-    ``abort`` reads the claim back before deleting anything, so a step whose
-    commit request took effect although its answer was lost (or a timeout
-    cancelled the wait) is never deleted. Shielded from a second cancellation.
-
-    Raises:
-        atomicity.OutcomeUnknownError: the outcome could not be read back; the
-            caller must not report the save as failed.
-    """
-    return await asyncio.shield(tmp.abort())
+async def _close_clients(backends: list[Backend]) -> None:
+    """Closes each backend's clients bound to the running loop (best effort, each alone)."""
+    for backend in backends:
+        try:
+            await backend.aclose()
+        except Exception:
+            logger.debug("closing the clients of %r failed", backend, exc_info=True)
 
 
 @dataclass
@@ -550,7 +397,7 @@ class AsyncCheckpointer(Checkpointer):
                     on_commit()
 
             self._inflight_url = job.location.url
-            self._inflight = self._loop.submit(commit())
+            self._inflight = self.submit_to_loop(commit())
             self._timings.append(timing)
 
     def timings(self) -> list[SaveTiming]:

@@ -1,7 +1,10 @@
 """An asyncio event loop running in a thread of its own.
 
 Checkpointers own one each: blocking calls submit coroutines to it, and the
-background commit of an async save runs on it while training continues.
+background commit of an async save runs on it while training continues. The
+loop knows nothing of storage: clients bound to it (a backend's aiohttp
+session) belong to whoever opened them, who closes them through ``close``'s
+``cleanup`` before the loop stops.
 
 A process created by ``fork()`` from one that had loaded cloudckpt cannot use
 it: the loop thread does not exist in the child (a save would wait forever),
@@ -15,10 +18,8 @@ import asyncio
 import concurrent.futures
 import os
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
-
-from cloudckpt import storage as backends
 
 T = TypeVar("T")
 
@@ -85,22 +86,67 @@ class LoopThread:
             raise RuntimeError("LoopThread.run called from its own loop (deadlock)")
         return self.submit(coro).result(timeout)
 
-    def close(self) -> None:
-        """Closes the backends' clients bound to this loop, then stops the loop.
+    def run_to_outcome(
+        self, coro: Coroutine[Any, Any, T], *, on_interrupt: Callable[[], None] | None = None
+    ) -> T:
+        """Runs ``coro`` and waits; on Ctrl-C cancels it and waits until it has unwound.
 
-        In a forked child this only marks the loop closed: the thread and the
-        clients belong to the parent.
+        Once ``KeyboardInterrupt`` propagates, ``coro`` has finished its own
+        clean-up (its ``finally`` and ``except CancelledError`` blocks): it
+        has a definite outcome and does nothing more later. ``on_interrupt``
+        is called first (to say what is being cancelled). A second Ctrl-C
+        while waiting stops the wait.
+        """
+        finished = threading.Event()
+        running: dict[str, Any] = {"task": None, "cancelled": False}
+
+        async def tracked() -> T:
+            running["task"] = asyncio.current_task()
+            try:
+                if running["cancelled"]:
+                    coro.close()
+                    raise asyncio.CancelledError
+                return await coro
+            finally:
+                finished.set()
+
+        def cancel() -> None:  # on the loop's thread, so it cannot race tracked()'s start
+            running["cancelled"] = True
+            if running["task"] is not None:
+                running["task"].cancel()
+
+        future = self.submit(tracked())
+        try:
+            return future.result()
+        except KeyboardInterrupt:
+            if on_interrupt is not None:
+                on_interrupt()
+            self._loop.call_soon_threadsafe(cancel)
+            finished.wait()
+            raise
+
+    def close(self, cleanup: Coroutine[Any, Any, None] | None = None) -> None:
+        """Runs the owner's ``cleanup`` on the loop, joins its worker threads, stops it.
+
+        ``cleanup`` is where the owner closes what it opened on this loop
+        (its backends' clients): the loop closes nothing it does not own. In a
+        forked child this only marks the loop closed (``cleanup`` is
+        discarded): the thread and the clients belong to the parent.
         """
         if self._closed:
+            if cleanup is not None:
+                cleanup.close()
             return
         if _forked:
             self._closed = True
+            if cleanup is not None:
+                cleanup.close()
             return
 
         async def shutdown() -> None:
-            for backend in backends.all_backends():
+            if cleanup is not None:
                 try:
-                    await backend.aclose()
+                    await cleanup
                 except Exception:  # closing is best effort
                     pass
             # Join the threads of asyncio.to_thread, so a closed loop leaves none behind.

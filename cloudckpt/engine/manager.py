@@ -19,7 +19,7 @@ import math
 import os
 import re
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +27,7 @@ import atomicity
 from cloudckpt import orbax
 from cloudckpt.engine.checkpointer import AsyncCheckpointer, Checkpointer, SaveTiming
 from cloudckpt.engine.loop import check_not_forked, in_forked_child
-from cloudckpt.engine.multihost import MultiprocessingOptions
+from cloudckpt.engine.policy import CheckpointManagerOptions, steps_to_delete
 from cloudckpt.format.step import StepMetadata, read_step_metadata
 from cloudckpt.handlers.args import CheckpointArgs
 from cloudckpt.handlers.base import CheckpointHandler
@@ -35,66 +35,6 @@ from cloudckpt.handlers.composite import CompositeCheckpointHandler
 from cloudckpt.storage.path import StoragePath
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class CheckpointManagerOptions:
-    """How often to save, what to keep, and how.
-
-    Attributes:
-        save_interval_steps: ``save`` writes steps divisible by this (or forced,
-            or at a preemption point).
-        max_to_keep: Keep this many steps (the most recent; with ``best_fn``,
-            the best). None keeps all.
-        keep_period: Steps divisible by this are kept forever, on top of
-            ``max_to_keep``.
-        best_fn: Maps a step's metrics to a number to rank steps by.
-        best_mode: ``"min"`` or ``"max"``: which end of ``best_fn`` is best.
-        keep_checkpoints_without_metrics: With ``best_fn``, whether steps saved
-            without metrics are kept (True) or are the first to go (False).
-        enable_async: Commit in the background (training blocks only for the copy).
-        async_timeout_s: A background save taking longer fails.
-        cleanup_uncommitted_on_start: Remove what crashed saves left behind,
-            in the background, when the manager starts.
-        step_prefix: Name steps ``<step_prefix>_<step>`` instead of ``<step>``.
-        step_format_fixed_length: Zero-pad step numbers to this many digits.
-        save_on_preemption: Save any step at which JAX reports a preemption
-            sync point, even if it is not due.
-        multiprocessing_options: Primary process, active processes, barrier timeout.
-        grace_s: How long an uncommitted save of another writer is protected
-            from clean-up (defaults to the checkpointer's).
-    """
-
-    save_interval_steps: int = 1
-    max_to_keep: int | None = None
-    keep_period: int | None = None
-    best_fn: Callable[[Mapping[str, Any]], float] | None = None
-    best_mode: str = "max"
-    keep_checkpoints_without_metrics: bool = True
-    enable_async: bool = True
-    async_timeout_s: float = 600.0
-    cleanup_uncommitted_on_start: bool = True
-    step_prefix: str | None = None
-    step_format_fixed_length: int | None = None
-    save_on_preemption: bool = True
-    multiprocessing_options: MultiprocessingOptions | None = None
-    grace_s: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.save_interval_steps < 1:
-            raise ValueError(f"save_interval_steps must be >= 1, got {self.save_interval_steps}")
-        if self.max_to_keep is not None and self.max_to_keep < 1:
-            raise ValueError(f"max_to_keep must be >= 1 or None, got {self.max_to_keep}")
-        if self.keep_period is not None and self.keep_period < 1:
-            raise ValueError(f"keep_period must be >= 1 or None, got {self.keep_period}")
-        if self.best_mode not in ("min", "max"):
-            raise ValueError(f"best_mode must be 'min' or 'max', got {self.best_mode!r}")
-        if self.step_prefix is not None and not re.fullmatch(
-            r"[A-Za-z0-9][A-Za-z0-9._-]*", self.step_prefix
-        ):
-            raise ValueError(
-                f"step_prefix must be a plain name like 'ckpt', got {self.step_prefix!r}"
-            )
 
 
 @dataclass
@@ -134,7 +74,6 @@ class CheckpointManager:
     ) -> None:
         self._options = options or CheckpointManagerOptions()
         opts = self._options
-        self._root = StoragePath.from_url(directory, **dict(storage_options or {}))
         handler = handler if handler is not None else CompositeCheckpointHandler()
         common: dict[str, Any] = {
             "storage_options": storage_options,
@@ -154,6 +93,8 @@ class CheckpointManager:
         self._background_lock = threading.Lock()
         self._closed = False
         try:
+            # Resolved by the checkpointer, which closes its clients when it closes.
+            self._root = self._ckptr.location(directory)
             self.reload()
             if opts.cleanup_uncommitted_on_start and self._group.is_primary:
                 self._in_background(self._cleanup_uncommitted())
@@ -192,10 +133,10 @@ class CheckpointManager:
     # ------------------------------------------------------------------ listing
     def reload(self) -> None:
         """Re-reads the committed steps (one listing, on the primary process)."""
-        self._ckptr._check_open()
+        self._ckptr.check_open()
         found: list[dict[str, Any]] | None = None
         if self._group.is_primary:
-            found = self._ckptr._run(self._scan())
+            found = self._ckptr.run_on_loop(self._scan())
         found = self._group.share("manager-steps/" + self._root.url, found)
         with self._state.lock:
             self._state.steps = {
@@ -209,6 +150,7 @@ class CheckpointManager:
             }
 
     async def _scan(self) -> list[dict[str, Any]]:
+        """The committed steps under the root, from one listing (plus metrics, with best_fn)."""
         # Orbax hook: the tap keeps the one listing so Orbax discovery need not list again.
         tap = orbax.ListingTap(self._root.backend)
         children = await atomicity.list_committed(tap, self._root.path)
@@ -230,22 +172,23 @@ class CheckpointManager:
                 theirs[step] = found
         if self._options.best_fn is not None:
             # Ranking needs each step's metrics: one small read per kept step, at start only.
-            async def metrics_of(s: _Step) -> None:
-                path = self.step_path(s.step)
-                try:
-                    if s.orbax:  # described by the listing already: no second one
-                        meta = await orbax.step_metadata(path, theirs[s.step], with_items=False)
-                    else:
-                        meta = await read_step_metadata(path)
-                    s.metrics = meta.metrics or None
-                except Exception:
-                    logger.warning("could not read metrics of step %d", s.step, exc_info=True)
-
-            await asyncio.gather(*(metrics_of(s) for s in steps))
+            await asyncio.gather(*(self._read_metrics(s, theirs.get(s.step)) for s in steps))
         return [
             {"step": s.step, "metrics": s.metrics, "nbytes": s.nbytes, "orbax": s.orbax}
             for s in steps
         ]
+
+    async def _read_metrics(self, step: _Step, orbax_step: Any) -> None:
+        """Sets ``step.metrics`` from its metadata; a step that cannot be read keeps None."""
+        path = self.step_path(step.step)
+        try:
+            if step.orbax:  # described by the listing already: no second one
+                meta = await orbax.step_metadata(path, orbax_step, with_items=False)
+            else:
+                meta = await read_step_metadata(path)
+            step.metrics = meta.metrics or None
+        except Exception:
+            logger.warning("could not read metrics of step %d", step.step, exc_info=True)
 
     def all_steps(self) -> list[int]:
         """Committed steps, ascending."""
@@ -307,7 +250,7 @@ class CheckpointManager:
         Raises:
             FileExistsError: ``step`` is already committed; nothing is touched.
         """
-        self._ckptr._check_open()
+        self._ckptr.check_open()
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
         with self._state.lock:
@@ -342,27 +285,17 @@ class CheckpointManager:
 
     # ---------------------------------------------------------------- retention
     def _steps_to_delete(self) -> list[int]:
-        opts = self._options
         with self._state.lock:
             # Orbax steps are neither counted nor deleted: retention manages our own steps.
-            steps = {
-                s: info
+            metrics = {
+                s: info.metrics
                 for s, info in self._state.steps.items()
                 if s not in self._state.deleting and not info.orbax
             }
-        if opts.max_to_keep is None or len(steps) <= opts.max_to_keep:
+        if self._options.max_to_keep is None or len(metrics) <= self._options.max_to_keep:
             return []
-        keep: set[int] = set()
-        if opts.keep_period:
-            keep |= {s for s in steps if s % opts.keep_period == 0}
-        if opts.best_fn is not None:
-            keep |= set([s for s in self._ranked_by_metrics() if s in steps][: opts.max_to_keep])
-            unranked = {s for s, info in steps.items() if info.metrics is None}
-            if opts.keep_checkpoints_without_metrics:
-                keep |= unranked
-        else:
-            keep |= set(sorted(steps)[-opts.max_to_keep :])
-        return sorted(s for s in steps if s not in keep)
+        ranked = self._ranked_by_metrics() if self._options.best_fn is not None else []
+        return steps_to_delete(metrics, ranked, self._options)
 
     async def _apply_retention(self) -> None:
         doomed = self._steps_to_delete()
@@ -407,7 +340,7 @@ class CheckpointManager:
                 )
             self._state.deleting.add(step)
         if self._group.is_primary:
-            self._ckptr._run(self._delete_step(step))
+            self._ckptr.run_on_loop(self._delete_step(step))
         else:
             with self._state.lock:
                 self._state.steps.pop(step, None)
@@ -419,7 +352,7 @@ class CheckpointManager:
             logger.info("cleaned up %d uncommitted step(s) under %s", len(deleted), self._root)
 
     def _in_background(self, coro: Any) -> None:
-        future = self._ckptr._loop.submit(coro)
+        future = self._ckptr.submit_to_loop(coro)
         with self._background_lock:
             self._background.add(future)
         future.add_done_callback(self._background_done)

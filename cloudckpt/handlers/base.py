@@ -5,14 +5,23 @@ Who calls what, in order, for one save (all on the checkpointer's side):
 1. ``async_save(directory, args)`` on the caller's thread: validates ``args``
    and copies whatever the caller may mutate afterwards (device arrays to
    host memory). It does no I/O and returns awaitables.
-2. The awaitables run on the checkpointer's event loop, concurrently with
+2. ``step_item_handlers()`` right after, on the same thread: its answer goes
+   into the step metadata the primary process writes.
+3. The awaitables run on the checkpointer's event loop, concurrently with
    other items', writing under ``directory`` (on every process).
-3. ``finalize(directory)`` once, on the primary process, after every process
+4. ``finalize(directory)`` once, on the primary process, after every process
    has finished writing and before the checkpoint is committed.
 
 ``restore`` and ``metadata`` are coroutines run on the checkpointer's loop.
-A handler that does not need the copy/commit split subclasses
-:class:`CheckpointHandler` and implements the coroutine ``save``.
+``bind_process_group`` is called once, when the checkpointer is made;
+``close`` once, when it closes. A handler that does not need the copy/commit
+split subclasses :class:`CheckpointHandler` and implements the coroutine
+``save``.
+
+Identity: every concrete handler class has a ``typestr``, recorded in step
+metadata so that a later process can find the handler again. Declare it as
+the class attribute ``TYPESTR`` (a stable string, never changed once
+checkpoints carry it); see :attr:`CheckpointHandler.TYPESTR`.
 """
 
 from __future__ import annotations
@@ -23,29 +32,80 @@ from collections.abc import Awaitable, Sequence
 from typing import Any, ClassVar
 
 from cloudckpt.handlers.args import CheckpointArgs
+from cloudckpt.handlers.registry import register_handler_type
 from cloudckpt.storage.path import StoragePath
 
-#: typestr -> handler class, filled as handler classes are defined. Restoring
-#: by recorded type only ever resolves classes already imported: nothing in a
-#: checkpoint can make cloudckpt import code.
-_KNOWN_HANDLERS: dict[str, type[CheckpointHandler]] = {}
+
+def abstract_methods(cls: type) -> set[str]:
+    """Names of ``cls``'s abstract methods (empty for a class that can be instantiated).
+
+    Computed the way ``abc`` does (its own abstract attributes, and its bases'
+    that it did not override), because ``abc`` sets ``__abstractmethods__``
+    only after ``__init_subclass__`` has returned.
+    """
+    names = {name for name, value in vars(cls).items() if _is_abstract(value)}
+    for base in cls.__bases__:
+        for name in getattr(base, "__abstractmethods__", ()):
+            if _is_abstract(getattr(cls, name, None)):
+                names.add(name)
+    return names
+
+
+def _is_abstract(value: object) -> bool:
+    return bool(getattr(value, "__isabstractmethod__", False))
 
 
 class CheckpointHandler(abc.ABC):
-    """Saves and restores one kind of item under a directory."""
+    """Saves and restores one kind of item under a directory.
+
+    Defining a concrete subclass (one with no abstract method left) records
+    it under its ``typestr()`` in the process-wide table of handler
+    identities (:mod:`cloudckpt.handlers.registry`); a second class with the
+    same typestr is a ``TypeError`` there and then. Instantiating a subclass
+    that leaves an abstract method out is a ``TypeError`` naming it.
+    """
+
+    #: The handler's identity in checkpoints: a stable string, written into
+    #: step metadata and looked up when restoring without args. Declare it on
+    #: each concrete handler class and never change it once checkpoints carry
+    #: it; moving or renaming the class then changes nothing on disk. It is
+    #: not inherited: a subclass is another handler, with its own identity.
+    #: A class that declares none is known as ``"<module>.<qualname>"``: that
+    #: keeps working, but ties its checkpoints to where the class is defined
+    #: (moved or renamed, its checkpoints restore only with explicit args).
+    TYPESTR: ClassVar[str | None] = None
 
     #: Args type to default-construct when restoring without args (None: cannot).
     default_restore_args: ClassVar[type[CheckpointArgs] | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if not getattr(cls, "__abstractmethods__", None):
-            _KNOWN_HANDLERS[cls.typestr()] = cls
+        declared = cls.__dict__.get("TYPESTR")
+        if declared is not None and (type(declared) is not str or not declared.strip()):
+            raise TypeError(
+                f"{cls.__qualname__}.TYPESTR must be a non-empty string, got {declared!r}"
+            )
+        if not abstract_methods(cls):  # abstract bases have no identity of their own
+            register_handler_type(cls)
 
     @classmethod
     def typestr(cls) -> str:
-        """A stable name recorded in step metadata to find this handler again."""
-        return f"{cls.__module__}.{cls.__qualname__}"
+        """The name recorded in step metadata to find this handler again.
+
+        The class's own ``TYPESTR`` when it declares one, else
+        ``"<module>.<qualname>"`` (see :attr:`TYPESTR`).
+        """
+        declared = cls.__dict__.get("TYPESTR")
+        return declared if declared is not None else f"{cls.__module__}.{cls.__qualname__}"
+
+    def step_item_handlers(self) -> dict[str, str] | str:
+        """What the step metadata records as ``item_handlers`` for the save just prepared.
+
+        Called after ``async_save``/``save`` has validated its args. A handler
+        of one item returns its ``typestr()`` (the default); a handler of
+        several named items returns ``{item: typestr}``, as the composite does.
+        """
+        return self.typestr()
 
     @abc.abstractmethod
     async def save(self, directory: StoragePath, args: CheckpointArgs) -> None:
@@ -78,8 +138,3 @@ class AsyncCheckpointHandler(CheckpointHandler):
 
     async def save(self, directory: StoragePath, args: CheckpointArgs) -> None:
         await asyncio.gather(*self.async_save(directory, args))
-
-
-def handler_class_by_typestr(typestr: str) -> type[CheckpointHandler] | None:
-    """The handler class recorded as ``typestr``, if it is known to this process."""
-    return _KNOWN_HANDLERS.get(typestr)

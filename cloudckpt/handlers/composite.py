@@ -8,12 +8,13 @@ from typing import Any
 
 from cloudckpt.format.step import read_step_metadata, validate_item_name
 from cloudckpt.handlers.args import CheckpointArgs, Composite
-from cloudckpt.handlers.base import (
-    AsyncCheckpointHandler,
-    CheckpointHandler,
+from cloudckpt.handlers.base import AsyncCheckpointHandler, CheckpointHandler
+from cloudckpt.handlers.registry import (
+    HandlerRegistry,
     handler_class_by_typestr,
+    handler_class_for,
+    registered_args_for,
 )
-from cloudckpt.handlers.registry import HandlerRegistry, handler_class_for, registered_args_for
 from cloudckpt.storage.path import StoragePath
 
 
@@ -26,6 +27,10 @@ class CompositeCheckpointHandler(AsyncCheckpointHandler):
     the bound handler or, in a fresh process, the handler type recorded in the
     step metadata.
     """
+
+    # Its items' typestrs are what step metadata records (step_item_handlers),
+    # never this one; it keeps the name the class had before the package layout.
+    TYPESTR = "cloudckpt.composite.CompositeCheckpointHandler"
 
     def __init__(self, *, handler_registry: HandlerRegistry | None = None) -> None:
         self._registry = handler_registry
@@ -147,7 +152,7 @@ class CompositeCheckpointHandler(AsyncCheckpointHandler):
         return writes
 
     def step_item_handlers(self) -> dict[str, str]:
-        """``{item: typestr}`` of the last save, recorded in step metadata."""
+        """``{item: typestr}`` of the save just prepared, recorded in step metadata."""
         return dict(self._last_saved)
 
     async def finalize(self, directory: StoragePath) -> None:

@@ -23,6 +23,8 @@ class JsonCheckpointHandler(AsyncCheckpointHandler):
     Every process validates the object; the primary process alone writes it.
     """
 
+    TYPESTR = "cloudckpt.handlers.json.JsonCheckpointHandler"  # on disk: never change
+
     def __init__(self) -> None:
         self._writes = True
 

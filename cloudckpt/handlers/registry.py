@@ -1,17 +1,90 @@
-"""Binding args types to handlers: the global registration and HandlerRegistry."""
+"""Which handler serves what: handler identities, args bindings and HandlerRegistry.
+
+Two process-wide tables live here, and only here. Both are filled as classes
+are defined (at import), never by reading a checkpoint, and both refuse a
+conflicting entry instead of silently replacing it, so every checkpointer in
+the process sees the same answers:
+
+* **handler identities** (``typestr`` -> handler class): step metadata
+  records each item's handler typestr; restoring without args looks it up
+  here. Only classes already imported are found: nothing in a checkpoint can
+  make cloudckpt import code.
+* **args bindings** (args class -> handler class, ``register_with_handler``):
+  which handler a :class:`~cloudckpt.handlers.composite.CompositeCheckpointHandler`
+  without a ``handler_registry`` makes for an item's args.
+
+A :class:`HandlerRegistry` is the per-checkpointer alternative to the second:
+handler instances chosen per item, passed to one composite handler.
+"""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from cloudckpt.handlers.args import CheckpointArgs
-from cloudckpt.handlers.base import CheckpointHandler
+
+if TYPE_CHECKING:  # base.py imports this module to register handler classes
+    from cloudckpt.handlers.base import CheckpointHandler
 
 A = TypeVar("A", bound=type)
 
+_lock = threading.Lock()  # makes register_handler_type's check-then-set one step
+#: typestr -> the concrete handler class whose identity it is (see module docstring).
+_HANDLER_TYPES: dict[str, type[CheckpointHandler]] = {}
+#: args class -> the handler class ``register_with_handler`` bound it to.
 _SAVE_ARGS: dict[type[CheckpointArgs], type[CheckpointHandler]] = {}
 _RESTORE_ARGS: dict[type[CheckpointArgs], type[CheckpointHandler]] = {}
+
+
+def _qualified_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def register_handler_type(handler_cls: type[CheckpointHandler]) -> None:
+    """Records ``handler_cls`` as the class its ``typestr()`` names.
+
+    Called for every concrete handler class when it is defined
+    (``CheckpointHandler.__init_subclass__``); there is no need to call it
+    directly. Defining a class again under the same module and qualified name
+    (a module reloaded, a class made inside a function called twice) replaces
+    the earlier one: it is the same handler.
+
+    Raises:
+        TypeError: another handler class already has this typestr; restoring
+            a checkpoint that names it would be ambiguous.
+    """
+    typestr = handler_cls.typestr()
+    with _lock:
+        known = _HANDLER_TYPES.get(typestr)
+        if known is not None and _qualified_name(known) != _qualified_name(handler_cls):
+            raise TypeError(
+                f"handler class {_qualified_name(handler_cls)} has typestr {typestr!r}, which is "
+                f"already the identity of {_qualified_name(known)}; checkpoints record it to find "
+                "their handler again, so each handler class needs its own. Declare another "
+                "TYPESTR on the new class"
+            )
+        _HANDLER_TYPES[typestr] = handler_cls
+
+
+def handler_class_by_typestr(typestr: str) -> type[CheckpointHandler] | None:
+    """The handler class whose identity is ``typestr``, if it is defined in this process."""
+    return _HANDLER_TYPES.get(typestr)
+
+
+def _require_concrete_handler(handler_cls: object, where: str) -> None:
+    """Raises a clear ``TypeError`` unless ``handler_cls`` is an instantiable handler class."""
+    from cloudckpt.handlers.base import CheckpointHandler, abstract_methods  # import cycle
+
+    if not (isinstance(handler_cls, type) and issubclass(handler_cls, CheckpointHandler)):
+        raise TypeError(f"{where} needs a CheckpointHandler subclass, got {handler_cls!r}")
+    missing = abstract_methods(handler_cls)
+    if missing:
+        raise TypeError(
+            f"{where}: {handler_cls.__name__} is abstract; it does not implement "
+            f"{', '.join(sorted(missing))}. Implement them (see cloudckpt.CheckpointHandler)"
+        )
 
 
 def register_with_handler(
@@ -21,8 +94,11 @@ def register_with_handler(
 
     Raises:
         ValueError: neither ``for_save`` nor ``for_restore`` is set.
-        TypeError: the decorated class is not a :class:`CheckpointArgs` subclass.
+        TypeError: ``handler_cls`` is not a concrete handler class (an abstract
+            method is missing), or the decorated class is not a
+            :class:`CheckpointArgs` subclass.
     """
+    _require_concrete_handler(handler_cls, f"register_with_handler({handler_cls!r})")
     if not (for_save or for_restore):
         raise ValueError(
             f"register_with_handler({handler_cls.__name__}) needs for_save=True and/or "
@@ -49,10 +125,9 @@ def handler_class_for(args_type: type[CheckpointArgs]) -> type[CheckpointHandler
 
 
 def registered_args_for(handler_cls: type[CheckpointHandler]) -> list[str]:
-    names = {
-        a.__name__ for a, h in (*_SAVE_ARGS.items(), *_RESTORE_ARGS.items()) if h is handler_cls
-    }
-    return sorted(names)
+    """Names of the args classes bound to ``handler_cls``, sorted."""
+    bound = [*_SAVE_ARGS.items(), *_RESTORE_ARGS.items()]
+    return sorted({a.__name__ for a, h in bound if h is handler_cls})
 
 
 def _args_type(args_or_type: CheckpointArgs | type[CheckpointArgs]) -> type[CheckpointArgs]:
@@ -75,9 +150,19 @@ class HandlerRegistry:
         args_type: type[CheckpointArgs],
         handler: CheckpointHandler | type[CheckpointHandler],
     ) -> None:
-        """Adds an entry; a duplicate (item, args type) pair raises ``ValueError``."""
+        """Adds an entry; a handler class is instantiated once, here.
+
+        Raises:
+            ValueError: the (item, args type) pair already has an entry.
+            TypeError: ``args_type`` is not a :class:`CheckpointArgs` subclass,
+                or ``handler`` is an abstract handler class.
+        """
         if not (isinstance(args_type, type) and issubclass(args_type, CheckpointArgs)):
             raise TypeError(f"args_type must be a CheckpointArgs subclass, got {args_type!r}")
+        if isinstance(handler, type):
+            _require_concrete_handler(
+                handler, f"HandlerRegistry.add({item!r}, {args_type.__name__})"
+            )
         key = (item, args_type)
         if key in self._entries:
             raise ValueError(

@@ -69,6 +69,8 @@ class StandardCheckpointHandler(AsyncCheckpointHandler):
             this.
     """
 
+    TYPESTR = "cloudckpt.handlers.pytree.StandardCheckpointHandler"  # on disk: never change
+
     def __init__(
         self,
         *,
