@@ -245,6 +245,9 @@ class WriterLoads:
     def __init__(self) -> None:
         self.loads: dict[int, int] = {}
         self._heaps: dict[tuple[int, ...], list[tuple[int, int]]] = {}
+        # id(candidates) -> (candidates, heap): skips hashing a pod-sized tuple per call;
+        # holding the tuple keeps its id from being reused.
+        self._seen: dict[int, tuple[tuple[int, ...], list[tuple[int, int]]]] = {}
 
     def add(self, process: int, nbytes: int) -> None:
         self.loads[process] = self.loads.get(process, 0) + nbytes
@@ -252,11 +255,16 @@ class WriterLoads:
     def assign(self, candidates: tuple[int, ...], sizes: list[int]) -> list[int]:
         """Writers for parts of ``sizes`` bytes, distinct while there are candidates."""
         loads = self.loads
-        heap = self._heaps.get(candidates)
-        if heap is None:
-            heap = [(loads.get(p, 0), p) for p in candidates]
-            heapq.heapify(heap)
-            self._heaps[candidates] = heap
+        seen = self._seen.get(id(candidates))
+        if seen is not None and seen[0] is candidates:
+            heap = seen[1]
+        else:
+            heap = self._heaps.get(candidates)
+            if heap is None:
+                heap = [(loads.get(p, 0), p) for p in candidates]
+                heapq.heapify(heap)
+                self._heaps[candidates] = heap
+            self._seen[id(candidates)] = (candidates, heap)
         order = sorted(range(len(sizes)), key=lambda j: (-sizes[j], j))
         writers = [0] * len(sizes)
         taken: list[int] = []

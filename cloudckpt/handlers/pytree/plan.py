@@ -311,22 +311,28 @@ def _place(stored: list[_Stored], total_bytes: int, opts: PlanOptions) -> None:
     writers = len(opts.members) or jax.process_count()
     min_part = max(layout.MIN_PART_BYTES, total_bytes // (PARTS_PER_PROCESS * max(writers, 1)))
     loads = layout.WriterLoads()
-    spread: list[tuple[int, int, int, list[layout.Index]]] = []  # (-bytes, leaf, shard, parts)
-    split_cache: dict[tuple[Any, tuple[int, ...], int], list[list[layout.Index]]] = {}
+    Split = list[tuple[list[layout.Index], list[int]]]  # per shard: its parts and their bytes
+    spread: list[tuple[int, int, int, tuple[list[layout.Index], list[int]]]] = []
+    split_cache: dict[tuple[Any, tuple[int, ...], int], Split] = {}
     for n, leaf in enumerate(stored):
         leaf.parts = [(s.index, s.index, s.writer) for s in leaf.shards]
         if all(len(s.replicas) <= 1 for s in leaf.shards):
             for s in leaf.shards:
                 loads.add(s.writer, s.nbytes)
             continue
-        if leaf.to_pack:  # a pack entry is one shard, whole
-            split = [[s.index] for s in leaf.shards]
-        else:
-            key = (leaf.sharding, leaf.shape, leaf.dtype.itemsize)
-            split = split_cache.get(key)
-            if split is None:
+        key = (leaf.sharding, leaf.shape, leaf.dtype.itemsize)
+        split = split_cache.get(key)
+        if split is None:
+            if leaf.to_pack:  # a pack entry is one shard, whole
+                split = [([s.index], [s.nbytes]) for s in leaf.shards]
+            else:
                 counts = [min(len(s.replicas), max(1, s.nbytes // min_part)) for s in leaf.shards]
-                split = split_cache[key] = layout.split_shards(leaf.shape, leaf.shards, counts)
+                itemsize = leaf.dtype.itemsize
+                split = [
+                    (parts, [math.prod(layout.index_shape(ix)) * itemsize for ix in parts])
+                    for parts in layout.split_shards(leaf.shape, leaf.shards, counts)
+                ]
+            split_cache[key] = split
         for k, s in enumerate(leaf.shards):
             if len(s.replicas) <= 1:
                 loads.add(s.writer, s.nbytes)
@@ -335,10 +341,8 @@ def _place(stored: list[_Stored], total_bytes: int, opts: PlanOptions) -> None:
     # Held-by-one shards are counted first, so replicated bytes even out around them.
     spread.sort(key=lambda t: t[:3])
     placed: dict[int, dict[int, list[tuple[layout.Index, layout.Index, int]]]] = {}
-    for _, n, k, indices in spread:
-        leaf = stored[n]
-        shard = leaf.shards[k]
-        sizes = [math.prod(layout.index_shape(ix)) * leaf.dtype.itemsize for ix in indices]
+    for _, n, k, (indices, sizes) in spread:
+        shard = stored[n].shards[k]
         chosen = loads.assign(shard.replicas, sizes)
         placed.setdefault(n, {})[k] = [
             (ix, shard.index, w) for ix, w in zip(indices, chosen, strict=True)
