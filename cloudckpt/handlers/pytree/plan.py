@@ -289,8 +289,9 @@ def _writable_shards(
     return shards
 
 
-#: Parts are at least 1/this of the mean bytes per process.
-PARTS_PER_PROCESS = 16
+#: Parts are at least 1/this of the mean bytes per process: few enough objects on a
+#: large pod, and small enough that greedy placement ends within ~2/this of even.
+PARTS_PER_PROCESS = 32
 
 
 def _place(stored: list[_Stored], total_bytes: int, opts: PlanOptions) -> None:
