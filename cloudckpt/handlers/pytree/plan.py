@@ -222,14 +222,10 @@ def plan_save(tree: Any, opts: PlanOptions) -> SavePlan:
         entry = plan.leaves_json[i]
         if leaf.to_pack:
             entry["storage"] = {"type": "packed"}
+            # A packed shard is never split: its parts are its shards, in order.
             packed_shards.extend(
-                (
-                    i,
-                    layout.Shard(
-                        index, writer, math.prod(layout.index_shape(index)) * dtype.itemsize
-                    ),
-                )
-                for index, _, writer in leaf.parts
+                (i, layout.Shard(s.index, writer, s.nbytes))
+                for s, (_, _, writer) in zip(leaf.shards, leaf.parts, strict=True)
             )
         else:
             parts = [layout.Shard(index, writer, 0) for index, _, writer in leaf.parts]
