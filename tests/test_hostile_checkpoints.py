@@ -24,7 +24,7 @@ import pytest
 
 import cloudckpt as cc
 from cloudckpt.format import jsonio as _jsonio
-from cloudckpt.handlers.pytree import layout
+from cloudckpt.format import layout
 
 from .hostile import leaf, manager, rewrap, run_cli, save_steps, state
 

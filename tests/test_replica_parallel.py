@@ -26,8 +26,8 @@ from jax.sharding import PartitionSpec as P
 
 import cloudckpt as cc
 from cloudckpt.engine.loop import LoopThread
-from cloudckpt.format import jsonio
-from cloudckpt.format.pytree import ZarrStorage, parse_pytree
+from cloudckpt.format.layout import full_index, index_shape
+from cloudckpt.format.pytree import ZarrStorage, read_pytree
 from cloudckpt.handlers.pytree import layout
 from cloudckpt.testing.servers import FaultProxy, LocalServers
 
@@ -125,10 +125,7 @@ def _data_objects(objects: dict[str, int]) -> dict[str, int]:
 
 def _leaf_keys(loop: LoopThread, url: str) -> dict[str, str]:
     """Leaf name -> its zarr key, from the stored pytree.json (read as restore reads it)."""
-    target = cc.StoragePath.from_url(url) / "pytree.json"
-    raw = loop.run(target.backend.get(target.path))
-    assert raw is not None
-    document = parse_pytree(jsonio.loads(raw, where=url), where=url)
+    document = loop.run(read_pytree(cc.StoragePath.from_url(url)))
     return {
         leaf.path.strip("[]'"): leaf.storage.key
         for leaf in document.leaves
@@ -229,7 +226,7 @@ def test_restores_on_two_processes_with_another_mesh(run: Run) -> None:
 # ------------------------------------------------------------------------- the rules alone
 def _replicated(shape: tuple[int, ...], processes: int) -> list[layout.Shard]:
     nbytes = math.prod(shape) * 4
-    return [layout.Shard(layout.full_index(shape), 0, nbytes, tuple(range(processes)))]
+    return [layout.Shard(full_index(shape), 0, nbytes, tuple(range(processes)))]
 
 
 @pytest.mark.parametrize(
@@ -247,9 +244,9 @@ def test_split_shards_into_chunk_aligned_parts(
 ) -> None:
     shards = _replicated(shape, count)
     (parts,) = layout.split_shards(shape, shards, [count])
-    assert [layout.index_shape(p) for p in parts] == want
+    assert [index_shape(p) for p in parts] == want
     # The parts tile the shard, and the chunk grid puts a boundary at every part's edge.
-    assert sum(math.prod(layout.index_shape(p)) for p in parts) == math.prod(shape)
+    assert sum(math.prod(index_shape(p)) for p in parts) == math.prod(shape)
     chunk = layout.chunk_grid(shape, [layout.Shard(p, 0, 0) for p in parts], 4, 256 << 20)
     for part in parts:
         assert all(a % c == 0 and b % c == 0 for (a, b), c in zip(part, chunk, strict=True))

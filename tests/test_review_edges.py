@@ -76,7 +76,7 @@ VERIFY_AFTER_MANY_PROBLEMS = """
     import pathlib, sys
     import numpy as np
     import cloudckpt as cc
-    from cloudckpt.handlers.pytree import layout
+    from cloudckpt.format import layout
     from tests.hostile import leaf, rewrap, run_cli
 
     step = pathlib.Path(sys.argv[1]) / "s"

@@ -1,6 +1,6 @@
-"""``pytree.json`` read as untrusted input: the one validating reader of a pytree item.
+"""``pytree.json``: the one writer and the one validating reader of a pytree item's document.
 
-Everything a restore, ``cloudckpt inspect`` or ``cloudckpt verify`` learns
+:func:`write_pytree` stores what the save planned; everything a restore, ``cloudckpt inspect`` or ``cloudckpt verify`` learns
 about a pytree item comes through :func:`parse_pytree`, which accepts exactly
 the shapes the writer produces (docs/FORMAT.md) and refuses anything else with
 :class:`~cloudckpt.errors.CorruptCheckpointError` naming the leaf:
@@ -16,8 +16,8 @@ the shapes the writer produces (docs/FORMAT.md) and refuses anything else with
   :data:`MAX_DEPTH` deep.
 
 A valid document can still claim more data than storage holds.
-:func:`cloudckpt.handlers.pytree.backing.backing_problems` compares it with one listing of the item: every
-chunk of a zarr leaf must exist with the exact size its metadata implies
+:func:`cloudckpt.format.backing.backing_problems` compares it with one listing of
+the item: every chunk of a zarr leaf must exist with the exact size its metadata implies
 (arrays are stored uncompressed), and every pack object must be exactly as
 long as its entries. Only then does a reader size an allocation from a shape.
 """
@@ -35,9 +35,13 @@ from typing import Any
 import numpy as np
 
 from cloudckpt.errors import CorruptCheckpointError
-from cloudckpt.handlers.pytree import layout
+from cloudckpt.format import jsonio, layout
+from cloudckpt.format.step import write_object
+from cloudckpt.storage.path import StoragePath
 
-#: Newest ``format`` of ``pytree.json`` this reader understands.
+#: The document's object, under the item's prefix.
+METADATA_NAME = "pytree.json"
+#: Newest ``format`` of ``pytree.json`` this reader understands, and the one the writer writes.
 PYTREE_FORMAT = 1
 #: Deepest skeleton accepted (``flatten`` recurses too, so deeper trees cannot be saved).
 MAX_DEPTH = 512
@@ -51,11 +55,8 @@ ARRAY_KINDS = frozenset({"jax", "ndarray", "np_scalar", "py"})
 _IMPL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 #: ``py_type`` of a Python scalar leaf and the dtype the writer stores it as.
 PY_TYPES = {"bool": "bool", "int": "int64", "float": "float64", "complex": "complex128"}
-#: Bytes of one shard-index entry (offset and length, uint64 each).
-_INDEX_ENTRY_BYTES = 16
 _NUMBER = r"(?:0|[1-9][0-9]{0,9})"
 _PACK_OBJECT = re.compile(rf"packs/{_NUMBER}\.{_NUMBER}")
-_ARRAY_KEY = re.compile(rf"arrays/({_NUMBER})")
 
 
 # ------------------------------------------------------------------------------- records
@@ -77,12 +78,7 @@ class ZarrStorage:
     @property
     def object_bytes(self) -> int:
         """The exact size of every chunk object: its bytes, crc32c and shard index."""
-        itemsize = self.stored.itemsize
-        if self.inner == self.chunk:
-            return math.prod(self.chunk) * itemsize + layout.CRC_BYTES
-        n_inner = math.prod(c // i for c, i in zip(self.chunk, self.inner, strict=True))
-        inner_bytes = math.prod(self.inner) * itemsize + layout.CRC_BYTES
-        return n_inner * (inner_bytes + _INDEX_ENTRY_BYTES) + layout.CRC_BYTES
+        return layout.chunk_object_bytes(self.chunk, self.inner, self.stored.itemsize)
 
     def chunk_key(self, position: tuple[int, ...]) -> str:
         """The object of the chunk at grid ``position``, relative to the item."""
@@ -157,6 +153,41 @@ class PytreeDocument:
     leaves: tuple[Leaf, ...]
     #: Exact size of every pack object, from its entries.
     pack_sizes: dict[str, int]
+
+
+# ------------------------------------------------------------------------- reading, writing
+async def write_pytree(
+    directory: StoragePath,
+    skeleton: dict[str, Any],
+    shardings: list[dict[str, Any] | None],
+    leaves: list[dict[str, Any]],
+) -> None:
+    """Writes the item's ``pytree.json`` (create-only where there is no atomic rename).
+
+    ``leaves`` are the leaf records as docs/FORMAT.md gives them (the save's
+    plan builds them, pack entries through :meth:`layout.PackEntry.to_json`).
+    """
+    document = {
+        "format": PYTREE_FORMAT,
+        "skeleton": skeleton,
+        "shardings": shardings,
+        "leaves": leaves,
+    }
+    await write_object(directory / METADATA_NAME, jsonio.dumps(document, what="pytree metadata"))
+
+
+async def read_pytree(directory: StoragePath) -> PytreeDocument:
+    """Reads, checksums and validates the ``pytree.json`` of the item at ``directory``.
+
+    Raises:
+        FileNotFoundError: the item has no ``pytree.json``.
+        CorruptCheckpointError: as :func:`parse_pytree`, or a checksum mismatch.
+    """
+    target = directory / METADATA_NAME
+    data = await target.backend.get(target.path)
+    if data is None:
+        raise FileNotFoundError(f"no pytree at {directory} ({METADATA_NAME} is missing)")
+    return parse_pytree(jsonio.loads(data, where=str(target)), where=str(target))
 
 
 # ------------------------------------------------------------------------------- parsing

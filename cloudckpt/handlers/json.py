@@ -6,15 +6,15 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from cloudckpt.format import jsonio as _jsonio
-from cloudckpt.format.step import write_object
+from cloudckpt.format.json_item import (
+    encode_json_item,
+    read_json_item,
+    write_json_item,
+)
 from cloudckpt.handlers.args import CheckpointArgs
 from cloudckpt.handlers.base import AsyncCheckpointHandler
 from cloudckpt.handlers.registry import register_with_handler
 from cloudckpt.storage.path import StoragePath
-
-#: The one object a JSON item is stored as, under the item's prefix.
-DATA_NAME = "data.json"
 
 
 class JsonCheckpointHandler(AsyncCheckpointHandler):
@@ -35,15 +35,11 @@ class JsonCheckpointHandler(AsyncCheckpointHandler):
         if not isinstance(args, JsonSave):
             raise TypeError(f"JsonCheckpointHandler saves JsonSave args, got {type(args).__name__}")
         # Serialising now is the copy: later mutation of args.item changes nothing.
-        payload = _jsonio.dumps(args.item, what=f"JsonSave item for {directory}")
-        return [write_object(directory / DATA_NAME, payload)] if self._writes else []
+        payload = encode_json_item(args.item, what=f"JsonSave item for {directory}")
+        return [write_json_item(directory, payload)] if self._writes else []
 
     async def restore(self, directory: StoragePath, args: CheckpointArgs | None = None) -> Any:
-        target = directory / DATA_NAME
-        data = await target.backend.get(target.path)
-        if data is None:
-            raise FileNotFoundError(f"no JSON item at {target}")
-        return _jsonio.loads(data, where=str(target))
+        return await read_json_item(directory)
 
 
 @register_with_handler(JsonCheckpointHandler, for_save=True)

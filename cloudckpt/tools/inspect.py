@@ -19,25 +19,24 @@ from typing import Any, Protocol
 import atomicity
 from atomicity import MARKER_NAME, ObjectInfo
 from cloudckpt import orbax
-from cloudckpt.format import jsonio as _jsonio
+from cloudckpt.format.json_item import DATA_NAME, read_json_item
+from cloudckpt.format.pytree import METADATA_NAME as PYTREE_NAME
 from cloudckpt.format.pytree import (
     EmptyStorage,
     Leaf,
     PackedStorage,
     PytreeDocument,
     ZarrStorage,
-    parse_pytree,
+    read_pytree,
 )
-from cloudckpt.format.step import STEP_METADATA_NAME, StepMetadata, validate_item_name
-from cloudckpt.handlers.json import DATA_NAME, JsonCheckpointHandler
-from cloudckpt.handlers.pytree import METADATA_NAME as PYTREE_NAME
+from cloudckpt.format.step import StepMetadata, read_step_metadata, validate_item_name
+from cloudckpt.handlers.json import JsonCheckpointHandler
 from cloudckpt.handlers.pytree import StandardCheckpointHandler, keys
 from cloudckpt.handlers.pytree.budget import ByteBudget
 from cloudckpt.storage.path import StoragePath
 
 PYTREE_TYPESTR = StandardCheckpointHandler.typestr()
 JSON_TYPESTR = JsonCheckpointHandler.typestr()
-JSON_ITEM_NAME = DATA_NAME
 #: Bytes read or copied at once (objects are at most a few hundred MiB each).
 INFLIGHT_BYTES = 512 << 20
 #: Requests in flight at once.
@@ -164,19 +163,6 @@ def _require_committed(step: StoragePath, objects: dict[str, ObjectInfo]) -> dic
         "(the save did not finish or is still running); `cloudckpt ls --all` on its parent "
         "shows it and `cloudckpt gc` removes abandoned saves"
     )
-
-
-async def read_json_envelope(location: StoragePath) -> Any:
-    """Reads and verifies one checksummed JSON object."""
-    data = await location.backend.get(location.path)
-    if data is None:
-        raise FileNotFoundError(f"{location} is missing")
-    return _jsonio.loads(data, where=str(location))
-
-
-async def read_step_metadata(step: StoragePath) -> StepMetadata:
-    where = step / STEP_METADATA_NAME
-    return StepMetadata.from_json(await read_json_envelope(where), where=str(where))
 
 
 # ----------------------------------------------------------------------------------- ls
@@ -325,7 +311,7 @@ def items_of_step(
         prefix = f"{name}/" if name else ""
         if typestr == PYTREE_TYPESTR or (typestr is None and prefix + PYTREE_NAME in objects):
             kind = "pytree"
-        elif typestr == JSON_TYPESTR or (typestr is None and prefix + JSON_ITEM_NAME in objects):
+        elif typestr == JSON_TYPESTR or (typestr is None and prefix + DATA_NAME in objects):
             kind = "json"
         else:
             kind = "other"
@@ -430,12 +416,11 @@ async def describe_step(step: StoragePath) -> dict[str, Any]:
             else None,
         }
         if item.kind == "pytree":
-            where = item.location / PYTREE_NAME
-            document = parse_pytree(await read_json_envelope(where), where=str(where))
+            document = await read_pytree(item.location)
             entry["leaves"] = describe_leaves(document)
             entry["nbytes"] = sum(leaf["nbytes"] for leaf in entry["leaves"])
         elif item.kind == "json":
-            entry["value"] = await read_json_envelope(item.location / JSON_ITEM_NAME)
+            entry["value"] = await read_json_item(item.location)
         else:
             entry["objects"] = sorted(
                 rel[len(prefix) :] for rel in objects if rel.startswith(prefix)

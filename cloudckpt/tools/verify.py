@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,19 +32,18 @@ import atomicity
 from atomicity import CLAIM_NAME, MARKER_NAME, ObjectInfo
 from cloudckpt.errors import CorruptCheckpointError
 from cloudckpt.format import jsonio as _jsonio
+from cloudckpt.format.backing import backing_problems
+from cloudckpt.format.json_item import DATA_NAME
+from cloudckpt.format.layout import PackEntry, entry_data, zarr_json_agrees
+from cloudckpt.format.pytree import METADATA_NAME as PYTREE_NAME
 from cloudckpt.format.pytree import (
     PackedStorage,
     ZarrStorage,
     parse_pytree,
 )
 from cloudckpt.format.step import STEP_METADATA_NAME, StepMetadata
-from cloudckpt.handlers.pytree import METADATA_NAME as PYTREE_NAME
-from cloudckpt.handlers.pytree import layout
-from cloudckpt.handlers.pytree.backing import backing_problems
-from cloudckpt.handlers.pytree.layout import CRC_BYTES, entry_data
 from cloudckpt.storage.path import StoragePath
 from cloudckpt.tools.inspect import (
-    JSON_ITEM_NAME,
     Item,
     Limiter,
     Progress,
@@ -190,16 +188,14 @@ class _Verifier:
         data = await self.get(MARKER_NAME)
         if data is None:
             return
-        try:
-            json.loads(data)["committed_attempt"]
-        except (ValueError, KeyError, TypeError):
+        if atomicity.marker_attempt(data) is None:
             self.problem("corrupt", MARKER_NAME, "the commit marker is not valid JSON")
 
     async def _item(self, item: Item) -> None:
         prefix = prefix_of(item)
         where = f"item {item.name!r}" if item.name else "the checkpoint"
         if item.kind == "json":
-            await self.envelope(prefix + JSON_ITEM_NAME, where)
+            await self.envelope(prefix + DATA_NAME, where)
         elif item.kind == "pytree":
             await self._pytree(item, prefix, where)
         else:
@@ -238,7 +234,7 @@ class _Verifier:
                 f"{where}: {len(problems) - MAX_BACKING_PROBLEMS} more missing or mis-sized "
                 "objects not listed one by one"
             )
-        packs: dict[str, list[tuple[str, layout.PackEntry]]] = {}
+        packs: dict[str, list[tuple[str, PackEntry]]] = {}
         tasks = []
         for leaf in document.leaves:
             storage = leaf.storage
@@ -260,15 +256,14 @@ class _Verifier:
                 tasks.append(self._pack(prefix + obj, entries))
         await asyncio.gather(*tasks)
 
-    async def _pack(self, rel: str, entries: list[tuple[str, layout.PackEntry]]) -> None:
+    async def _pack(self, rel: str, entries: list[tuple[str, PackEntry]]) -> None:
         data = await self.get(rel)
         if data is None:
             return
         bad = []
         for name, entry in entries:
-            end = entry.offset + entry.nbytes + CRC_BYTES
             if entry_data(data, entry.offset, entry.nbytes) is None:
-                bad.append(f"{name} (bytes {entry.offset}-{end})")
+                bad.append(f"{name} (bytes {entry.offset}-{entry.end})")
             else:
                 self.report.checksums += 1
         if bad:
@@ -282,12 +277,7 @@ class _Verifier:
         if data is None:
             return
         metadata = storage.metadata
-        try:
-            stored = json.loads(data)
-            same = all(stored.get(k) == metadata[k] for k in ("shape", "data_type", "chunk_grid"))
-        except (ValueError, TypeError, AttributeError, RecursionError):
-            same = False
-        if not same:
+        if not zarr_json_agrees(data, metadata):
             self.problem("corrupt", f"{rel}/zarr.json", f"does not match {name}'s metadata")
         itemsize = storage.stored.itemsize
         location = self.step / rel

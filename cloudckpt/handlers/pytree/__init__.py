@@ -21,16 +21,14 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from cloudckpt.format import jsonio as _jsonio
+from cloudckpt.format import backing as _backing
 from cloudckpt.format import pytree as _document
-from cloudckpt.format.pytree import PytreeDocument
+from cloudckpt.format.pytree import METADATA_NAME, PytreeDocument
 from cloudckpt.handlers.args import CheckpointArgs
 from cloudckpt.handlers.base import AsyncCheckpointHandler
-from cloudckpt.handlers.pytree import backing as _backing
 from cloudckpt.handlers.pytree.budget import ByteBudget
 from cloudckpt.handlers.pytree.plan import PlanOptions, plan_save
 from cloudckpt.handlers.pytree.read import (
-    METADATA_NAME,
     ArrayMetadata,
     Reader,
     leaf_metadata,
@@ -142,11 +140,7 @@ class StandardCheckpointHandler(AsyncCheckpointHandler):
 
     # ---------------------------------------------------------------------- restore
     async def _read_document(self, directory: StoragePath) -> PytreeDocument:
-        target = directory / METADATA_NAME
-        data = await target.backend.get(target.path)
-        if data is None:
-            raise FileNotFoundError(f"no pytree at {directory} ({METADATA_NAME} is missing)")
-        return _document.parse_pytree(_jsonio.loads(data, where=str(target)), where=str(target))
+        return await _document.read_pytree(directory)
 
     async def metadata(self, directory: StoragePath) -> Any:
         document = await self._read_document(directory)

@@ -25,8 +25,8 @@ import jax
 import numpy as np
 
 from cloudckpt.errors import CorruptCheckpointError
+from cloudckpt.format import layout
 from cloudckpt.format.pytree import Leaf
-from cloudckpt.handlers.pytree import layout
 
 #: The field a key leaf adds to its ``pytree.json`` entry.
 IMPL_FIELD = "prng_impl"

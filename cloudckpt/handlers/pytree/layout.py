@@ -1,4 +1,4 @@
-"""Where each byte of a sharded pytree goes: shards, writers, chunk grids, packs.
+"""Which process writes each byte of a sharded pytree: shards, writers, chunk grids, packs.
 
 Every process computes the same layout from global information (shapes and
 shardings), so no process has to tell another where it wrote anything.
@@ -20,6 +20,9 @@ shardings), so no process has to tell another where it wrote anything.
 * Smaller arrays are *packed*: each process concatenates the shards it
   writes, each followed by its crc32c, into objects of at most
   ``max_object_bytes``. 10,000 small leaves become one object per process.
+
+How those regions, arrays and pack entries lie in storage (what a reader
+needs) is :mod:`cloudckpt.format.layout`.
 """
 
 from __future__ import annotations
@@ -29,90 +32,14 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import google_crc32c
-import numpy as np
-
-Index = tuple[tuple[int, int], ...]  # (start, stop) per dimension
-
-#: zarr v3 data types tensorstore stores natively; others are stored as raw bytes.
-ZARR_DTYPES = frozenset(
-    [
-        "bool",
-        "int2",
-        "int4",
-        "int8",
-        "int16",
-        "int32",
-        "int64",
-        "uint8",
-        "uint16",
-        "uint32",
-        "uint64",
-        "float16",
-        "bfloat16",
-        "float32",
-        "float64",
-        "complex64",
-        "complex128",
-        "float4_e2m1fn",
-        "float8_e3m4",
-        "float8_e4m3fn",
-        "float8_e4m3fnuz",
-        "float8_e4m3b11fnuz",
-        "float8_e5m2",
-        "float8_e5m2fnuz",
-        "float8_e8m0fnu",
-    ]
+from cloudckpt.format.layout import (
+    CRC_BYTES,
+    Index,
+    PackEntry,
+    full_index,
+    index_shape,
+    normalize_index,
 )
-
-
-def storage_dtype(dtype: np.dtype) -> np.dtype:
-    """The dtype an array is stored as: itself, or an unsigned int of its width."""
-    if dtype.name in ZARR_DTYPES:
-        return dtype
-    return np.dtype(f"uint{8 * dtype.itemsize}")
-
-
-CRC_BYTES = 4
-
-
-def entry_crc(data: bytes | np.ndarray) -> bytes:
-    """The 4 bytes stored after a packed entry: crc32c of its data, little-endian.
-
-    ``data`` must be ``bytes`` or a read-only array (what the crc32c extension takes).
-    """
-    return google_crc32c.value(data).to_bytes(CRC_BYTES, "little")
-
-
-def entry_data(blob: bytes, start: int, nbytes: int) -> bytes | None:
-    """The entry at ``blob[start:]`` if it is whole and its crc32c matches, else None."""
-    end = start + nbytes
-    if end + CRC_BYTES > len(blob):
-        return None
-    data = blob[start:end]
-    return data if entry_crc(data) == blob[end : end + CRC_BYTES] else None
-
-
-def normalize_index(index: tuple[slice, ...], shape: tuple[int, ...]) -> Index:
-    out = []
-    for s, n in zip(index, shape, strict=True):
-        start, stop, step = s.indices(n)
-        if step != 1:
-            raise ValueError(f"strided shard index {index} is not supported")
-        out.append((start, stop))
-    return tuple(out)
-
-
-def index_slices(index: Index) -> tuple[slice, ...]:
-    return tuple(slice(a, b) for a, b in index)
-
-
-def index_shape(index: Index) -> tuple[int, ...]:
-    return tuple(b - a for a, b in index)
-
-
-def full_index(shape: tuple[int, ...]) -> Index:
-    return tuple((0, n) for n in shape)
 
 
 @dataclass(frozen=True)
@@ -324,49 +251,6 @@ def chunk_grid(
             g = math.gcd(g, math.gcd(start, stop))
         chunk.append(max(g, 1))
     return split_to_fit(chunk, itemsize, max_object_bytes)
-
-
-def zarr_metadata(
-    shape: tuple[int, ...], dtype: np.dtype, chunk: list[int], inner: list[int]
-) -> dict[str, Any]:
-    """zarr v3 metadata with crc32c on every chunk (and on the shard index)."""
-    leaf_codecs = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
-    if inner == chunk:
-        codecs: list[dict[str, Any]] = leaf_codecs
-    else:
-        codecs = [
-            {
-                "name": "sharding_indexed",
-                "configuration": {
-                    "chunk_shape": inner,
-                    "codecs": leaf_codecs,
-                    "index_codecs": leaf_codecs,
-                    "index_location": "end",
-                },
-            }
-        ]
-    return {
-        "shape": list(shape),
-        "data_type": dtype.name,
-        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunk}},
-        "chunk_key_encoding": {"name": "default"},
-        "codecs": codecs,
-    }
-
-
-@dataclass(frozen=True)
-class PackEntry:
-    """Where one packed shard lives: object, offset, length (crc32c follows)."""
-
-    leaf: int
-    index: Index
-    writer: int
-    obj: str
-    offset: int
-    nbytes: int
-
-    def to_json(self) -> list[Any]:
-        return [self.obj, self.offset, self.nbytes, [list(r) for r in self.index]]
 
 
 def pack_layout(shards: list[tuple[int, Shard]], max_object_bytes: int) -> list[PackEntry]:

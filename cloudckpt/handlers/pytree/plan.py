@@ -17,6 +17,15 @@ from typing import Any
 import jax
 import numpy as np
 
+from cloudckpt.format.layout import (
+    CRC_BYTES,
+    Index,
+    PackEntry,
+    index_shape,
+    normalize_index,
+    storage_dtype,
+    zarr_metadata,
+)
 from cloudckpt.handlers.pytree import keys, layout
 from cloudckpt.handlers.pytree.host import little_endian
 from cloudckpt.handlers.pytree.tree import flatten
@@ -52,7 +61,7 @@ class Region:
     """A zarr region this process writes, with its host copy."""
 
     leaf: int
-    index: layout.Index
+    index: Index
     data: np.ndarray | None
 
 
@@ -64,7 +73,7 @@ class SavePlan:
     zarr_specs: dict[int, dict[str, Any]] = field(default_factory=dict)  # leaf -> zarr metadata
     regions: list[Region] = field(default_factory=list)
     packs: dict[str, np.ndarray] = field(default_factory=dict)  # this process's pack objects
-    pack_entries: list[layout.PackEntry] = field(default_factory=list)
+    pack_entries: list[PackEntry] = field(default_factory=list)
     nbytes: int = 0
 
 
@@ -164,7 +173,7 @@ class _Stored:
     shards: list[layout.Shard]
     to_pack: bool
     # (part index, index of the shard it is part of, writer), set by _place
-    parts: list[tuple[layout.Index, layout.Index, int]] = field(default_factory=list)
+    parts: list[tuple[Index, Index, int]] = field(default_factory=list)
 
 
 def plan_save(tree: Any, opts: PlanOptions) -> SavePlan:
@@ -216,7 +225,7 @@ def plan_save(tree: Any, opts: PlanOptions) -> SavePlan:
         stored.append(_Stored(i, path, kind, array, shape, dtype, sharding, shards, to_pack))
     _place(stored, plan.nbytes, opts)
     packed_shards: list[tuple[int, layout.Shard]] = []
-    pending_copies: list[tuple[int, layout.Index, Any, bool]] = []
+    pending_copies: list[tuple[int, Index, Any, bool]] = []
     for leaf in stored:
         i, shape, dtype = leaf.leaf, leaf.shape, leaf.dtype
         entry = plan.leaves_json[i]
@@ -231,7 +240,7 @@ def plan_save(tree: Any, opts: PlanOptions) -> SavePlan:
             parts = [layout.Shard(index, writer, 0) for index, _, writer in leaf.parts]
             chunk = layout.chunk_grid(shape, parts, dtype.itemsize, opts.max_object_bytes)
             inner = layout.split_to_fit(chunk, dtype.itemsize, opts.inner_chunk_bytes)
-            meta = layout.zarr_metadata(shape, layout.storage_dtype(dtype), chunk, inner)
+            meta = zarr_metadata(shape, storage_dtype(dtype), chunk, inner)
             plan.zarr_specs[i] = meta
             entry["storage"] = {"type": "zarr", "key": f"arrays/{i}", "metadata": meta}
         own = [(index, within) for index, within, writer in leaf.parts if writer == me]
@@ -240,13 +249,13 @@ def plan_save(tree: Any, opts: PlanOptions) -> SavePlan:
                 (i, index, source, leaf.to_pack) for index, source in _sources(leaf, own)
             )
     plan.pack_entries = layout.pack_layout(packed_shards, opts.max_object_bytes)
-    slots: dict[tuple[int, layout.Index], layout.PackEntry] = {}
+    slots: dict[tuple[int, Index], PackEntry] = {}
     sizes: dict[str, int] = {}
     for e in plan.pack_entries:
         plan.leaves_json[e.leaf]["storage"].setdefault("entries", []).append(e.to_json())
         if e.writer == me:
             slots[(e.leaf, e.index)] = e
-            sizes[e.obj] = max(sizes.get(e.obj, 0), e.offset + e.nbytes + layout.CRC_BYTES)
+            sizes[e.obj] = max(sizes.get(e.obj, 0), e.offset + e.nbytes + CRC_BYTES)
     plan.packs = {obj: np.empty(size, np.uint8) for obj, size in sizes.items()}
     # Start every device-to-host transfer before waiting on any of them.
     for _, _, source, _ in pending_copies:
@@ -308,8 +317,8 @@ def _place(stored: list[_Stored], total_bytes: int, opts: PlanOptions) -> None:
     writers = len(opts.members) or jax.process_count()
     min_part = max(layout.MIN_PART_BYTES, total_bytes // (PARTS_PER_PROCESS * max(writers, 1)))
     loads = layout.WriterLoads()
-    Split = list[tuple[list[layout.Index], list[int]]]  # per shard: its parts and their bytes
-    spread: list[tuple[int, int, int, tuple[list[layout.Index], list[int]]]] = []
+    Split = list[tuple[list[Index], list[int]]]  # per shard: its parts and their bytes
+    spread: list[tuple[int, int, int, tuple[list[Index], list[int]]]] = []
     split_cache: dict[tuple[Any, tuple[int, ...], int], Split] = {}
     for n, leaf in enumerate(stored):
         leaf.parts = [(s.index, s.index, s.writer) for s in leaf.shards]
@@ -326,7 +335,7 @@ def _place(stored: list[_Stored], total_bytes: int, opts: PlanOptions) -> None:
                 counts = [min(len(s.replicas), max(1, s.nbytes // min_part)) for s in leaf.shards]
                 itemsize = leaf.dtype.itemsize
                 split = [
-                    (parts, [math.prod(layout.index_shape(ix)) * itemsize for ix in parts])
+                    (parts, [math.prod(index_shape(ix)) * itemsize for ix in parts])
                     for parts in layout.split_shards(leaf.shape, leaf.shards, counts)
                 ]
             split_cache[key] = split
@@ -337,7 +346,7 @@ def _place(stored: list[_Stored], total_bytes: int, opts: PlanOptions) -> None:
                 spread.append((-s.nbytes, n, k, split[k]))
     # Held-by-one shards are counted first, so replicated bytes even out around them.
     spread.sort(key=lambda t: t[:3])
-    placed: dict[int, dict[int, list[tuple[layout.Index, layout.Index, int]]]] = {}
+    placed: dict[int, dict[int, list[tuple[Index, Index, int]]]] = {}
     for _, n, k, (indices, sizes) in spread:
         shard = stored[n].shards[k]
         chosen = loads.assign(shard.replicas, sizes)
@@ -349,9 +358,7 @@ def _place(stored: list[_Stored], total_bytes: int, opts: PlanOptions) -> None:
         leaf.parts = [q for k, p in enumerate(leaf.parts) for q in by_shard.get(k, [p])]
 
 
-def _sources(
-    leaf: _Stored, own: list[tuple[layout.Index, layout.Index]]
-) -> list[tuple[layout.Index, Any]]:
+def _sources(leaf: _Stored, own: list[tuple[Index, Index]]) -> list[tuple[Index, Any]]:
     """What to copy to host for each part this process writes: only that part's bytes."""
     array = leaf.array
     if leaf.kind != "jax":
@@ -365,9 +372,9 @@ def _sources(
             )
             for index, within in own
         ]
-    local: dict[layout.Index, Any] = {}
+    local: dict[Index, Any] = {}
     for sh in array.addressable_shards:
-        local.setdefault(layout.normalize_index(sh.index, leaf.shape), sh.data)
+        local.setdefault(normalize_index(sh.index, leaf.shape), sh.data)
     missing = sorted({within for _, within in own} - set(local))
     if missing:  # jax's placement disagrees with the layout
         raise RuntimeError(
@@ -377,7 +384,7 @@ def _sources(
     return [(index, _part_of(local[within], within, index)) for index, within in own]
 
 
-def _part_of(data: Any, within: layout.Index, index: layout.Index) -> Any:
+def _part_of(data: Any, within: Index, index: Index) -> Any:
     """``index`` (global) of the shard ``data`` holding region ``within``, without copying it all."""
     if index == within:
         return data

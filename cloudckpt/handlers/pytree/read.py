@@ -3,7 +3,7 @@
 Each process reads only the regions its target shardings address; packed
 entries are fetched in runs, one ranged read per run of adjacent entries, and
 every entry's crc32c is checked. Nothing is allocated from a size read off
-storage until :mod:`cloudckpt.handlers.pytree.backing` has checked it
+storage until :mod:`cloudckpt.format.backing` has checked it
 against a listing (the caller's job, before reading).
 """
 
@@ -22,13 +22,12 @@ import numpy as np
 import tensorstore as ts
 
 from cloudckpt.errors import CorruptCheckpointError
+from cloudckpt.format import layout
 from cloudckpt.format import pytree as _document
 from cloudckpt.format.pytree import Leaf
-from cloudckpt.handlers.pytree import keys, layout
+from cloudckpt.handlers.pytree import keys
 from cloudckpt.handlers.pytree.budget import ByteBudget
 from cloudckpt.storage.path import StoragePath
-
-METADATA_NAME = "pytree.json"
 
 
 @dataclass(frozen=True)

@@ -10,13 +10,11 @@ import jax
 import numpy as np
 import tensorstore as ts
 
-from cloudckpt.format import jsonio as _jsonio
-from cloudckpt.format.pytree import PYTREE_FORMAT
-from cloudckpt.format.step import write_object
-from cloudckpt.handlers.pytree import layout
+from cloudckpt.format import layout
+from cloudckpt.format.pytree import write_pytree
 from cloudckpt.handlers.pytree.budget import ByteBudget
 from cloudckpt.handlers.pytree.plan import Region, SavePlan
-from cloudckpt.handlers.pytree.read import METADATA_NAME, ts_open
+from cloudckpt.handlers.pytree.read import ts_open
 from cloudckpt.storage.path import StoragePath
 
 
@@ -73,15 +71,7 @@ async def write_plan(
     tasks += [_write_packs(directory, plan, context)]
     await asyncio.gather(*tasks)
     if primary:
-        document = {
-            "format": PYTREE_FORMAT,
-            "skeleton": plan.skeleton,
-            "shardings": plan.shardings,
-            "leaves": plan.leaves_json,
-        }
-        await write_object(
-            directory / METADATA_NAME, _jsonio.dumps(document, what="pytree metadata")
-        )
+        await write_pytree(directory, plan.skeleton, plan.shardings, plan.leaves_json)
 
 
 async def _write_packs(directory: StoragePath, plan: SavePlan, context: ts.Context) -> None:
