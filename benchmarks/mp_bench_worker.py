@@ -20,6 +20,10 @@ command a line from stdin and answers each with ``RESULT <json>`` (or
   process's time covers the slowest process's part. The restore targets the
   saved shardings; its values are compared with the saved ones, a few per
   shard, or every byte with ``check``;
+* ``{"op": "bytes", "id": ..., "url": ..., "replica_parallel": bool}``: one
+  untimed save with that handler option; answers the data bytes this process
+  wrote (tensorstore's ``/tensorstore/kvstore/<driver>/bytes_written``
+  counters before and after: zarr chunks and packs, not the JSON documents);
 * ``{"op": "quit"}``.
 """
 
@@ -182,6 +186,28 @@ class Worker:
         args = self.cc.args.Composite(state=self.cc.args.StandardRestore(target))
         return self.jax.block_until_ready(self.ckpt.restore(url, args)["state"])
 
+    def bytes_written(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        import tensorstore as ts
+
+        def counted() -> int:
+            metrics = ts.experimental_collect_matching_metrics("/tensorstore/kvstore/")
+            return sum(
+                v.get("value", 0)
+                for m in metrics
+                if m["name"].endswith("/bytes_written")
+                for v in m["values"]
+            )
+
+        handler = self.cc.StandardCheckpointHandler(replica_parallel=cmd["replica_parallel"])
+        options = self.cc.MultiprocessingOptions(barrier_timeout_s=self.timeout_ms / 1000)
+        with self.cc.Checkpointer(handler, multiprocessing_options=options) as ckpt:
+            before = counted()
+            save_s, _ = self.phase(
+                cmd["id"], lambda: ckpt.save(cmd["url"], self.cc.args.StandardSave(self.state))
+            )
+            written = counted() - before
+        return {"bytes_written": written, "save_s": save_s}
+
     def warmup(self, cmd: dict[str, Any]) -> dict[str, Any]:
         from benchmarks import tree
 
@@ -235,7 +261,8 @@ def main(spec: dict[str, Any]) -> None:
             cmd = json.loads(line)
             if cmd["op"] == "quit":
                 break
-            result = {"warmup": worker.warmup, "run": worker.run}[cmd["op"]](cmd)
+            ops = {"warmup": worker.warmup, "run": worker.run, "bytes": worker.bytes_written}
+            result = ops[cmd["op"]](cmd)
             emit("RESULT", {"process": worker.process_id, "id": cmd["id"], **result})
         worker.ckpt.close()
     except BaseException as exc:  # report anything, then leave at once

@@ -273,6 +273,9 @@ def table(document: dict[str, Any]) -> str:
             "each time: max over processes, barrier before to barrier after; both topologies share "
             "this machine's cores and servers, so ~1 means no multi-process overhead"
         )
+        from benchmarks.multiprocess import bytes_rows
+
+        lines += bytes_rows(mp)
     lines.append(
         f"\ntotal runtime {document['total_seconds']:.0f}s; scenarios: {document['scenario_seconds']}"
     )

@@ -31,8 +31,15 @@ class Worker:
 
 
 def launch(
-    num_processes: int, devices: int, scenario: str, urls: list[str], **options: Any
+    num_processes: int,
+    devices: int,
+    scenario: str,
+    urls: list[str],
+    *,
+    module: str = "tests.mp_worker",
+    **options: Any,
 ) -> list[Worker]:
+    """Starts ``module`` (run with ``-m``) once per process, each given its SPEC as JSON."""
     port = free_port()
     workers = []
     for i in range(num_processes):
@@ -46,7 +53,7 @@ def launch(
             **options,
         }
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.mp_worker", json.dumps(spec)],
+            [sys.executable, "-m", module, json.dumps(spec)],
             cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

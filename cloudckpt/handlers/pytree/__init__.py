@@ -1,7 +1,7 @@
 """Sharded ``jax.Array`` pytrees, written straight to storage through tensorstore.
 
-Save: on the caller's thread each process copies the shards it writes
-(``replica_id == 0``) to host memory; in the background tensorstore writes
+Save: on the caller's thread each process copies the parts it writes to host
+memory (replicated shards are split among the processes holding them); in the background tensorstore writes
 them as zarr v3 arrays (crc32c on every chunk) or, for small arrays, as packed
 objects, with a bounded number of bytes in flight. The primary process writes
 ``pytree.json``: the tree's skeleton, and per leaf its dtype, shape, sharding
@@ -67,6 +67,13 @@ class StandardCheckpointHandler(AsyncCheckpointHandler):
         max_inflight_bytes: Bytes being encoded, written or read at once;
             host memory during a save stays near the data being saved plus
             this.
+        replica_parallel: When True (the default), data held by several
+            processes (replicated over a data-parallel axis) is written by
+            all of them, each a disjoint part (whole chunks of an array,
+            whole entries of the packs), balanced by bytes; each process also
+            copies only its parts to host memory. When False, the process of
+            each shard's first device (``replica_id == 0``) writes all of it.
+            Either way the checkpoint reads back on any topology.
     """
 
     TYPESTR = "cloudckpt.handlers.pytree.StandardCheckpointHandler"  # on disk: never change
@@ -78,6 +85,7 @@ class StandardCheckpointHandler(AsyncCheckpointHandler):
         max_object_bytes: int = 256 * _MiB,
         inner_chunk_bytes: int = 8 * _MiB,
         max_inflight_bytes: int = 256 * _MiB,
+        replica_parallel: bool = True,
     ) -> None:
         for name, value in (
             ("pack_below_bytes", pack_below_bytes),
@@ -91,6 +99,7 @@ class StandardCheckpointHandler(AsyncCheckpointHandler):
         self.max_object_bytes = max_object_bytes
         self.inner_chunk_bytes = min(inner_chunk_bytes, max_object_bytes)
         self.max_inflight_bytes = max_inflight_bytes
+        self.replica_parallel = bool(replica_parallel)
         self._primary_host = 0
         self._members: tuple[int, ...] = ()
 
@@ -105,6 +114,7 @@ class StandardCheckpointHandler(AsyncCheckpointHandler):
             inner_chunk_bytes=self.inner_chunk_bytes,
             primary_host=self._primary_host,
             members=self._members,
+            replica_parallel=self.replica_parallel,
         )
 
     def async_save(self, directory: StoragePath, args: CheckpointArgs) -> Sequence[Awaitable[None]]:

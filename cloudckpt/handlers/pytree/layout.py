@@ -3,9 +3,14 @@
 Every process computes the same layout from global information (shapes and
 shardings), so no process has to tell another where it wrote anything.
 
-* A *shard* is one distinct region of an array. Its writer is the process of
-  the first device holding it in the sharding's device order: the device
-  whose shard has ``replica_id == 0``. Replicated data is written once.
+* A *shard* is one distinct region of an array, held by one or more
+  processes (its replicas). Replicated data is written once. With replica-
+  parallel writes (the default) a shard held by several processes is split
+  into chunk-aligned *parts* (:func:`split_shards`) and each part goes to the
+  least-loaded replica (:class:`WriterLoads`), so the bytes of a replicated
+  state are spread over its processes. Without, a shard's writer is the
+  process of the first device holding it in the sharding's device order (the
+  device whose shard has ``replica_id == 0``).
 * Arrays whose largest shard is at least ``pack_below_bytes`` become zarr v3
   arrays. The chunk grid divides every shard boundary, so a chunk never
   spans two writers; chunks (tensorstore "shards" of the sharding codec) are
@@ -22,6 +27,7 @@ needs) is :mod:`cloudckpt.format.layout`.
 
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -38,15 +44,20 @@ from cloudckpt.format.layout import (
 
 @dataclass(frozen=True)
 class Shard:
-    """One distinct region of an array and the process that writes it."""
+    """One distinct region of an array, the process that writes it, and those holding it.
+
+    ``replicas`` lists (sorted) every process with a device holding the
+    region; empty means ``writer`` alone.
+    """
 
     index: Index
     writer: int
     nbytes: int
+    replicas: tuple[int, ...] = ()
 
 
 def global_shards(shape: tuple[int, ...], itemsize: int, sharding: Any | None) -> list[Shard]:
-    """Distinct shards of an array, each with its writer process, sorted by index.
+    """Distinct shards of an array, each with its replica-0 process and replicas, by index.
 
     ``sharding`` None means a host (numpy) value, written by the primary
     process: the caller passes the primary as writer via a sharding-less call.
@@ -54,14 +65,153 @@ def global_shards(shape: tuple[int, ...], itemsize: int, sharding: Any | None) -
     if sharding is None:
         index = full_index(shape)
         return [Shard(index, -1, math.prod(shape) * itemsize)]
-    seen: dict[Index, int] = {}
+    seen: dict[Index, tuple[int, set[int]]] = {}
     for device, idx in sharding.devices_indices_map(shape).items():
         key = normalize_index(idx, shape)
-        seen.setdefault(key, device.process_index)
+        held = seen.get(key)
+        if held is None:
+            seen[key] = (device.process_index, {device.process_index})
+        else:
+            held[1].add(device.process_index)
     return [
-        Shard(index, writer, math.prod(index_shape(index)) * itemsize)
-        for index, writer in sorted(seen.items())
+        Shard(index, writer, math.prod(index_shape(index)) * itemsize, tuple(sorted(procs)))
+        for index, (writer, procs) in sorted(seen.items())
     ]
+
+
+#: The smallest part a replicated shard is split into (smaller shards go whole).
+MIN_PART_BYTES = 1 << 20
+#: A replicated shard's parts may differ in size by at most this factor when
+#: its dimension divides evenly enough (otherwise the most even split found).
+PART_BALANCE = 1.1
+#: Splitting a shard never makes more than this many chunks per part along
+#: the split dimension: a part is a few large objects, not many small ones.
+MAX_UNITS_PER_PART = 8
+
+
+def _divisors(n: int) -> list[int]:
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return small + [n // d for d in reversed(small) if d * d != n]
+
+
+def _boundary_gcd(shape: tuple[int, ...], shards: list[Shard], d: int) -> int:
+    g = shape[d]
+    for shard in shards:
+        start, stop = shard.index[d]
+        g = math.gcd(g, math.gcd(start, stop))
+    return max(g, 1)
+
+
+def split_shards(
+    shape: tuple[int, ...], shards: list[Shard], counts: list[int]
+) -> list[list[Index]]:
+    """Splits shard ``k`` into ``counts[k]`` contiguous parts, each a union of whole chunks.
+
+    Parts are slabs along one dimension (the largest of the most-split
+    shard, the next largest if that one cannot be divided), made of equal
+    *units* that divide every shard boundary, so a regular chunk grid can put
+    every part boundary on a chunk boundary (:func:`chunk_grid` of the parts).
+    The unit is the largest that splits each shard into parts within
+    :data:`PART_BALANCE` of each other, with at most
+    :data:`MAX_UNITS_PER_PART` units per part. A shard that cannot be split
+    (a dimension too short) keeps one part. Deterministic in its arguments.
+    """
+    whole = [[s.index] for s in shards]
+    if all(c <= 1 for c in counts):
+        return whole
+    ref = max(range(len(shards)), key=lambda k: (counts[k], -k))
+    extents = index_shape(shards[ref].index)
+    for d in sorted(range(len(shape)), key=lambda d: (-extents[d], d)):
+        g = _boundary_gcd(shape, shards, d)
+        blocks = [(s.index[d][1] - s.index[d][0]) // g for s in shards]
+        best: tuple[float, int] | None = None
+        for m in _divisors(g):
+            units = [b * m for b in blocks]
+            split = [(u, c) for u, c in zip(units, counts, strict=True) if c > 1]
+            if m > 1 and any(u > MAX_UNITS_PER_PART * c for u, c in split):
+                break
+            if any(u < c for u, c in split):
+                continue
+            worst = max(-(-u // c) * c / u for u, c in split)
+            if best is None or worst < best[0]:
+                best = (worst, m)
+            if worst <= PART_BALANCE:
+                break
+        if best is None:
+            continue
+        unit = g // best[1]
+        out = []
+        for shard, c in zip(shards, counts, strict=True):
+            if c <= 1:
+                out.append([shard.index])
+                continue
+            start, stop = shard.index[d]
+            n_units = (stop - start) // unit
+            parts, at = [], start
+            for j in range(c):
+                size = (n_units // c + (j < n_units % c)) * unit
+                region = list(shard.index)
+                region[d] = (at, at + size)
+                parts.append(tuple(region))
+                at += size
+            out.append(parts)
+        return out
+    return whole
+
+
+class WriterLoads:
+    """Bytes assigned to each process so far; hands new parts to the least loaded.
+
+    Greedy by bytes: :meth:`assign` gives the largest part to the least-loaded
+    candidate, the next to the next, ties to the lower process index. Every
+    process runs the same assignments in the same order and gets the same
+    answer. One lazily refreshed heap per candidate set keeps a pick at
+    O(log processes) on large pods.
+    """
+
+    def __init__(self) -> None:
+        self.loads: dict[int, int] = {}
+        self._heaps: dict[tuple[int, ...], list[tuple[int, int]]] = {}
+        # id(candidates) -> (candidates, heap): skips hashing a pod-sized tuple per call;
+        # holding the tuple keeps its id from being reused.
+        self._seen: dict[int, tuple[tuple[int, ...], list[tuple[int, int]]]] = {}
+
+    def add(self, process: int, nbytes: int) -> None:
+        self.loads[process] = self.loads.get(process, 0) + nbytes
+
+    def assign(self, candidates: tuple[int, ...], sizes: list[int]) -> list[int]:
+        """Writers for parts of ``sizes`` bytes, distinct while there are candidates."""
+        loads = self.loads
+        seen = self._seen.get(id(candidates))
+        if seen is not None and seen[0] is candidates:
+            heap = seen[1]
+        else:
+            heap = self._heaps.get(candidates)
+            if heap is None:
+                heap = [(loads.get(p, 0), p) for p in candidates]
+                heapq.heapify(heap)
+                self._heaps[candidates] = heap
+            self._seen[id(candidates)] = (candidates, heap)
+        order = sorted(range(len(sizes)), key=lambda j: (-sizes[j], j))
+        writers = [0] * len(sizes)
+        taken: list[int] = []
+        for j in order:
+            if not heap:  # more parts than candidates: start another round
+                for p in taken:
+                    heapq.heappush(heap, (loads[p], p))
+                taken = []
+            while True:
+                load, p = heapq.heappop(heap)
+                current = loads.get(p, 0)
+                if load == current:
+                    break
+                heapq.heappush(heap, (current, p))  # stale: another set's assignment moved it
+            writers[j] = p
+            loads[p] = current + sizes[j]
+            taken.append(p)
+        for p in taken:
+            heapq.heappush(heap, (loads[p], p))
+        return writers
 
 
 def _smallest_prime_factor(n: int) -> int:

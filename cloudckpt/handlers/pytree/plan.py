@@ -3,8 +3,9 @@
 :func:`plan_save` runs on the caller's thread. From the tree alone (shapes,
 dtypes, shardings) it decides, identically on every process, each leaf's
 storage (its own zarr array, a slot in a pack object, or nothing when empty)
-and which process writes each shard (replica 0's owner). It then copies this
-process's shards to host memory, the only part of a save that blocks training.
+and which process writes each part of each shard (replicated shards are
+spread over their replicas; see :func:`_place`). It then copies this
+process's parts to host memory, the only part of a save that blocks training.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from cloudckpt.format.layout import (
     CRC_BYTES,
     Index,
     PackEntry,
+    index_shape,
     normalize_index,
     storage_dtype,
     zarr_metadata,
@@ -38,6 +40,7 @@ class PlanOptions:
     inner_chunk_bytes: int
     primary_host: int = 0
     members: tuple[int, ...] = ()
+    replica_parallel: bool = True
 
 
 def _describe_sharding(sharding: Any) -> dict[str, Any] | None:
@@ -156,13 +159,29 @@ def _check_savable(leaves: list[tuple[str, Any]]) -> None:
         )
 
 
+@dataclass
+class _Stored:
+    """A leaf with bytes, between classifying it and placing its parts."""
+
+    leaf: int
+    path: str
+    kind: str
+    array: Any
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    sharding: Any
+    shards: list[layout.Shard]
+    to_pack: bool
+    # (part index, index of the shard it is part of, writer), set by _place
+    parts: list[tuple[Index, Index, int]] = field(default_factory=list)
+
+
 def plan_save(tree: Any, opts: PlanOptions) -> SavePlan:
     plan = SavePlan()
     leaves, plan.skeleton = flatten(tree)
     _check_savable(leaves)
     me = jax.process_index()
-    packed_shards: list[tuple[int, layout.Shard]] = []
-    pending_copies: list[tuple[int, Index, Any, bool]] = []
+    stored: list[_Stored] = []
     # Trees repeat a few shardings and dtypes many times over: compute each once.
     shard_cache: dict[tuple[Any, tuple[int, ...], int], list[layout.Shard]] = {}
     sharding_ids: dict[Any, int] = {}
@@ -200,41 +219,35 @@ def plan_save(tree: Any, opts: PlanOptions) -> SavePlan:
         key = (sharding, shape, dtype.itemsize)
         shards = shard_cache.get(key)
         if shards is None:
-            shards = layout.global_shards(shape, dtype.itemsize, sharding)
-            if sharding is None:
-                shards = [layout.Shard(s.index, opts.primary_host, s.nbytes) for s in shards]
-            _check_active(path, shards, opts.members)
+            shards = _writable_shards(path, shape, dtype.itemsize, sharding, opts)
             shard_cache[key] = shards
-        if max(s.nbytes for s in shards) < opts.pack_below_bytes:
+        to_pack = max(s.nbytes for s in shards) < opts.pack_below_bytes
+        stored.append(_Stored(i, path, kind, array, shape, dtype, sharding, shards, to_pack))
+    _place(stored, plan.nbytes, opts)
+    packed_shards: list[tuple[int, layout.Shard]] = []
+    pending_copies: list[tuple[int, Index, Any, bool]] = []
+    for leaf in stored:
+        i, shape, dtype = leaf.leaf, leaf.shape, leaf.dtype
+        entry = plan.leaves_json[i]
+        if leaf.to_pack:
             entry["storage"] = {"type": "packed"}
-            packed_shards.extend((i, s) for s in shards)
-            to_pack = True
+            # A packed shard is never split: its parts are its shards, in order.
+            packed_shards.extend(
+                (i, layout.Shard(s.index, writer, s.nbytes))
+                for s, (_, _, writer) in zip(leaf.shards, leaf.parts, strict=True)
+            )
         else:
-            stored = storage_dtype(dtype)
-            chunk = layout.chunk_grid(shape, shards, dtype.itemsize, opts.max_object_bytes)
+            parts = [layout.Shard(index, writer, 0) for index, _, writer in leaf.parts]
+            chunk = layout.chunk_grid(shape, parts, dtype.itemsize, opts.max_object_bytes)
             inner = layout.split_to_fit(chunk, dtype.itemsize, opts.inner_chunk_bytes)
-            meta = zarr_metadata(shape, stored, chunk, inner)
+            meta = zarr_metadata(shape, storage_dtype(dtype), chunk, inner)
             plan.zarr_specs[i] = meta
             entry["storage"] = {"type": "zarr", "key": f"arrays/{i}", "metadata": meta}
-            to_pack = False
-        own = [s.index for s in shards if s.writer == me]
-        if not own:
-            continue
-        if kind != "jax" or (len(shards) == 1 and array.is_fully_replicated):
-            # One region, the whole value: any local replica is the replica-0 data.
-            pending_copies.extend((i, idx, array, to_pack) for idx in own)
-            continue
-        by_index = {
-            normalize_index(sh.index, shape): sh.data
-            for sh in array.addressable_shards
-            if sh.replica_id == 0
-        }
-        if set(by_index) != set(own):  # jax's replica ids disagree with the layout
-            raise RuntimeError(
-                f"leaf {path}: this process addresses replica-0 shards {sorted(by_index)} but "
-                f"the layout assigns it {sorted(own)}; please report this sharding"
+        own = [(index, within) for index, within, writer in leaf.parts if writer == me]
+        if own:
+            pending_copies.extend(
+                (i, index, source, leaf.to_pack) for index, source in _sources(leaf, own)
             )
-        pending_copies.extend((i, idx, by_index[idx], to_pack) for idx in own)
     plan.pack_entries = layout.pack_layout(packed_shards, opts.max_object_bytes)
     slots: dict[tuple[int, Index], PackEntry] = {}
     sizes: dict[str, int] = {}
@@ -248,14 +261,138 @@ def plan_save(tree: Any, opts: PlanOptions) -> SavePlan:
     for _, _, source, _ in pending_copies:
         if isinstance(source, jax.Array) and not _on_cpu(source):
             source.copy_to_host_async()
-    for leaf, index, source, to_pack in pending_copies:
+    for leaf_id, index, source, to_pack in pending_copies:
         if to_pack:  # straight into this process's pack object: one copy
-            e = slots[(leaf, index)]
+            e = slots[(leaf_id, index)]
             host = np.ascontiguousarray(_host_view(source)).reshape(-1).view(np.uint8)
             plan.packs[e.obj][e.offset : e.offset + e.nbytes] = host
         else:
-            plan.regions.append(Region(leaf, index, _host_copy(source)))
+            plan.regions.append(Region(leaf_id, index, _host_copy(source)))
     return plan
+
+
+def _writable_shards(
+    path: str, shape: tuple[int, ...], itemsize: int, sharding: Any, opts: PlanOptions
+) -> list[layout.Shard]:
+    """The leaf's shards, their replicas narrowed to the processes taking part in the save."""
+    shards = layout.global_shards(shape, itemsize, sharding)
+    if sharding is None:  # a host value: the primary's copy is the one saved
+        p = opts.primary_host
+        return [layout.Shard(s.index, p, s.nbytes, (p,)) for s in shards]
+    if not opts.replica_parallel:
+        _check_active(path, shards, opts.members)
+        return shards
+    if opts.members:
+        members = set(opts.members)
+        narrowed = []
+        for s in shards:
+            replicas = tuple(p for p in s.replicas if p in members)
+            if not replicas:
+                _check_active(path, [s], opts.members)
+            narrowed.append(layout.Shard(s.index, replicas[0], s.nbytes, replicas))
+        shards = narrowed
+    return shards
+
+
+#: Parts are at least 1/this of the mean bytes per process: few enough objects on a
+#: large pod, and small enough that greedy placement ends within ~2/this of even.
+PARTS_PER_PROCESS = 32
+
+
+def _place(stored: list[_Stored], total_bytes: int, opts: PlanOptions) -> None:
+    """Decides every leaf's parts and their writers, identically on every process.
+
+    Without replica-parallel writes each shard is one part, written by its
+    replica-0 process. With them, shards held by one process stay with it;
+    the others are assigned, largest first, greedy by bytes over the
+    processes holding them: a packed shard whole, an array shard split into
+    up to one part per replica, none smaller than ``layout.MIN_PART_BYTES``
+    or than 1/PARTS_PER_PROCESS of the mean bytes per process (so splitting
+    adds at most about that many objects per process, however large the pod).
+    """
+    if not opts.replica_parallel:
+        for leaf in stored:
+            leaf.parts = [(s.index, s.index, s.writer) for s in leaf.shards]
+        return
+    writers = len(opts.members) or jax.process_count()
+    min_part = max(layout.MIN_PART_BYTES, total_bytes // (PARTS_PER_PROCESS * max(writers, 1)))
+    loads = layout.WriterLoads()
+    Split = list[tuple[list[Index], list[int]]]  # per shard: its parts and their bytes
+    spread: list[tuple[int, int, int, tuple[list[Index], list[int]]]] = []
+    split_cache: dict[tuple[Any, tuple[int, ...], int], Split] = {}
+    for n, leaf in enumerate(stored):
+        leaf.parts = [(s.index, s.index, s.writer) for s in leaf.shards]
+        if all(len(s.replicas) <= 1 for s in leaf.shards):
+            for s in leaf.shards:
+                loads.add(s.writer, s.nbytes)
+            continue
+        key = (leaf.sharding, leaf.shape, leaf.dtype.itemsize)
+        split = split_cache.get(key)
+        if split is None:
+            if leaf.to_pack:  # a pack entry is one shard, whole
+                split = [([s.index], [s.nbytes]) for s in leaf.shards]
+            else:
+                counts = [min(len(s.replicas), max(1, s.nbytes // min_part)) for s in leaf.shards]
+                itemsize = leaf.dtype.itemsize
+                split = [
+                    (parts, [math.prod(index_shape(ix)) * itemsize for ix in parts])
+                    for parts in layout.split_shards(leaf.shape, leaf.shards, counts)
+                ]
+            split_cache[key] = split
+        for k, s in enumerate(leaf.shards):
+            if len(s.replicas) <= 1:
+                loads.add(s.writer, s.nbytes)
+            else:
+                spread.append((-s.nbytes, n, k, split[k]))
+    # Held-by-one shards are counted first, so replicated bytes even out around them.
+    spread.sort(key=lambda t: t[:3])
+    placed: dict[int, dict[int, list[tuple[Index, Index, int]]]] = {}
+    for _, n, k, (indices, sizes) in spread:
+        shard = stored[n].shards[k]
+        chosen = loads.assign(shard.replicas, sizes)
+        placed.setdefault(n, {})[k] = [
+            (ix, shard.index, w) for ix, w in zip(indices, chosen, strict=True)
+        ]
+    for n, by_shard in placed.items():
+        leaf = stored[n]
+        leaf.parts = [q for k, p in enumerate(leaf.parts) for q in by_shard.get(k, [p])]
+
+
+def _sources(leaf: _Stored, own: list[tuple[Index, Index]]) -> list[tuple[Index, Any]]:
+    """What to copy to host for each part this process writes: only that part's bytes."""
+    array = leaf.array
+    if leaf.kind != "jax":
+        return [(index, _part_of(array, within, index)) for index, within in own]
+    if len(leaf.shards) == 1 and array.is_fully_replicated:
+        # One region, the whole value: any local replica holds the data.
+        return [
+            (
+                index,
+                array if index == within else _part_of(array.addressable_data(0), within, index),
+            )
+            for index, within in own
+        ]
+    local: dict[Index, Any] = {}
+    for sh in array.addressable_shards:
+        local.setdefault(normalize_index(sh.index, leaf.shape), sh.data)
+    missing = sorted({within for _, within in own} - set(local))
+    if missing:  # jax's placement disagrees with the layout
+        raise RuntimeError(
+            f"leaf {leaf.path}: the layout assigns this process parts of shards {missing}, "
+            f"which none of its devices holds; please report this sharding"
+        )
+    return [(index, _part_of(local[within], within, index)) for index, within in own]
+
+
+def _part_of(data: Any, within: Index, index: Index) -> Any:
+    """``index`` (global) of the shard ``data`` holding region ``within``, without copying it all."""
+    if index == within:
+        return data
+    local = tuple(slice(a - w, b - w) for (a, b), (w, _) in zip(index, within, strict=True))
+    if isinstance(data, jax.Array) and not _on_cpu(data):
+        # Slice on the device, so only the part crosses to the host.
+        return jax.lax.slice(data, [s.start for s in local], [s.stop for s in local])
+    return _host_view(data)[local]
 
 
 def _check_active(path: str, shards: list[layout.Shard], members: tuple[int, ...]) -> None:
