@@ -32,10 +32,11 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TextIO
 
 from cloudckpt.engine.loop import LoopThread
-from cloudckpt.storage import RetryPolicy
+from cloudckpt.storage import BackendCache, RetryPolicy
 from cloudckpt.storage import redact as _redact
 from cloudckpt.storage.path import StoragePath
 from cloudckpt.tools import doctor as _doctor
+from cloudckpt.tools import doctor_report as _doctor_report
 from cloudckpt.tools import inspect as _inspect
 from cloudckpt.tools import transfer as _transfer
 from cloudckpt.tools import verify as _verify
@@ -206,12 +207,13 @@ class CommandFailed(Exception):
     """The command ran but found a problem; its report is already printed."""
 
 
-def _location(url: str, **options: Any) -> StoragePath:
-    return StoragePath.from_url(url, **options)
+def _location(args: argparse.Namespace, url: str, **options: Any) -> StoragePath:
+    """``url`` through the command's own backends (``args.backends``, closed by ``main``)."""
+    return StoragePath.from_url(url, cache=args.backends, **options)
 
 
 async def cmd_ls(args: argparse.Namespace, con: Console) -> None:
-    root = _location(args.url)
+    root = _location(args, args.url)
     rows = await _inspect.list_steps(root, read_claims=args.all)
     shown = rows if args.all else [r for r in rows if r.committed]
     if args.json:
@@ -250,7 +252,7 @@ async def cmd_ls(args: argparse.Namespace, con: Console) -> None:
 
 
 async def cmd_inspect(args: argparse.Namespace, con: Console) -> None:
-    step = _location(args.url)
+    step = _location(args, args.url)
     info = await _inspect.describe_step(step)
     if args.json:
         con.json(info)
@@ -338,7 +340,7 @@ def _verify_failure(report: _verify.VerifyReport) -> str:
 
 
 async def cmd_verify(args: argparse.Namespace, con: Console) -> None:
-    step = _location(args.url)
+    step = _location(args, args.url)
     start = time.perf_counter()
     report = await _verify.verify_step(step, progress=con.progress)
     if args.json:
@@ -350,7 +352,7 @@ async def cmd_verify(args: argparse.Namespace, con: Console) -> None:
 
 
 async def cmd_gc(args: argparse.Namespace, con: Console) -> None:
-    root = _location(args.url)
+    root = _location(args, args.url)
     report = await _transfer.collect_garbage(root, yes=args.yes, include_live=args.include_live)
     if args.json:
         con.json(report.to_json())
@@ -381,7 +383,7 @@ async def cmd_gc(args: argparse.Namespace, con: Console) -> None:
 
 
 async def cmd_rm(args: argparse.Namespace, con: Console) -> None:
-    step = _location(args.url)
+    step = _location(args, args.url)
     report = await _transfer.remove_step(step, yes=args.yes)
     if args.json:
         con.json(report.to_json())
@@ -414,8 +416,8 @@ async def cmd_cp(args: argparse.Namespace, con: Console) -> None:
         from cloudckpt.orbax import _tools
 
         result = await _tools.copy_all(
-            _location(args.src),
-            _location(args.dst),
+            _location(args, args.src),
+            _location(args, args.dst),
             force=args.force,
             verify_copy=not args.no_verify,
             progress=con.progress,
@@ -432,8 +434,8 @@ async def cmd_cp(args: argparse.Namespace, con: Console) -> None:
             + (f"; {len(skipped)} already there, skipped: {', '.join(skipped)}" if skipped else "")
         )
         return
-    src = _location(args.src)
-    dst = _location(_destination(args.src, args.dst))
+    src = _location(args, args.src)
+    dst = _location(args, _destination(args.src, args.dst))
     start = time.perf_counter()
     report = await _transfer.copy_step(
         src, dst, force=args.force, verify=not args.no_verify, progress=con.progress
@@ -456,30 +458,34 @@ async def cmd_cp(args: argparse.Namespace, con: Console) -> None:
 
 
 async def cmd_doctor(args: argparse.Namespace, con: Console) -> None:
-    root = _location(args.url, retry=DOCTOR_RETRY)
+    root = _location(args, args.url, retry=DOCTOR_RETRY)
     report = await _doctor.run_doctor(root)
     if args.json:
         con.json(report.to_json())
     else:
         tags = {
-            _doctor.OK: "[ok]",
-            _doctor.FAIL: "[FAIL]",
-            _doctor.WARN: "[fix]",
-            _doctor.UNKNOWN: "[?]",
-            _doctor.INFO: "[info]",
+            _doctor_report.OK: "[ok]",
+            _doctor_report.FAIL: "[FAIL]",
+            _doctor_report.WARN: "[fix]",
+            _doctor_report.UNKNOWN: "[?]",
+            _doctor_report.INFO: "[info]",
         }
         con.out(f"doctor {report.url}")
         con.out(f"  store: {report.store}")
         for check in report.checks:
             con.out(f"  {tags[check.status]:<7}{check.name}: {check.detail}")
-            if check.fix and check.status in (_doctor.FAIL, _doctor.WARN, _doctor.UNKNOWN):
+            if check.fix and check.status in (
+                _doctor_report.FAIL,
+                _doctor_report.WARN,
+                _doctor_report.UNKNOWN,
+            ):
                 con.out(f"{'':9}what to do: {check.fix}")
         con.out(
-            f"summary: {report.count(_doctor.OK)} ok, {report.count(_doctor.FAIL)} failed, "
-            f"{report.count(_doctor.WARN)} to fix, {report.count(_doctor.UNKNOWN)} could not check"
+            f"summary: {report.count(_doctor_report.OK)} ok, {report.count(_doctor_report.FAIL)} failed, "
+            f"{report.count(_doctor_report.WARN)} to fix, {report.count(_doctor_report.UNKNOWN)} could not check"
         )
-    failed = report.count(_doctor.FAIL)
-    to_fix = report.count(_doctor.WARN)
+    failed = report.count(_doctor_report.FAIL)
+    to_fix = report.count(_doctor_report.WARN)
     if failed:
         raise CommandFailed(
             f"{failed} check(s) failed for {report.url}; fix what is listed above before "
@@ -649,6 +655,7 @@ def main(
     undo_logging = _debug_logging(stderr) if args.debug else lambda: None
     prefix = f"{PROG} {args.command}"
     loop = LoopThread(f"{PROG}-cli")
+    args.backends = BackendCache()  # what the command opens, closed on its loop below
     try:
         coro: Coroutine[Any, Any, None] = args.func(args, con)
         loop.run(coro)
@@ -673,5 +680,10 @@ def main(
         )
         return 1
     finally:
-        loop.close()
-        undo_logging()
+        try:
+            loop.run(args.backends.aclose(), timeout=30)
+        except Exception:  # closing clients is best effort; the exit status stands
+            pass
+        finally:
+            loop.close()
+            undo_logging()

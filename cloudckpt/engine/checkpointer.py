@@ -38,6 +38,7 @@ from cloudckpt.engine.multihost import MultiprocessingOptions, ProcessGroup
 from cloudckpt.format.step import StepMetadata, read_step_metadata, write_step_metadata
 from cloudckpt.handlers.args import CheckpointArgs
 from cloudckpt.handlers.base import AsyncCheckpointHandler, CheckpointHandler
+from cloudckpt.storage import BackendCache
 from cloudckpt.storage.path import StoragePath
 
 logger = logging.getLogger(__name__)
@@ -73,6 +74,8 @@ class Checkpointer:
         handler.bind_process_group(self._group.options.primary_host, self._group.members)
         self._grace_s = grace_s
         self._loop = LoopThread(f"cloudckpt-{type(self).__name__}")
+        # This checkpointer's backends, closed on its loop by close(): never shared.
+        self._backends = BackendCache()
         self._closed = False
 
     # ----------------------------------------------------------------- properties
@@ -85,7 +88,8 @@ class Checkpointer:
         return self._group
 
     def location(self, path: PathLike) -> StoragePath:
-        return StoragePath.from_url(path, **self._storage_options)
+        """Where ``path`` is, through this checkpointer's own backends (closed by ``close``)."""
+        return StoragePath.from_url(path, cache=self._backends, **self._storage_options)
 
     def _run(self, coro: Any, timeout: float | None = None) -> Any:
         self._check_open()
@@ -265,7 +269,12 @@ class Checkpointer:
             self._handler.close()
         finally:
             self._closed = True
-            self._loop.close()
+            try:
+                self._loop.run(self._backends.aclose(), timeout=30)
+            except Exception:  # closing clients is best effort: the loop goes away regardless
+                logger.debug("closing this checkpointer's storage clients failed", exc_info=True)
+            finally:
+                self._loop.close()
 
     def __enter__(self) -> Checkpointer:
         return self

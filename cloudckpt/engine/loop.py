@@ -18,8 +18,6 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from cloudckpt import storage as backends
-
 T = TypeVar("T")
 
 _forked = False
@@ -86,9 +84,10 @@ class LoopThread:
         return self.submit(coro).result(timeout)
 
     def close(self) -> None:
-        """Closes the backends' clients bound to this loop, then stops the loop.
+        """Joins the loop's ``to_thread`` workers, then stops the loop.
 
-        In a forked child this only marks the loop closed: the thread and the
+        Storage clients bound to the loop belong to whoever opened them (a
+        checkpointer closes its ``BackendCache`` on the loop first). In a forked child this only marks the loop closed: the thread and the
         clients belong to the parent.
         """
         if self._closed:
@@ -98,11 +97,6 @@ class LoopThread:
             return
 
         async def shutdown() -> None:
-            for backend in backends.all_backends():
-                try:
-                    await backend.aclose()
-                except Exception:  # closing is best effort
-                    pass
             # Join the threads of asyncio.to_thread, so a closed loop leaves none behind.
             await asyncio.get_running_loop().shutdown_default_executor()
 

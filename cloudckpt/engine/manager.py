@@ -134,7 +134,6 @@ class CheckpointManager:
     ) -> None:
         self._options = options or CheckpointManagerOptions()
         opts = self._options
-        self._root = StoragePath.from_url(directory, **dict(storage_options or {}))
         handler = handler if handler is not None else CompositeCheckpointHandler()
         common: dict[str, Any] = {
             "storage_options": storage_options,
@@ -154,6 +153,8 @@ class CheckpointManager:
         self._background_lock = threading.Lock()
         self._closed = False
         try:
+            # Through the checkpointer's backends: one client per loop, closed with it.
+            self._root = self._ckptr.location(directory)
             self.reload()
             if opts.cleanup_uncommitted_on_start and self._group.is_primary:
                 self._in_background(self._cleanup_uncommitted())
