@@ -150,6 +150,11 @@ class Checkpointer:
         if args is None:
             raise ValueError("save needs args, e.g. args=cloudckpt.args.Composite(state=...)")
         location = self.location(path)
+        if not location.backend.supports_writes:
+            raise PermissionError(
+                f"cannot save to {location.url}: its backend is read-only (opened with "
+                "read_only=True); save through a checkpointer without it"
+            )
         strategy = location.backend.default_temporary_path_class()
         tmp = strategy.from_final(
             location.path,
