@@ -24,8 +24,6 @@ Rewritten S3 requests are signed again with the upstream's credentials
 ``AWS_SECRET_ACCESS_KEY``, which ``LocalServers.env`` sets), since the
 upstream verifies SigV4 over the query and headers. The TLS-only bucket
 policy is not modelled: the test channel is plain HTTP on loopback.
-
-Not part of the public API.
 """
 
 from __future__ import annotations
