@@ -4,7 +4,8 @@ Functional checks write probe objects under ``<root>/_cloudckpt-doctor-<id>/``
 through the same backend and tensorstore spec a save uses, and delete them
 again: reachable, create-only put works and a second one is refused, read
 back, list and delete within the prefix, and the tensorstore data path.
-Settings checks read what the storage API exposes (S3 lifecycle, versioning
+Settings checks (:mod:`cloudckpt.tools.doctor_settings`, through
+``Backend.bucket_settings``) read what the storage API exposes (S3 lifecycle, versioning
 and region; GCS soft delete, lifecycle, versioning and location) and say what
 to change. A setting the server does not report (as with local emulators) is
 "could not check", never a failure.
