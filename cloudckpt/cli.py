@@ -36,7 +36,6 @@ from cloudckpt.storage import BackendCache, RetryPolicy
 from cloudckpt.storage import redact as _redact
 from cloudckpt.storage.path import StoragePath
 from cloudckpt.tools import doctor as _doctor
-from cloudckpt.tools import doctor_report as _doctor_report
 from cloudckpt.tools import inspect as _inspect
 from cloudckpt.tools import transfer as _transfer
 from cloudckpt.tools import verify as _verify
@@ -464,28 +463,24 @@ async def cmd_doctor(args: argparse.Namespace, con: Console) -> None:
         con.json(report.to_json())
     else:
         tags = {
-            _doctor_report.OK: "[ok]",
-            _doctor_report.FAIL: "[FAIL]",
-            _doctor_report.WARN: "[fix]",
-            _doctor_report.UNKNOWN: "[?]",
-            _doctor_report.INFO: "[info]",
+            _doctor.OK: "[ok]",
+            _doctor.FAIL: "[FAIL]",
+            _doctor.WARN: "[fix]",
+            _doctor.UNKNOWN: "[?]",
+            _doctor.INFO: "[info]",
         }
         con.out(f"doctor {report.url}")
         con.out(f"  store: {report.store}")
         for check in report.checks:
             con.out(f"  {tags[check.status]:<7}{check.name}: {check.detail}")
-            if check.fix and check.status in (
-                _doctor_report.FAIL,
-                _doctor_report.WARN,
-                _doctor_report.UNKNOWN,
-            ):
+            if check.fix and check.status in (_doctor.FAIL, _doctor.WARN, _doctor.UNKNOWN):
                 con.out(f"{'':9}what to do: {check.fix}")
         con.out(
-            f"summary: {report.count(_doctor_report.OK)} ok, {report.count(_doctor_report.FAIL)} failed, "
-            f"{report.count(_doctor_report.WARN)} to fix, {report.count(_doctor_report.UNKNOWN)} could not check"
+            f"summary: {report.count(_doctor.OK)} ok, {report.count(_doctor.FAIL)} failed, "
+            f"{report.count(_doctor.WARN)} to fix, {report.count(_doctor.UNKNOWN)} could not check"
         )
-    failed = report.count(_doctor_report.FAIL)
-    to_fix = report.count(_doctor_report.WARN)
+    failed = report.count(_doctor.FAIL)
+    to_fix = report.count(_doctor.WARN)
     if failed:
         raise CommandFailed(
             f"{failed} check(s) failed for {report.url}; fix what is listed above before "

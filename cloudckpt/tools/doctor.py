@@ -37,14 +37,31 @@ from cloudckpt.storage import Backend
 from cloudckpt.storage.path import StoragePath
 from cloudckpt.tools.doctor_report import (
     FAIL,
+    INFO,
     OK,
+    UNKNOWN,
     WARN,
+    Check,
     DoctorReport,
     short_error,
 )
 from cloudckpt.tools.doctor_settings import check_settings
 
 PROBE_PREFIX = "_cloudckpt-doctor-"
+
+# The report's types and statuses are doctor's vocabulary: callers read them from here.
+__all__ = [
+    "FAIL",
+    "INFO",
+    "OK",
+    "PROBE_PREFIX",
+    "UNKNOWN",
+    "WARN",
+    "Check",
+    "DoctorReport",
+    "describe_store",
+    "run_doctor",
+]
 
 
 def _safe_endpoint(url: str) -> str:
