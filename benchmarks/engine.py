@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -59,16 +60,20 @@ def zarr_layout(url: str) -> list[tuple[str, str, dict[str, Any]]]:
     ]
 
 
-def _spec(url: str, key: str) -> tuple[dict[str, Any], ts.Context]:
+def _specs(url: str) -> Callable[[str], tuple[dict[str, Any], ts.Context]]:
+    """The kvstore spec of each key under ``url``, all with one tensorstore context."""
     import cloudckpt as cc
 
     backend, path = cc.backends.resolve(url)
-    return backend.kvstore_spec(f"{path}/{key}"), backend.tensorstore_context()
+    context = backend.tensorstore_context()
+    return lambda key: (backend.kvstore_spec(f"{path}/{key}"), context)
 
 
 async def _write(url: str, layout: list[tuple[str, str, dict[str, Any]]], host: dict) -> None:
+    spec_of = _specs(url)
+
     async def one(leaf: str, key: str, metadata: dict[str, Any]) -> None:
-        kvstore, context = _spec(url, key)
+        kvstore, context = spec_of(key)
         spec = {"driver": "zarr3", "kvstore": kvstore, "metadata": metadata, "create": True}
         store = await ts.open(spec, context=context)
         await store.write(host[leaf], can_reference_source_data_indefinitely=True)
@@ -77,8 +82,10 @@ async def _write(url: str, layout: list[tuple[str, str, dict[str, Any]]], host: 
 
 
 async def _read(url: str, layout: list[tuple[str, str, dict[str, Any]]]) -> int:
+    spec_of = _specs(url)
+
     async def one(key: str, metadata: dict[str, Any]) -> int:
-        kvstore, context = _spec(url, key)
+        kvstore, context = spec_of(key)
         spec = {"driver": "zarr3", "kvstore": kvstore, "metadata": metadata, "open": True}
         store = await ts.open(spec, context=context)
         return (await store.read()).nbytes

@@ -19,7 +19,6 @@ values, credential headers and signed-URL parameters are redacted
 from __future__ import annotations
 
 import argparse
-import contextvars
 import importlib.metadata
 import json
 import sys
@@ -39,7 +38,7 @@ from cloudckpt.console import (
     utc,
 )
 from cloudckpt.engine.loop import LoopThread
-from cloudckpt.storage import Backend, RetryPolicy
+from cloudckpt.storage import BackendCache, RetryPolicy
 from cloudckpt.storage.path import StoragePath
 from cloudckpt.tools import doctor as _doctor
 from cloudckpt.tools import inspect as _inspect
@@ -56,30 +55,13 @@ class CommandFailed(Exception):
     """The command ran but found a problem; its report is already printed."""
 
 
-#: The backends this command resolved (by id), whose clients ``main`` closes on its loop.
-_opened: contextvars.ContextVar[dict[int, Backend] | None] = contextvars.ContextVar(
-    "cloudckpt_cli_opened", default=None
-)
-
-
-def _location(url: str, **options: Any) -> StoragePath:
-    location = StoragePath.from_url(url, **options)
-    opened = _opened.get()
-    if opened is not None:
-        opened.setdefault(id(location.backend), location.backend)
-    return location
-
-
-async def _close_clients(backends: list[Backend]) -> None:
-    for backend in backends:
-        try:
-            await backend.aclose()
-        except Exception:  # closing is best effort
-            pass
+def _location(args: argparse.Namespace, url: str, **options: Any) -> StoragePath:
+    """``url`` through the command's own backends (``args.backends``, closed by ``main``)."""
+    return StoragePath.from_url(url, cache=args.backends, **options)
 
 
 async def cmd_ls(args: argparse.Namespace, con: Console) -> None:
-    root = _location(args.url)
+    root = _location(args, args.url)
     rows = await _inspect.list_steps(root, read_claims=args.all)
     shown = rows if args.all else [r for r in rows if r.committed]
     if args.json:
@@ -118,7 +100,7 @@ async def cmd_ls(args: argparse.Namespace, con: Console) -> None:
 
 
 async def cmd_inspect(args: argparse.Namespace, con: Console) -> None:
-    step = _location(args.url)
+    step = _location(args, args.url)
     info = await _inspect.describe_step(step)
     if args.json:
         con.json(info)
@@ -206,7 +188,7 @@ def _verify_failure(report: _verify.VerifyReport) -> str:
 
 
 async def cmd_verify(args: argparse.Namespace, con: Console) -> None:
-    step = _location(args.url)
+    step = _location(args, args.url)
     start = time.perf_counter()
     report = await _verify.verify_step(step, progress=con.progress)
     if args.json:
@@ -218,7 +200,7 @@ async def cmd_verify(args: argparse.Namespace, con: Console) -> None:
 
 
 async def cmd_gc(args: argparse.Namespace, con: Console) -> None:
-    root = _location(args.url)
+    root = _location(args, args.url)
     report = await _transfer.collect_garbage(root, yes=args.yes, include_live=args.include_live)
     if args.json:
         con.json(report.to_json())
@@ -249,7 +231,7 @@ async def cmd_gc(args: argparse.Namespace, con: Console) -> None:
 
 
 async def cmd_rm(args: argparse.Namespace, con: Console) -> None:
-    step = _location(args.url)
+    step = _location(args, args.url)
     report = await _transfer.remove_step(step, yes=args.yes)
     if args.json:
         con.json(report.to_json())
@@ -282,8 +264,8 @@ async def cmd_cp(args: argparse.Namespace, con: Console) -> None:
         from cloudckpt.orbax import _tools
 
         result = await _tools.copy_all(
-            _location(args.src),
-            _location(args.dst),
+            _location(args, args.src),
+            _location(args, args.dst),
             force=args.force,
             verify_copy=not args.no_verify,
             progress=con.progress,
@@ -300,8 +282,8 @@ async def cmd_cp(args: argparse.Namespace, con: Console) -> None:
             + (f"; {len(skipped)} already there, skipped: {', '.join(skipped)}" if skipped else "")
         )
         return
-    src = _location(args.src)
-    dst = _location(_destination(args.src, args.dst))
+    src = _location(args, args.src)
+    dst = _location(args, _destination(args.src, args.dst))
     start = time.perf_counter()
     report = await _transfer.copy_step(
         src, dst, force=args.force, verify=not args.no_verify, progress=con.progress
@@ -324,7 +306,7 @@ async def cmd_cp(args: argparse.Namespace, con: Console) -> None:
 
 
 async def cmd_doctor(args: argparse.Namespace, con: Console) -> None:
-    root = _location(args.url, retry=DOCTOR_RETRY)
+    root = _location(args, args.url, retry=DOCTOR_RETRY)
     report = await _doctor.run_doctor(root)
     if args.json:
         con.json(report.to_json())
@@ -480,9 +462,7 @@ def main(
     undo_logging = debug_logging(stderr) if args.debug else lambda: None
     prefix = f"{PROG} {args.command}"
     loop = LoopThread(f"{PROG}-cli")
-    # The command's coroutine runs in a copy of this context, so it records into this dict.
-    opened: dict[int, Backend] = {}
-    token = _opened.set(opened)
+    args.backends = BackendCache()  # what the command opens, closed on its loop below
     try:
         coro: Coroutine[Any, Any, None] = args.func(args, con)
         loop.run(coro)
@@ -507,6 +487,5 @@ def main(
         )
         return 1
     finally:
-        _opened.reset(token)
-        loop.close(cleanup=_close_clients(list(opened.values())))
+        loop.close(cleanup=args.backends.aclose())
         undo_logging()

@@ -207,15 +207,15 @@ def _run_child(
 
 def _listing(url: str) -> list[str]:
     import atomicity
-    from cloudckpt import storage as backends
     from cloudckpt.storage.path import StoragePath
 
     root = StoragePath.from_url(url)
 
     async def scan() -> list[str]:
-        children = await atomicity.scan(root.backend, root.path)
-        for backend in backends.all_backends():
-            await backend.aclose()
+        try:
+            children = await atomicity.scan(root.backend, root.path)
+        finally:
+            await root.backend.aclose()
         return [
             f"    {c.name:<8} {'committed' if c.committed else 'UNCOMMITTED':<12} "
             f"{c.n_objects:>4} objects {c.nbytes / 2**20:8.1f} MiB"

@@ -12,7 +12,6 @@ import pytest
 # Eight CPU devices per test process, before anything initialises JAX's backend.
 jax.config.update("jax_num_cpu_devices", 8)
 
-from cloudckpt import storage
 from cloudckpt.engine.loop import LoopThread
 from cloudckpt.testing.servers import LocalServers, local_servers
 
@@ -45,14 +44,7 @@ def servers(
 def loop() -> Iterator[LoopThread]:
     thread = LoopThread("cloudckpt-tests")
     yield thread
-    thread.close(cleanup=_close_clients_on_this_loop())
-
-
-async def _close_clients_on_this_loop() -> None:
-    # Tests resolve backends everywhere and use them on this one loop: the
-    # loop's owner closes whatever clients they opened here.
-    for backend in storage.all_backends():
-        await backend.aclose()
+    thread.close()
 
 
 @pytest.fixture

@@ -213,9 +213,11 @@ class TestManagerSaving:
                 mngr.save(s, args=composite(s))
         store.raw_put(store.path("notes", "README"), b"someone else's")
         store.raw_put(store.path("1x", "_COMMITTED"), b"{}")  # not a step name
-        backend = cc.StoragePath.from_url(store.url()).backend  # the manager's
+        root = cc.StoragePath.from_url(store.url())  # given to the manager, which uses its backend
+        backend = root.backend
         backend.stats.reset()
-        with manager(store, cleanup_uncommitted_on_start=False) as mngr:
+        options = cc.CheckpointManagerOptions(cleanup_uncommitted_on_start=False)
+        with cc.CheckpointManager(root, options=options) as mngr:
             assert mngr.all_steps() == [1, 2, 3]
             assert backend.stats.calls["list"] == 1
             assert sum(backend.stats.calls.values()) == 1

@@ -1,24 +1,16 @@
-"""One conformance suite, run unchanged against memory, file, S3 and GCS backends."""
+"""The backend conformance suite (cloudckpt.testing.conformance), run against memory, file, S3 and GCS."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 
-import numpy as np
 import pytest
-import tensorstore as ts
 
-import atomicity
 from cloudckpt import storage as backends
 from cloudckpt.engine.loop import LoopThread
+from cloudckpt.testing.conformance import BackendTests, StoreUnderTest
 
-from .backend_harness import ALL_KINDS, OBJECT_KINDS, StoreUnderTest, make_store
-
-
-@pytest.fixture(params=ALL_KINDS)
-def store(request: pytest.FixtureRequest, tmp_path) -> StoreUnderTest:
-    return make_store(request.param, request, tmp_path)
+from .backend_harness import OBJECT_KINDS, make_store
 
 
 @pytest.fixture(params=OBJECT_KINDS)
@@ -26,170 +18,41 @@ def object_store(request: pytest.FixtureRequest, tmp_path) -> StoreUnderTest:
     return make_store(request.param, request, tmp_path)
 
 
-async def _collect(store: StoreUnderTest, prefix: str) -> dict[str, int]:
-    return {info.path: info.size async for info in store.backend.list_prefix(prefix)}
+class TestMemoryBackend(BackendTests):
+    kvstore_driver = "memory"
+
+    @pytest.fixture
+    def store(self, request: pytest.FixtureRequest, tmp_path) -> StoreUnderTest:
+        return make_store("memory", request, tmp_path)
 
 
-class TestConformance:
-    def test_get_missing_is_none(self, store: StoreUnderTest, loop: LoopThread) -> None:
-        assert loop.run(store.backend.get(store.path("missing"))) is None
+class TestFileBackend(BackendTests):
+    kvstore_driver = "file"
+    atomic_rename = True
 
-    def test_put_then_get_round_trips(self, store: StoreUnderTest, loop: LoopThread) -> None:
-        data = os.urandom(1000)
-        loop.run(store.backend.put(store.path("a", "b"), data))
-        assert loop.run(store.backend.get(store.path("a", "b"))) == data
-        assert store.raw_get(store.path("a", "b")) == data
+    @pytest.fixture
+    def store(self, request: pytest.FixtureRequest, tmp_path) -> StoreUnderTest:
+        return make_store("file", request, tmp_path)
 
-    def test_get_reads_what_was_written_around_it(
-        self, store: StoreUnderTest, loop: LoopThread
-    ) -> None:
-        store.raw_put(store.path("raw"), b"written around the backend")
-        assert loop.run(store.backend.get(store.path("raw"))) == b"written around the backend"
 
-    def test_byte_ranges(self, store: StoreUnderTest, loop: LoopThread) -> None:
-        data = bytes(range(256)) * 4
-        loop.run(store.backend.put(store.path("r"), data))
-        assert loop.run(store.backend.get(store.path("r"), (10, 20))) == data[10:20]
-        assert loop.run(store.backend.get(store.path("r"), (1000, 1024))) == data[1000:]
-        assert loop.run(store.backend.get(store.path("r"), (5, 5))) == b""
-        with pytest.raises(ValueError, match="invalid byte range"):
-            loop.run(store.backend.get(store.path("r"), (5, 2)))
+class TestS3Backend(BackendTests):
+    """Against SeaweedFS (tests/test_moto.py runs the suite against moto too)."""
 
-    def test_put_overwrites(self, store: StoreUnderTest, loop: LoopThread) -> None:
-        loop.run(store.backend.put(store.path("o"), b"one"))
-        loop.run(store.backend.put(store.path("o"), b"two"))
-        assert store.raw_get(store.path("o")) == b"two"
+    kvstore_driver = "s3"
 
-    def test_put_if_absent_creates_once(self, store: StoreUnderTest, loop: LoopThread) -> None:
-        key = store.path("c")
-        assert loop.run(store.backend.put_if_absent(key, b"first")) is True
-        assert loop.run(store.backend.put_if_absent(key, b"second")) is False
-        assert store.raw_get(key) == b"first"
+    @pytest.fixture
+    def store(self, request: pytest.FixtureRequest, tmp_path) -> StoreUnderTest:
+        return make_store("s3", request, tmp_path)
 
-    def test_put_if_absent_loses_to_object_written_around_it(
-        self, store: StoreUnderTest, loop: LoopThread
-    ) -> None:
-        store.raw_put(store.path("taken"), b"someone else")
-        assert loop.run(store.backend.put_if_absent(store.path("taken"), b"mine")) is False
-        assert store.raw_get(store.path("taken")) == b"someone else"
 
-    def test_concurrent_creates_exactly_one_wins(
-        self, store: StoreUnderTest, loop: LoopThread
-    ) -> None:
-        key = store.path("race")
-        payloads = [f"writer-{i}".encode() for i in range(8)]
+class TestGCSBackend(BackendTests):
+    """Against fake-gcs-server."""
 
-        async def race() -> list[bool]:
-            return list(
-                await asyncio.gather(*(store.backend.put_if_absent(key, p) for p in payloads))
-            )
+    kvstore_driver = "gcs"
 
-        results = loop.run(race())
-        assert sum(results) == 1
-        assert store.raw_get(key) == payloads[results.index(True)]
-
-    def test_concurrent_creates_from_two_event_loops(
-        self, store: StoreUnderTest, loop: LoopThread
-    ) -> None:
-        # Two checkpointers in one process each own a loop; the race must still have one winner.
-        key = store.path("race2")
-        with LoopThread("other") as other:
-            futures = [
-                lp.submit(store.backend.put_if_absent(key, f"{i}".encode()))
-                for i, lp in enumerate([loop, other, loop, other])
-            ]
-            results = [f.result(60) for f in futures]
-        assert sum(results) == 1
-
-    def test_exists_and_stat(self, store: StoreUnderTest, loop: LoopThread) -> None:
-        loop.run(store.backend.put(store.path("s"), b"12345"))
-        assert loop.run(store.backend.exists(store.path("s"))) is True
-        assert loop.run(store.backend.exists(store.path("nope"))) is False
-        info = loop.run(store.backend.stat(store.path("s")))
-        assert info.size == 5 and info.path == store.path("s")
-        assert info.mtime is not None
-        assert loop.run(store.backend.size(store.path("s"))) == 5
-        with pytest.raises(FileNotFoundError):
-            loop.run(store.backend.stat(store.path("nope")))
-
-    def test_a_directory_is_not_an_object(self, store: StoreUnderTest, loop: LoopThread) -> None:
-        loop.run(store.backend.put(store.path("dir", "leaf"), b"x"))
-        assert loop.run(store.backend.exists(store.path("dir"))) is False
-
-    def test_list_prefix_is_recursive_and_exact(
-        self, store: StoreUnderTest, loop: LoopThread
-    ) -> None:
-        for key, data in {
-            "p/a": b"1",
-            "p/b/c": b"22",
-            "p/b/d/e": b"333",
-            "pq/x": b"4",
-            "p2": b"5",
-        }.items():
-            loop.run(store.backend.put(store.path(key), data))
-        listed = loop.run(_collect(store, store.path("p")))
-        assert listed == {store.path("p/a"): 1, store.path("p/b/c"): 2, store.path("p/b/d/e"): 3}
-        assert loop.run(_collect(store, store.path("nothing-here"))) == {}
-
-    def test_delete(self, store: StoreUnderTest, loop: LoopThread) -> None:
-        loop.run(store.backend.put(store.path("d"), b"x"))
-        loop.run(store.backend.delete(store.path("d")))
-        assert store.raw_get(store.path("d")) is None
-        loop.run(store.backend.delete(store.path("d")))  # missing: no error
-
-    def test_delete_many_and_prefix(self, store: StoreUnderTest, loop: LoopThread) -> None:
-        keys = [f"q/{i}" for i in range(5)] + ["q/sub/x", "qq/keep"]
-        for key in keys:
-            loop.run(store.backend.put(store.path(key), b"x"))
-        loop.run(store.backend.delete_many([store.path("q/0"), store.path("q/1")]))
-        assert store.raw_get(store.path("q/0")) is None and store.raw_get(store.path("q/2")) == b"x"
-        loop.run(store.backend.delete_prefix(store.path("q")))
-        assert loop.run(_collect(store, store.path("q"))) == {}
-        assert store.raw_get(store.path("qq/keep")) == b"x"
-
-    def test_large_object(self, store: StoreUnderTest, loop: LoopThread) -> None:
-        data = os.urandom(12 << 20)
-        loop.run(store.backend.put(store.path("big"), data))
-        assert loop.run(store.backend.get(store.path("big"))) == data
-        assert (
-            loop.run(store.backend.get(store.path("big"), (5 << 20, (5 << 20) + 7)))
-            == data[5 << 20 : (5 << 20) + 7]
-        )
-
-    def test_kvstore_spec_addresses_the_same_place(
-        self, store: StoreUnderTest, loop: LoopThread
-    ) -> None:
-        spec = store.backend.kvstore_spec(store.path("arr"))
-        assert (
-            spec["driver"]
-            == {"memory": "memory", "file": "file", "s3": "s3", "gcs": "gcs"}[store.name]
-        )
-        array = ts.open(
-            {
-                "driver": "zarr3",
-                "kvstore": spec,
-                "metadata": {
-                    "shape": [4, 4],
-                    "data_type": "int32",
-                    "codecs": [{"name": "bytes"}, {"name": "crc32c"}],
-                },
-                "create": True,
-            },
-            context=store.backend.tensorstore_context(),
-        ).result()
-        array.write(np.arange(16, dtype=np.int32).reshape(4, 4)).result()
-        listed = loop.run(_collect(store, store.path("arr")))
-        assert store.path("arr", "zarr.json") in listed
-        loop.run(store.backend.put(store.path("arr", "extra"), b"seen by tensorstore"))
-        kv = ts.KvStore.open(spec, context=store.backend.tensorstore_context()).result()
-        assert kv.read("extra").result().value == b"seen by tensorstore"
-
-    def test_default_strategy_follows_capability(self, store: StoreUnderTest) -> None:
-        expected = (
-            atomicity.AtomicRenamePath if store.name == "file" else atomicity.CommitMarkerPath
-        )
-        assert store.backend.default_temporary_path_class() is expected
-        assert store.backend.supports_atomic_rename is (store.name == "file")
+    @pytest.fixture
+    def store(self, request: pytest.FixtureRequest, tmp_path) -> StoreUnderTest:
+        return make_store("gcs", request, tmp_path)
 
 
 class TestObjectStoreErrors:

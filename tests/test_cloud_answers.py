@@ -20,9 +20,10 @@ from cloudckpt.storage.gcs import GCSBackend
 from cloudckpt.storage.retry import error_code_of, is_transient, retry_after_of
 from cloudckpt.storage.s3 import S3Backend
 from cloudckpt.testing.cloudproxy import CloudProxy
+from cloudckpt.testing.conformance import raw_fsspec
 from cloudckpt.testing.servers import LocalServers
 
-from .backend_harness import FAST_RETRY, _fsspec_raw, _gcsfs_client, _s3fs_client
+from .backend_harness import FAST_RETRY, gcsfs_client, s3fs_client
 from .helpers import BUCKET, unique
 
 
@@ -53,7 +54,7 @@ def test_conflicts_are_retried_and_other_409s_are_not() -> None:
 def test_racing_creates_through_409_conflicts_have_one_winner_each(
     servers: LocalServers, loop: LoopThread
 ) -> None:
-    raw_get, _ = _fsspec_raw(_s3fs_client())
+    raw_get, _ = raw_fsspec(s3fs_client())
     root = f"{BUCKET}/{unique('conflict')}"
     keys = [f"{root}/marker-{i}" for i in range(12)]
     racers = 6
@@ -129,7 +130,7 @@ def test_throttling_waits_as_long_as_retry_after_says(
 def test_listing_and_deleting_follow_every_page(
     kind: str, servers: LocalServers, loop: LoopThread
 ) -> None:
-    raw_get, raw_put = _fsspec_raw(_s3fs_client() if kind == "s3" else _gcsfs_client())
+    raw_get, raw_put = raw_fsspec(s3fs_client() if kind == "s3" else gcsfs_client())
     root = f"{BUCKET}/{unique('pages')}"
     keys = {f"{root}/d{i % 3}/o-{i:02d}" for i in range(23)}
     for key in keys:
@@ -153,7 +154,7 @@ def test_listing_and_deleting_follow_every_page(
 def test_a_store_that_refuses_create_only_puts_is_named_and_never_written_unsafely(
     servers: LocalServers, loop: LoopThread
 ) -> None:
-    raw_get, _ = _fsspec_raw(_s3fs_client())
+    raw_get, _ = raw_fsspec(s3fs_client())
     key = f"{BUCKET}/{unique('no-precond')}/_COMMITTED"
     with CloudProxy(servers.s3.endpoint, flavor="s3", refuse_preconditions=True) as proxy:
         backend = _backend("s3", proxy.endpoint)

@@ -207,16 +207,17 @@ def test_s3_multi_object_delete_refuses_key_by_key(servers: LocalServers) -> Non
     # AWS authorises DeleteObjects per key: a refused key is an AccessDenied entry
     # in a 200 answer, not a 403. A client that ignores the entries loses nothing
     # visibly, and deletes nothing.
+    from cloudckpt.testing.conformance import raw_fsspec
     from cloudckpt.testing.servers import s3_admin_client
 
-    from .backend_harness import _fsspec_raw, _s3fs_client
+    from .backend_harness import s3fs_client
 
-    raw_get, raw_put = _fsspec_raw(_s3fs_client())
+    raw_get, raw_put = raw_fsspec(s3fs_client())
     granted, other = f"{unique('granted')}/", f"{unique('other')}/"
     raw_put(f"{BUCKET}/{granted}a", b"1")
     raw_put(f"{BUCKET}/{other}b", b"2")
     with _proxy("s3", servers, granted) as proxy:
-        client = s3_admin_client(proxy.endpoint)
+        client = s3_admin_client(proxy.endpoint, servers.s3.credentials)
         out = client.delete_objects(
             Bucket=BUCKET, Delete={"Objects": [{"Key": f"{granted}a"}, {"Key": f"{other}b"}]}
         )

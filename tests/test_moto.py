@@ -3,8 +3,8 @@
 SeaweedFS is the S3 of the default run; behaviour that only one server shows
 is a property of that server, not of S3. moto (``moto[server]``) is started
 by the harness on a free 127.0.0.1 port and stopped by PID, like the others.
-The conformance class of tests/test_backends.py is collected here again with
-its ``store`` fixture pointed at moto.
+The conformance suite (cloudckpt.testing.conformance) runs here with its
+``store`` fixture pointed at moto.
 """
 
 from __future__ import annotations
@@ -19,18 +19,19 @@ import pytest
 import cloudckpt as cc
 from cloudckpt.engine.loop import LoopThread
 from cloudckpt.storage.s3 import S3Backend
-from cloudckpt.testing.servers import S3_ACCESS_KEY, S3_REGION, S3_SECRET_KEY, LocalServers, MotoS3
+from cloudckpt.testing.conformance import BackendTests, StoreUnderTest, raw_fsspec
+from cloudckpt.testing.servers import LocalServers, MotoS3
 
-from .backend_harness import FAST_RETRY, StoreUnderTest, _fsspec_raw
+from .backend_harness import FAST_RETRY
 from .helpers import BUCKET, unique
-from .test_backends import TestConformance as _Conformance
 from .test_cli import assert_same_tree, make_tree
 
 
 @pytest.fixture(scope="module")
 def moto(servers: LocalServers, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoS3]:
     # ``servers`` first: it sets the credential environment tensorstore reads.
-    server = MotoS3(tmp_path_factory.mktemp("moto"), (BUCKET,))
+    # The same credentials as the session's clients (moto accepts any).
+    server = MotoS3(tmp_path_factory.mktemp("moto"), (BUCKET,), credentials=servers.s3.credentials)
     server.start()
     try:
         yield server
@@ -38,14 +39,14 @@ def moto(servers: LocalServers, tmp_path_factory: pytest.TempPathFactory) -> Ite
         server.stop()
 
 
-def _raw_client(endpoint: str) -> Any:
+def _raw_client(moto: MotoS3) -> Any:
     import s3fs
 
     return s3fs.S3FileSystem(
-        endpoint_url=endpoint,
-        key=S3_ACCESS_KEY,
-        secret=S3_SECRET_KEY,
-        client_kwargs={"region_name": S3_REGION},
+        endpoint_url=moto.endpoint,
+        key=moto.credentials.access_key,
+        secret=moto.credentials.secret_key,
+        client_kwargs={"region_name": moto.credentials.region},
         skip_instance_cache=True,
         use_listings_cache=False,
     )
@@ -53,17 +54,18 @@ def _raw_client(endpoint: str) -> Any:
 
 def _moto_store(moto: MotoS3) -> StoreUnderTest:
     backend = S3Backend(endpoint_url=moto.endpoint, retry=FAST_RETRY)
-    get, put = _fsspec_raw(_raw_client(moto.endpoint))
+    get, put = raw_fsspec(_raw_client(moto))
     return StoreUnderTest("s3", backend, f"{BUCKET}/{unique('moto')}", get, put)
 
 
-@pytest.fixture
-def store(moto: MotoS3) -> StoreUnderTest:
-    return _moto_store(moto)
-
-
-class TestMotoConformance(_Conformance):
+class TestMotoConformance(BackendTests):
     """Every conformance test, against moto."""
+
+    kvstore_driver = "s3"
+
+    @pytest.fixture
+    def store(self, moto: MotoS3) -> StoreUnderTest:
+        return _moto_store(moto)
 
 
 def test_moto_save_restore_and_manager(moto: MotoS3, loop: LoopThread, tmp_path: Path) -> None:
@@ -81,7 +83,7 @@ def test_moto_save_restore_and_manager(moto: MotoS3, loop: LoopThread, tmp_path:
         assert mngr.all_steps() == [2, 3]
         restored = mngr.restore(3)
     assert_same_tree(restored["state"], tree)
-    raw = _raw_client(moto.endpoint)
+    raw = _raw_client(moto)
     keys = raw.find(root.removeprefix("s3://"))
     assert keys and not any("/1/" in k for k in keys)
     assert np.asarray(restored["state"]["params"]["w"]).shape == (256, 32)

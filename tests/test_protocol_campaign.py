@@ -33,7 +33,8 @@ import pytest
 import atomicity
 import cloudckpt as cc
 from cloudckpt.engine.loop import LoopThread
-from cloudckpt.testing.servers import FaultProxy, LocalServers
+from cloudckpt.testing.faultproxy import FaultProxy
+from cloudckpt.testing.servers import LocalServers
 
 from .helpers import BUCKET, unique
 

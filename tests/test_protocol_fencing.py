@@ -39,7 +39,8 @@ from atomicity import (
 )
 from cloudckpt import cli
 from cloudckpt.engine.loop import LoopThread
-from cloudckpt.testing.servers import FaultProxy, LocalServers
+from cloudckpt.testing.faultproxy import FaultProxy
+from cloudckpt.testing.servers import LocalServers
 
 from .backend_harness import StoreUnderTest, make_store
 from .helpers import BUCKET, unique

@@ -34,6 +34,7 @@ def test_requests_per_save_and_per_delete(
         location.backend.stats.reset()
         loop.run(atomicity.delete_checkpoint(location.backend, location.path))
         delete = dict(location.backend.stats.calls)
+        loop.run(location.backend.aclose())  # its client on this loop is this test's to close
     print(
         f"\n[requests {kind}] save: {sum(save.values())} {save}; delete: {sum(delete.values())} {delete}"
     )

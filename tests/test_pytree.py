@@ -16,7 +16,8 @@ from jax.sharding import PartitionSpec as P
 import cloudckpt as cc
 from cloudckpt.engine.loop import LoopThread
 from cloudckpt.handlers.pytree import layout
-from cloudckpt.testing.servers import FaultProxy, LocalServers
+from cloudckpt.testing.faultproxy import FaultProxy
+from cloudckpt.testing.servers import LocalServers
 
 from .backend_harness import ALL_KINDS, StoreUnderTest, make_store
 from .helpers import BUCKET, unique

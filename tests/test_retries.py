@@ -12,9 +12,11 @@ from cloudckpt.engine.loop import LoopThread
 from cloudckpt.storage.gcs import GCSBackend
 from cloudckpt.storage.retry import RetryPolicy, RetryStats, http_status_of, is_transient
 from cloudckpt.storage.s3 import S3Backend
-from cloudckpt.testing.servers import FaultProxy, LocalServers
+from cloudckpt.testing.conformance import raw_fsspec
+from cloudckpt.testing.faultproxy import FaultProxy
+from cloudckpt.testing.servers import LocalServers
 
-from .backend_harness import FAST_RETRY, _fsspec_raw, _gcsfs_client, _s3fs_client
+from .backend_harness import FAST_RETRY, gcsfs_client, s3fs_client
 from .helpers import BUCKET, unique
 
 
@@ -30,7 +32,7 @@ def _upstream(kind: str, servers: LocalServers) -> str:
 
 @pytest.mark.parametrize("kind", ["s3", "gcs"])
 def test_faulty_channel_loses_nothing(kind: str, servers: LocalServers, loop: LoopThread) -> None:
-    raw_get, _ = _fsspec_raw(_s3fs_client() if kind == "s3" else _gcsfs_client())
+    raw_get, _ = raw_fsspec(s3fs_client() if kind == "s3" else gcsfs_client())
     root = f"{BUCKET}/{unique('faults')}"
     payloads = {f"{root}/obj-{i:03d}": os.urandom(1024 * (1 + (i * 37) % 200)) for i in range(60)}
     with FaultProxy(_upstream(kind, servers), fault_rate=0.3, seed=7, flavor=kind) as proxy:

@@ -43,7 +43,7 @@ from cloudckpt.engine.multihost import MultiprocessingOptions, ProcessGroup
 from cloudckpt.format.step import StepMetadata, read_step_metadata
 from cloudckpt.handlers.args import CheckpointArgs
 from cloudckpt.handlers.base import AsyncCheckpointHandler, CheckpointHandler
-from cloudckpt.storage import Backend
+from cloudckpt.storage import BackendCache
 from cloudckpt.storage.path import StoragePath
 
 logger = logging.getLogger(__name__)
@@ -80,9 +80,8 @@ class Checkpointer:
         handler.bind_process_group(self._group.options.primary_host, self._group.members)
         self._grace_s = grace_s
         self._loop = LoopThread(f"cloudckpt-{type(self).__name__}")
-        #: Backends of the locations resolved here, by id: their clients on
-        #: this loop are closed with it.
-        self._backends: dict[int, Backend] = {}
+        # This checkpointer's backends, closed on its loop by close(): never shared.
+        self._backends = BackendCache()
         self._closed = False
 
     # ----------------------------------------------------------------- properties
@@ -97,13 +96,8 @@ class Checkpointer:
         return self._group
 
     def location(self, path: PathLike) -> StoragePath:
-        """``path`` resolved with this checkpointer's storage options.
-
-        Its backend's clients on this checkpointer's loop are closed with it.
-        """
-        location = StoragePath.from_url(path, **self._storage_options)
-        self._backends.setdefault(id(location.backend), location.backend)
-        return location
+        """Where ``path`` is, through this checkpointer's own backends (closed by ``close``)."""
+        return StoragePath.from_url(path, cache=self._backends, **self._storage_options)
 
     # ------------------------------------------------------------ the event loop
     def check_open(self) -> None:
@@ -152,6 +146,11 @@ class Checkpointer:
         if args is None:
             raise ValueError("save needs args, e.g. args=cloudckpt.args.Composite(state=...)")
         location = self.location(path)
+        if not location.backend.supports_writes:
+            raise PermissionError(
+                f"cannot save to {location.url}: its backend is read-only (opened with "
+                "read_only=True); save through a checkpointer without it"
+            )
         strategy = location.backend.default_temporary_path_class()
         tmp = strategy.from_final(
             location.path,
@@ -277,7 +276,7 @@ class Checkpointer:
             self._handler.close()
         finally:
             self._closed = True
-            self._loop.close(cleanup=_close_clients(list(self._backends.values())))
+            self._loop.close(cleanup=self._backends.aclose())
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -299,15 +298,6 @@ def _close_unless(check: Callable[[], None], coro: Coroutine[Any, Any, Any]) -> 
     except BaseException:
         coro.close()
         raise
-
-
-async def _close_clients(backends: list[Backend]) -> None:
-    """Closes each backend's clients bound to the running loop (best effort, each alone)."""
-    for backend in backends:
-        try:
-            await backend.aclose()
-        except Exception:
-            logger.debug("closing the clients of %r failed", backend, exc_info=True)
 
 
 @dataclass

@@ -93,7 +93,7 @@ class CheckpointManager:
         self._background_lock = threading.Lock()
         self._closed = False
         try:
-            # Resolved by the checkpointer, which closes its clients when it closes.
+            # Through the checkpointer's backends: one client per loop, closed with it.
             self._root = self._ckptr.location(directory)
             self.reload()
             if opts.cleanup_uncommitted_on_start and self._group.is_primary:

@@ -1,9 +1,16 @@
 """Storage backends, chosen by URL scheme.
 
-``resolve("s3://bucket/run")`` returns the backend for the scheme and the
+``resolve("s3://bucket/run")`` returns a new backend for the scheme and the
 backend-local path. Backends are registered by scheme in a table of lazily
-imported classes, so a missing client library only matters when its scheme is
-used, and then the error says what to install.
+imported classes (as fsspec's ``registry``), so a missing client library only
+matters when its scheme is used, and then the error says what to install.
+A third-party backend registers itself with :func:`register_backend`.
+
+Nothing here is shared behind a caller's back: every :func:`resolve` builds
+its own backend, with its own clients and retry statistics. An owner that
+resolves many paths (a checkpointer, a CLI command) keeps them in a
+:class:`BackendCache`, which hands out one backend per scheme and options and
+closes, on request, the clients of every backend it handed out.
 """
 
 from __future__ import annotations
@@ -11,47 +18,104 @@ from __future__ import annotations
 import importlib
 import os
 import threading
+from dataclasses import dataclass
 from typing import Any
 
-from cloudckpt.storage.base import Backend
+from cloudckpt.storage.base import Backend, BucketSettings
 from cloudckpt.storage.retry import RetryPolicy, RetryStats
 
-# scheme -> (module, class, pip requirement that provides the client library)
-_REGISTRY: dict[str, tuple[str, str, str | None]] = {
-    "file": ("cloudckpt.storage.file", "FileBackend", None),
-    "memory": ("cloudckpt.storage.memory", "MemoryBackend", None),
-    "gs": ("cloudckpt.storage.gcs", "GCSBackend", "gcsfs"),
-    "s3": ("cloudckpt.storage.s3", "S3Backend", "s3fs"),
+
+@dataclass(frozen=True)
+class _Entry:
+    """A registered scheme: the class, or where to import it from, and what to install."""
+
+    target: type[Backend] | str  # a class, or "package.module:ClassName"
+    install_hint: str | None
+
+
+_REGISTRY: dict[str, _Entry] = {
+    "file": _Entry("cloudckpt.storage.file:FileBackend", None),
+    "memory": _Entry("cloudckpt.storage.memory:MemoryBackend", None),
+    "gs": _Entry("cloudckpt.storage.gcs:GCSBackend", "pip install gcsfs"),
+    "s3": _Entry("cloudckpt.storage.s3:S3Backend", "pip install s3fs"),
 }
 _ALIASES = {"gcs": "gs"}
+_registry_lock = threading.Lock()
 
-_instances: dict[tuple[str, str], Backend] = {}
-_lock = threading.Lock()
+
+def register_backend(
+    scheme: str, cls_or_import_path: type[Backend] | str, install_hint: str | None = None
+) -> None:
+    """Makes ``scheme://`` URLs resolve to a backend class.
+
+    Args:
+        scheme: The URL scheme, lower case (``"az"`` for ``az://container/prefix``).
+            Registering a scheme again replaces the earlier entry, so a package
+            may override a built-in backend on purpose.
+        cls_or_import_path: A :class:`Backend` subclass, or ``"module:ClassName"``
+            to import the first time the scheme is used (so that a missing
+            client library costs nothing until then).
+        install_hint: What to tell a user whose import of the class fails
+            (``"pip install cloudckpt-azure"``).
+
+    The class is constructed with the caller's ``storage_options`` as keyword
+    arguments, must set ``scheme`` to the registered one, and should pass
+    :class:`cloudckpt.testing.conformance.BackendTests`.
+    """
+    if not scheme or not scheme.isascii() or not scheme.replace("-", "").isalnum():
+        raise ValueError(f"invalid scheme {scheme!r}: use letters, digits and '-', like 'az'")
+    if not isinstance(cls_or_import_path, str) and not (
+        isinstance(cls_or_import_path, type) and issubclass(cls_or_import_path, Backend)
+    ):
+        raise TypeError(
+            f"register_backend({scheme!r}, ...) needs a Backend subclass or a "
+            f"'module:ClassName' string, got {cls_or_import_path!r}"
+        )
+    if isinstance(cls_or_import_path, str) and ":" not in cls_or_import_path:
+        raise ValueError(
+            f"import path {cls_or_import_path!r} must be 'module:ClassName', "
+            "e.g. 'mypackage.azure:AzureBackend'"
+        )
+    with _registry_lock:
+        _REGISTRY[scheme.lower()] = _Entry(cls_or_import_path, install_hint)
 
 
 def supported_schemes() -> list[str]:
-    return sorted(_REGISTRY)
+    """Every registered scheme, sorted."""
+    with _registry_lock:
+        return sorted(_REGISTRY)
 
 
 def backend_class(scheme: str) -> type[Backend]:
-    """The backend class registered for ``scheme``."""
+    """The backend class registered for ``scheme``, imported on first use.
+
+    Raises:
+        ValueError: No backend is registered for ``scheme``.
+        ImportError: The backend's module (or its client library) is missing;
+            the message says what to install.
+    """
     scheme = _ALIASES.get(scheme, scheme)
-    try:
-        module_name, class_name, requirement = _REGISTRY[scheme]
-    except KeyError:
+    with _registry_lock:
+        entry = _REGISTRY.get(scheme)
+    if entry is None:
         raise ValueError(
             f"unsupported storage scheme {scheme!r}; supported: "
             + ", ".join(f"{s}://" for s in supported_schemes())
-            + " and plain paths"
-        ) from None
+            + " and plain paths (register others with cloudckpt.storage.register_backend)"
+        )
+    if not isinstance(entry.target, str):
+        return entry.target
+    module_name, _, class_name = entry.target.partition(":")
     try:
-        module = importlib.import_module(module_name)
+        cls = getattr(importlib.import_module(module_name), class_name)
     except ImportError as exc:
+        hint = f"; install it with: {entry.install_hint}" if entry.install_hint else ""
         raise ImportError(
-            f"{scheme}:// needs {requirement}, which failed to import ({exc}); "
-            f"install it with: pip install {requirement}"
+            f"{scheme}:// needs {module_name}, which failed to import ({exc}){hint}"
         ) from exc
-    return getattr(module, class_name)
+    if not (isinstance(cls, type) and issubclass(cls, Backend)):
+        raise TypeError(f"{entry.target} (registered for {scheme}://) is not a Backend subclass")
+    return cls
 
 
 def split_url(url: str | os.PathLike[str]) -> tuple[str, str]:
@@ -76,35 +140,85 @@ def split_url(url: str | os.PathLike[str]) -> tuple[str, str]:
 
 
 def get_backend(scheme: str, **options: Any) -> Backend:
-    """The shared backend instance for ``scheme`` configured with ``options``."""
-    scheme = _ALIASES.get(scheme, scheme)
-    key = (scheme, repr(sorted(options.items())))
-    with _lock:
-        backend = _instances.get(key)
-        if backend is None:
-            backend = _instances[key] = backend_class(scheme)(**options)
-    return backend
+    """A new backend for ``scheme`` configured with ``options``.
+
+    The caller owns it: ``await backend.aclose()`` on each event loop it was
+    used on releases its clients there.
+    """
+    return backend_class(_ALIASES.get(scheme, scheme))(**options)
 
 
 def resolve(url: str | os.PathLike[str], **options: Any) -> tuple[Backend, str]:
-    """The backend serving ``url`` and the path within it."""
+    """A new backend serving ``url``, and the path within it (see :func:`get_backend`)."""
     scheme, path = split_url(url)
     return get_backend(scheme, **options), path
 
 
-def all_backends() -> list[Backend]:
-    """Every backend instance created so far (to close their per-loop clients)."""
-    with _lock:
-        return list(_instances.values())
+class BackendCache:
+    """The backends one owner opened: one per scheme and options, closed by that owner.
+
+    A checkpointer or a CLI command resolves many paths; sharing a backend
+    between them keeps one client (one connection pool, one credential
+    lookup) per event loop. The cache is the owner's, never the process's:
+    two checkpointers never share a backend or its retry statistics.
+
+    Thread-safe. The options must be hashable by their ``repr`` (strings,
+    numbers, booleans, a :class:`RetryPolicy`).
+    """
+
+    def __init__(self) -> None:
+        self._backends: dict[tuple[str, str], Backend] = {}
+        self._adopted: list[Backend] = []
+        self._lock = threading.Lock()
+
+    def get_backend(self, scheme: str, **options: Any) -> Backend:
+        """This cache's backend for ``scheme`` and ``options``, created on first use."""
+        scheme = _ALIASES.get(scheme, scheme)
+        key = (scheme, repr(sorted(options.items())))
+        with self._lock:
+            backend = self._backends.get(key)
+            if backend is None:
+                backend = self._backends[key] = get_backend(scheme, **options)
+        return backend
+
+    def resolve(self, url: str | os.PathLike[str], **options: Any) -> tuple[Backend, str]:
+        """This cache's backend serving ``url``, and the path within it."""
+        scheme, path = split_url(url)
+        return self.get_backend(scheme, **options), path
+
+    def adopt(self, backend: Backend) -> None:
+        """Also closes ``backend``'s clients in :meth:`aclose` (one the caller passed in).
+
+        Closing a client bound to this owner's loop does not close the
+        backend for its other users: each loop has its own client.
+        """
+        with self._lock:
+            if backend not in self._backends.values() and backend not in self._adopted:
+                self._adopted.append(backend)
+
+    def backends(self) -> list[Backend]:
+        """Every backend this cache created or adopted."""
+        with self._lock:
+            return [*self._backends.values(), *self._adopted]
+
+    async def aclose(self) -> None:
+        """Closes every backend's clients bound to the running event loop (best effort)."""
+        for backend in self.backends():
+            try:
+                await backend.aclose()
+            except Exception:  # closing is best effort: the loop is going away anyway
+                pass
 
 
 __all__ = [
     "Backend",
+    "BackendCache",
+    "BucketSettings",
     "RetryPolicy",
     "RetryStats",
-    "all_backends",
     "backend_class",
     "get_backend",
+    "register_backend",
     "resolve",
     "split_url",
     "supported_schemes",

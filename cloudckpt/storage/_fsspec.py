@@ -41,8 +41,8 @@ def _mtime(info: dict[str, Any]) -> float | None:
 class FsspecObjectBackend(Backend):
     """Object-store backend on top of an fsspec ``AsyncFileSystem``."""
 
-    def __init__(self, *, retry: RetryPolicy | None = None) -> None:
-        super().__init__(retry=retry)
+    def __init__(self, *, retry: RetryPolicy | None = None, read_only: bool = False) -> None:
+        super().__init__(retry=retry, read_only=read_only)
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = (
             weakref.WeakKeyDictionary()
         )

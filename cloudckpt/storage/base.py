@@ -12,7 +12,13 @@ the shared retry policy and comes out with builtin exceptions:
 * 401/403 -> ``PermissionError`` naming the bucket and the credential source,
   never a secret;
 * transient failures that outlast the retry budget -> ``ConnectionError`` or
-  ``TimeoutError``.
+  ``TimeoutError``;
+* any write or delete on a backend opened with ``read_only=True`` ->
+  ``PermissionError``, before a request is made.
+
+Backends are owned, not shared: whoever creates one (directly, through
+``cloudckpt.storage.resolve`` or a ``BackendCache``) closes its clients with
+``aclose`` on each event loop it used.
 
 Paths are backend-local strings without a scheme: ``bucket/key`` for object
 stores, an absolute path for the file system, ``name/key`` for memory.
@@ -23,7 +29,8 @@ from __future__ import annotations
 import abc
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
 import tensorstore as ts
@@ -38,14 +45,48 @@ T = TypeVar("T")
 CREATE_TOKEN_KEY = "cloudckpt-create-token"
 
 
+@dataclass(frozen=True)
+class BucketSettings:
+    """A bucket's configuration, as its storage API reports it (``Backend.bucket_settings``).
+
+    Each setting is the service's own answer, unparsed, so that a reader sees
+    exactly what the store said; a setting that could not be read is in
+    ``errors`` instead, with the exception the request raised (its message
+    names the missing permission where the store says it).
+
+    Settings by scheme:
+
+    * ``s3``: ``"lifecycle"`` (the ``Rules`` list of GetBucketLifecycleConfiguration;
+      ``[]`` when the bucket has none), ``"versioning"`` (the GetBucketVersioning
+      response), ``"location"`` (the GetBucketLocation response);
+    * ``gs``: ``"metadata"`` (the bucket resource of ``storage.buckets.get``).
+
+    Attributes:
+        bucket: The bucket's name.
+        values: Setting name -> the store's answer.
+        errors: Setting name -> why it could not be read.
+    """
+
+    bucket: str
+    values: Mapping[str, Any] = field(default_factory=dict)
+    errors: Mapping[str, BaseException] = field(default_factory=dict)
+
+
 class Backend(abc.ABC):
-    """Async object I/O for one storage system, plus its tensorstore kvstore spec."""
+    """Async object I/O for one storage system, plus its tensorstore kvstore spec.
+
+    Args:
+        retry: The retry policy of every request (default: ``DEFAULT_POLICY``).
+        read_only: Refuse every write and delete with ``PermissionError``
+            (a restore-only job, a shared read-only dataset).
+    """
 
     #: URL scheme this backend serves (``gs``, ``s3``, ``file``, ``memory``).
     scheme: ClassVar[str]
 
-    def __init__(self, *, retry: RetryPolicy | None = None) -> None:
+    def __init__(self, *, retry: RetryPolicy | None = None, read_only: bool = False) -> None:
         self.retry_policy = retry or DEFAULT_POLICY
+        self.read_only = read_only
         self.stats = RetryStats()
         self._ts_context: ts.Context | None = None
 
@@ -62,11 +103,8 @@ class Backend(abc.ABC):
 
     @property
     def supports_writes(self) -> bool:
-        return True
-
-    @property
-    def supports_listing(self) -> bool:
-        return True
+        """Whether writes and deletes are allowed (False when opened ``read_only``)."""
+        return not self.read_only
 
     def default_temporary_path_class(self) -> type[atomicity.TemporaryPath]:
         """The atomicity strategy this store's capabilities call for."""
@@ -101,6 +139,7 @@ class Backend(abc.ABC):
 
     async def put(self, path: str, data: bytes) -> None:
         """Writes an object, replacing any existing one."""
+        self._check_writable("write", path)
         await self._retrying("put", path, lambda: self._put(path, data))
 
     async def put_if_absent(self, path: str, data: bytes) -> bool:
@@ -111,6 +150,7 @@ class Backend(abc.ABC):
         attempt of this same call created it (success) or another writer did
         (False).
         """
+        self._check_writable("create", path)
         token = uuid.uuid4().hex
 
         async def attempt() -> bool:
@@ -138,6 +178,7 @@ class Backend(abc.ABC):
 
         Returns the new version, or None when the condition did not hold.
         """
+        self._check_writable("write", path)
         return await self._retrying(
             "put_if_absent" if if_version is None else "put_if_match",
             path,
@@ -150,6 +191,7 @@ class Backend(abc.ABC):
         Returns False when another version is there. Stores without the
         condition delete unconditionally; the protocol is safe either way.
         """
+        self._check_writable("delete", path)
         return await self._retrying(
             "delete_if_match", path, lambda: self._delete_versioned(path, version)
         )
@@ -176,16 +218,19 @@ class Backend(abc.ABC):
 
     async def delete(self, path: str) -> None:
         """Deletes an object; a missing object is not an error."""
+        self._check_writable("delete", path)
         await self._retrying("delete", path, lambda: self._delete_many([path]))
 
     async def delete_many(self, paths: Iterable[str]) -> None:
         batch = list(paths)
         if batch:
+            self._check_writable("delete", batch[0])
             await self._retrying("delete", batch[0], lambda: self._delete_many(batch))
 
     async def delete_prefix(self, prefix: str) -> None:
         """Deletes every object under the directory ``prefix``."""
         prefix = prefix.rstrip("/")
+        self._check_writable("delete", prefix)
         doomed = [info.path async for info in self.list_prefix(prefix)]
         await self.delete_many(doomed)
 
@@ -198,12 +243,38 @@ class Backend(abc.ABC):
 
     async def rename(self, src: str, dst: str) -> None:
         """Atomically renames the directory ``src`` to ``dst`` (where supported)."""
+        self._check_writable("rename", src)
         raise NotImplementedError(f"{type(self).__name__} has no atomic rename")
 
+    async def bucket_settings(self, path: str) -> BucketSettings | None:
+        """The configuration of the bucket holding ``path``; None where there is no bucket.
+
+        Reads bucket-level settings, which need permissions a training identity
+        usually lacks (S3 ``s3:GetLifecycleConfiguration``,
+        ``s3:GetBucketVersioning``, ``s3:GetBucketLocation``; GCS
+        ``storage.buckets.get``): a refused read lands in
+        :attr:`BucketSettings.errors`, never raises. One attempt per setting,
+        no retries: this is a diagnostic.
+        """
+        return None
+
     async def aclose(self) -> None:
-        """Releases clients bound to the running event loop."""
+        """Releases this backend's clients bound to the running event loop.
+
+        The owner of a backend calls it on every event loop it used the
+        backend on, before that loop closes. The backend stays usable: a
+        later request opens a new client.
+        """
 
     # --------------------------------------------------------------- implementation
+    def _check_writable(self, op: str, path: str) -> None:
+        if not self.supports_writes:
+            raise PermissionError(
+                f"cannot {op} {self.url(path)}: this {self.scheme}:// backend is read-only "
+                "(opened with read_only=True, or a store that takes no writes); open it "
+                "without read_only to save or delete"
+            )
+
     async def _retrying(self, op: str, path: str, fn: Callable[[], Awaitable[T]]) -> T:
         try:
             return await self.retry_policy.call(op, fn, self.stats, lambda: self.url(path))

@@ -327,8 +327,10 @@ class FileBackend(Backend):
         # One rmtree; unlike object stores, nothing here relies on deletion order
         # (checkpoints are renamed to a temporary name before being deleted).
         prefix = _checked(prefix.rstrip("/"))
+        self._check_writable("delete", prefix)
         await self._retrying("delete_prefix", prefix, lambda: asyncio.to_thread(_rmtree, prefix))
 
     async def rename(self, src: str, dst: str) -> None:
         src, dst = _checked(src), _checked(dst)
+        self._check_writable("rename", src)
         await self._retrying("rename", src, lambda: asyncio.to_thread(_rename, src, dst))

@@ -5,11 +5,14 @@ from ``endpoint_url`` or ``STORAGE_EMULATOR_HOST``; credentials from
 ``token`` or Application Default Credentials (anonymous against an
 emulator). Conditional creation is a real ``ifGenerationMatch=0`` upload.
 
-tensorstore's ``gcs`` driver has no endpoint in its spec; it reads
-``TENSORSTORE_GCS_HTTP_URL`` (and, against an emulator,
-``GOOGLE_AUTH_TOKEN_FOR_TESTING``) from the environment. This backend sets
-them from its own endpoint, so users configure one thing. One process can
-therefore address a single GCS endpoint.
+This module writes no environment variable. gcsfs gets every setting as an
+argument. tensorstore's ``gcs`` driver has no endpoint in its spec or context:
+it reads ``TENSORSTORE_GCS_HTTP_URL`` (and, against an emulator,
+``GOOGLE_AUTH_TOKEN_FOR_TESTING``) from the environment when it opens a
+store. So a backend whose endpoint is not the one tensorstore will use refuses to
+hand out a kvstore spec, naming the variables to set
+(:func:`tensorstore_environment`), rather than changing the process's
+environment behind its other users.
 """
 
 from __future__ import annotations
@@ -23,22 +26,40 @@ import uuid
 from typing import Any
 from urllib.parse import quote
 
-# Before gcsfs is imported: otherwise every bucket call first waits out a 60 s
-# gRPC probe for hierarchical-namespace buckets (fatal against an emulator).
-os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
-
-import gcsfs
+# gcsfs.GCSFileSystem is, unless GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false was set
+# before gcsfs was imported, the experimental ExtendedGcsFileSystem, whose every
+# bucket call first waits out a 60 s gRPC probe for hierarchical-namespace
+# buckets (fatal against an emulator). The core class has no such probe; it is
+# named here so that no environment variable has to be set on import.
+from gcsfs.core import GCSFileSystem as _CoreGCSFileSystem
 from gcsfs.retry import validate_response
 
 from atomicity import ObjectInfo, Versioned
 from cloudckpt.storage._fsspec import FsspecObjectBackend, _mtime
-from cloudckpt.storage.base import CREATE_TOKEN_KEY
+from cloudckpt.storage.base import CREATE_TOKEN_KEY, BucketSettings
 from cloudckpt.storage.retry import RetryPolicy
 
 _TS_URL_VAR = "TENSORSTORE_GCS_HTTP_URL"
 _TS_TOKEN_VAR = "GOOGLE_AUTH_TOKEN_FOR_TESTING"
-#: The GCS endpoint this process has pointed tensorstore at (it reads one, process-wide).
-_tensorstore_endpoint: str | None = None
+#: The JSON API endpoint gcsfs and tensorstore use when none is configured.
+DEFAULT_ENDPOINT = "https://storage.googleapis.com"
+
+
+def tensorstore_environment(endpoint: str) -> dict[str, str]:
+    """The environment that points tensorstore's ``gcs`` driver at ``endpoint``.
+
+    Apply it before the process opens ``gs://`` arrays (in a launcher, a job
+    spec, or ``os.environ.update`` at start-up): tensorstore takes its GCS
+    endpoint from the environment only, so all of a process's GCS arrays go
+    to one endpoint. Against an
+    emulator (any endpoint but Google's) it also tells tensorstore not to look
+    for Google credentials.
+    """
+    endpoint = _normalise_endpoint(endpoint)
+    env = {_TS_URL_VAR: endpoint}
+    if endpoint != DEFAULT_ENDPOINT:
+        env[_TS_TOKEN_VAR] = "emulator"
+    return env
 
 
 def _error_details(contents: bytes) -> tuple[str, str]:
@@ -55,7 +76,7 @@ def _error_details(contents: bytes) -> tuple[str, str]:
 DELETE_CONCURRENCY = 32
 
 
-class _SingleAttemptGCSFileSystem(gcsfs.GCSFileSystem):
+class _SingleAttemptGCSFileSystem(_CoreGCSFileSystem):
     """gcsfs with one attempt per request and the error body's details kept.
 
     gcsfs wraps every request in its own retry loop; cloudckpt retries once, in
@@ -125,8 +146,9 @@ class GCSBackend(FsspecObjectBackend):
         token: Any = None,
         request_timeout_s: float = 60.0,
         retry: RetryPolicy | None = None,
+        read_only: bool = False,
     ) -> None:
-        super().__init__(retry=retry)
+        super().__init__(retry=retry, read_only=read_only)
         emulator = os.environ.get("STORAGE_EMULATOR_HOST")
         endpoint = endpoint_url or emulator
         self.endpoint_url = _normalise_endpoint(endpoint) if endpoint else None
@@ -134,23 +156,29 @@ class GCSBackend(FsspecObjectBackend):
         self.token = token if token is not None else ("anon" if self.endpoint_url else None)
         self.request_timeout_s = request_timeout_s
 
-    @staticmethod
-    def _point_tensorstore_at(endpoint: str) -> None:
-        global _tensorstore_endpoint
-        if _tensorstore_endpoint is not None and _tensorstore_endpoint != endpoint:
-            raise ValueError(
-                f"tensorstore in this process already talks to GCS at {_tensorstore_endpoint}; it "
-                f"cannot also use {endpoint}. Use one GCS endpoint per process."
-            )
-        # Set even when inherited from a parent process: this process's endpoint wins.
-        _tensorstore_endpoint = endpoint
-        os.environ[_TS_URL_VAR] = endpoint
-        # An emulator accepts any bearer token; tensorstore must not look for real ones.
-        os.environ.setdefault(_TS_TOKEN_VAR, "emulator")
+    def _check_tensorstore_endpoint(self) -> None:
+        """Refuses a spec that tensorstore would send elsewhere, or with other credentials."""
+        ours = self.endpoint_url or DEFAULT_ENDPOINT
+        theirs = os.environ.get(_TS_URL_VAR)
+        theirs = _normalise_endpoint(theirs) if theirs else DEFAULT_ENDPOINT
+        needed = tensorstore_environment(ours)
+        missing = [k for k in needed if k != _TS_URL_VAR and not os.environ.get(k)]
+        if theirs == ours and not missing:
+            return
+        what = (
+            f"would talk to {theirs}: tensorstore reads its GCS endpoint only from the environment"
+            if theirs != ours
+            else f"would look for Google credentials, which an emulator has none of ({missing[0]})"
+        )
+        settings = " ".join(f"{k}={v}" for k, v in needed.items())
+        raise ValueError(
+            f"this gs:// backend talks to {ours}, but tensorstore, which writes the arrays, "
+            f"{what}. Set {settings} in the environment before the process opens arrays "
+            "(cloudckpt.storage.gcs.tensorstore_environment gives them)"
+        )
 
     def kvstore_spec(self, path: str) -> dict[str, Any]:
-        if self.endpoint_url:
-            self._point_tensorstore_at(self.endpoint_url)
+        self._check_tensorstore_endpoint()
         bucket, _, key = path.partition("/")
         return {"driver": "gcs", "bucket": bucket, "path": key.rstrip("/") + "/"}
 
@@ -273,6 +301,16 @@ class GCSBackend(FsspecObjectBackend):
     async def _created_with_token(self, path: str, token: str) -> bool:
         info = await self._info(path)
         return info is not None and (info.get("metadata") or {}).get(CREATE_TOKEN_KEY) == token
+
+    async def bucket_settings(self, path: str) -> BucketSettings:
+        """The bucket resource as ``"metadata"`` (see ``BucketSettings``)."""
+        bucket = self.bucket_of(path)
+        try:
+            fs = await self._fs()
+            meta = await fs._call("GET", "b/{}", bucket, json_out=True)
+        except Exception as exc:  # a refused read is an answer, not a failure
+            return BucketSettings(bucket, errors={"metadata": exc})
+        return BucketSettings(bucket, values={"metadata": meta})
 
 
 # ------------------------------------------------------------ conditional requests

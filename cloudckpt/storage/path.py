@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cloudckpt import storage as backends
-from cloudckpt.storage import Backend
+from cloudckpt.storage import Backend, BackendCache
 
 
 @dataclass(frozen=True)
@@ -23,10 +23,28 @@ class StoragePath:
     path: str
 
     @classmethod
-    def from_url(cls, url: str | os.PathLike[str] | StoragePath, **options: Any) -> StoragePath:
+    def from_url(
+        cls,
+        url: str | os.PathLike[str] | StoragePath,
+        *,
+        cache: BackendCache | None = None,
+        **options: Any,
+    ) -> StoragePath:
+        """The location ``url`` names; a ``StoragePath`` is returned as it is.
+
+        Args:
+            url: ``gs://``, ``s3://``, ``memory://``, ``file://`` or a plain path.
+            cache: Where to take the backend from (and leave it, for its owner to
+                close). Without one, the location gets a backend of its own,
+                which the caller closes with ``aclose`` on each loop it used.
+            **options: Backend options (``endpoint_url``, ``region``, ...).
+        """
         if isinstance(url, StoragePath):
+            if cache is not None:
+                cache.adopt(url.backend)
             return url
-        backend, path = backends.resolve(url, **options)
+        resolver = cache if cache is not None else backends
+        backend, path = resolver.resolve(url, **options)
         return cls(backend, path)
 
     def __truediv__(self, name: str) -> StoragePath:

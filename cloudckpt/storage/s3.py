@@ -26,7 +26,7 @@ from typing import Any
 
 from atomicity import ObjectInfo, Versioned
 from cloudckpt.storage._fsspec import FsspecObjectBackend, _mtime
-from cloudckpt.storage.base import CREATE_TOKEN_KEY
+from cloudckpt.storage.base import CREATE_TOKEN_KEY, BucketSettings
 from cloudckpt.storage.retry import RetryPolicy, error_code_of, http_status_of
 
 #: Keys per DeleteObjects request (the S3 maximum).
@@ -97,8 +97,9 @@ class S3Backend(FsspecObjectBackend):
         anon: bool = False,
         request_timeout_s: float = 60.0,
         retry: RetryPolicy | None = None,
+        read_only: bool = False,
     ) -> None:
-        super().__init__(retry=retry)
+        super().__init__(retry=retry, read_only=read_only)
         self.endpoint_url = endpoint_url or _env("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
         self.region = region or _env("AWS_REGION", "AWS_DEFAULT_REGION")
         self.profile = profile
@@ -376,3 +377,29 @@ class S3Backend(FsspecObjectBackend):
     async def _created_with_token(self, path: str, token: str) -> bool:
         info = await self._info(path)
         return info is not None and info["Metadata"].get(CREATE_TOKEN_KEY) == token
+
+    async def bucket_settings(self, path: str) -> BucketSettings:
+        """Lifecycle rules, versioning and location of the bucket (see ``BucketSettings``)."""
+        bucket = self.bucket_of(path)
+        values: dict[str, Any] = {}
+        errors: dict[str, BaseException] = {}
+        for name, operation in _SETTINGS_REQUESTS:
+            try:
+                fs = await self._fs()
+                answer = await fs._call_s3(operation, Bucket=bucket)
+            except Exception as exc:  # a refused read is an answer, not a failure
+                if name == "lifecycle" and error_code_of(exc) == "NoSuchLifecycleConfiguration":
+                    values[name] = []
+                else:
+                    errors[name] = exc
+                continue
+            values[name] = answer.get("Rules", []) if name == "lifecycle" else answer
+        return BucketSettings(bucket, values, errors)
+
+
+#: ``BucketSettings`` names and the S3 requests that read them.
+_SETTINGS_REQUESTS = (
+    ("lifecycle", "get_bucket_lifecycle_configuration"),
+    ("versioning", "get_bucket_versioning"),
+    ("location", "get_bucket_location"),
+)

@@ -9,7 +9,7 @@ permissions (GCS) the cloud checks for it, as documented by AWS ("Actions,
 resources, and condition keys for Amazon S3") and Google ("IAM permissions
 for JSON methods").
 
-Not part of the public API.
+Needs the ``test`` extra (python-hcl2 reads the terraform modules).
 """
 
 from __future__ import annotations

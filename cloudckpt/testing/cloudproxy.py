@@ -19,11 +19,11 @@
   ``refuse_preconditions`` answers an S3 conditional PUT ``501 NotImplemented``,
   as S3 did before August 2024 and some S3-compatible stores still do.
 
-Rewritten S3 requests are signed again with the test credentials (the
-upstream verifies SigV4 over the query and headers). The TLS-only bucket
+Rewritten S3 requests are signed again with the upstream's credentials
+(``s3_credentials``; by default this process's ``AWS_ACCESS_KEY_ID`` and
+``AWS_SECRET_ACCESS_KEY``, which ``LocalServers.env`` sets), since the
+upstream verifies SigV4 over the query and headers. The TLS-only bucket
 policy is not modelled: the test channel is plain HTTP on loopback.
-
-Not part of the public API.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import random
 import re
 import threading
@@ -49,7 +50,8 @@ from cloudckpt.testing.cloudiam import (
     gcs_permissions,
     s3_permissions,
 )
-from cloudckpt.testing.servers import S3_ACCESS_KEY, S3_REGION, S3_SECRET_KEY, LoopbackProxy
+from cloudckpt.testing.faultproxy import LoopbackProxy
+from cloudckpt.testing.servers import S3_REGION, S3Credentials
 
 
 # ----------------------------------------------------------------------------- answers
@@ -113,8 +115,10 @@ class CloudProxy(LoopbackProxy):
         strip_preconditions: bool = False,
         refuse_preconditions: bool = False,
         seed: int = 0,
+        s3_credentials: S3Credentials | None = None,
     ) -> None:
         super().__init__(upstream, flavor)
+        self.s3_credentials = s3_credentials
         self.s3_policy = s3_policy
         self.gcs_granted = gcs_permissions_granted
         self.page_size = page_size
@@ -131,6 +135,22 @@ class CloudProxy(LoopbackProxy):
     @property
     def phase_url(self) -> str:
         return self.endpoint + PHASE_PATH.rstrip("/")
+
+    def _credentials(self) -> S3Credentials:
+        """What the upstream S3 server accepts (see the module docstring)."""
+        if self.s3_credentials is not None:
+            return self.s3_credentials
+        try:
+            return S3Credentials(
+                os.environ["AWS_ACCESS_KEY_ID"],
+                os.environ["AWS_SECRET_ACCESS_KEY"],
+                os.environ.get("AWS_REGION", S3_REGION),
+            )
+        except KeyError:
+            raise RuntimeError(
+                "CloudProxy re-signs rewritten S3 requests: pass s3_credentials=, or set "
+                "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (LocalServers.env does)"
+            ) from None
 
     def _file(self, permission: str) -> None:
         with self._lock:
@@ -371,7 +391,7 @@ class CloudProxy(LoopbackProxy):
             qs = urlencode(sorted(query.items()), quote_via=quote, safe="-_.~")
             url = f"{self.upstream}{path}" + (f"?{qs}" if qs else "")
             if self.flavor == "s3":
-                headers = _resign_s3(method, url, headers, body)
+                headers = _resign_s3(method, url, headers, body, self._credentials())
         else:
             url = self.upstream + path + (f"?{raw_query}" if raw_query else "")
         async with self._session.request(
@@ -390,8 +410,10 @@ class CloudProxy(LoopbackProxy):
             return upstream.status, out, payload
 
 
-def _resign_s3(method: str, url: str, headers: dict[str, str], body: bytes) -> dict[str, str]:
-    """Headers for ``url`` signed again (SigV4) with the test credentials."""
+def _resign_s3(
+    method: str, url: str, headers: dict[str, str], body: bytes, credentials: S3Credentials
+) -> dict[str, str]:
+    """Headers for ``url`` signed again (SigV4) with ``credentials``."""
     from botocore.auth import S3SigV4Auth
     from botocore.awsrequest import AWSRequest
     from botocore.credentials import Credentials
@@ -399,5 +421,6 @@ def _resign_s3(method: str, url: str, headers: dict[str, str], body: bytes) -> d
     unsigned = ("authorization", "x-amz-date", "x-amz-content-sha256", "host", "expect")
     kept = {k: v for k, v in headers.items() if k not in unsigned}
     request = AWSRequest(method=method, url=url, data=body, headers=kept)
-    S3SigV4Auth(Credentials(S3_ACCESS_KEY, S3_SECRET_KEY), "s3", S3_REGION).add_auth(request)
+    signer = Credentials(credentials.access_key, credentials.secret_key)
+    S3SigV4Auth(signer, "s3", credentials.region).add_auth(request)
     return dict(request.headers.items())

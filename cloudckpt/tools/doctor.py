@@ -4,7 +4,8 @@ Functional checks write probe objects under ``<root>/_cloudckpt-doctor-<id>/``
 through the same backend and tensorstore spec a save uses, and delete them
 again: reachable, create-only put works and a second one is refused, read
 back, list and delete within the prefix, and the tensorstore data path.
-Settings checks read what the storage API exposes (S3 lifecycle, versioning
+Settings checks (:mod:`cloudckpt.tools.doctor_settings`, through
+``Backend.bucket_settings``) read what the storage API exposes (S3 lifecycle, versioning
 and region; GCS soft delete, lifecycle, versioning and location) and say what
 to change. A setting the server does not report (as with local emulators) is
 "could not check", never a failure.
@@ -25,68 +26,42 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import tensorstore as ts
 
 from cloudckpt.storage import Backend
 from cloudckpt.storage.path import StoragePath
+from cloudckpt.tools.doctor_report import (
+    FAIL,
+    INFO,
+    OK,
+    UNKNOWN,
+    WARN,
+    Check,
+    DoctorReport,
+    short_error,
+)
+from cloudckpt.tools.doctor_settings import check_settings
 
-OK, FAIL, WARN, UNKNOWN, INFO = "ok", "fail", "fix", "unknown", "info"
 PROBE_PREFIX = "_cloudckpt-doctor-"
-_ABORT_FIX_S3 = (
-    "add an enabled lifecycle rule with AbortIncompleteMultipartUpload DaysAfterInitiation=1 "
-    "covering the prefix (terraform/modules/s3-checkpoint-bucket does; or `aws s3api "
-    "put-bucket-lifecycle-configuration`): abandoned multipart uploads are billed until aborted"
-)
-_ABORT_FIX_GCS = (
-    "add a lifecycle rule with action AbortIncompleteMultipartUpload and condition age=1 "
-    "(terraform/modules/gcs-checkpoint-bucket does)"
-)
 
-
-@dataclass
-class Check:
-    """One finding: ``ok``, ``fail``, ``fix`` (a setting to change), ``unknown`` or ``info``."""
-
-    name: str
-    status: str
-    detail: str
-    fix: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-@dataclass
-class DoctorReport:
-    url: str
-    store: str = ""
-    checks: list[Check] = field(default_factory=list)
-
-    def add(self, name: str, status: str, detail: str, fix: str | None = None) -> Check:
-        check = Check(name, status, detail, fix)
-        self.checks.append(check)
-        return check
-
-    def count(self, status: str) -> int:
-        return sum(1 for c in self.checks if c.status == status)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "url": self.url,
-            "store": self.store,
-            "checks": [c.to_json() for c in self.checks],
-            "failed": self.count(FAIL),
-            "to_fix": self.count(WARN),
-            "could_not_check": self.count(UNKNOWN),
-        }
+# The report's types and statuses are doctor's vocabulary: callers read them from here.
+__all__ = [
+    "FAIL",
+    "INFO",
+    "OK",
+    "PROBE_PREFIX",
+    "UNKNOWN",
+    "WARN",
+    "Check",
+    "DoctorReport",
+    "describe_store",
+    "run_doctor",
+]
 
 
 def _safe_endpoint(url: str) -> str:
@@ -115,11 +90,6 @@ def describe_store(backend: Backend) -> str:
     return ", ".join(parts)
 
 
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
-
-
 async def run_doctor(root: StoragePath) -> DoctorReport:
     """Runs every check against ``root``; always removes its probe objects."""
     report = DoctorReport(root.url)
@@ -130,7 +100,7 @@ async def run_doctor(root: StoragePath) -> DoctorReport:
         reachable = await _reachable(report, probe)
         if reachable:
             await _functional(report, probe)
-            await _settings(report, root)
+            await check_settings(report, root)
     finally:
         if reachable:
             await _cleanup(report, probe, root if created_root else None)
@@ -145,7 +115,7 @@ async def _step(
     try:
         detail = await fn()
     except Exception as exc:  # every failure is a finding, not a crash
-        report.add(name, FAIL, _short(exc), fix)
+        report.add(name, FAIL, short_error(exc), fix)
         return False
     report.add(name, OK, f"{detail} ({time.perf_counter() - start:.2f}s)")
     return True
@@ -282,7 +252,7 @@ async def _cleanup(report: DoctorReport, probe: StoragePath, made_root: StorageP
         await backend.delete_prefix(probe.path)
         left = [info.path async for info in backend.list_prefix(probe.path)]
     except Exception as exc:
-        left = [f"({_short(exc)})"]
+        left = [f"({short_error(exc)})"]
     if left:
         report.add(
             "clean-up",
@@ -295,256 +265,3 @@ async def _cleanup(report: DoctorReport, probe: StoragePath, made_root: StorageP
             os.rmdir(made_root.path)  # only if still empty: doctor created it
         except OSError:
             pass
-
-
-# ------------------------------------------------------------------------------ settings
-async def _settings(report: DoctorReport, root: StoragePath) -> None:
-    backend = root.backend
-    if backend.scheme == "s3":
-        await _s3_settings(report, root)
-    elif backend.scheme == "gs":
-        await _gcs_settings(report, root)
-    elif backend.scheme == "file":
-        usage = shutil.disk_usage(_existing_parent(root.path))
-        report.add(
-            "disk space",
-            INFO,
-            f"{usage.free / 2**30:.1f} GiB free of {usage.total / 2**30:.1f} GiB",
-        )
-
-
-def _existing_parent(path: str) -> str:
-    while path and not os.path.exists(path):
-        path = os.path.dirname(path.rstrip("/")) or "/"
-    return path or "/"
-
-
-def _error_code(exc: BaseException) -> str | None:
-    seen = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        response = getattr(current, "response", None)
-        if isinstance(response, dict):
-            code = response.get("Error", {}).get("Code")
-            if code:
-                return str(code)
-        current = current.__cause__ or current.__context__
-    return None
-
-
-def _key_prefix(root: StoragePath) -> str:
-    key = root.path.partition("/")[2]
-    return key.rstrip("/") + "/" if key else ""
-
-
-def _rule_prefix(rule: dict[str, Any]) -> str:
-    flt = rule.get("Filter") or {}
-    return str(
-        flt.get("Prefix") or (flt.get("And") or {}).get("Prefix") or rule.get("Prefix") or ""
-    )
-
-
-async def _s3_settings(report: DoctorReport, root: StoragePath) -> None:
-    backend: Any = root.backend
-    bucket, prefix = root.path.split("/", 1)[0], _key_prefix(root)
-    fs = await backend._fs()  # the backend's own client: same endpoint and credentials
-
-    rules: list[dict[str, Any]] | None = None
-    try:
-        rules = (await fs._call_s3("get_bucket_lifecycle_configuration", Bucket=bucket)).get(
-            "Rules", []
-        )
-    except Exception as exc:
-        code = _error_code(exc)
-        if code == "NoSuchLifecycleConfiguration":
-            rules = []
-        else:
-            report.add(
-                "abort incomplete multipart uploads",
-                UNKNOWN,
-                f"could not check: GetBucketLifecycleConfiguration failed ({code or _short(exc)})",
-                "grant s3:GetLifecycleConfiguration to see it, or check the bucket's lifecycle "
-                "rules by hand: " + _ABORT_FIX_S3,
-            )
-    if rules is not None:
-        covering = [
-            r for r in rules if r.get("Status") == "Enabled" and prefix.startswith(_rule_prefix(r))
-        ]
-        abort = [r for r in covering if r.get("AbortIncompleteMultipartUpload")]
-        if abort:
-            days = abort[0]["AbortIncompleteMultipartUpload"].get("DaysAfterInitiation")
-            report.add(
-                "abort incomplete multipart uploads",
-                OK,
-                f"rule {abort[0].get('ID', '?')!r} aborts them after {days} day(s)",
-            )
-        else:
-            report.add(
-                "abort incomplete multipart uploads",
-                WARN,
-                f"no enabled lifecycle rule covering {prefix or 'the bucket'} aborts them",
-                _ABORT_FIX_S3,
-            )
-        for r in covering:
-            expiration = r.get("Expiration") or {}
-            if expiration.get("Days"):
-                report.add(
-                    "expiry",
-                    INFO,
-                    f"rule {r.get('ID', '?')!r} deletes objects under "
-                    f"{_rule_prefix(r) or 'the bucket'} after {expiration['Days']} days: "
-                    "older checkpoints there will vanish",
-                )
-    try:
-        versioning = await fs._call_s3("get_bucket_versioning", Bucket=bucket)
-        status = versioning.get("Status") or "never enabled"
-        noncurrent = any(r.get("NoncurrentVersionExpiration") for r in rules or [])
-        if status == "Enabled" and not noncurrent:
-            report.add(
-                "versioning (soft delete)",
-                WARN,
-                "versioning is on: every deleted or replaced checkpoint stays as a billed "
-                "noncurrent version",
-                "suspend versioning, or add a NoncurrentVersionExpiration lifecycle rule",
-            )
-        else:
-            report.add(
-                "versioning (soft delete)",
-                OK,
-                f"versioning {status.lower()}"
-                + ("; noncurrent versions expire" if noncurrent else "")
-                + ": deleted checkpoints stop costing",
-            )
-    except Exception as exc:
-        report.add(
-            "versioning (soft delete)",
-            UNKNOWN,
-            f"could not check: GetBucketVersioning failed ({_error_code(exc) or _short(exc)})",
-            "grant s3:GetBucketVersioning to see it (the training policy of "
-            "terraform/modules/s3-checkpoint-bucket does not), or check the bucket by hand",
-        )
-    try:
-        location = await fs._call_s3("get_bucket_location", Bucket=bucket)
-        region = location.get("LocationConstraint") or "us-east-1"
-        configured = getattr(backend, "region", None)
-        if configured and configured != region:
-            report.add(
-                "region",
-                WARN,
-                f"the bucket is in {region} but clients are configured for {configured}",
-                "keep the bucket in the accelerators' region and set AWS_REGION to it",
-            )
-        else:
-            report.add(
-                "region",
-                INFO,
-                f"bucket region {region}; keep it in the same region as the accelerators",
-            )
-    except Exception as exc:
-        report.add(
-            "region",
-            UNKNOWN,
-            f"could not check: GetBucketLocation failed ({_error_code(exc) or _short(exc)})",
-            "grant s3:GetBucketLocation to see it (the training policy does not)",
-        )
-
-
-async def _gcs_settings(report: DoctorReport, root: StoragePath) -> None:
-    backend: Any = root.backend
-    bucket, prefix = root.path.split("/", 1)[0], _key_prefix(root)
-    try:
-        fs = await backend._fs()  # the backend's own client: same endpoint and credentials
-        meta = await fs._call("GET", "b/{}", bucket, json_out=True)
-    except Exception as exc:
-        why = f"could not read the bucket's metadata ({_short(exc)})"
-        fix = (
-            "grant storage.buckets.get (e.g. roles/storage.legacyBucketReader) to see it; "
-            "roles/storage.objectUser, the training role of terraform/, does not have it"
-        )
-        for name in ("soft delete", "abort incomplete multipart uploads"):
-            report.add(name, UNKNOWN, why, fix)
-        return
-    reported = "softDeletePolicy" in meta
-    if reported:
-        seconds = int((meta.get("softDeletePolicy") or {}).get("retentionDurationSeconds", 0))
-        if seconds > 0:
-            report.add(
-                "soft delete",
-                WARN,
-                f"soft delete keeps every deleted checkpoint for {seconds / 86400:g} days, billed",
-                f"`gcloud storage buckets update gs://{bucket} --clear-soft-delete`, or "
-                "soft_delete_policy { retention_duration_seconds = 0 } in terraform",
-            )
-        else:
-            report.add("soft delete", OK, "off: deleted checkpoints stop costing at once")
-    else:
-        report.add(
-            "soft delete",
-            UNKNOWN,
-            "could not check: the server does not report softDeletePolicy (an emulator?)",
-        )
-    rules = (meta.get("lifecycle") or {}).get("rule")
-    if rules is None and not reported:
-        report.add(
-            "abort incomplete multipart uploads",
-            UNKNOWN,
-            "could not check: the server reports neither lifecycle rules nor soft delete "
-            "(an emulator?)",
-        )
-    else:
-        rules = rules or []
-
-        def covers(rule: dict[str, Any]) -> bool:
-            prefixes = (rule.get("condition") or {}).get("matchesPrefix") or [""]
-            return any(prefix.startswith(p) for p in prefixes)
-
-        abort = [
-            r
-            for r in rules
-            if (r.get("action") or {}).get("type") == "AbortIncompleteMultipartUpload" and covers(r)
-        ]
-        if abort:
-            age = (abort[0].get("condition") or {}).get("age")
-            report.add(
-                "abort incomplete multipart uploads",
-                OK,
-                f"a lifecycle rule aborts them after {age} day(s)",
-            )
-        else:
-            report.add(
-                "abort incomplete multipart uploads",
-                WARN,
-                f"no lifecycle rule covering {prefix or 'the bucket'} aborts them",
-                _ABORT_FIX_GCS,
-            )
-        for r in rules:
-            if (r.get("action") or {}).get("type") == "Delete" and covers(r):
-                report.add(
-                    "expiry",
-                    INFO,
-                    f"a lifecycle rule deletes objects {json_condition(r)}: "
-                    "older checkpoints there will vanish",
-                )
-    if (meta.get("versioning") or {}).get("enabled"):
-        report.add(
-            "versioning",
-            WARN,
-            "object versioning is on: deleted checkpoints stay as billed noncurrent versions",
-            f"`gcloud storage buckets update gs://{bucket} --no-versioning`",
-        )
-    location = meta.get("location")
-    if location:
-        kind = meta.get("locationType", "location")
-        report.add(
-            "location",
-            INFO,
-            f"bucket {kind} {location}; keep it in the same region as the accelerators",
-        )
-    if (meta.get("hierarchicalNamespace") or {}).get("enabled"):
-        report.add("hierarchical namespace", INFO, "enabled")
-
-
-def json_condition(rule: dict[str, Any]) -> str:
-    condition = rule.get("condition") or {}
-    return ", ".join(f"{k}={v}" for k, v in sorted(condition.items())) or "(no condition)"
