@@ -27,6 +27,7 @@ from cloudckpt.format import pytree as _document
 from cloudckpt.format.pytree import Leaf
 from cloudckpt.handlers.pytree import keys
 from cloudckpt.handlers.pytree.budget import ByteBudget
+from cloudckpt.handlers.pytree.host import empty_aligned
 from cloudckpt.storage.path import StoragePath
 
 
@@ -321,8 +322,11 @@ class Reader:
         store = await self._open(leaf)
         nbytes = math.prod(shape) * dtype.itemsize
         async with self.budget.hold(nbytes):
+            # tensorstore copies the decoded chunks straight into a buffer of ours, aligned
+            # so that CPU devices adopt it: one copy from storage to the device buffer.
+            data = empty_aligned(shape, np.dtype(store.dtype.numpy_dtype))
             try:
-                data = await store[layout.index_slices(index)].read()
+                await ts.array(data).write(store[layout.index_slices(index)])
             except Exception as exc:
                 where = self._array_location(leaf)
                 raise storage_error(exc, {"kvstore": where.kvstore_spec()}) from exc
@@ -336,7 +340,7 @@ class Reader:
 
     async def _packed_region(self, leaf: int, index: layout.Index, dtype: np.dtype) -> np.ndarray:
         await self.prefetch_packed([(leaf, [index])])  # no request for entries already read
-        out = np.empty(layout.index_shape(index), dtype)
+        out = empty_aligned(layout.index_shape(index), dtype)
         covered = 0
         storage = self.saved[leaf].storage
         assert isinstance(storage, _document.PackedStorage)
