@@ -88,10 +88,12 @@ async def _replay(url: str, target: Any) -> tuple[dict[str, float], list[np.ndar
     await asyncio.gather(*(reader._open(i) for i, _, _ in arrays))
     times["open"] = time.perf_counter() - start
 
+    # Each leaf's regions together, as the handler reads them (one tensorstore batch).
     jobs = [(i, index) for i, _, regions in wanted for index in regions]
     start = time.perf_counter()
-    pieces = await asyncio.gather(*(reader.region(i, index) for i, index in jobs))
+    per_leaf = await asyncio.gather(*(reader.regions(i, regions) for i, _, regions in wanted))
     times["reads"] = time.perf_counter() - start
+    pieces = [piece for leaf_pieces in per_leaf for piece in leaf_pieces]
 
     by_leaf: dict[int, dict[Any, np.ndarray]] = {}
     for (i, index), piece in zip(jobs, pieces, strict=True):
