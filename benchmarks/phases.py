@@ -59,8 +59,9 @@ async def _replay(url: str, target: Any) -> tuple[dict[str, float], list[np.ndar
     """The handler's restore of ``target``, one phase at a time; returns times and host pieces."""
     import jax
 
+    from cloudckpt.format import layout
     from cloudckpt.format import pytree as document_format
-    from cloudckpt.handlers.pytree import StandardCheckpointHandler, layout
+    from cloudckpt.handlers.pytree import StandardCheckpointHandler
     from cloudckpt.handlers.pytree.budget import ByteBudget
     from cloudckpt.handlers.pytree.read import Reader, match_targets
     from cloudckpt.handlers.pytree.tree import flatten
