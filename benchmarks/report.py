@@ -164,6 +164,11 @@ def table(document: dict[str, Any]) -> str:
                 "cc rest of orbax = cloudckpt restoring the checkpoint Orbax wrote; /orbax = that "
                 "time over Orbax restoring it (issue 15's goal: <= 1)"
             )
+    phases = _get(document, "restore_phases")
+    if phases:
+        from benchmarks.phases import table_lines
+
+        lines += table_lines(phases)
     mem = _get(document, "memory")
     if mem:
         lines.append("\n== Peak RSS of a save above baseline (fresh process each) ==")

@@ -35,6 +35,7 @@ from benchmarks import (  # noqa: E402  (registers the scenarios)
     blocking,
     memory,
     multiprocess,
+    phases,
     report,
     scaling,
     throughput,
@@ -44,7 +45,7 @@ from benchmarks.ops import point_orbax_at_gcs  # noqa: E402
 from benchmarks.targets import BUCKET, make_targets  # noqa: E402
 from benchmarks.tree import make_mesh  # noqa: E402
 
-_ = (blocking, memory, multiprocess, scaling, throughput)
+_ = (blocking, memory, multiprocess, phases, scaling, throughput)
 SCENARIOS = scenarios()
 RESULTS = Path(__file__).resolve().parent / "results"
 

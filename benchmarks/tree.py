@@ -140,6 +140,24 @@ def abstract_target(tree: Any) -> Any:
     return jax.tree_util.tree_map(one, tree)
 
 
+def abstract_from_specs(specs: list[LeafSpec], mesh: Mesh) -> dict[str, Any]:
+    """What :func:`abstract_target` gives for ``build(specs, mesh)``, without building it."""
+    tree: dict[str, Any] = {}
+    for leaf in specs:
+        if leaf.spec is None:
+            dtype = np.int64 if "count" in leaf.path[-1] else np.float32
+            value = jax.ShapeDtypeStruct((), dtype, sharding=None)
+        else:
+            value = jax.ShapeDtypeStruct(
+                leaf.shape, np.float32, sharding=NamedSharding(mesh, leaf.spec)
+            )
+        node = tree
+        for key in leaf.path[:-1]:
+            node = node.setdefault(key, {})
+        node[leaf.path[-1]] = value
+    return tree
+
+
 def replica0_copy(tree: Any) -> list[np.ndarray]:
     """A plain device-to-host copy of every replica-0 shard: the bytes a save must copy."""
     shards = [

@@ -10,6 +10,7 @@ strides, negative strides) is handled by the copies each writer makes
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -27,3 +28,22 @@ def little_endian(array: Any) -> Any:
     if order == ">" or (order == "=" and not np.little_endian):
         return array.astype(array.dtype.newbyteorder("<"))
     return array
+
+
+#: Alignment of restore buffers: XLA's CPU client adopts a host buffer aligned to this
+#: many bytes as device memory without copying it (an unaligned one is copied).
+BUFFER_ALIGNMENT = 64
+
+
+def empty_aligned(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An uninitialised C-order array whose data starts on a ``BUFFER_ALIGNMENT`` boundary.
+
+    Restored regions are read into such buffers so that handing them to CPU
+    devices (``jax.make_array_from_callback``) aliases them instead of copying
+    every byte once more; on accelerators the transfer copies either way.
+    """
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + BUFFER_ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % BUFFER_ALIGNMENT
+    return raw[start : start + nbytes].view(dtype).reshape(shape)

@@ -27,6 +27,7 @@ from cloudckpt.format import pytree as _document
 from cloudckpt.format.pytree import Leaf
 from cloudckpt.handlers.pytree import keys
 from cloudckpt.handlers.pytree.budget import ByteBudget
+from cloudckpt.handlers.pytree.host import empty_aligned
 from cloudckpt.storage.path import StoragePath
 
 
@@ -205,7 +206,7 @@ class Reader:
         self.context = directory.backend.tensorstore_context()
         self._stores: dict[int, asyncio.Future[Any]] = {}
         self._kvstore: asyncio.Future[Any] | None = None
-        self._packed: dict[tuple[int, layout.Index], bytes] = {}
+        self._packed: dict[tuple[int, layout.Index], np.ndarray] = {}
 
     def regions_for(self, leaf: int, target: Any) -> list[layout.Index]:
         """The regions of ``leaf`` this process reads for ``target`` (None: all of it)."""
@@ -263,27 +264,38 @@ class Reader:
         start = run[0].offset
         end = run[-1].offset + run[-1].nbytes + layout.CRC_BYTES
         async with self.budget.hold(end - start):
-            result = await kvstore.read(run[0].obj, byte_range=slice(start, end))
+            try:
+                result = await kvstore.read(run[0].obj, byte_range=slice(start, end))
+            except ValueError as exc:
+                if "OUT_OF_RANGE" not in str(exc):
+                    raise
+                raise CorruptCheckpointError(
+                    f"truncated data: {self.directory / run[0].obj} ends before bytes "
+                    f"{start}-{end} that its pack entries need; the checkpoint is corrupt, "
+                    "restore another step"
+                ) from exc
         if result.state == "missing":
             raise CorruptCheckpointError(
                 f"missing data: {self.directory / run[0].obj} does not exist"
             )
-        blob = bytes(result.value)
+        # One read-only view of the run: each entry's crc32c is checked over a slice of it
+        # and the entry kept as that slice, so the run is copied once, into its region.
+        blob = np.frombuffer(result.value, np.uint8)
+        if blob.size != end - start:
+            raise CorruptCheckpointError(
+                f"checksum mismatch in {self.directory / run[0].obj} bytes {start}-{end}: "
+                "the pack object is shorter than its entries"
+            )
         for entry in run:
             lo = entry.offset - start
-            self._packed[(entry.leaf, entry.index)] = self._verified(
-                entry, blob[lo : lo + entry.nbytes + layout.CRC_BYTES]
-            )
-
-    def _verified(self, entry: layout.PackEntry, blob: bytes) -> bytes:
-        data = layout.entry_data(blob, 0, entry.nbytes)
-        end = entry.offset + entry.nbytes + layout.CRC_BYTES
-        if data is None or len(blob) != entry.nbytes + layout.CRC_BYTES:
-            raise CorruptCheckpointError(
-                f"checksum mismatch in {self.directory / entry.obj} bytes {entry.offset}-{end}: "
-                "the packed data is corrupt"
-            )
-        return data
+            data = blob[lo : lo + entry.nbytes]
+            stored = blob[lo + entry.nbytes : lo + entry.nbytes + layout.CRC_BYTES].tobytes()
+            if layout.entry_crc(data) != stored:
+                raise CorruptCheckpointError(
+                    f"checksum mismatch in {self.directory / entry.obj} bytes {entry.offset}-"
+                    f"{entry.offset + entry.nbytes + layout.CRC_BYTES}: the packed data is corrupt"
+                )
+            self._packed[(entry.leaf, entry.index)] = data
 
     def _open(self, leaf: int) -> Awaitable[Any]:
         if leaf not in self._stores:
@@ -309,24 +321,70 @@ class Reader:
 
     async def region(self, leaf: int, index: layout.Index) -> np.ndarray:
         """The saved values of ``leaf`` over ``index``, as a host array of the saved dtype."""
+        return (await self.regions(leaf, [index]))[0]
+
+    async def regions(self, leaf: int, indices: Sequence[layout.Index]) -> list[np.ndarray]:
+        """The saved values of ``leaf`` over each of ``indices`` (host arrays, saved dtype).
+
+        Array regions are read in tensorstore batches of up to the byte budget,
+        so regions cutting through the same chunk object (a restore onto
+        another sharding) share its requests: one read of its shard index and
+        one of each run of inner chunks, instead of one each per region.
+        """
         info = self.saved[leaf]
         dtype = info.dtype
         assert dtype is not None
-        shape = layout.index_shape(index)
         storage = info.storage
-        if isinstance(storage, _document.EmptyStorage) or math.prod(shape) == 0:
-            return np.zeros(shape, dtype)
+        shapes = [layout.index_shape(index) for index in indices]
+        if isinstance(storage, _document.EmptyStorage):
+            return [np.zeros(shape, dtype) for shape in shapes]
         if isinstance(storage, _document.PackedStorage):
-            return await self._packed_region(leaf, index, dtype)
-        store = await self._open(leaf)
-        nbytes = math.prod(shape) * dtype.itemsize
-        async with self.budget.hold(nbytes):
-            try:
-                data = await store[layout.index_slices(index)].read()
-            except Exception as exc:
-                where = self._array_location(leaf)
-                raise storage_error(exc, {"kvstore": where.kvstore_spec()}) from exc
-        return data if data.dtype == dtype else data.view(dtype)
+            return list(
+                await asyncio.gather(*(self._packed_region(leaf, i, dtype) for i in indices))
+            )
+        out: list[np.ndarray | None] = [None] * len(shapes)
+        group: list[int] = []
+        group_bytes = 0
+        groups: list[tuple[list[int], int]] = []
+        for k, shape in enumerate(shapes):
+            nbytes = math.prod(shape) * dtype.itemsize
+            if nbytes == 0:
+                out[k] = np.zeros(shape, dtype)
+                continue
+            if group and group_bytes + nbytes > self.budget.limit:
+                groups.append((group, group_bytes))
+                group, group_bytes = [], 0
+            group.append(k)
+            group_bytes += nbytes
+        if group:
+            groups.append((group, group_bytes))
+
+        async def read_group(members: list[int], nbytes: int) -> None:
+            store = await self._open(leaf)
+            stored = np.dtype(store.dtype.numpy_dtype)
+            async with self.budget.hold(nbytes):
+                # tensorstore copies the decoded chunks straight into buffers of ours,
+                # aligned so that CPU devices adopt them: one copy from storage to device.
+                buffers = [empty_aligned(shapes[k], stored) for k in members]
+                try:
+                    with ts.Batch() as batch:
+                        writes = [
+                            ts.array(buffer).write(
+                                store[layout.index_slices(indices[k])], batch=batch
+                            )
+                            for k, buffer in zip(members, buffers, strict=True)
+                        ]
+                    await asyncio.gather(*writes)
+                except Exception as exc:
+                    where = self._array_location(leaf)
+                    raise storage_error(exc, {"kvstore": where.kvstore_spec()}) from exc
+            for k, buffer in zip(members, buffers, strict=True):
+                out[k] = buffer if buffer.dtype == dtype else buffer.view(dtype)
+
+        await asyncio.gather(*(read_group(members, nbytes) for members, nbytes in groups))
+        pieces = [piece for piece in out if piece is not None]
+        assert len(pieces) == len(out)  # every region was read or is empty
+        return pieces
 
     def _array_location(self, leaf: int) -> StoragePath:
         """Where the array of ``leaf`` is stored (named in errors)."""
@@ -336,7 +394,7 @@ class Reader:
 
     async def _packed_region(self, leaf: int, index: layout.Index, dtype: np.dtype) -> np.ndarray:
         await self.prefetch_packed([(leaf, [index])])  # no request for entries already read
-        out = np.empty(layout.index_shape(index), dtype)
+        out = empty_aligned(layout.index_shape(index), dtype)
         covered = 0
         storage = self.saved[leaf].storage
         assert isinstance(storage, _document.PackedStorage)
@@ -388,7 +446,7 @@ class Reader:
                 for idx in sharding.addressable_devices_indices_map(shape).values()
             }
         )
-        pieces = await asyncio.gather(*(self.region(leaf, idx) for idx in indices))
+        pieces = await self.regions(leaf, indices)
         by_index = {
             idx: piece.astype(dtype, copy=False) for idx, piece in zip(indices, pieces, strict=True)
         }

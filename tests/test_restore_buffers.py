@@ -1,0 +1,110 @@
+"""Restored regions land in host buffers that CPU devices adopt, once per region (issue 18).
+
+A restore reads each region a process needs into one aligned host buffer;
+on CPU devices XLA adopts that buffer as device memory, so every replica of
+the region on this process shares it instead of holding a copy (a restore's
+memory stays near the bytes restored). These tests pin that down through
+jax's public API on the test suite's CPU devices, check that sharing never lets one computation change
+another array's values (a donated restored array is copied, not written in
+place), and that a packed entry cut short is refused before any value is
+returned.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import defaultdict
+from typing import Any
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import cloudckpt as cc
+
+
+def _mesh() -> Mesh:
+    return Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "model"))
+
+
+def _tree(m: Mesh) -> dict[str, Any]:
+    rng = np.random.default_rng(18)
+    return {
+        # 4 MiB, replicated on all 8 devices: stored as a zarr array.
+        "replicated": jax.device_put(
+            rng.standard_normal((1024, 1024), np.float32), NamedSharding(m, P())
+        ),
+        # 8 MiB in 2 column shards, each held by 4 devices: zarr.
+        "columns": jax.device_put(
+            rng.standard_normal((1024, 2048), np.float32), NamedSharding(m, P(None, "model"))
+        ),
+        # 64 KiB, replicated: packed with the other small leaves.
+        "small": jax.device_put(rng.standard_normal((128, 128), np.float32), NamedSharding(m, P())),
+        # Fully sharded: each region on one device.
+        "sharded": jax.device_put(
+            rng.standard_normal((2048, 1024), np.float32), NamedSharding(m, P("data", "model"))
+        ),
+    }
+
+
+def _target(tree: dict[str, Any]) -> dict[str, Any]:
+    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding) for k, v in tree.items()}
+
+
+@pytest.fixture
+def ckptr() -> Any:
+    with cc.Checkpointer(cc.StandardCheckpointHandler()) as c:
+        yield c
+
+
+def test_replicas_of_a_restored_region_share_one_host_buffer(ckptr: Any, tmp_path) -> None:
+    tree = _tree(_mesh())
+    url = str(tmp_path / "ckpt")
+    ckptr.save(url, args=cc.args.StandardSave(tree))
+    out = ckptr.restore(url, args=cc.args.StandardRestore(_target(tree)))
+    for name, array in out.items():
+        np.testing.assert_array_equal(np.asarray(array), np.asarray(tree[name]))
+        pointers: dict[Any, set[int]] = defaultdict(set)
+        for shard in array.addressable_shards:
+            key = tuple((s.start, s.stop) for s in shard.index)
+            pointers[key].add(shard.data.unsafe_buffer_pointer())
+        replicas = math.prod(array.sharding.mesh.devices.shape) // len(pointers)
+        assert all(len(p) == 1 for p in pointers.values()), (name, replicas, dict(pointers))
+        # Distinct regions are distinct buffers.
+        assert len({next(iter(p)) for p in pointers.values()}) == len(pointers), name
+
+
+def test_donating_a_restored_array_does_not_write_into_the_shared_buffer(
+    ckptr: Any, tmp_path
+) -> None:
+    tree = _tree(_mesh())
+    url = str(tmp_path / "ckpt")
+    ckptr.save(url, args=cc.args.StandardSave(tree))
+    out = ckptr.restore(url, args=cc.args.StandardRestore(_target(tree)))
+    expected = np.asarray(tree["replicated"]) + 1
+    keep = out["columns"]
+    bumped = jax.jit(lambda x: x + 1, donate_argnums=0)(out["replicated"])
+    # Every replica was incremented once: in-place writes into one shared buffer by 8
+    # devices would have added up to 8.
+    for shard in bumped.addressable_shards:
+        np.testing.assert_array_equal(np.asarray(shard.data), expected)
+    np.testing.assert_array_equal(np.asarray(keep), np.asarray(tree["columns"]))
+    again = ckptr.restore(url, args=cc.args.StandardRestore(_target(tree)))
+    np.testing.assert_array_equal(np.asarray(again["replicated"]), np.asarray(tree["replicated"]))
+
+
+def test_a_pack_object_cut_short_is_refused_and_named(ckptr: Any, tmp_path) -> None:
+    tree = _tree(_mesh())
+    url = str(tmp_path / "ckpt")
+    ckptr.save(url, args=cc.args.StandardSave(tree))
+    packs = os.path.join(url, "packs")
+    (victim,) = os.listdir(packs)
+    path = os.path.join(packs, victim)
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 3)
+    with pytest.raises(cc.CorruptCheckpointError) as info:
+        ckptr.restore(url, args=cc.args.StandardRestore(_target(tree)))
+    assert f"packs/{victim}" in str(info.value)
