@@ -317,6 +317,17 @@ class TestCompositeArgs:
             assert "'nope'" in info.value.args[0]
             assert "['meta', 'state']" in info.value.args[0]
 
+    def test_a_missing_item_is_also_a_missing_attribute(self) -> None:
+        # hasattr/getattr and libraries probing attributes (jax.block_until_ready on a
+        # restored Composite) must see "no such attribute", not a KeyError.
+        c = cc.args.Composite(state={"w": [1.0, 2.0]})
+        assert not hasattr(c, "nope") and getattr(c, "nope", 5) == 5
+        with pytest.raises(AttributeError, match="available: \\['state'\\]"):
+            _ = c.nope
+        import jax
+
+        assert jax.block_until_ready(c) is c
+
 
 class TestRegistration:
     def test_decorating_a_non_args_class_is_a_type_error(self) -> None:

@@ -6,6 +6,15 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 
+class MissingItemError(KeyError, AttributeError):
+    """An item a Composite does not have: a ``KeyError`` naming the items it has.
+
+    Also an ``AttributeError``, so that ``hasattr``, ``getattr(c, name, default)``
+    and libraries probing for attributes (``jax.block_until_ready``) see a
+    missing attribute rather than an error.
+    """
+
+
 class CheckpointArgs:
     """Base class of everything passed as ``args=`` to save or restore.
 
@@ -40,7 +49,7 @@ class Composite(CheckpointArgs, Mapping[str, Any]):
         try:
             return self._items[name]
         except KeyError:
-            raise KeyError(
+            raise MissingItemError(
                 f"{name!r} is not in this Composite; available: {sorted(self._items)}"
             ) from None
 
