@@ -43,6 +43,15 @@ def summary(document: dict[str, Any]) -> dict[str, Any]:
         for key in ("save_vs_orbax", "restore_vs_orbax", "orbax_step_restore_cloudckpt_vs_orbax"):
             if key in r and not math.isnan(r[key]):
                 out[f"{backend}.{key}"] = {"value": r[key]}
+        tools = r.get("tools") or {}
+        if tools:
+            value = tools["save_vs_best_tool"]
+            goal = GOALS["save_vs_raw"]
+            out[f"{backend}.save_vs_best_tool"] = {
+                "value": value,
+                "goal": goal,
+                "met": _ok(value, goal),
+            }
         out[f"{backend}.objects"] = {"value": r["objects"].get("cloudckpt", {}).get("count")}
     for key, m in (_get(document, "memory") or {}).items():
         goal = GOALS["memory_multiple"] if not key.endswith("_orbax") else None
@@ -97,6 +106,10 @@ def _exps(values: list[float]) -> str:
     return "[" + ", ".join(f"{v:.2f}" for v in values) + "]"
 
 
+def ratio_of(a: float, b: float) -> float:
+    return a / b if b and not math.isnan(b) else math.nan
+
+
 def _rows(header: list[str], rows: list[list[str]]) -> list[str]:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
@@ -138,6 +151,33 @@ def table(document: dict[str, Any]) -> str:
             f"goals: save/raw, restore/raw <= {GOALS['save_vs_raw']}. copy = plain device->host "
             "copy of the replica-0 shards; engine = plain tensorstore writing/reading the same zarr arrays"
         )
+        for name, r in tput["backends"].items():
+            tools = r.get("tools") or {}
+            if not tools:
+                continue
+            med = {k: v["median_s"] for k, v in r["times"].items()}
+            lines.append(f"\n== {name}: the same objects through each client (seconds) ==")
+            tool_rows = [
+                ["cloudckpt", _f(med["save"]), _f(med["restore"]), "", ""],
+                *(
+                    [
+                        tool,
+                        _f(put),
+                        _f(tools["get_s"][tool]),
+                        _f(ratio_of(med["save"], put)),
+                        _f(ratio_of(med["restore"], tools["get_s"][tool])),
+                    ]
+                    for tool, put in tools["put_s"].items()
+                ),
+            ]
+            lines += _rows(["client", "put", "get", "cc save/put", "cc rest/get"], tool_rows)
+            goal = GOALS["save_vs_raw"]
+            lines.append(
+                f"cloudckpt save / best put {_f(tools['save_vs_best_tool'])}"
+                f"{_mark(tools['save_vs_best_tool'], goal)} (goal <= {goal}); restore / best get "
+                f"{_f(tools['restore_vs_best_tool'])}. aiobotocore = the raw channel; aiohttp "
+                "signs UNSIGNED-PAYLOAD and sends x-amz-checksum-crc32c"
+            )
         rows = []
         for name, r in tput["backends"].items():
             if "orbax_save" not in r["times"]:
