@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cloudckpt.storage.base import Backend, BucketSettings
+from cloudckpt.storage.deadline import Deadlines
 from cloudckpt.storage.retry import RetryPolicy, RetryStats
 
 
@@ -214,6 +215,7 @@ __all__ = [
     "Backend",
     "BackendCache",
     "BucketSettings",
+    "Deadlines",
     "RetryPolicy",
     "RetryStats",
     "backend_class",

@@ -25,7 +25,7 @@ from cloudckpt.errors import CorruptCheckpointError
 from cloudckpt.format import layout
 from cloudckpt.format import pytree as _document
 from cloudckpt.format.pytree import Leaf
-from cloudckpt.handlers.pytree import keys
+from cloudckpt.handlers.pytree import keys, tail
 from cloudckpt.handlers.pytree.budget import ByteBudget
 from cloudckpt.storage.path import StoragePath
 
@@ -204,6 +204,8 @@ class Reader:
         self.budget = budget
         self.context = directory.backend.tensorstore_context()
         self._stores: dict[int, asyncio.Future[Any]] = {}
+        #: The same arrays opened again in a context of their own, for hedged reads.
+        self._hedge_stores: dict[int, asyncio.Future[Any]] = {}
         self._kvstore: asyncio.Future[Any] | None = None
         self._packed: dict[tuple[int, layout.Index], bytes] = {}
 
@@ -263,7 +265,16 @@ class Reader:
         start = run[0].offset
         end = run[-1].offset + run[-1].nbytes + layout.CRC_BYTES
         async with self.budget.hold(end - start):
-            result = await kvstore.read(run[0].obj, byte_range=slice(start, end))
+            try:
+                result = await tail.read(
+                    lambda: kvstore.read(run[0].obj, byte_range=slice(start, end)),
+                    lambda: kvstore.read(run[0].obj, byte_range=slice(start, end)),
+                    end - start,
+                    self.directory.backend.deadlines,
+                )
+            except Exception as exc:
+                tail.raise_if_stalled(exc, str(self.directory / run[0].obj), "read")
+                raise
         if result.state == "missing":
             raise CorruptCheckpointError(
                 f"missing data: {self.directory / run[0].obj} does not exist"
@@ -285,8 +296,9 @@ class Reader:
             )
         return data
 
-    def _open(self, leaf: int) -> Awaitable[Any]:
-        if leaf not in self._stores:
+    def _open(self, leaf: int, hedge: bool = False) -> Awaitable[Any]:
+        stores = self._hedge_stores if hedge else self._stores
+        if leaf not in stores:
             storage = self.saved[leaf].storage
             assert isinstance(storage, _document.ZarrStorage)
             spec = {
@@ -297,8 +309,9 @@ class Reader:
                 "fill_missing_data_reads": False,
                 "recheck_cached_data": False,
             }
-            self._stores[leaf] = asyncio.ensure_future(ts_open(spec, self.context))
-        return self._stores[leaf]
+            context = tail.hedge_context(self.context) if hedge else self.context
+            stores[leaf] = asyncio.ensure_future(ts_open(spec, context))
+        return stores[leaf]
 
     def _packs(self) -> Awaitable[Any]:
         if self._kvstore is None:
@@ -320,11 +333,19 @@ class Reader:
             return await self._packed_region(leaf, index, dtype)
         store = await self._open(leaf)
         nbytes = math.prod(shape) * dtype.itemsize
+        slices = layout.index_slices(index)
+
+        async def again() -> Any:
+            return await (await self._open(leaf, hedge=True))[slices].read()
+
         async with self.budget.hold(nbytes):
             try:
-                data = await store[layout.index_slices(index)].read()
+                data = await tail.read(
+                    lambda: store[slices].read(), again, nbytes, self.directory.backend.deadlines
+                )
             except Exception as exc:
                 where = self._array_location(leaf)
+                tail.raise_if_stalled(exc, str(where), "read")
                 raise storage_error(exc, {"kvstore": where.kvstore_spec()}) from exc
         return data if data.dtype == dtype else data.view(dtype)
 
