@@ -12,6 +12,7 @@ GOALS = {
     "memory_multiple": 1.25,
     "blocking_vs_copy": 1.5,
     "many_leaves_file_s": 1.0,
+    "stalled_vs_unstalled": 2.0,
 }
 
 
@@ -53,6 +54,15 @@ def summary(document: dict[str, Any]) -> dict[str, Any]:
                 "met": _ok(value, goal),
             }
         out[f"{backend}.objects"] = {"value": r["objects"].get("cloudckpt", {}).get("count")}
+    for backend, floors in ((_get(document, "stragglers") or {}).get("backends") or {}).items():
+        for floor, r in floors.items():
+            for key in ("save_ratio", "restore_ratio"):
+                goal = GOALS["stalled_vs_unstalled"]
+                out[f"{backend}.stragglers_{floor}s.{key}"] = {
+                    "value": r[key],
+                    "goal": goal,
+                    "met": _ok(r[key], goal),
+                }
     for key, m in (_get(document, "memory") or {}).items():
         goal = GOALS["memory_multiple"] if not key.endswith("_orbax") else None
         out[f"{key}.memory_multiple"] = {
@@ -104,6 +114,43 @@ def _mark(value: float | None, goal: float) -> str:
 
 def _exps(values: list[float]) -> str:
     return "[" + ", ".join(f"{v:.2f}" for v in values) + "]"
+
+
+def _straggler_lines(result: dict[str, Any] | None) -> list[str]:
+    if not result or not result.get("backends"):
+        return []
+    goal = GOALS["stalled_vs_unstalled"]
+    rows = []
+    for backend, floors in result["backends"].items():
+        for floor, r in floors.items():
+            base, held = r["unstalled"], r["stalled"]
+            rows.append([
+                backend, f"{floor}s",
+                _f(_median(base["save_s"])), _f(_median(held["save_s"])),
+                _f(r["save_ratio"]) + _mark(r["save_ratio"], goal),
+                _f(_median(base["restore_s"])), _f(_median(held["restore_s"])),
+                _f(r["restore_ratio"]) + _mark(r["restore_ratio"], goal),
+                f"{held['stalled']}/{held['requests']}", "yes" if r["equal"] else "NO",
+            ])  # fmt: skip
+    lines = [f"\n== Stragglers: {result['size_mib']:g} MiB, 1 request in 50 held forever =="]
+    lines += _rows(
+        ["backend", "floor", "save", "stalled", "ratio", "restore", "stalled", "ratio",
+         "held/requests", "equal"],
+        rows,
+    )  # fmt: skip
+    lines.append(
+        f"goal: stalled/unstalled <= {goal}. floor = Deadlines.floor_s: a held write is cut "
+        "after it and retried; reads are hedged after floor/4"
+    )
+    return lines
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return math.nan
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 def ratio_of(a: float, b: float) -> float:
@@ -316,6 +363,7 @@ def table(document: dict[str, Any]) -> str:
         from benchmarks.multiprocess import bytes_rows
 
         lines += bytes_rows(mp)
+    lines += _straggler_lines(_get(document, "stragglers"))
     lines.append(
         f"\ntotal runtime {document['total_seconds']:.0f}s; scenarios: {document['scenario_seconds']}"
     )
