@@ -1,6 +1,6 @@
 """Save and restore one tree in its own process, with short deadlines: the straggler test's client.
 
-Run as ``python -m tests.stall_worker URL FLOOR_S`` with the client
+Run as ``python -m tests.stall_worker URL FLOOR_S [ATTEMPTS [HEDGE_FLOOR_S]]`` with the client
 environment pointing at a :class:`cloudckpt.testing.stallproxy.StallProxy`. A
 separate process because tensorstore reads its stall bound (and its GCS
 endpoint) once per process, at its first HTTP request. Prints one JSON line:
@@ -40,8 +40,9 @@ def make_tree() -> dict[str, object]:
 
 
 def checkpointer(floor_s: float) -> cc.Checkpointer:
+    hedge_floor_s = float(sys.argv[4]) if len(sys.argv) > 4 else floor_s / 4
     deadlines = cc.storage.Deadlines(
-        floor_s=floor_s, min_rate_bps=64 * 1024, hedge_floor_s=floor_s / 4, hedge_rate_bps=8 << 20
+        floor_s=floor_s, min_rate_bps=64 * 1024, hedge_floor_s=hedge_floor_s, hedge_rate_bps=8 << 20
     )
     retry = cc.RetryPolicy(
         max_attempts=int(sys.argv[3]) if len(sys.argv) > 3 else 10,

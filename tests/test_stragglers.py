@@ -11,6 +11,7 @@ unstalled-vs-stalled times are measured by ``benchmarks/stragglers.py``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -32,7 +33,13 @@ FLOOR_S = 1.0
 
 
 def _run_worker(
-    kind: str, servers: LocalServers, proxy: StallProxy, url: str, attempts: int = 10
+    kind: str,
+    servers: LocalServers,
+    proxy: StallProxy,
+    url: str,
+    attempts: int = 10,
+    floor_s: float = FLOOR_S,
+    hedge_floor_s: float = FLOOR_S / 4,
 ) -> tuple[int, dict[str, object]]:
     env = dict(os.environ)
     for name in list(env):
@@ -46,7 +53,15 @@ def _run_worker(
         env["STORAGE_EMULATOR_HOST"] = proxy.endpoint
         env["TENSORSTORE_GCS_HTTP_URL"] = proxy.endpoint
     done = subprocess.run(
-        [sys.executable, "-m", "tests.stall_worker", url, str(FLOOR_S), str(attempts)],
+        [
+            sys.executable,
+            "-m",
+            "tests.stall_worker",
+            url,
+            str(floor_s),
+            str(attempts),
+            str(hedge_floor_s),
+        ],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -60,8 +75,6 @@ def _run_worker(
 
 def _listed(url: str) -> set[str]:
     """What is in the bucket under ``url``, read straight from the server (not the proxy)."""
-    import asyncio
-
     root = StoragePath.from_url(url)
 
     async def run() -> set[str]:
@@ -143,3 +156,64 @@ def test_an_object_that_always_stalls_fails_naming_it_and_the_process(
     assert proxy.stats.stalled  # the requests were held, not refused
     if what != "read":  # a failed save is never a checkpoint
         assert "_COMMITTED" not in _listed(url)
+
+
+def _first_get_of(marker: str) -> Callable[[str, str], bool]:
+    """Holds the first GET whose path contains ``marker``; later ones (the hedge) pass."""
+    held: list[str] = []
+
+    def pick(method: str, path: str) -> bool:
+        if method == "GET" and marker in unquote(path) and not held:
+            held.append(path)
+            return True
+        return False
+
+    return pick
+
+
+@pytest.mark.parametrize("kind", ["s3", "gcs"])
+def test_a_stalled_chunk_read_is_answered_by_its_hedge(kind: str, servers: LocalServers) -> None:
+    """One attempt only and a 60 s floor: without the hedge this restore would fail."""
+    url = f"{'s3' if kind == 's3' else 'gs'}://{BUCKET}/{unique('hedge')}"
+    with StallProxy(
+        _upstream(kind, servers), flavor=kind, stall=_first_get_of("/arrays/7/c")
+    ) as proxy:
+        rc, result = _run_worker(
+            kind, servers, proxy, url, attempts=1, floor_s=60, hedge_floor_s=0.2
+        )
+    assert rc == 0, result
+    assert result["equal"] is True
+    assert len(proxy.stats.stalled) == 1 and "/arrays/7/c" in unquote(proxy.stats.stalled[0][1])
+
+
+@pytest.mark.parametrize("kind", ["s3", "gcs"])
+def test_a_stalled_small_get_is_answered_by_its_hedge(kind: str, servers: LocalServers) -> None:
+    """The backends' own reads: one attempt, a 60 s deadline, and the first GET held forever."""
+    from cloudckpt.storage import Deadlines, RetryPolicy
+    from cloudckpt.storage.gcs import GCSBackend
+    from cloudckpt.storage.s3 import S3Backend
+
+    key = f"{BUCKET}/{unique('hedge')}/meta.json"
+    payload = b'{"step": 14}'
+    deadlines = Deadlines(floor_s=60, hedge_floor_s=0.2)
+    once = RetryPolicy(max_attempts=1)
+    with StallProxy(
+        _upstream(kind, servers), flavor=kind, stall=_first_get_of("meta.json")
+    ) as proxy:
+        backend = (
+            S3Backend(endpoint_url=proxy.endpoint, retry=once, deadlines=deadlines)
+            if kind == "s3"
+            else GCSBackend(endpoint_url=proxy.endpoint, retry=once, deadlines=deadlines)
+        )
+
+        async def run() -> bytes | None:
+            try:
+                await backend.put(key, payload)
+                return await backend.get(key)
+            finally:
+                await backend.aclose()
+
+        got = asyncio.run(run())
+    assert got == payload
+    assert len(proxy.stats.stalled) == 1
+    assert backend.stats.total_retries() == 0  # the hedge answered, not a retry

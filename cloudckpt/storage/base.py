@@ -148,13 +148,26 @@ class Backend(abc.ABC):
         return {}
 
     # ------------------------------------------------------------------- public API
-    async def get(self, path: str, byte_range: tuple[int, int] | None = None) -> bytes | None:
-        """Reads an object, or ``[start, end)`` of it; None when it does not exist."""
+    async def get(
+        self,
+        path: str,
+        byte_range: tuple[int, int] | None = None,
+        *,
+        expected_size: int | None = None,
+    ) -> bytes | None:
+        """Reads an object, or ``[start, end)`` of it; None when it does not exist.
+
+        ``expected_size`` (the object's listed size) sizes the request's
+        deadline and hedge delay for a whole-object read; without it the
+        object is taken to be small (metadata, markers).
+        """
         if byte_range is not None:
             start, end = byte_range
             if not 0 <= start <= end:
                 raise ValueError(f"invalid byte range {byte_range} for {self.url(path)}")
-        nbytes = 0 if byte_range is None else byte_range[1] - byte_range[0]
+            nbytes = end - start
+        else:
+            nbytes = max(expected_size or 0, 0)
         return await self._retrying(
             "get", path, lambda: self._get(path, byte_range), nbytes=nbytes, hedge=True
         )
