@@ -164,7 +164,7 @@ class BackendCache:
     two checkpointers never share a backend or its retry statistics.
 
     Thread-safe. The options must be hashable by their ``repr`` (strings,
-    numbers, booleans, a :class:`RetryPolicy`).
+    numbers, booleans, a :class:`RetryPolicy` or :class:`Deadlines`).
     """
 
     def __init__(self) -> None:

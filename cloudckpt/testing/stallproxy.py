@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from cloudckpt.testing.servers import LoopbackProxy
+from cloudckpt.testing.faultproxy import LoopbackProxy
 
 
 @dataclass
