@@ -44,6 +44,8 @@ class Config:
     memory_reps: int = 1
     mp_size_mib: float = 192.0
     mp_reps: int = 3
+    straggler_size_mib: float = 64.0
+    straggler_floors_s: list[float] = field(default_factory=lambda: [2.0, 20.0])
     scenarios: list[str] = field(default_factory=list)
     workdir: str = ""
     quick: bool = False

@@ -49,6 +49,7 @@ from benchmarks import tree
 from benchmarks.common import Context, median, ratio, scenario
 from benchmarks.ops import CloudCkpt, Orbax
 from benchmarks.targets import Target, list_objects, remove
+from cloudckpt.storage import BackendCache
 
 ITEM = "state"
 PHASES = ("document", "packs", "open", "reads", "assemble")
@@ -69,7 +70,7 @@ async def _replay(url: str, target: Any) -> tuple[dict[str, float], list[np.ndar
 
     times: dict[str, float] = {}
     handler = StandardCheckpointHandler()
-    item = StoragePath.from_url(f"{url}/{ITEM}")
+    item = StoragePath.from_url(f"{url}/{ITEM}", cache=_BACKENDS)
 
     start = time.perf_counter()
     document = await handler._read_document(item)
@@ -121,6 +122,10 @@ async def _replay(url: str, target: Any) -> tuple[dict[str, float], list[np.ndar
     return times, list(pieces)
 
 
+#: The backends this probe opens, closed on its loop at the end.
+_BACKENDS = BackendCache()
+
+
 def _handler_restore(loop: asyncio.AbstractEventLoop, url: str, target: Any) -> float:
     import cloudckpt as cc
     from cloudckpt.storage.path import StoragePath
@@ -129,7 +134,7 @@ def _handler_restore(loop: asyncio.AbstractEventLoop, url: str, target: Any) -> 
         handler = cc.StandardCheckpointHandler()
         start = time.perf_counter()
         out = await handler.restore(
-            StoragePath.from_url(f"{url}/{ITEM}"), cc.args.StandardRestore(target)
+            StoragePath.from_url(f"{url}/{ITEM}", cache=_BACKENDS), cc.args.StandardRestore(target)
         )
         import jax
 
@@ -142,10 +147,7 @@ def _handler_restore(loop: asyncio.AbstractEventLoop, url: str, target: Any) -> 
 
 
 async def _close_clients() -> None:
-    from cloudckpt.storage import all_backends
-
-    for backend in all_backends():
-        await backend.aclose()
+    await _BACKENDS.aclose()
 
 
 # ------------------------------------------------------------------------- yardsticks

@@ -12,6 +12,7 @@ GOALS = {
     "memory_multiple": 1.25,
     "blocking_vs_copy": 1.5,
     "many_leaves_file_s": 1.0,
+    "stalled_vs_unstalled": 2.0,
 }
 
 
@@ -43,7 +44,25 @@ def summary(document: dict[str, Any]) -> dict[str, Any]:
         for key in ("save_vs_orbax", "restore_vs_orbax", "orbax_step_restore_cloudckpt_vs_orbax"):
             if key in r and not math.isnan(r[key]):
                 out[f"{backend}.{key}"] = {"value": r[key]}
+        tools = r.get("tools") or {}
+        if tools:
+            value = tools["save_vs_best_tool"]
+            goal = GOALS["save_vs_raw"]
+            out[f"{backend}.save_vs_best_tool"] = {
+                "value": value,
+                "goal": goal,
+                "met": _ok(value, goal),
+            }
         out[f"{backend}.objects"] = {"value": r["objects"].get("cloudckpt", {}).get("count")}
+    for backend, floors in ((_get(document, "stragglers") or {}).get("backends") or {}).items():
+        for floor, r in floors.items():
+            for key in ("save_ratio", "restore_ratio"):
+                goal = GOALS["stalled_vs_unstalled"]
+                out[f"{backend}.stragglers_{floor}s.{key}"] = {
+                    "value": r[key],
+                    "goal": goal,
+                    "met": _ok(r[key], goal),
+                }
     for key, m in (_get(document, "memory") or {}).items():
         goal = GOALS["memory_multiple"] if not key.endswith("_orbax") else None
         out[f"{key}.memory_multiple"] = {
@@ -97,6 +116,47 @@ def _exps(values: list[float]) -> str:
     return "[" + ", ".join(f"{v:.2f}" for v in values) + "]"
 
 
+def _straggler_lines(result: dict[str, Any] | None) -> list[str]:
+    if not result or not result.get("backends"):
+        return []
+    goal = GOALS["stalled_vs_unstalled"]
+    rows = []
+    for backend, floors in result["backends"].items():
+        for floor, r in floors.items():
+            base, held = r["unstalled"], r["stalled"]
+            rows.append([
+                backend, f"{floor}s",
+                _f(_median(base["save_s"])), _f(_median(held["save_s"])),
+                _f(r["save_ratio"]) + _mark(r["save_ratio"], goal),
+                _f(_median(base["restore_s"])), _f(_median(held["restore_s"])),
+                _f(r["restore_ratio"]) + _mark(r["restore_ratio"], goal),
+                f"{held['stalled']}/{held['requests']}", "yes" if r["equal"] else "NO",
+            ])  # fmt: skip
+    lines = [f"\n== Stragglers: {result['size_mib']:g} MiB, 1 request in 50 held forever =="]
+    lines += _rows(
+        ["backend", "floor", "save", "stalled", "ratio", "restore", "stalled", "ratio",
+         "held/requests", "equal"],
+        rows,
+    )  # fmt: skip
+    lines.append(
+        f"goal: stalled/unstalled <= {goal}. floor = Deadlines.floor_s: a held write is cut "
+        "after it and retried; reads are hedged after floor/4"
+    )
+    return lines
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return math.nan
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def ratio_of(a: float, b: float) -> float:
+    return a / b if b and not math.isnan(b) else math.nan
+
+
 def _rows(header: list[str], rows: list[list[str]]) -> list[str]:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
@@ -138,6 +198,33 @@ def table(document: dict[str, Any]) -> str:
             f"goals: save/raw, restore/raw <= {GOALS['save_vs_raw']}. copy = plain device->host "
             "copy of the replica-0 shards; engine = plain tensorstore writing/reading the same zarr arrays"
         )
+        for name, r in tput["backends"].items():
+            tools = r.get("tools") or {}
+            if not tools:
+                continue
+            med = {k: v["median_s"] for k, v in r["times"].items()}
+            lines.append(f"\n== {name}: the same objects through each client (seconds) ==")
+            tool_rows = [
+                ["cloudckpt", _f(med["save"]), _f(med["restore"]), "", ""],
+                *(
+                    [
+                        tool,
+                        _f(put),
+                        _f(tools["get_s"][tool]),
+                        _f(ratio_of(med["save"], put)),
+                        _f(ratio_of(med["restore"], tools["get_s"][tool])),
+                    ]
+                    for tool, put in tools["put_s"].items()
+                ),
+            ]
+            lines += _rows(["client", "put", "get", "cc save/put", "cc rest/get"], tool_rows)
+            goal = GOALS["save_vs_raw"]
+            lines.append(
+                f"cloudckpt save / best put {_f(tools['save_vs_best_tool'])}"
+                f"{_mark(tools['save_vs_best_tool'], goal)} (goal <= {goal}); restore / best get "
+                f"{_f(tools['restore_vs_best_tool'])}. aiobotocore = the raw channel; aiohttp "
+                "signs UNSIGNED-PAYLOAD and sends x-amz-checksum-crc32c"
+            )
         rows = []
         for name, r in tput["backends"].items():
             if "orbax_save" not in r["times"]:
@@ -281,6 +368,7 @@ def table(document: dict[str, Any]) -> str:
         from benchmarks.multiprocess import bytes_rows
 
         lines += bytes_rows(mp)
+    lines += _straggler_lines(_get(document, "stragglers"))
     lines.append(
         f"\ntotal runtime {document['total_seconds']:.0f}s; scenarios: {document['scenario_seconds']}"
     )

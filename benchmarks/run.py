@@ -38,6 +38,7 @@ from benchmarks import (  # noqa: E402  (registers the scenarios)
     phases,
     report,
     scaling,
+    stragglers,
     throughput,
 )
 from benchmarks.common import Config, Context, scenarios  # noqa: E402
@@ -45,7 +46,7 @@ from benchmarks.ops import point_orbax_at_gcs  # noqa: E402
 from benchmarks.targets import BUCKET, make_targets  # noqa: E402
 from benchmarks.tree import make_mesh  # noqa: E402
 
-_ = (blocking, memory, multiprocess, phases, scaling, throughput)
+_ = (blocking, memory, multiprocess, phases, scaling, stragglers, throughput)
 SCENARIOS = scenarios()
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -119,6 +120,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
             goal_leaves=1000,
             mp_size_mib=16,
             mp_reps=1,
+            straggler_size_mib=8,
+            straggler_floors_s=[2.0],
             quick=True,
         )
     if args.size_mib is not None:

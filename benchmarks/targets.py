@@ -34,6 +34,7 @@ class Target:
     root: str  # cloudckpt URL root: a directory, s3://bucket/prefix or gs://bucket/prefix
     orbax_root: str | None
     raw_put_get: Callable[[str, Sequence[bytes]], raw.RawResult]  # (sub-prefix, payloads)
+    endpoint: str | None = None  # the object store's endpoint (None for the file system)
 
     def fresh(self, what: str) -> str:
         """A unique URL under the root for one save."""
@@ -110,6 +111,7 @@ def make_targets(names: Sequence[str], workdir: str, servers: Any | None) -> lis
                     f"s3://{BUCKET}/cc",
                     None,
                     lambda sub, data, _e=endpoint: raw.s3_put_get(_e, BUCKET, f"raw/{sub}", data),
+                    endpoint,
                 )
             )
         elif name == "gcs":
@@ -120,6 +122,7 @@ def make_targets(names: Sequence[str], workdir: str, servers: Any | None) -> lis
                     f"gs://{BUCKET}/cc",
                     f"gs://{BUCKET}/orbax",
                     lambda sub, data, _e=endpoint: raw.gcs_put_get(_e, BUCKET, f"raw/{sub}", data),
+                    endpoint,
                 )
             )
         else:

@@ -11,6 +11,10 @@ noise:
   most of the tree is packed, as with ``--quick``);
 * a plain device-to-host copy of the replica-0 shards, the part of a
   blocking save that raw PUTs do not do;
+* (S3) the same objects through every other client cloudckpt could use
+  (s3fs, plain tensorstore key/value writes, aiohttp with UNSIGNED-PAYLOAD
+  and a CRC32C checksum; ``s3tools.py``), so the save is also judged against
+  the best of them;
 * (file and GCS) an Orbax save and restore of the same tree.
 
 Each save goes to a fresh prefix that is removed, untimed, afterwards. Before
@@ -26,10 +30,10 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks import engine, raw, tree
+from benchmarks import engine, raw, s3tools, tree
 from benchmarks.common import Context, median, ratio, samples, scenario, timed
 from benchmarks.ops import CloudCkpt, Orbax, Saver, same_values
-from benchmarks.targets import ObjectStat, Target, list_objects, remove
+from benchmarks.targets import BUCKET, ObjectStat, Target, list_objects, remove
 
 
 def object_stats(objects: list[ObjectStat], tree_bytes: int) -> dict[str, Any]:
@@ -72,7 +76,9 @@ def run_backend(ctx: Context, target: Target, state: Any, abstract: Any) -> dict
         warm_up(peer, target.fresh_orbax("warmup"), ctx)
     names = ("save", "restore", "raw_put", "raw_get", "engine_save", "engine_restore", "copy")
     peer_names = ("orbax_save", "orbax_restore", "cloudckpt_restore_of_orbax")
-    times: dict[str, list[float]] = {k: [] for k in (*names, *peer_names)}
+    tools = [t for t in s3tools.TOOLS if t != "aiobotocore"] if target.name == "s3" else []
+    tool_names = tuple(f"{kind}:{t}" for t in tools for kind in ("tool_put", "tool_get"))
+    times: dict[str, list[float]] = {k: [] for k in (*names, *peer_names, *tool_names)}
     objects: dict[str, Any] = {}
     verified: dict[str, bool] = {}
     payloads: list[bytes] = []
@@ -96,6 +102,11 @@ def run_backend(ctx: Context, target: Target, state: Any, abstract: Any) -> dict
             result = target.raw_put_get(f"rep{rep}", payloads)
             times["raw_put"].append(result.put_s)
             times["raw_get"].append(result.get_s)
+            for tool in tools:
+                assert target.endpoint is not None
+                got = s3tools.TOOLS[tool](target.endpoint, BUCKET, f"tool/{tool}{rep}", payloads)
+                times[f"tool_put:{tool}"].append(got.put_s)
+                times[f"tool_get:{tool}"].append(got.get_s)
             if engine_bytes >= nbytes / 2 and (target.is_file or cfg.engine_all):
                 url = target.fresh("engine")
                 write_s, read_s = engine.write_read(url, layout, host)
@@ -131,10 +142,23 @@ def run_backend(ctx: Context, target: Target, state: Any, abstract: Any) -> dict
             peer.close()
     med = {k: median(v) for k, v in times.items()}
     mib = nbytes / (1 << 20)
+    # The raw channel (aiobotocore) is one of the tools: the best of all of them.
+    tool_put = {"aiobotocore": med["raw_put"], **{t: med[f"tool_put:{t}"] for t in tools}}
+    tool_get = {"aiobotocore": med["raw_get"], **{t: med[f"tool_get:{t}"] for t in tools}}
     return {
         "times": {k: samples(v) for k, v in times.items() if v},
         "save_vs_raw": ratio(med["save"], med["raw_put"]),
         "restore_vs_raw": ratio(med["restore"], med["raw_get"]),
+        "tools": (
+            {
+                "put_s": tool_put,
+                "get_s": tool_get,
+                "save_vs_best_tool": ratio(med["save"], min(tool_put.values())),
+                "restore_vs_best_tool": ratio(med["restore"], min(tool_get.values())),
+            }
+            if tools
+            else {}
+        ),
         "save_vs_copy_plus_raw": ratio(med["save"], med["copy"] + med["raw_put"]),
         "save_vs_engine": ratio(med["save"], med["engine_save"]),
         "restore_vs_engine": ratio(med["restore"], med["engine_restore"]),

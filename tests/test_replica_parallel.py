@@ -29,7 +29,8 @@ from cloudckpt.engine.loop import LoopThread
 from cloudckpt.format.layout import full_index, index_shape
 from cloudckpt.format.pytree import ZarrStorage, read_pytree
 from cloudckpt.handlers.pytree import layout
-from cloudckpt.testing.servers import FaultProxy, LocalServers
+from cloudckpt.testing.faultproxy import FaultProxy
+from cloudckpt.testing.servers import LocalServers
 
 from . import mp_replica_worker as worker
 from .helpers import BUCKET, unique

@@ -19,7 +19,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import cloudckpt as cc
-from cloudckpt.testing.servers import FaultProxy, LocalServers
+from cloudckpt.testing.faultproxy import FaultProxy
+from cloudckpt.testing.servers import LocalServers
 
 from .helpers import BUCKET, unique
 

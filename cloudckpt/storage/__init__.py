@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cloudckpt.storage.base import Backend, BucketSettings
+from cloudckpt.storage.deadline import Deadlines
 from cloudckpt.storage.retry import RetryPolicy, RetryStats
 
 
@@ -163,7 +164,7 @@ class BackendCache:
     two checkpointers never share a backend or its retry statistics.
 
     Thread-safe. The options must be hashable by their ``repr`` (strings,
-    numbers, booleans, a :class:`RetryPolicy`).
+    numbers, booleans, a :class:`RetryPolicy` or :class:`Deadlines`).
     """
 
     def __init__(self) -> None:
@@ -214,6 +215,7 @@ __all__ = [
     "Backend",
     "BackendCache",
     "BucketSettings",
+    "Deadlines",
     "RetryPolicy",
     "RetryStats",
     "backend_class",

@@ -22,6 +22,7 @@ from typing import Any
 
 from atomicity import ObjectInfo
 from cloudckpt.storage.base import Backend
+from cloudckpt.storage.deadline import DEFAULT_DEADLINES, Deadlines
 from cloudckpt.storage.retry import RetryPolicy, error_code_of, http_status_of
 
 
@@ -41,8 +42,14 @@ def _mtime(info: dict[str, Any]) -> float | None:
 class FsspecObjectBackend(Backend):
     """Object-store backend on top of an fsspec ``AsyncFileSystem``."""
 
-    def __init__(self, *, retry: RetryPolicy | None = None, read_only: bool = False) -> None:
-        super().__init__(retry=retry, read_only=read_only)
+    def __init__(
+        self,
+        *,
+        retry: RetryPolicy | None = None,
+        read_only: bool = False,
+        deadlines: Deadlines | None = None,
+    ) -> None:
+        super().__init__(retry=retry, read_only=read_only, deadlines=deadlines or DEFAULT_DEADLINES)
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = (
             weakref.WeakKeyDictionary()
         )
@@ -201,7 +208,9 @@ class FsspecObjectBackend(Backend):
         seen_tokens: set[str] = set()
         while True:
             try:
-                page, token = await self._list_page(bucket, key_prefix, token, None)
+                page, token = await self._bounded(
+                    "list", prefix, lambda t=token: self._list_page(bucket, key_prefix, t, None)
+                )
             except FileNotFoundError:
                 raise self._no_bucket(prefix) from None
             found.extend(info for info in page if info.path.startswith(prefix + "/"))

@@ -37,6 +37,14 @@ import tensorstore as ts
 
 import atomicity
 from atomicity import ObjectInfo, Versioned
+from cloudckpt.storage.deadline import (
+    Deadlines,
+    RequestStalled,
+    configure_tensorstore,
+    hedged,
+    process_index,
+    within,
+)
 from cloudckpt.storage.retry import DEFAULT_POLICY, RetryPolicy, RetryStats
 
 T = TypeVar("T")
@@ -84,9 +92,18 @@ class Backend(abc.ABC):
     #: URL scheme this backend serves (``gs``, ``s3``, ``file``, ``memory``).
     scheme: ClassVar[str]
 
-    def __init__(self, *, retry: RetryPolicy | None = None, read_only: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        retry: RetryPolicy | None = None,
+        read_only: bool = False,
+        deadlines: Deadlines | None = None,
+    ) -> None:
         self.retry_policy = retry or DEFAULT_POLICY
         self.read_only = read_only
+        #: Per-request deadlines and hedging (see ``deadline``); None: unbounded (local stores,
+        #: where an abandoned attempt would race its own retry).
+        self.deadlines = deadlines
         self.stats = RetryStats()
         self._ts_context: ts.Context | None = None
 
@@ -122,6 +139,8 @@ class Backend(abc.ABC):
     def tensorstore_context(self) -> ts.Context:
         """The tensorstore context (connection pools, concurrency, retries) to open with."""
         if self._ts_context is None:
+            if self.deadlines is not None:
+                configure_tensorstore(self.deadlines)
             self._ts_context = ts.Context(self._tensorstore_context_spec())
         return self._ts_context
 
@@ -129,18 +148,34 @@ class Backend(abc.ABC):
         return {}
 
     # ------------------------------------------------------------------- public API
-    async def get(self, path: str, byte_range: tuple[int, int] | None = None) -> bytes | None:
-        """Reads an object, or ``[start, end)`` of it; None when it does not exist."""
+    async def get(
+        self,
+        path: str,
+        byte_range: tuple[int, int] | None = None,
+        *,
+        expected_size: int | None = None,
+    ) -> bytes | None:
+        """Reads an object, or ``[start, end)`` of it; None when it does not exist.
+
+        ``expected_size`` (the object's listed size) sizes the request's
+        deadline and hedge delay for a whole-object read; without it the
+        object is taken to be small (metadata, markers).
+        """
         if byte_range is not None:
             start, end = byte_range
             if not 0 <= start <= end:
                 raise ValueError(f"invalid byte range {byte_range} for {self.url(path)}")
-        return await self._retrying("get", path, lambda: self._get(path, byte_range))
+            nbytes = end - start
+        else:
+            nbytes = max(expected_size or 0, 0)
+        return await self._retrying(
+            "get", path, lambda: self._get(path, byte_range), nbytes=nbytes, hedge=True
+        )
 
     async def put(self, path: str, data: bytes) -> None:
         """Writes an object, replacing any existing one."""
         self._check_writable("write", path)
-        await self._retrying("put", path, lambda: self._put(path, data))
+        await self._retrying("put", path, lambda: self._put(path, data), nbytes=len(data))
 
     async def put_if_absent(self, path: str, data: bytes) -> bool:
         """Creates an object only if none exists; returns whether this call created it.
@@ -160,7 +195,7 @@ class Backend(abc.ABC):
             except FileExistsError:
                 return await self._created_with_token(path, token)
 
-        return await self._retrying("put_if_absent", path, attempt)
+        return await self._retrying("put_if_absent", path, attempt, nbytes=len(data))
 
     # ------------------------------------------------- conditional (versioned) requests
     # The commit protocol's fencing (docs/FORMAT.md, "Claims"). Each is one
@@ -171,7 +206,7 @@ class Backend(abc.ABC):
 
     async def get_versioned(self, path: str) -> Versioned | None:
         """An object's bytes, version and store mtime; None when missing."""
-        return await self._retrying("get", path, lambda: self._get_versioned(path))
+        return await self._retrying("get", path, lambda: self._get_versioned(path), hedge=True)
 
     async def put_versioned(self, path: str, data: bytes, *, if_version: str | None) -> str | None:
         """Creates (``if_version=None``) or replaces exactly version ``if_version``.
@@ -183,6 +218,7 @@ class Backend(abc.ABC):
             "put_if_absent" if if_version is None else "put_if_match",
             path,
             lambda: self._put_versioned(path, data, if_version),
+            nbytes=len(data),
         )
 
     async def delete_versioned(self, path: str, version: str) -> bool:
@@ -212,20 +248,24 @@ class Backend(abc.ABC):
 
     async def list_prefix(self, prefix: str) -> AsyncIterator[ObjectInfo]:
         """Every object under the directory ``prefix``, in no particular order."""
-        infos = await self._retrying("list", prefix, lambda: self._list(prefix.rstrip("/")))
+        infos = await self._retrying(
+            "list", prefix, lambda: self._list(prefix.rstrip("/")), bounded_inside=True
+        )
         for info in infos:
             yield info
 
     async def delete(self, path: str) -> None:
         """Deletes an object; a missing object is not an error."""
         self._check_writable("delete", path)
-        await self._retrying("delete", path, lambda: self._delete_many([path]))
+        await self._retrying("delete", path, lambda: self._delete_many([path]), bounded_inside=True)
 
     async def delete_many(self, paths: Iterable[str]) -> None:
         batch = list(paths)
         if batch:
             self._check_writable("delete", batch[0])
-            await self._retrying("delete", batch[0], lambda: self._delete_many(batch))
+            await self._retrying(
+                "delete", batch[0], lambda: self._delete_many(batch), bounded_inside=True
+            )
 
     async def delete_prefix(self, prefix: str) -> None:
         """Deletes every object under the directory ``prefix``."""
@@ -275,11 +315,62 @@ class Backend(abc.ABC):
                 "without read_only to save or delete"
             )
 
-    async def _retrying(self, op: str, path: str, fn: Callable[[], Awaitable[T]]) -> T:
+    async def _retrying(
+        self,
+        op: str,
+        path: str,
+        fn: Callable[[], Awaitable[T]],
+        *,
+        nbytes: int = 0,
+        hedge: bool = False,
+        bounded_inside: bool = False,
+    ) -> T:
+        """Runs ``fn`` under the retry policy, each attempt within its deadline.
+
+        ``nbytes`` sizes the deadline (and the hedge delay of a ``hedge``d,
+        idempotent read whose size is known; 0 when it is not). An operation
+        made of several requests (listing pages, deletions) bounds each of
+        them itself with :meth:`_bounded` (``bounded_inside``).
+        """
+        deadlines = self.deadlines
+        attempt = fn
+        if deadlines is not None and not bounded_inside:
+            limit = deadlines.request_s(nbytes)
+
+            def what() -> str:
+                return f"{op} {self.url(path)}"
+
+            if hedge and deadlines.hedge:
+                after = deadlines.hedge_after_s(nbytes)
+
+                async def attempt() -> T:
+                    return await within(limit, what, lambda: hedged(fn, after, lambda aw: None))
+            else:
+
+                async def attempt() -> T:
+                    return await within(limit, what, fn)
+
         try:
-            return await self.retry_policy.call(op, fn, self.stats, lambda: self.url(path))
+            return await self.retry_policy.call(op, attempt, self.stats, lambda: self.url(path))
         except Exception as exc:
+            if deadlines is not None and _stalled(exc):
+                raise TimeoutError(
+                    f"{op} {self.url(path)} on process {process_index()} stalled: no attempt "
+                    f"answered within its deadline ({deadlines.request_s(nbytes):.1f}s for "
+                    f"{nbytes} bytes) before the retry budget ran out "
+                    f"({self.retry_policy.max_attempts} attempts, "
+                    f"{self.retry_policy.max_total_s:.0f}s); check the store and the network, "
+                    "or raise Deadlines.floor_s / RetryPolicy.max_total_s"
+                ) from exc
             raise self._translate(exc, op, path) from exc
+
+    async def _bounded(
+        self, op: str, path: str, fn: Callable[[], Awaitable[T]], nbytes: int = 0
+    ) -> T:
+        """One request of a multi-request operation, within its own deadline."""
+        if self.deadlines is None:
+            return await fn()
+        return await within(self.deadlines.request_s(nbytes), lambda: f"{op} {self.url(path)}", fn)
 
     def _translate(self, exc: Exception, op: str, path: str) -> Exception:
         """Maps a library error to a builtin one with a useful message."""
@@ -324,3 +415,15 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     async def _delete_many(self, paths: list[str]) -> None: ...
+
+
+def _stalled(exc: BaseException) -> bool:
+    """Whether the last attempt behind ``exc`` ran out of its deadline."""
+    current: BaseException | None = exc
+    seen: set[int] = set()
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, RequestStalled):
+            return True
+        current = current.__cause__
+    return False

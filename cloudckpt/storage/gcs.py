@@ -37,6 +37,7 @@ from gcsfs.retry import validate_response
 from atomicity import ObjectInfo, Versioned
 from cloudckpt.storage._fsspec import FsspecObjectBackend, _mtime
 from cloudckpt.storage.base import CREATE_TOKEN_KEY, BucketSettings
+from cloudckpt.storage.deadline import Deadlines
 from cloudckpt.storage.retry import RetryPolicy
 
 _TS_URL_VAR = "TENSORSTORE_GCS_HTTP_URL"
@@ -147,8 +148,9 @@ class GCSBackend(FsspecObjectBackend):
         request_timeout_s: float = 60.0,
         retry: RetryPolicy | None = None,
         read_only: bool = False,
+        deadlines: Deadlines | None = None,
     ) -> None:
-        super().__init__(retry=retry, read_only=read_only)
+        super().__init__(retry=retry, read_only=read_only, deadlines=deadlines)
         emulator = os.environ.get("STORAGE_EMULATOR_HOST")
         endpoint = endpoint_url or emulator
         self.endpoint_url = _normalise_endpoint(endpoint) if endpoint else None
@@ -276,7 +278,9 @@ class GCSBackend(FsspecObjectBackend):
             bucket, _, key = path.partition("/")
             async with limit:
                 try:
-                    await fs._call("DELETE", "b/{}/o/{}", bucket, key)
+                    await self._bounded(
+                        "delete", path, lambda: fs._call("DELETE", "b/{}/o/{}", bucket, key)
+                    )
                 except FileNotFoundError:
                     pass
 

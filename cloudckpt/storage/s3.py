@@ -27,6 +27,7 @@ from typing import Any
 from atomicity import ObjectInfo, Versioned
 from cloudckpt.storage._fsspec import FsspecObjectBackend, _mtime
 from cloudckpt.storage.base import CREATE_TOKEN_KEY, BucketSettings
+from cloudckpt.storage.deadline import Deadlines
 from cloudckpt.storage.retry import RetryPolicy, error_code_of, http_status_of
 
 #: Keys per DeleteObjects request (the S3 maximum).
@@ -98,8 +99,9 @@ class S3Backend(FsspecObjectBackend):
         request_timeout_s: float = 60.0,
         retry: RetryPolicy | None = None,
         read_only: bool = False,
+        deadlines: Deadlines | None = None,
     ) -> None:
-        super().__init__(retry=retry, read_only=read_only)
+        super().__init__(retry=retry, read_only=read_only, deadlines=deadlines)
         self.endpoint_url = endpoint_url or _env("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
         self.region = region or _env("AWS_REGION", "AWS_DEFAULT_REGION")
         self.profile = profile
@@ -288,10 +290,14 @@ class S3Backend(FsspecObjectBackend):
             for i in range(0, len(keys), DELETE_BATCH):
                 batch = keys[i : i + DELETE_BATCH]
                 try:
-                    response = await fs._call_s3(
-                        "delete_objects",
-                        Bucket=bucket,
-                        Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True},
+                    response = await self._bounded(
+                        "delete",
+                        f"{bucket}/{batch[0]}",
+                        lambda b=batch, bk=bucket: fs._call_s3(
+                            "delete_objects",
+                            Bucket=bk,
+                            Delete={"Objects": [{"Key": k} for k in b], "Quiet": True},
+                        ),
                     )
                 except FileNotFoundError:  # no bucket: nothing to delete, as on GCS
                     break

@@ -195,7 +195,7 @@ async def _copy_objects(
 
     async def one(rel: str, info: ObjectInfo) -> None:
         async def transfer() -> None:
-            data = await src.backend.get((src / rel).path)
+            data = await src.backend.get((src / rel).path, expected_size=info.size)
             if data is None:
                 raise FileNotFoundError(
                     f"{src / rel} vanished during the copy; is someone deleting {src}?"

@@ -131,7 +131,9 @@ class _Verifier:
         backend = self.step.backend
         path = (self.step / rel).path
         try:
-            data = await self.limiter.run(info.size, lambda: backend.get(path))
+            data = await self.limiter.run(
+                info.size, lambda: backend.get(path, expected_size=info.size)
+            )
         except OSError as exc:
             self.problem("unreadable", rel, str(exc))
             return None

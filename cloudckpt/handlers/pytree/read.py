@@ -25,7 +25,7 @@ from cloudckpt.errors import CorruptCheckpointError
 from cloudckpt.format import layout
 from cloudckpt.format import pytree as _document
 from cloudckpt.format.pytree import Leaf
-from cloudckpt.handlers.pytree import keys
+from cloudckpt.handlers.pytree import keys, tail
 from cloudckpt.handlers.pytree.budget import ByteBudget
 from cloudckpt.handlers.pytree.host import empty_aligned
 from cloudckpt.storage.path import StoragePath
@@ -205,6 +205,8 @@ class Reader:
         self.budget = budget
         self.context = directory.backend.tensorstore_context()
         self._stores: dict[int, asyncio.Future[Any]] = {}
+        #: The same arrays opened again in a context of their own, for hedged reads.
+        self._hedge_stores: dict[int, asyncio.Future[Any]] = {}
         self._kvstore: asyncio.Future[Any] | None = None
         self._packed: dict[tuple[int, layout.Index], np.ndarray] = {}
 
@@ -265,8 +267,14 @@ class Reader:
         end = run[-1].offset + run[-1].nbytes + layout.CRC_BYTES
         async with self.budget.hold(end - start):
             try:
-                result = await kvstore.read(run[0].obj, byte_range=slice(start, end))
+                result = await tail.read(
+                    lambda: kvstore.read(run[0].obj, byte_range=slice(start, end)),
+                    lambda: kvstore.read(run[0].obj, byte_range=slice(start, end)),
+                    end - start,
+                    self.directory.backend.deadlines,
+                )
             except ValueError as exc:
+                tail.raise_if_stalled(exc, str(self.directory / run[0].obj), "read")
                 if "OUT_OF_RANGE" not in str(exc):
                     raise
                 raise CorruptCheckpointError(
@@ -274,6 +282,9 @@ class Reader:
                     f"{start}-{end} that its pack entries need; the checkpoint is corrupt, "
                     "restore another step"
                 ) from exc
+            except Exception as exc:
+                tail.raise_if_stalled(exc, str(self.directory / run[0].obj), "read")
+                raise
         if result.state == "missing":
             raise CorruptCheckpointError(
                 f"missing data: {self.directory / run[0].obj} does not exist"
@@ -297,8 +308,9 @@ class Reader:
                 )
             self._packed[(entry.leaf, entry.index)] = data
 
-    def _open(self, leaf: int) -> Awaitable[Any]:
-        if leaf not in self._stores:
+    def _open(self, leaf: int, hedge: bool = False) -> Awaitable[Any]:
+        stores = self._hedge_stores if hedge else self._stores
+        if leaf not in stores:
             storage = self.saved[leaf].storage
             assert isinstance(storage, _document.ZarrStorage)
             spec = {
@@ -309,8 +321,9 @@ class Reader:
                 "fill_missing_data_reads": False,
                 "recheck_cached_data": False,
             }
-            self._stores[leaf] = asyncio.ensure_future(ts_open(spec, self.context))
-        return self._stores[leaf]
+            context = tail.hedge_context(self.context) if hedge else self.context
+            stores[leaf] = asyncio.ensure_future(ts_open(spec, context))
+        return stores[leaf]
 
     def _packs(self) -> Awaitable[Any]:
         if self._kvstore is None:
@@ -362,21 +375,31 @@ class Reader:
         async def read_group(members: list[int], nbytes: int) -> None:
             store = await self._open(leaf)
             stored = np.dtype(store.dtype.numpy_dtype)
-            async with self.budget.hold(nbytes):
+
+            async def into(source: Any) -> list[np.ndarray]:
                 # tensorstore copies the decoded chunks straight into buffers of ours,
                 # aligned so that CPU devices adopt them: one copy from storage to device.
                 buffers = [empty_aligned(shapes[k], stored) for k in members]
+                with ts.Batch() as batch:
+                    writes = [
+                        ts.array(buffer).write(source[layout.index_slices(indices[k])], batch=batch)
+                        for k, buffer in zip(members, buffers, strict=True)
+                    ]
+                await asyncio.gather(*writes)
+                return buffers
+
+            async def again() -> list[np.ndarray]:
+                # A hedge reads into buffers of its own: the slow request may still land.
+                return await into(await self._open(leaf, hedge=True))
+
+            async with self.budget.hold(nbytes):
                 try:
-                    with ts.Batch() as batch:
-                        writes = [
-                            ts.array(buffer).write(
-                                store[layout.index_slices(indices[k])], batch=batch
-                            )
-                            for k, buffer in zip(members, buffers, strict=True)
-                        ]
-                    await asyncio.gather(*writes)
+                    buffers = await tail.read(
+                        lambda: into(store), again, nbytes, self.directory.backend.deadlines
+                    )
                 except Exception as exc:
                     where = self._array_location(leaf)
+                    tail.raise_if_stalled(exc, str(where), "read")
                     raise storage_error(exc, {"kvstore": where.kvstore_spec()}) from exc
             for k, buffer in zip(members, buffers, strict=True):
                 out[k] = buffer if buffer.dtype == dtype else buffer.view(dtype)

@@ -12,6 +12,7 @@ import tensorstore as ts
 
 from cloudckpt.format import layout
 from cloudckpt.format.pytree import write_pytree
+from cloudckpt.handlers.pytree import tail
 from cloudckpt.handlers.pytree.budget import ByteBudget
 from cloudckpt.handlers.pytree.plan import Region, SavePlan
 from cloudckpt.handlers.pytree.read import ts_open
@@ -57,9 +58,13 @@ async def write_plan(
         if data.dtype != stored:
             data = data.view(stored)
         async with budget.hold(nbytes):
-            await store[layout.index_slices(region.index)].write(
-                data, can_reference_source_data_indefinitely=True
-            )
+            try:
+                await store[layout.index_slices(region.index)].write(
+                    data, can_reference_source_data_indefinitely=True
+                )
+            except Exception as exc:
+                tail.raise_if_stalled(exc, str(directory / f"arrays/{region.leaf}"), "write")
+                raise
         region.data = None  # free the host copy as soon as it is stored
 
     async def create_metadata_only(leaf: int) -> None:
@@ -87,4 +92,12 @@ async def _write_packs(directory: StoragePath, plan: SavePlan, context: ts.Conte
             buffer[end : end + layout.CRC_BYTES] = np.frombuffer(layout.entry_crc(data), np.uint8)
     kvstore = await ts.KvStore.open(directory.kvstore_spec(), context=context)
     packs, plan.packs = plan.packs, {}
-    await asyncio.gather(*(kvstore.write(name, buf.tobytes()) for name, buf in packs.items()))
+
+    async def write(name: str, data: bytes) -> None:
+        try:
+            await kvstore.write(name, data)
+        except Exception as exc:
+            tail.raise_if_stalled(exc, str(directory / name), "write")
+            raise
+
+    await asyncio.gather(*(write(name, buf.tobytes()) for name, buf in packs.items()))

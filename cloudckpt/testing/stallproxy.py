@@ -1,0 +1,113 @@
+"""A reverse proxy that never answers some requests: the straggler of a pod-scale save.
+
+One request in ``every`` (by arrival order, after ``offset``) or every request
+``stall(method, path)`` picks is held forever: the proxy reads the request,
+and then neither forwards it nor answers, with the connection left open,
+as a wedged load balancer or a dead storage node does. Only the client's own
+deadline ends it. Held requests are released (their connections closed) when
+the proxy stops.
+
+With ``forward_first`` the request is forwarded first, so it takes effect
+upstream, and only the answer never comes.
+
+Not part of the public API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from cloudckpt.testing.faultproxy import LoopbackProxy
+
+
+@dataclass
+class StallStats:
+    requests: int = 0
+    #: (method, path with query) of every held request, in arrival order.
+    stalled: list[tuple[str, str]] = field(default_factory=list)
+
+
+class StallProxy(LoopbackProxy):
+    """Forwards requests to a real server, holding some of them forever."""
+
+    def __init__(
+        self,
+        upstream: str,
+        *,
+        flavor: str = "s3",
+        every: int = 50,
+        offset: int = 0,
+        stall: Callable[[str, str], bool] | None = None,
+        forward_first: bool = False,
+    ) -> None:
+        super().__init__(upstream, flavor)
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        self.every = every
+        self.offset = offset
+        self.stall = stall
+        self.forward_first = forward_first
+        self.stats = StallStats()
+        self._lock = threading.Lock()
+        self._release: asyncio.Event | None = None
+
+    def _choose(self, method: str, path: str) -> bool:
+        with self._lock:
+            self.stats.requests += 1
+            if self.stall is not None:
+                held = self.stall(method, path)
+            else:
+                n = self.stats.requests - 1 - self.offset
+                held = n >= 0 and n % self.every == self.every - 1
+            if held:
+                self.stats.stalled.append((method, path))
+            return held
+
+    async def _forward(self, request: Any, body: bytes) -> Any:
+        from aiohttp import web
+
+        headers = {
+            k: v
+            for k, v in request.headers.items()
+            if k.lower() not in ("content-length", "transfer-encoding")
+        }
+        async with self._session.request(
+            request.method,
+            self.upstream + request.path_qs,
+            headers=headers,
+            data=body,
+            allow_redirects=False,
+            auto_decompress=False,
+        ) as upstream:
+            payload = await upstream.read()
+            dropped: tuple[str, ...] = ("transfer-encoding", "connection")
+            if request.method != "HEAD":
+                dropped += ("content-length",)
+            out = {k: v for k, v in upstream.headers.items() if k.lower() not in dropped}
+            if request.method == "HEAD":
+                return web.Response(status=upstream.status, headers=out)
+            return web.Response(status=upstream.status, body=payload, headers=out)
+
+    async def _handle(self, request):  # type: ignore[no-untyped-def]
+        body = await request.read()
+        if not self._choose(request.method, request.path_qs):
+            return await self._forward(request, body)
+        if self.forward_first:
+            await self._forward(request, body)
+        if self._release is None:
+            self._release = asyncio.Event()
+        await self._release.wait()  # set only when the proxy stops
+        request.transport.close()
+        raise ConnectionResetError("stalled request released at shutdown")
+
+    def stop(self) -> None:
+        def release() -> None:
+            if self._release is not None:
+                self._release.set()
+
+        self._loop.call_soon_threadsafe(release)
+        super().stop()
