@@ -261,7 +261,7 @@ def _destination(src: str, dst: str) -> str:
 
 async def cmd_cp(args: argparse.Namespace, con: Console) -> None:
     if args.all:  # every committed step of a root; Orbax steps are converted
-        from cloudckpt.orbax import _tools
+        from cloudckpt.tools import orbax as _tools
 
         result = await _tools.copy_all(
             _location(args, args.src),

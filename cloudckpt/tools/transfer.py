@@ -81,7 +81,7 @@ async def copy_step(
         objects = await require_committed(src)
     except ValueError:  # Orbax hook: an Orbax step is converted, not copied
         from cloudckpt import orbax
-        from cloudckpt.orbax import _tools
+        from cloudckpt.tools import orbax as _tools
 
         found = await orbax.probe(src)
         if found is None:
@@ -127,7 +127,7 @@ async def copy_step(
                 )
         await tmp.finalize()
     except BaseException:
-        await _remove_attempt(backend, tmp)
+        await remove_attempt(backend, tmp)
         raise
     if not await atomicity.is_committed(backend, dst.path):
         raise RuntimeError(f"the copy at {dst} was finalized but is not committed; report this")
@@ -232,7 +232,7 @@ def _check_listing(
         )
 
 
-async def _remove_attempt(backend: Any, tmp: atomicity.TemporaryPath) -> None:
+async def remove_attempt(backend: Any, tmp: atomicity.TemporaryPath) -> None:
     """Best effort: revoke and delete this copy's attempt (never a committed one)."""
     try:
         if await tmp.abort():
