@@ -210,6 +210,15 @@ def _claim_json(claim: atomicity.Claim | None) -> dict[str, Any] | None:
     }
 
 
+async def is_committed_step(location: StoragePath) -> bool:
+    """Whether ``location`` holds a commit marker of its own: a step, not a root of steps.
+
+    ``cloudckpt ls`` asks when it finds no steps under ``location``, to point at
+    ``inspect``. One existence check; an Orbax step (no marker) answers False.
+    """
+    return await location.backend.exists((location / MARKER_NAME).path)
+
+
 async def list_steps(root: StoragePath, *, read_claims: bool) -> list[StepSummary]:
     """Committed and uncommitted steps under ``root``, in step order.
 

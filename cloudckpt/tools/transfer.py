@@ -51,6 +51,26 @@ class CopyReport:
         }
 
 
+def destination_url(src: str, dst: str) -> str:
+    """Where ``cp SRC DST`` copies to: ``DST``, or ``DST`` + SRC's step name if it ends in "/".
+
+    Like cp(1) into a directory. Pure string work on the URLs as given, no I/O.
+
+    Raises:
+        ValueError: ``DST`` is a directory and ``SRC``'s last path segment is not a
+            step name (empty, ``.`` or ``..``).
+    """
+    if dst.endswith("/"):
+        name = src.rstrip("/").rsplit("/", 1)[-1]
+        if name in ("", ".", ".."):
+            raise ValueError(
+                f"cannot copy {src} into the directory {dst}: its last path segment {name!r} "
+                "is not a step name; give the destination step in full"
+            )
+        return dst + name
+    return dst
+
+
 async def copy_step(
     src: StoragePath,
     dst: StoragePath,
