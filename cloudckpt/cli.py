@@ -248,9 +248,9 @@ async def cmd_rm(args: argparse.Namespace, con: Console) -> None:
 
 async def cmd_cp(args: argparse.Namespace, con: Console) -> None:
     if args.all:  # every committed step of a root; Orbax steps are converted
-        from cloudckpt.tools import orbax as _tools
+        from cloudckpt.tools import orbax as orbax_tools
 
-        result = await _tools.copy_all(
+        result = await orbax_tools.copy_all(
             _location(args, args.src),
             _location(args, args.dst),
             force=args.force,

@@ -404,9 +404,9 @@ async def describe_step(step: StoragePath) -> dict[str, Any]:
     """What ``cloudckpt inspect`` shows, as JSON-able data; reads no array data."""
     objects, found = await committed_or_orbax(step)
     if found is not None:  # Orbax hook: a step Orbax wrote has no cloudckpt marker
-        from cloudckpt.tools import orbax as _tools
+        from cloudckpt.tools import orbax as orbax_tools
 
-        return await _tools.describe(step, found, objects)
+        return await orbax_tools.describe(step, found, objects)
     metadata = await read_step_metadata(step)
     out: dict[str, Any] = {
         "url": step.url,

@@ -101,12 +101,12 @@ async def copy_step(
         objects = await require_committed(src)
     except ValueError:  # Orbax hook: an Orbax step is converted, not copied
         from cloudckpt import orbax
-        from cloudckpt.tools import orbax as _tools
+        from cloudckpt.tools import orbax as orbax_tools
 
         found = await orbax.probe(src)
         if found is None:
             raise
-        return await _tools.convert_step(
+        return await orbax_tools.convert_step(
             src, found, dst, force=force, verify_copy=verify, progress=progress
         )
     todo = {rel: info for rel, info in objects.items() if rel not in (MARKER_NAME, CLAIM_NAME)}

@@ -361,7 +361,7 @@ async def verify_step(
     """Verifies the committed checkpoint at ``step`` (see the module docstring)."""
     objects, found = await committed_or_orbax(step)
     if found is not None:  # Orbax hook: what can be checked of a step Orbax wrote
-        from cloudckpt.tools import orbax as _tools
+        from cloudckpt.tools import orbax as orbax_tools
 
-        return await _tools.verify(step, found, objects, progress=progress)
+        return await orbax_tools.verify(step, found, objects, progress=progress)
     return await verify_contents(step, committed=True, progress=progress, objects=objects)
