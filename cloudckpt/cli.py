@@ -70,7 +70,7 @@ async def cmd_ls(args: argparse.Namespace, con: Console) -> None:
     if not shown:
         hidden = len(rows) - len(shown)
         more = f" ({hidden} uncommitted: --all shows them)" if hidden else ""
-        if not rows and await root.backend.exists((root / _inspect.MARKER_NAME).path):
+        if not rows and await _inspect.is_committed_step(root):
             more = f"; {root} is itself a checkpoint: `cloudckpt inspect {root}` describes it"
         con.err(f"no committed checkpoints under {root}{more}")
         return
@@ -246,24 +246,11 @@ async def cmd_rm(args: argparse.Namespace, con: Console) -> None:
         )
 
 
-def _destination(src: str, dst: str) -> str:
-    """``cp SRC DIR/`` copies to ``DIR/<step name of SRC>``, like cp(1)."""
-    if dst.endswith("/"):
-        name = src.rstrip("/").rsplit("/", 1)[-1]
-        if name in ("", ".", ".."):
-            raise ValueError(
-                f"cannot copy {src} into the directory {dst}: its last path segment {name!r} "
-                "is not a step name; give the destination step in full"
-            )
-        return dst + name
-    return dst
-
-
 async def cmd_cp(args: argparse.Namespace, con: Console) -> None:
     if args.all:  # every committed step of a root; Orbax steps are converted
-        from cloudckpt.orbax import _tools
+        from cloudckpt.tools import orbax as orbax_tools
 
-        result = await _tools.copy_all(
+        result = await orbax_tools.copy_all(
             _location(args, args.src),
             _location(args, args.dst),
             force=args.force,
@@ -283,7 +270,7 @@ async def cmd_cp(args: argparse.Namespace, con: Console) -> None:
         )
         return
     src = _location(args, args.src)
-    dst = _location(args, _destination(args.src, args.dst))
+    dst = _location(args, _transfer.destination_url(args.src, args.dst))
     start = time.perf_counter()
     report = await _transfer.copy_step(
         src, dst, force=args.force, verify=not args.no_verify, progress=con.progress

@@ -82,6 +82,9 @@ def test_registration_refuses_what_cannot_be_a_backend() -> None:
         storage.register_backend("s3://", ThirdPartyBackend)
     with pytest.raises(ValueError, match="unsupported storage scheme 'ccbad'"):
         storage.resolve("ccbad://b/x")
+    with pytest.raises(ValueError, match="alias of 'gs'; register that scheme"):
+        storage.register_backend("GCS", ThirdPartyBackend)  # gcs:// would never reach it
+    assert storage.backend_class("gs").__name__ == "GCSBackend"
 
 
 def test_checkpointers_never_share_a_backend_or_its_statistics(

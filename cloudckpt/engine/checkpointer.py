@@ -96,12 +96,26 @@ class Checkpointer:
         return self._group
 
     def location(self, path: PathLike) -> StoragePath:
-        """Where ``path`` is, through this checkpointer's own backends (closed by ``close``)."""
+        """Where ``path`` (a URL or a local path) is, through this checkpointer's own backends.
+
+        No I/O. The location carries the checkpointer's storage options and
+        one backend per scheme and options, shared by every location it
+        returns and closed by :meth:`close`: use it through :meth:`run_on_loop`
+        or :meth:`submit_to_loop`, not on another event loop.
+
+        Raises:
+            ValueError: ``path`` is empty or names an unknown scheme or no bucket.
+            ImportError: the scheme's client library is missing (the message says
+                what to install).
+        """
         return StoragePath.from_url(path, cache=self._backends, **self._storage_options)
 
     # ------------------------------------------------------------ the event loop
     def check_open(self) -> None:
-        """Raises ``RuntimeError`` once closed, or in a process forked from this one."""
+        """Raises ``RuntimeError`` once closed, or in a forked child; otherwise does nothing.
+
+        A forked child: a process made by ``fork()`` from one that had loaded cloudckpt.
+        """
         check_not_forked()
         if self._closed:
             raise RuntimeError(f"this {type(self).__name__} is closed; create a new one")
@@ -110,11 +124,13 @@ class Checkpointer:
         """Runs ``coro`` on this checkpointer's event loop and waits for its result.
 
         Storage work on locations from :meth:`location` belongs on this loop
-        (their clients are bound to it). Must not be called from the loop.
+        (their clients are bound to it). Wherever it raises ``RuntimeError``,
+        ``coro`` is closed without running.
 
         Raises:
-            RuntimeError: the checkpointer is closed.
-            TimeoutError: ``timeout`` passed (``coro`` keeps running).
+            RuntimeError: the checkpointer is closed, this is a forked child, or
+                the call comes from the loop's own thread (it would deadlock).
+            TimeoutError: ``timeout`` seconds passed; ``coro`` keeps running.
         """
         _close_unless(self.check_open, coro)
         return self._loop.run(coro, timeout)
@@ -122,11 +138,14 @@ class Checkpointer:
     def submit_to_loop(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         """Schedules ``coro`` on this checkpointer's event loop; returns a thread-safe future.
 
-        The work runs beside a background save; ``close`` does not wait for
-        it (the caller keeps the future and waits itself).
+        The work runs beside a background save. ``close`` does not wait for
+        it: wait on the future before closing. Work still pending then is
+        abandoned with the loop (its backends are closed under it and the
+        future may never complete).
 
         Raises:
-            RuntimeError: the checkpointer is closed.
+            RuntimeError: the checkpointer is closed or this is a forked child;
+                ``coro`` is closed without running.
         """
         _close_unless(self.check_open, coro)
         return self._loop.submit(coro)

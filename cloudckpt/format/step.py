@@ -16,6 +16,10 @@ STEP_METADATA_NAME = "_CHECKPOINT_METADATA"
 FORMAT_VERSION = 1
 #: Names an item may not take: they are the step's own objects.
 RESERVED_NAMES = frozenset({STEP_METADATA_NAME, atomicity.MARKER_NAME, atomicity.CLAIM_NAME})
+#: The identities of cloudckpt's own item handlers as step metadata records them (their
+#: ``TYPESTR``s; on disk, so never changed): the tools recognise items by these alone.
+PYTREE_TYPESTR = "cloudckpt.handlers.pytree.StandardCheckpointHandler"
+JSON_TYPESTR = "cloudckpt.handlers.json.JsonCheckpointHandler"
 
 
 def validate_item_name(name: object) -> str:

@@ -60,8 +60,9 @@ class CheckpointHandler(abc.ABC):
 
     Defining a concrete subclass (one with no abstract method left) records
     it under its ``typestr()`` in the process-wide table of handler
-    identities (:mod:`cloudckpt.handlers.registry`); a second class with the
-    same typestr is a ``TypeError`` there and then. Instantiating a subclass
+    identities (:mod:`cloudckpt.handlers.registry`); another class (other
+    module or qualified name) with the same typestr is a ``TypeError`` there
+    and then. Instantiating a subclass
     that leaves an abstract method out is a ``TypeError`` naming it.
     """
 
@@ -101,9 +102,14 @@ class CheckpointHandler(abc.ABC):
     def step_item_handlers(self) -> dict[str, str] | str:
         """What the step metadata records as ``item_handlers`` for the save just prepared.
 
-        Called after ``async_save``/``save`` has validated its args. A handler
-        of one item returns its ``typestr()`` (the default); a handler of
-        several named items returns ``{item: typestr}``, as the composite does.
+        Called on the caller's thread right after ``async_save`` returned (an
+        :class:`AsyncCheckpointHandler`, which has validated its args by then),
+        or right after the coroutine ``save(...)`` was created but before any of
+        it ran (a plain :class:`CheckpointHandler`: the answer cannot depend on
+        that save's body). On a process that takes no part in the save it is
+        called without a save, and its answer is unused. A handler of one item
+        returns its ``typestr()`` (the default); a handler of several named
+        items returns ``{item: typestr}``, as the composite does.
         """
         return self.typestr()
 

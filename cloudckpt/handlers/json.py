@@ -11,6 +11,7 @@ from cloudckpt.format.json_item import (
     read_json_item,
     write_json_item,
 )
+from cloudckpt.format.step import JSON_TYPESTR
 from cloudckpt.handlers.args import CheckpointArgs
 from cloudckpt.handlers.base import AsyncCheckpointHandler
 from cloudckpt.handlers.registry import register_with_handler
@@ -23,7 +24,7 @@ class JsonCheckpointHandler(AsyncCheckpointHandler):
     Every process validates the object; the primary process alone writes it.
     """
 
-    TYPESTR = "cloudckpt.handlers.json.JsonCheckpointHandler"  # on disk: never change
+    TYPESTR = JSON_TYPESTR  # on disk: never change
 
     def __init__(self) -> None:
         self._writes = True

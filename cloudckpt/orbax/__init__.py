@@ -32,18 +32,22 @@ from cloudckpt.orbax._layout import (
     is_orbax_tmp_name,
     steps_from_listing,
 )
+from cloudckpt.orbax._pytree import OrbaxTree, open_tree
 from cloudckpt.storage.path import StoragePath
 
 __all__ = [
     "COMMIT_FILE",
+    "JSON_ITEM_FILE",
     "ListingTap",
     "OrbaxItem",
     "OrbaxStep",
+    "OrbaxTree",
     "UnsupportedOrbaxLayoutError",
     "delete_step",
     "is_orbax_tmp_name",
     "item_metadata",
     "list_steps",
+    "open_tree",
     "probe",
     "restore_item",
     "restore_step",

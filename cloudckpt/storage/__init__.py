@@ -50,9 +50,11 @@ def register_backend(
     """Makes ``scheme://`` URLs resolve to a backend class.
 
     Args:
-        scheme: The URL scheme, lower case (``"az"`` for ``az://container/prefix``).
+        scheme: The URL scheme (``"az"`` for ``az://container/prefix``): letters,
+            digits and ``-``, matched case-insensitively like URLs' schemes.
             Registering a scheme again replaces the earlier entry, so a package
-            may override a built-in backend on purpose.
+            may override a built-in backend on purpose; backends already made
+            (held in a :class:`BackendCache`) keep serving their owners.
         cls_or_import_path: A :class:`Backend` subclass, or ``"module:ClassName"``
             to import the first time the scheme is used (so that a missing
             client library costs nothing until then).
@@ -60,8 +62,17 @@ def register_backend(
             (``"pip install cloudckpt-azure"``).
 
     The class is constructed with the caller's ``storage_options`` as keyword
-    arguments, must set ``scheme`` to the registered one, and should pass
-    :class:`cloudckpt.testing.conformance.BackendTests`.
+    arguments, must set ``scheme`` to the registered one (nothing checks it:
+    its URLs would name another scheme), and should pass
+    :class:`cloudckpt.testing.conformance.BackendTests`. Process-wide and
+    thread-safe; register at import time, before any path of the scheme is
+    resolved.
+
+    Raises:
+        ValueError: ``scheme`` is not a valid scheme name, or it is ``gcs``
+            (an alias of ``gs``: register ``gs``), or the import path has no ``:``.
+        TypeError: ``cls_or_import_path`` is neither a Backend subclass nor a
+            string. A lazily imported class is checked when first used.
     """
     if not scheme or not scheme.isascii() or not scheme.replace("-", "").isalnum():
         raise ValueError(f"invalid scheme {scheme!r}: use letters, digits and '-', like 'az'")
@@ -76,6 +87,10 @@ def register_backend(
         raise ValueError(
             f"import path {cls_or_import_path!r} must be 'module:ClassName', "
             "e.g. 'mypackage.azure:AzureBackend'"
+        )
+    if scheme.lower() in _ALIASES:  # resolving the alias would never reach this entry
+        raise ValueError(
+            f"{scheme!r} is an alias of {_ALIASES[scheme.lower()]!r}; register that scheme"
         )
     with _registry_lock:
         _REGISTRY[scheme.lower()] = _Entry(cls_or_import_path, install_hint)
@@ -163,8 +178,10 @@ class BackendCache:
     lookup) per event loop. The cache is the owner's, never the process's:
     two checkpointers never share a backend or its retry statistics.
 
-    Thread-safe. The options must be hashable by their ``repr`` (strings,
-    numbers, booleans, a :class:`RetryPolicy` or :class:`Deadlines`).
+    Thread-safe. Backends are told apart by scheme and the ``repr`` of the
+    sorted options, so option values need a ``repr`` that says what they are
+    (strings, numbers, booleans, a :class:`RetryPolicy` or :class:`Deadlines`). After :meth:`aclose`
+    the cache and its backends stay usable: a later request opens new clients.
     """
 
     def __init__(self) -> None:

@@ -292,9 +292,10 @@ class Backend(abc.ABC):
         Reads bucket-level settings, which need permissions a training identity
         usually lacks (S3 ``s3:GetLifecycleConfiguration``,
         ``s3:GetBucketVersioning``, ``s3:GetBucketLocation``; GCS
-        ``storage.buckets.get``): a refused read lands in
-        :attr:`BucketSettings.errors`, never raises. One attempt per setting,
-        no retries: this is a diagnostic.
+        ``storage.buckets.get``): a read that fails (refused, or any other
+        error) lands in :attr:`BucketSettings.errors` and never raises. One
+        attempt per setting, no retries: this is a diagnostic. The default
+        (backends without buckets: file, memory) returns None without I/O.
         """
         return None
 

@@ -126,7 +126,20 @@ async def _collect(store: StoreUnderTest, prefix: str) -> dict[str, int]:
 
 
 class BackendTests:
-    """Tests every backend must pass. Subclasses provide the ``store`` fixture."""
+    """Tests every backend must pass; a subclass supplies ``store`` and ``kvstore_driver``.
+
+    * ``store``: a pytest fixture returning a :class:`StoreUnderTest` whose
+      ``root`` is fresh and empty for each test (the tests write under it and
+      leave what they wrote).
+    * ``kvstore_driver``: the tensorstore driver ``kvstore_spec`` names.
+    * ``atomic_rename``: True only for a backend that renames directories
+      atomically; the suite then expects the atomic-rename strategy.
+    * ``large_object_bytes``: lower it for a store with a small object limit.
+
+    Each test runs the backend's coroutines on ``loop`` (one
+    :class:`~cloudckpt.engine.loop.LoopThread` per test class) and afterwards
+    closes the backend's clients on it (``Backend.aclose``).
+    """
 
     #: Whether the backend renames directories atomically (only a file system does).
     atomic_rename: ClassVar[bool] = False

@@ -29,14 +29,17 @@ from cloudckpt.format.pytree import (
     ZarrStorage,
     read_pytree,
 )
-from cloudckpt.format.step import StepMetadata, read_step_metadata, validate_item_name
-from cloudckpt.handlers.json import JsonCheckpointHandler
-from cloudckpt.handlers.pytree import StandardCheckpointHandler, keys
+from cloudckpt.format.step import (
+    JSON_TYPESTR,
+    PYTREE_TYPESTR,
+    StepMetadata,
+    read_step_metadata,
+    validate_item_name,
+)
+from cloudckpt.handlers.pytree import keys
 from cloudckpt.handlers.pytree.budget import ByteBudget
 from cloudckpt.storage.path import StoragePath
 
-PYTREE_TYPESTR = StandardCheckpointHandler.typestr()
-JSON_TYPESTR = JsonCheckpointHandler.typestr()
 #: Bytes read or copied at once (objects are at most a few hundred MiB each).
 INFLIGHT_BYTES = 512 << 20
 #: Requests in flight at once.
@@ -205,6 +208,15 @@ def _claim_json(claim: atomicity.Claim | None) -> dict[str, Any] | None:
         "grace_s": claim.grace_s,
         "live": not claim.is_stale(),
     }
+
+
+async def is_committed_step(location: StoragePath) -> bool:
+    """Whether ``location`` holds a commit marker of its own: a step, not a root of steps.
+
+    ``cloudckpt ls`` asks when it finds no steps under ``location``, to point at
+    ``inspect``. One existence check; an Orbax step (no marker) answers False.
+    """
+    return await location.backend.exists((location / MARKER_NAME).path)
 
 
 async def list_steps(root: StoragePath, *, read_claims: bool) -> list[StepSummary]:
@@ -392,9 +404,9 @@ async def describe_step(step: StoragePath) -> dict[str, Any]:
     """What ``cloudckpt inspect`` shows, as JSON-able data; reads no array data."""
     objects, found = await committed_or_orbax(step)
     if found is not None:  # Orbax hook: a step Orbax wrote has no cloudckpt marker
-        from cloudckpt.orbax import _tools
+        from cloudckpt.tools import orbax as orbax_tools
 
-        return await _tools.describe(step, found, objects)
+        return await orbax_tools.describe(step, found, objects)
     metadata = await read_step_metadata(step)
     out: dict[str, Any] = {
         "url": step.url,

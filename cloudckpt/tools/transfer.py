@@ -51,6 +51,26 @@ class CopyReport:
         }
 
 
+def destination_url(src: str, dst: str) -> str:
+    """Where ``cp SRC DST`` copies to: ``DST``, or ``DST`` + SRC's step name if it ends in "/".
+
+    Like cp(1) into a directory. Pure string work on the URLs as given, no I/O.
+
+    Raises:
+        ValueError: ``DST`` is a directory and ``SRC``'s last path segment is not a
+            step name (empty, ``.`` or ``..``).
+    """
+    if dst.endswith("/"):
+        name = src.rstrip("/").rsplit("/", 1)[-1]
+        if name in ("", ".", ".."):
+            raise ValueError(
+                f"cannot copy {src} into the directory {dst}: its last path segment {name!r} "
+                "is not a step name; give the destination step in full"
+            )
+        return dst + name
+    return dst
+
+
 async def copy_step(
     src: StoragePath,
     dst: StoragePath,
@@ -81,12 +101,12 @@ async def copy_step(
         objects = await require_committed(src)
     except ValueError:  # Orbax hook: an Orbax step is converted, not copied
         from cloudckpt import orbax
-        from cloudckpt.orbax import _tools
+        from cloudckpt.tools import orbax as orbax_tools
 
         found = await orbax.probe(src)
         if found is None:
             raise
-        return await _tools.convert_step(
+        return await orbax_tools.convert_step(
             src, found, dst, force=force, verify_copy=verify, progress=progress
         )
     todo = {rel: info for rel, info in objects.items() if rel not in (MARKER_NAME, CLAIM_NAME)}
@@ -127,7 +147,7 @@ async def copy_step(
                 )
         await tmp.finalize()
     except BaseException:
-        await _remove_attempt(backend, tmp)
+        await remove_attempt(backend, tmp)
         raise
     if not await atomicity.is_committed(backend, dst.path):
         raise RuntimeError(f"the copy at {dst} was finalized but is not committed; report this")
@@ -232,7 +252,7 @@ def _check_listing(
         )
 
 
-async def _remove_attempt(backend: Any, tmp: atomicity.TemporaryPath) -> None:
+async def remove_attempt(backend: Any, tmp: atomicity.TemporaryPath) -> None:
     """Best effort: revoke and delete this copy's attempt (never a committed one)."""
     try:
         if await tmp.abort():

@@ -306,7 +306,7 @@ class _Verifier:
             try:
                 await self.limiter.run(nbytes, lambda: store[region].read())
             except Exception as exc:  # tensorstore raises ValueError with a status text
-                self.problem(_classify_tensorstore_error(exc), chunk_rel, _first_line(exc))
+                self.problem(classify_tensorstore_error(exc), chunk_rel, _first_line(exc))
                 return
             finally:
                 self.seen(chunk_rel)
@@ -321,7 +321,7 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def _classify_tensorstore_error(exc: BaseException) -> str:
+def classify_tensorstore_error(exc: BaseException) -> str:
     text = str(exc)
     if "DATA_LOSS" in text or "digest mismatch" in text.lower() or "checksum" in text.lower():
         return "corrupt"
@@ -363,7 +363,7 @@ async def verify_step(
     """Verifies the committed checkpoint at ``step`` (see the module docstring)."""
     objects, found = await committed_or_orbax(step)
     if found is not None:  # Orbax hook: what can be checked of a step Orbax wrote
-        from cloudckpt.orbax import _tools
+        from cloudckpt.tools import orbax as orbax_tools
 
-        return await _tools.verify(step, found, objects, progress=progress)
+        return await orbax_tools.verify(step, found, objects, progress=progress)
     return await verify_contents(step, committed=True, progress=progress, objects=objects)

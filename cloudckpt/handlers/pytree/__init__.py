@@ -24,6 +24,7 @@ from typing import Any
 from cloudckpt.format import backing as _backing
 from cloudckpt.format import pytree as _document
 from cloudckpt.format.pytree import METADATA_NAME, PytreeDocument
+from cloudckpt.format.step import PYTREE_TYPESTR
 from cloudckpt.handlers.args import CheckpointArgs
 from cloudckpt.handlers.base import AsyncCheckpointHandler
 from cloudckpt.handlers.pytree.budget import ByteBudget
@@ -76,7 +77,7 @@ class StandardCheckpointHandler(AsyncCheckpointHandler):
             Either way the checkpoint reads back on any topology.
     """
 
-    TYPESTR = "cloudckpt.handlers.pytree.StandardCheckpointHandler"  # on disk: never change
+    TYPESTR = PYTREE_TYPESTR  # on disk: never change
 
     def __init__(
         self,

@@ -20,23 +20,24 @@ from cloudckpt.format.step import write_step_metadata
 from cloudckpt.handlers.json import JsonCheckpointHandler, JsonSave
 from cloudckpt.handlers.pytree import StandardCheckpointHandler, StandardSave
 from cloudckpt.orbax import (
+    JSON_ITEM_FILE,
     OrbaxStep,
-    _pytree,
+    OrbaxTree,
     item_metadata,
     list_steps,
+    open_tree,
     probe,
     require_committed,
     restore_item,
     step_metadata,
 )
-from cloudckpt.orbax._layout import JSON_ITEM_FILE
 from cloudckpt.storage.path import StoragePath
 from cloudckpt.tools.inspect import ProgressFactory, list_objects, no_progress, step_sort_key
-from cloudckpt.tools.transfer import CopyReport, _remove_attempt, clear_destination, refuse_symlinks
+from cloudckpt.tools.transfer import CopyReport, clear_destination, refuse_symlinks, remove_attempt
 from cloudckpt.tools.verify import (
     Problem,
     VerifyReport,
-    _classify_tensorstore_error,
+    classify_tensorstore_error,
     verify_contents,
 )
 
@@ -45,7 +46,7 @@ def _where(step: StoragePath, name: str) -> StoragePath:
     return step / name if name else step
 
 
-def _leaf_rows(tree: _pytree.OrbaxTree) -> list[dict[str, Any]]:
+def _leaf_rows(tree: OrbaxTree) -> list[dict[str, Any]]:
     engine = ("OCDBT, " if tree.use_ocdbt else "") + ("zarr v3" if tree.use_zarr3 else "zarr v2")
     rows = []
     for leaf in tree.leaves:
@@ -104,7 +105,7 @@ async def describe(
             "stored_bytes": sum(o.size for rel, o in objects.items() if rel.startswith(prefix)),
         }
         if item.kind == "pytree":
-            tree, _ = await _pytree.open_tree(_where(step, item.name), 1 << 20)
+            tree, _ = await open_tree(_where(step, item.name), 1 << 20)
             entry["leaves"] = _leaf_rows(tree)
             entry["nbytes"] = sum(leaf["nbytes"] for leaf in entry["leaves"])
         elif item.kind == "json":
@@ -153,11 +154,11 @@ async def verify(
                     )
                 continue
             try:
-                tree, reader = await _pytree.open_tree(where, 256 << 20)
+                tree, reader = await open_tree(where, 256 << 20)
             except Exception as exc:
                 report.problems.append(
                     Problem(
-                        _classify_tensorstore_error(exc),
+                        classify_tensorstore_error(exc),
                         where.url,
                         str(exc).splitlines()[0],
                     )
@@ -167,7 +168,7 @@ async def verify(
 
             async def read(
                 i: int,
-                tree: _pytree.OrbaxTree = tree,
+                tree: OrbaxTree = tree,
                 reader: Any = reader,
                 where: StoragePath = where,
             ) -> None:
@@ -177,7 +178,7 @@ async def verify(
                     report.objects_read += 1  # one array (all its chunks) read and decoded
                 except Exception as exc:
                     text = str(exc)
-                    kind = _classify_tensorstore_error(exc)
+                    kind = classify_tensorstore_error(exc)
                     if "missing data" in text:
                         kind = "missing"
                     elif kind == "unreadable" and isinstance(exc, CorruptCheckpointError):
@@ -278,7 +279,7 @@ async def convert_step(
         report.n_objects, report.nbytes = len(copied), sum(o.size for o in copied.values())
         await tmp.finalize()
     except BaseException:
-        await _remove_attempt(backend, tmp)
+        await remove_attempt(backend, tmp)
         raise
     finally:
         bar.close()
