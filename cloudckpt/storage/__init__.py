@@ -180,8 +180,9 @@ class BackendCache:
 
     Thread-safe. Backends are told apart by scheme and the ``repr`` of the
     sorted options, so option values need a ``repr`` that says what they are
-    (strings, numbers, booleans, a :class:`RetryPolicy` or :class:`Deadlines`). After :meth:`aclose`
-    the cache and its backends stay usable: a later request opens new clients.
+    (strings, numbers, booleans, a :class:`RetryPolicy` or :class:`Deadlines`).
+    After :meth:`aclose` the cache and its backends stay usable: a later
+    request opens new clients.
     """
 
     def __init__(self) -> None:
