@@ -35,7 +35,6 @@ from atomicity.paths import (
     judge,
     read_versioned_claim,
 )
-from atomicity.store import ObjectInfo, Store, Versioned, join
 from atomicity.types import (
     ATTEMPT_TAG,
     CLAIM_NAME,
@@ -48,6 +47,7 @@ from atomicity.types import (
     is_temporary_name,
     marker_attempt,
 )
+from atomicity.store import ChildLister, ObjectInfo, Store, Versioned, join
 
 __all__ = [
     "ATTEMPT_TAG",
@@ -61,6 +61,7 @@ __all__ = [
     "WRITING",
     "AtomicRenamePath",
     "ChildInfo",
+    "ChildLister",
     "Claim",
     "ClaimLostError",
     "CommitMarkerPath",
