@@ -35,6 +35,7 @@ from atomicity.paths import (
     judge,
     read_versioned_claim,
 )
+from atomicity.store import ChildLister, ObjectInfo, Store, Versioned, join
 from atomicity.types import (
     ATTEMPT_TAG,
     CLAIM_NAME,
@@ -47,7 +48,6 @@ from atomicity.types import (
     is_temporary_name,
     marker_attempt,
 )
-from atomicity.store import ChildLister, ObjectInfo, Store, Versioned, join
 
 __all__ = [
     "ATTEMPT_TAG",
