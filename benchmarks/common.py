@@ -44,6 +44,8 @@ class Config:
     memory_reps: int = 1
     mp_size_mib: float = 192.0
     mp_reps: int = 3
+    listing_steps: int = 5
+    listing_objects: int = 10000
     scenarios: list[str] = field(default_factory=list)
     workdir: str = ""
     quick: bool = False
