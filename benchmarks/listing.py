@@ -12,7 +12,7 @@ counts the requests each way of discovering the steps makes:
   listing, so discovery falls back to one recursive listing of the root:
   exactly what it did before issue 14.
 
-Counted on S3 and GCS by a :class:`~cloudckpt._cloudproxy.CloudProxy` in
+Counted on S3 and GCS by a :class:`~cloudckpt.testing.cloudproxy.CloudProxy` in
 front of the server (every HTTP request; listing pages at the server's own
 size, 1,000 keys as on the clouds), on the file system as backend calls
 plus directory reads (``os.scandir``/``os.listdir`` audit events).
@@ -31,8 +31,8 @@ from typing import Any
 import atomicity
 import cloudckpt as cc
 from benchmarks.common import Context, scenario
-from cloudckpt import _inspect
-from cloudckpt.path import StoragePath
+from cloudckpt.storage.path import StoragePath
+from cloudckpt.tools import inspect as _inspect
 
 _DIRECTORY_READS = [0]
 _HOOKED: list[bool] = []
@@ -109,7 +109,7 @@ def _counter(
             return lambda: backend.stats.total_calls() + _DIRECTORY_READS[0]
 
         return nullcontext(), file_count, {}
-    from cloudckpt._cloudproxy import CloudProxy
+    from cloudckpt.testing.cloudproxy import CloudProxy
 
     server = ctx.servers.s3 if name == "s3" else ctx.servers.gcs
     proxy = CloudProxy(server.endpoint, flavor=name)

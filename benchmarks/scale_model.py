@@ -40,8 +40,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import Context, scenario
-from cloudckpt.handlers.pytree import StandardCheckpointHandler
-from cloudckpt.handlers.pytree import _layout as layout
+from cloudckpt.handlers.pytree import StandardCheckpointHandler, layout
 
 GCS_WRITES_PER_S = 1000
 GCS_READS_PER_S = 5000

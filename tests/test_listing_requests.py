@@ -7,7 +7,7 @@ check each child's ``_COMMITTED`` (and ``_CLAIM``) by exact key. The tests
 count the requests these make on a root of committed steps (plus one live
 uncommitted save), then add objects under every step and count again: the
 counts must not change. On S3 and GCS every HTTP request is counted by a
-:class:`~cloudckpt._cloudproxy.CloudProxy` in front of the real server, which
+:class:`~cloudckpt.testing.cloudproxy.CloudProxy` in front of the real server, which
 also cuts listings into pages of two (as the clouds cut them at 1,000), so
 the delimiter listing must follow its continuation tokens. On the file
 system a request is a backend call or a directory read (``os.scandir`` and
@@ -28,13 +28,13 @@ import pytest
 
 import atomicity
 import cloudckpt as cc
-from cloudckpt import _inspect
-from cloudckpt._cloudproxy import CloudProxy
-from cloudckpt._loop import LoopThread
-from cloudckpt._servers import LocalServers
-from cloudckpt.backends import get_backend
-from cloudckpt.backends.base import Backend
-from cloudckpt.path import StoragePath
+from cloudckpt.engine.loop import LoopThread
+from cloudckpt.storage import get_backend
+from cloudckpt.storage.base import Backend
+from cloudckpt.storage.path import StoragePath
+from cloudckpt.testing.cloudproxy import CloudProxy
+from cloudckpt.testing.servers import LocalServers
+from cloudckpt.tools import inspect as _inspect
 
 from .backend_harness import FAST_RETRY
 from .helpers import BUCKET, unique

@@ -26,7 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import cloudckpt as cc
 from benchmarks import scale_model as sm
-from cloudckpt.handlers.pytree import _layout as layout
+from cloudckpt.handlers.pytree import layout
 
 SPECS = [
     ("data", "model"),
