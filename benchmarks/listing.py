@@ -13,8 +13,8 @@ counts the requests each way of discovering the steps makes:
   exactly what it did before issue 14.
 
 Counted on S3 and GCS by a :class:`~cloudckpt.testing.cloudproxy.CloudProxy` in
-front of the server (every HTTP request; listing pages at the server's own
-size, 1,000 keys as on the clouds), on the file system as backend calls
+front of the server (every HTTP request; listing pages cut at 1,000 keys
+as on the clouds), on the file system as backend calls
 plus directory reads (``os.scandir``/``os.listdir`` audit events).
 """
 
@@ -112,7 +112,8 @@ def _counter(
     from cloudckpt.testing.cloudproxy import CloudProxy
 
     server = ctx.servers.s3 if name == "s3" else ctx.servers.gcs
-    proxy = CloudProxy(server.endpoint, flavor=name)
+    # Pages of 1,000 keys, as S3 and GCS cut them (fake-gcs-server answers in one page).
+    proxy = CloudProxy(server.endpoint, flavor=name, page_size=1000)
     return proxy, (lambda _backend: lambda: proxy.stats.requests), {"endpoint_url": proxy.endpoint}
 
 
