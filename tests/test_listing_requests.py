@@ -29,7 +29,7 @@ import pytest
 import atomicity
 import cloudckpt as cc
 from cloudckpt.engine.loop import LoopThread
-from cloudckpt.storage import get_backend
+from cloudckpt.storage import get_backend, split_url
 from cloudckpt.storage.base import Backend
 from cloudckpt.storage.path import StoragePath
 from cloudckpt.testing.cloudproxy import CloudProxy
@@ -138,13 +138,17 @@ def test_discovering_steps_costs_the_same_however_many_objects_they_hold(
     kind: str, request: pytest.FixtureRequest, tmp_path: Path, loop: LoopThread
 ) -> None:
     servers = request.getfixturevalue("servers") if kind != "file" else None
-    with _counted(kind, servers, tmp_path) as (url, options, backend, count):
+    with _counted(kind, servers, tmp_path) as (url, _options, backend, count):
         opts = cc.CheckpointManagerOptions(cleanup_uncommitted_on_start=False)
-        manager = cc.CheckpointManager(url, options=opts, storage_options=options)
-        try:
+        # Saved straight to the server (tensorstore, which writes them, knows no proxy) ...
+        with cc.CheckpointManager(url, options=opts) as writer:
             for step in STEPS:
-                manager.save(step, args=cc.args.Composite(meta=cc.args.JsonSave({"s": step})))
-            manager.wait_until_finished()
+                writer.save(step, args=cc.args.Composite(meta=cc.args.JsonSave({"s": step})))
+            writer.wait_until_finished()
+        # ... and discovered through the counted backend.
+        _, path = split_url(url)
+        manager = cc.CheckpointManager(StoragePath(backend, path), options=opts)
+        try:
             root = manager.directory
             # A save in flight: its claim is this live process's.
             # On POSIX an attempt writes under its temporary name.
