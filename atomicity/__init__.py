@@ -35,7 +35,7 @@ from atomicity.paths import (
     judge,
     read_versioned_claim,
 )
-from atomicity.store import ObjectInfo, Store, Versioned, join
+from atomicity.store import ChildLister, ObjectInfo, Store, Versioned, join
 from atomicity.types import (
     ATTEMPT_TAG,
     CLAIM_NAME,
@@ -61,6 +61,7 @@ __all__ = [
     "WRITING",
     "AtomicRenamePath",
     "ChildInfo",
+    "ChildLister",
     "Claim",
     "ClaimLostError",
     "CommitMarkerPath",

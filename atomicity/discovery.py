@@ -1,7 +1,12 @@
 """Finding committed and uncommitted checkpoints under a root, and cleaning up.
 
-Everything here works from one recursive listing of the root, never one
-request per child: a child ``<root>/<name>`` is
+Discovery costs requests that grow with the children of a root, never with
+the objects under them: one delimiter listing of the root's children (where
+the store offers it: :class:`~atomicity.store.ChildLister`), then exact-key
+existence checks of ``_COMMITTED`` (and, for children without it,
+``_CLAIM``), a bounded number in flight at once. Sizes need every object and
+are read only when asked for (``sizes=True``: one recursive listing of the
+root), as on stores without a delimiter listing. A child ``<root>/<name>`` is
 
 * committed when ``<name>/_COMMITTED`` exists and ``<name>`` is not a
   temporary (``.cloudckpt-tmp-``) name;
@@ -17,6 +22,7 @@ and deletes only once that succeeded. See docs/FORMAT.md ("Clean-up").
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from dataclasses import dataclass, field
@@ -33,9 +39,12 @@ from atomicity.paths import (
     read_versioned_claim,
     revoke_by_rename,
 )
-from atomicity.store import Store, Versioned, join
+from atomicity.store import ChildLister, Store, Versioned, join
 
 logger = logging.getLogger(__name__)
+
+#: Existence checks in flight at once while scanning a root (one or two per child).
+CHECKS_IN_FLIGHT = 32
 
 
 @dataclass
@@ -46,18 +55,20 @@ class ChildInfo:
         name: The child's name (last path component).
         path: Its full path.
         committed: Whether it is a committed checkpoint.
-        has_claim: Whether it carries a ``_CLAIM`` object.
-        n_objects: Objects under it.
-        nbytes: Total bytes under it.
-        mtime: Newest modification time seen under it (store clock), if known.
+        has_claim: Whether it carries a ``_CLAIM`` object (not checked, and
+            False, for a committed child found without a recursive listing).
+        n_objects: Objects under it; None unless the scan listed its objects.
+        nbytes: Total bytes under it; None unless the scan listed its objects.
+        mtime: Newest modification time seen under it (store clock), if the
+            scan listed its objects and the store reports times.
     """
 
     name: str
     path: str
     committed: bool = False
     has_claim: bool = False
-    n_objects: int = 0
-    nbytes: int = 0
+    n_objects: int | None = None
+    nbytes: int | None = None
     mtime: float | None = None
     _has_marker: bool = field(default=False, repr=False)
 
@@ -66,9 +77,22 @@ class ChildInfo:
         return self._has_marker or self.has_claim or is_temporary_name(self.name)
 
 
-async def scan(store: Store, root: str) -> list[ChildInfo]:
-    """Lists the checkpoint-like children of ``root`` from one listing, sorted by name."""
+async def scan(
+    store: Store, root: str, *, sizes: bool = False, keep_foreign: bool = False
+) -> list[ChildInfo]:
+    """The checkpoint-like children of ``root``, sorted by name.
+
+    Without ``sizes``, on a :class:`ChildLister` store: one delimiter listing
+    plus one or two exact-key existence checks per child, however many
+    objects each holds; ``n_objects``/``nbytes``/``mtime`` are None. With
+    ``sizes``, or on a store without a delimiter listing: one recursive
+    listing of the root, which fills them in. ``keep_foreign`` also returns
+    children that are not cloudckpt's (``ours`` is False), for callers that
+    recognise other writers' steps (Orbax).
+    """
     root = root.rstrip("/")
+    if not sizes and isinstance(store, ChildLister):
+        return await _scan_children(store, root, keep_foreign=keep_foreign)
     children: dict[str, ChildInfo] = {}
     prefix_len = len(root) + 1
     async for info in store.list_prefix(root):
@@ -82,9 +106,11 @@ async def scan(store: Store, root: str) -> list[ChildInfo]:
             continue
         child = children.get(name)
         if child is None:
-            child = children[name] = ChildInfo(name=name, path=join(root, name))
-        child.n_objects += 1
-        child.nbytes += info.size
+            child = children[name] = ChildInfo(
+                name=name, path=join(root, name), n_objects=0, nbytes=0
+            )
+        child.n_objects = (child.n_objects or 0) + 1
+        child.nbytes = (child.nbytes or 0) + info.size
         if info.mtime is not None:
             child.mtime = info.mtime if child.mtime is None else max(child.mtime, info.mtime)
         if rest == MARKER_NAME:
@@ -94,9 +120,30 @@ async def scan(store: Store, root: str) -> list[ChildInfo]:
     out = []
     for child in children.values():
         child.committed = child._has_marker and not is_temporary_name(child.name)
-        if child.ours:
+        if child.ours or keep_foreign:
             out.append(child)
     return sorted(out, key=lambda c: c.name)
+
+
+async def _scan_children(store: Store, root: str, *, keep_foreign: bool) -> list[ChildInfo]:
+    """``scan`` from a delimiter listing and exact-key checks (see ``scan``)."""
+    assert isinstance(store, ChildLister)
+    names = await store.list_children(root)
+    limit = asyncio.Semaphore(CHECKS_IN_FLIGHT)
+
+    async def check(name: str) -> ChildInfo:
+        child = ChildInfo(name=name, path=join(root, name))
+        async with limit:
+            # A temporary name is never committed, whatever it holds: no request.
+            if not is_temporary_name(name):
+                child._has_marker = await store.exists(join(child.path, MARKER_NAME))
+            if not child._has_marker:
+                child.has_claim = await store.exists(join(child.path, CLAIM_NAME))
+        child.committed = child._has_marker and not is_temporary_name(name)
+        return child
+
+    found = await asyncio.gather(*(check(n) for n in names if n not in ("", ".", "..")))
+    return sorted((c for c in found if c.ours or keep_foreign), key=lambda c: c.name)
 
 
 async def is_committed(store: Store, path: str) -> bool:
@@ -105,12 +152,14 @@ async def is_committed(store: Store, path: str) -> bool:
     return not is_temporary_name(name) and await store.exists(join(path, MARKER_NAME))
 
 
-async def list_committed(store: Store, root: str) -> list[ChildInfo]:
-    return [c for c in await scan(store, root) if c.committed]
+async def list_committed(store: Store, root: str, *, sizes: bool = False) -> list[ChildInfo]:
+    """Committed children of ``root`` (see ``scan`` for what it costs)."""
+    return [c for c in await scan(store, root, sizes=sizes) if c.committed]
 
 
-async def list_uncommitted(store: Store, root: str) -> list[ChildInfo]:
-    return [c for c in await scan(store, root) if not c.committed]
+async def list_uncommitted(store: Store, root: str, *, sizes: bool = False) -> list[ChildInfo]:
+    """Uncommitted children of ``root``: claimed or temporarily named (see ``scan``)."""
+    return [c for c in await scan(store, root, sizes=sizes) if not c.committed]
 
 
 async def read_claim(store: Store, path: str) -> Claim | None:

@@ -105,6 +105,20 @@ class Store(Protocol):
     async def rename(self, src: str, dst: str) -> None: ...
 
 
+@runtime_checkable
+class ChildLister(Protocol):
+    """A store that lists a directory's children without listing what is under them.
+
+    Contract: ``list_children(prefix)`` returns the names of the immediate
+    sub-directories of ``prefix`` (those holding at least one object), from a
+    delimiter listing whose cost grows with the children, not with their
+    objects. ``prefix`` is matched literally; a name is never empty, ``.``
+    or ``..`` and never holds a ``/``.
+    """
+
+    async def list_children(self, prefix: str) -> list[str]: ...
+
+
 def join(*parts: str) -> str:
     """Joins path parts with single slashes (no normalisation beyond that)."""
     out = parts[0].rstrip("/")

@@ -46,6 +46,8 @@ class Config:
     mp_reps: int = 3
     straggler_size_mib: float = 64.0
     straggler_floors_s: list[float] = field(default_factory=lambda: [2.0, 20.0])
+    listing_steps: int = 5
+    listing_objects: int = 10000
     scenarios: list[str] = field(default_factory=list)
     workdir: str = ""
     quick: bool = False

@@ -33,10 +33,12 @@ jax.config.update("jax_platforms", "cpu")
 
 from benchmarks import (  # noqa: E402  (registers the scenarios)
     blocking,
+    listing,
     memory,
     multiprocess,
     phases,
     report,
+    scale_model,
     scaling,
     stragglers,
     throughput,
@@ -46,7 +48,17 @@ from benchmarks.ops import point_orbax_at_gcs  # noqa: E402
 from benchmarks.targets import BUCKET, make_targets  # noqa: E402
 from benchmarks.tree import make_mesh  # noqa: E402
 
-_ = (blocking, memory, multiprocess, phases, scaling, stragglers, throughput)
+_ = (
+    blocking,
+    listing,
+    memory,
+    multiprocess,
+    phases,
+    scale_model,
+    scaling,
+    stragglers,
+    throughput,
+)
 SCENARIOS = scenarios()
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -101,6 +113,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
         help=f"repetitions of the 2-process vs 1-process scenario (default {defaults.mp_reps})",
     )
     p.add_argument(
+        "--listing-objects",
+        type=int,
+        help=f"objects per step of the listing scenario (default {defaults.listing_objects})",
+    )
+    p.add_argument(
         "--scenarios", help=f"comma-separated subset of {','.join(SCENARIOS)} (default all)"
     )
     p.add_argument("--workdir", help="where file-backend checkpoints go (default: a temp dir)")
@@ -122,6 +139,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
             mp_reps=1,
             straggler_size_mib=8,
             straggler_floors_s=[2.0],
+            listing_objects=1000,
             quick=True,
         )
     if args.size_mib is not None:
@@ -151,6 +169,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
         cfg.mp_size_mib = args.mp_size_mib
     if args.mp_reps is not None:
         cfg.mp_reps = args.mp_reps
+    if args.listing_objects is not None:
+        cfg.listing_objects = args.listing_objects
     wanted = (
         [s.strip() for s in args.scenarios.split(",") if s.strip()]
         if args.scenarios

@@ -62,7 +62,7 @@ def _location(args: argparse.Namespace, url: str, **options: Any) -> StoragePath
 
 async def cmd_ls(args: argparse.Namespace, con: Console) -> None:
     root = _location(args, args.url)
-    rows = await _inspect.list_steps(root, read_claims=args.all)
+    rows = await _inspect.list_steps(root, read_claims=args.all, sizes=args.sizes)
     shown = rows if args.all else [r for r in rows if r.committed]
     if args.json:
         con.json([r.to_json() for r in shown])
@@ -74,7 +74,9 @@ async def cmd_ls(args: argparse.Namespace, con: Console) -> None:
             more = f"; {root} is itself a checkpoint: `cloudckpt inspect {root}` describes it"
         con.err(f"no committed checkpoints under {root}{more}")
         return
-    table = [["STEP", "STATUS", "TIME (UTC)", "SIZE", "OBJECTS", "ITEMS", "METRICS / CLAIM"]]
+    # Sizes need every object listed; without --sizes the listing is per step only.
+    sized = ["SIZE", "OBJECTS"] if args.sizes else []
+    table = [["STEP", "STATUS", "TIME (UTC)", *sized, "ITEMS", "METRICS / CLAIM"]]
     for r in shown:
         if r.format == "orbax":  # Orbax hook: read-only steps another library wrote
             status = "orbax" if r.committed else "UNCOMMITTED orbax"
@@ -89,8 +91,7 @@ async def cmd_ls(args: argparse.Namespace, con: Console) -> None:
                 r.name,
                 status,
                 when,
-                human_bytes(r.nbytes),
-                str(r.n_objects),
+                *([human_bytes(r.nbytes or 0), str(r.n_objects or 0)] if args.sizes else []),
                 ",".join(r.items) or "-",
                 details,
             ]
@@ -362,6 +363,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--all",
         action="store_true",
         help="also show uncommitted (crashed or in-progress) saves",
+    )
+    p.add_argument(
+        "-l",
+        "--sizes",
+        action="store_true",
+        help="also show each step's size and object count (lists every object: slower "
+        "on large roots)",
     )
 
     p = command(

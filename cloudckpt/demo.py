@@ -213,7 +213,7 @@ def _listing(url: str) -> list[str]:
 
     async def scan() -> list[str]:
         try:
-            children = await atomicity.scan(root.backend, root.path)
+            children = await atomicity.scan(root.backend, root.path, sizes=True)
         finally:
             await root.backend.aclose()
         return [

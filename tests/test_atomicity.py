@@ -224,7 +224,12 @@ class TestDiscovery:
         committed = [c.name for c in children.values() if c.committed]
         assert committed == ["10"]
         assert "foreign" not in children
-        assert children["10"].n_objects == 3 and children["10"].nbytes > 2
+        # Sizes only from a recursive listing; the default scan lists per child.
+        assert children["10"].n_objects is None and children["10"].nbytes is None
+        sized = {c.name: c for c in loop.run(atomicity.scan(store.backend, store.root, sizes=True))}
+        assert sized.keys() == children.keys()
+        assert [sized[n].committed for n in sized] == [children[n].committed for n in sized]
+        assert sized["10"].n_objects == 3 and (sized["10"].nbytes or 0) > 2
         assert [c.path for c in loop.run(atomicity.list_committed(store.backend, store.root))] == [
             store.path("10")
         ]

@@ -197,8 +197,12 @@ def test_ls_lists_committed_steps_with_metrics(
         ("11", False),
     ]
     assert rows[2]["metrics"] == {"loss": 0.125} and rows[2]["items"] == ["meta", "state"]
-    assert rows[2]["n_objects"] == len(listing(store, loop, "10"))
-    assert rows[2]["nbytes"] == sum(listing(store, loop, "10").values())
+    assert rows[2]["n_objects"] is None and rows[2]["nbytes"] is None  # per step, not object
+    code, out, _ = cli("ls", "--json", "--all", "--sizes", store.url())
+    sized = json.loads(out)
+    assert [r["name"] for r in sized] == [r["name"] for r in rows]
+    assert sized[2]["n_objects"] == len(listing(store, loop, "10"))
+    assert sized[2]["nbytes"] == sum(listing(store, loop, "10").values())
     assert rows[3]["claim"]["live"] is True and rows[3]["claim"]["pid"] == os.getpid()
 
 

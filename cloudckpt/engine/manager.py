@@ -150,21 +150,27 @@ class CheckpointManager:
             }
 
     async def _scan(self) -> list[dict[str, Any]]:
-        """The committed steps under the root, from one listing (plus metrics, with best_fn)."""
-        # Orbax hook: the tap keeps the one listing so Orbax discovery need not list again.
+        """The committed steps under the root (plus metrics, with best_fn).
+
+        One delimiter listing and a marker check per child (atomicity.scan): the
+        cost grows with steps, not with their objects. Orbax hook: the tap keeps
+        any object listing so Orbax discovery need not list again.
+        """
         tap = orbax.ListingTap(self._root.backend)
-        children = await atomicity.list_committed(tap, self._root.path)
+        children = await atomicity.scan(tap, self._root.path, keep_foreign=True)
         steps = []
         for child in children:
             step = self._parse_step(child.name)
-            if step is not None:
-                steps.append(_Step(step, None, child.nbytes))
-        # Orbax hook: committed steps Orbax wrote under the same root, from the same listing.
+            if step is not None and child.committed:
+                steps.append(_Step(step, None, child.nbytes or 0))
+        # Orbax hook: committed steps Orbax wrote under the same root; only children
+        # named like steps that are not cloudckpt's are listed to recognise them.
         ours = {s.step for s in steps}
         atomic_rename = self._root.backend.supports_atomic_rename
         theirs: dict[int, Any] = {}  # step -> what the listing says of the Orbax step
-        for found in orbax.steps_from_listing(
-            self._root.path, tap.infos, atomic_rename=atomic_rename
+        foreign = [c.name for c in children if not c.ours and self._parse_step(c.name) is not None]
+        for found in await orbax.steps_among(
+            tap, self._root.path, foreign, atomic_rename=atomic_rename
         ):
             step = self._parse_step(found.name)
             if found.committed and step is not None and step not in ours:

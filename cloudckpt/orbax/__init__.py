@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 from cloudckpt.format.step import StepMetadata
@@ -52,6 +52,7 @@ __all__ = [
     "restore_item",
     "restore_step",
     "step_metadata",
+    "steps_among",
     "steps_from_listing",
 ]
 
@@ -77,6 +78,29 @@ class ListingTap:
         async for info in self._store.list_prefix(prefix):
             self.infos.append(info)
             yield info
+
+
+async def steps_among(
+    tap: ListingTap, root: str, names: Iterable[str], *, atomic_rename: bool
+) -> list[OrbaxStep]:
+    """Orbax steps among the children ``names`` of ``root`` that cloudckpt's scan left out.
+
+    After a recursive scan through ``tap`` its listing holds every object
+    already; after a delimiter scan it holds none, and only the children
+    named are listed (one listing each, a few at once). A root of cloudckpt
+    steps alone then costs no object listing at all.
+    """
+    names = list(names)
+    if names and not tap.infos:
+        limit = asyncio.Semaphore(16)
+
+        async def list_one(name: str) -> None:
+            async with limit:
+                async for _ in tap.list_prefix(f"{root.rstrip('/')}/{name}"):
+                    pass
+
+        await asyncio.gather(*(list_one(n) for n in names))
+    return steps_from_listing(root, tap.infos, atomic_rename=atomic_rename)
 
 
 async def _listing(location: StoragePath) -> list[Any]:

@@ -135,6 +135,16 @@ class FsspecObjectBackend(Backend):
         """
         raise NotImplementedError
 
+    async def _list_dirs_page(
+        self, bucket: str, key_prefix: str, token: str | None
+    ) -> tuple[list[str], str | None]:
+        """One page of a delimiter listing: the common prefixes (``<key_prefix><name>/``)
+        under ``key_prefix``, and the next page's token.
+
+        ``FileNotFoundError`` when the bucket does not exist.
+        """
+        raise NotImplementedError
+
     # ------------------------------------------------------------------ operations
     async def _get(self, path: str, byte_range: tuple[int, int] | None) -> bytes | None:
         fs = await self._fs()
@@ -221,6 +231,32 @@ class FsspecObjectBackend(Backend):
             seen_tokens.add(token)
         self._known_buckets.add(bucket)
         return found
+
+    async def _list_children(self, prefix: str) -> list[str]:
+        # One delimiter listing: a page per 1,000 children, however many objects
+        # each holds. Every page, as in ``_list``.
+        bucket, key = self._split(prefix)
+        key_prefix = key + "/" if key else ""
+        names: list[str] = []
+        token: str | None = None
+        seen_tokens: set[str] = set()
+        while True:
+            try:
+                page, token = await self._list_dirs_page(bucket, key_prefix, token)
+            except FileNotFoundError:
+                raise self._no_bucket(prefix) from None
+            names.extend(
+                common[len(key_prefix) : -1]
+                for common in page
+                if common.startswith(key_prefix) and common.endswith("/")
+            )
+            if token is None:
+                break
+            if token in seen_tokens:
+                raise OSError(f"listing {self.url(prefix)} returned the same page token twice")
+            seen_tokens.add(token)
+        self._known_buckets.add(bucket)
+        return names
 
     async def _delete_many(self, paths: list[str]) -> None:
         await self._delete_exact(paths)

@@ -254,6 +254,20 @@ class Backend(abc.ABC):
         for info in infos:
             yield info
 
+    async def list_children(self, prefix: str) -> list[str]:
+        """Names of the immediate sub-directories of the directory ``prefix``, sorted.
+
+        One delimiter listing (S3 ``Delimiter=/`` common prefixes, GCS
+        ``delimiter=/`` prefixes, one ``scandir`` on a file system), every
+        page followed: its cost grows with the number of children, not with
+        the objects under them. ``prefix`` is matched literally. A name is
+        never empty, ``.`` or ``..`` and never holds a ``/``, so joined back
+        onto ``prefix`` it addresses exactly that child.
+        """
+        prefix = prefix.rstrip("/")
+        names = await self._retrying("list", prefix, lambda: self._list_children(prefix))
+        return sorted(n for n in set(names) if n not in ("", ".", "..") and "/" not in n)
+
     async def delete(self, path: str) -> None:
         """Deletes an object; a missing object is not an error."""
         self._check_writable("delete", path)
@@ -413,6 +427,16 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     async def _list(self, prefix: str) -> list[ObjectInfo]: ...
+
+    async def _list_children(self, prefix: str) -> list[str]:
+        # Derived from a full listing where a store has nothing cheaper (memory:
+        # no requests to save). Object and file stores override it.
+        start = prefix + "/"
+        return [
+            info.path[len(start) :].split("/", 1)[0]
+            for info in await self._list(prefix)
+            if info.path.startswith(start) and "/" in info.path[len(start) :]
+        ]
 
     @abc.abstractmethod
     async def _delete_many(self, paths: list[str]) -> None: ...

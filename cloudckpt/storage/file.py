@@ -235,6 +235,31 @@ def _list(prefix: str) -> list[ObjectInfo]:
     return _walk(prefix)[0]
 
 
+def _children(prefix: str) -> list[str]:
+    """Non-empty real directories directly under ``prefix`` (links are not followed).
+
+    An empty directory holds no object, so an object store would list no
+    prefix for it: it is not a child here either. One ``scandir`` of
+    ``prefix`` and one per child (stopping at its first entry).
+    """
+    try:
+        entries = list(os.scandir(prefix))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    out = []
+    for entry in entries:
+        if not entry.is_dir(follow_symlinks=False):
+            continue
+        try:
+            with os.scandir(entry.path) as inside:
+                # A write in progress (a partial file not yet linked in) is not an object.
+                if any(not e.name.startswith(_PARTIAL) for e in inside):
+                    out.append(entry.name)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+    return out
+
+
 def _delete_many(paths: list[str]) -> None:
     for path in paths:
         try:
@@ -315,6 +340,9 @@ class FileBackend(Backend):
 
     async def _list(self, prefix: str) -> list[ObjectInfo]:
         return await asyncio.to_thread(_list, _checked(prefix))
+
+    async def _list_children(self, prefix: str) -> list[str]:
+        return await asyncio.to_thread(_children, _checked(prefix))
 
     async def _delete_many(self, paths: list[str]) -> None:
         await asyncio.to_thread(_delete_many, [_checked(p) for p in paths])

@@ -254,6 +254,22 @@ class GCSBackend(FsspecObjectBackend):
         ]
         return infos, page.get("nextPageToken") or None
 
+    async def _list_dirs_page(
+        self, bucket: str, key_prefix: str, token: str | None
+    ) -> tuple[list[str], str | None]:
+        fs = await self._fs()
+        page = await fs._call(
+            "GET",
+            "b/{}/o",
+            bucket,
+            json_out=True,
+            prefix=key_prefix,
+            delimiter="/",
+            pageToken=token,
+            fields="prefixes,nextPageToken",
+        )
+        return [str(p) for p in page.get("prefixes") or []], page.get("nextPageToken") or None
+
     async def _info(self, path: str) -> dict[str, Any] | None:
         # One objects.get; gcsfs's info would add a listing when the key is missing.
         fs = await self._fs()

@@ -222,6 +222,20 @@ class S3Backend(FsspecObjectBackend):
             raise OSError(f"S3 truncated a listing of s3://{bucket}/{key_prefix} without a token")
         return infos, next_token
 
+    async def _list_dirs_page(
+        self, bucket: str, key_prefix: str, token: str | None
+    ) -> tuple[list[str], str | None]:
+        fs = await self._fs()
+        kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": key_prefix, "Delimiter": "/"}
+        if token is not None:
+            kwargs["ContinuationToken"] = token
+        page = await fs._call_s3("list_objects_v2", **kwargs)
+        prefixes = [str(p["Prefix"]) for p in page.get("CommonPrefixes") or [] if "Prefix" in p]
+        next_token = page.get("NextContinuationToken") if page.get("IsTruncated") else None
+        if page.get("IsTruncated") and not next_token:
+            raise OSError(f"S3 truncated a listing of s3://{bucket}/{key_prefix} without a token")
+        return prefixes, next_token
+
     async def _create_object(self, fs: Any, path: str, data: bytes, token: str) -> None:
         try:
             await fs._pipe_file(path, data, mode="create", Metadata={CREATE_TOKEN_KEY: token})

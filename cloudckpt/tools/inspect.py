@@ -176,8 +176,8 @@ class StepSummary:
     name: str
     url: str
     committed: bool
-    nbytes: int
-    n_objects: int
+    nbytes: int | None  # None: not listed (``ls`` without ``--sizes``)
+    n_objects: int | None
     mtime: float | None
     commit_time: float | None = None
     items: list[str] = field(default_factory=list)
@@ -219,15 +219,23 @@ async def is_committed_step(location: StoragePath) -> bool:
     return await location.backend.exists((location / MARKER_NAME).path)
 
 
-async def list_steps(root: StoragePath, *, read_claims: bool) -> list[StepSummary]:
+async def list_steps(
+    root: StoragePath, *, read_claims: bool, sizes: bool = False
+) -> list[StepSummary]:
     """Committed and uncommitted steps under ``root``, in step order.
 
-    One listing of the root, then one small read per committed step (its
-    metrics) and, with ``read_claims``, one per uncommitted step (its claim).
+    One delimiter listing of the root and a marker check per child
+    (``atomicity.scan``), then one small read per committed step (its
+    metrics) and, with ``read_claims``, one per uncommitted step (its claim):
+    the cost grows with steps, not with objects. ``sizes`` lists every
+    object of the root instead, to report each step's size and object count.
+    Children that are not cloudckpt's are listed to recognise Orbax steps.
     """
     backend = root.backend
-    tap = orbax.ListingTap(backend)  # Orbax hook: Orbax steps come from the same listing
-    children = await atomicity.scan(tap, root.path)
+    tap = orbax.ListingTap(backend)  # Orbax hook: Orbax steps reuse any object listing
+    every = await atomicity.scan(tap, root.path, sizes=sizes, keep_foreign=True)
+    children = [c for c in every if c.ours]
+    foreign = [c.name for c in every if not c.ours]
     rows = [
         StepSummary(
             name=c.name,
@@ -257,13 +265,15 @@ async def list_steps(root: StoragePath, *, read_claims: bool) -> list[StepSummar
                 row.claim = _claim_json(await atomicity.read_claim(backend, child.path))
 
     await asyncio.gather(*(fill(r, c) for r, c in zip(rows, children, strict=True)))
-    rows += await _orbax_rows(root, tap.infos)  # Orbax hook
+    rows += await _orbax_rows(root, tap, foreign)  # Orbax hook
     return sorted(rows, key=lambda r: step_sort_key(r.name))
 
 
-async def _orbax_rows(root: StoragePath, infos: list[ObjectInfo]) -> list[StepSummary]:
-    """Steps Orbax wrote under ``root`` (from its listing), marked as such; one read each,
-    concurrently (as for cloudckpt's own steps)."""
+async def _orbax_rows(
+    root: StoragePath, tap: orbax.ListingTap, foreign: list[str]
+) -> list[StepSummary]:
+    """Steps Orbax wrote among the ``foreign`` children of ``root``, marked as such; one
+    read each, concurrently (as for cloudckpt's own steps)."""
     atomic_rename = root.backend.supports_atomic_rename
     limit = asyncio.Semaphore(16)
 
@@ -291,7 +301,7 @@ async def _orbax_rows(root: StoragePath, infos: list[ObjectInfo]) -> list[StepSu
                 row.problem = f"unreadable Orbax step metadata: {exc}"
         return row
 
-    found = orbax.steps_from_listing(root.path, infos, atomic_rename=atomic_rename)
+    found = await orbax.steps_among(tap, root.path, foreign, atomic_rename=atomic_rename)
     return list(await asyncio.gather(*(row_of(f) for f in found)))
 
 

@@ -334,7 +334,7 @@ async def copy_all(
     """
     from cloudckpt.tools.transfer import copy_step
 
-    ours = await atomicity.list_committed(src_root.backend, src_root.path)
+    ours = await atomicity.list_committed(src_root.backend, src_root.path, sizes=True)
     theirs = [s for s in await list_steps(src_root) if s.committed]
     todo = sorted(
         [(c.name, c.nbytes) for c in ours] + [(s.name, s.nbytes) for s in theirs],

@@ -342,11 +342,17 @@ async def collect_garbage(root: StoragePath, *, yes: bool, include_live: bool) -
     since the judgement wins and is spared.
     """
     backend = root.backend
+    # Per step, not per object: only the uncommitted children (about to be judged,
+    # and deleted with every object they hold) are listed, for their sizes.
     children = await atomicity.scan(backend, root.path)
     report = GcReport(root.url, committed=sum(1 for c in children if c.committed))
     pending = [c for c in children if not c.committed]
     if not pending:
         return report
+    for child in pending:
+        if child.nbytes is None:
+            infos = [info async for info in backend.list_prefix(child.path)]
+            child.n_objects, child.nbytes = len(infos), sum(i.size for i in infos)
     now = await backend.now(atomicity.join(root.path, atomicity.CLAIM_NAME))
     for child in sorted(pending, key=lambda c: step_sort_key(c.name)):
         judged = await atomicity.settle(
@@ -355,8 +361,8 @@ async def collect_garbage(root: StoragePath, *, yes: bool, include_live: bool) -
         entry = GcEntry(
             child.name,
             backend.url(child.path),
-            child.n_objects,
-            child.nbytes,
+            child.n_objects or 0,
+            child.nbytes or 0,
             "delete" if judged.deleted else "commit" if judged.rolled_forward else "spare",
             judged.reason,
             _claim_summary(judged.claim),

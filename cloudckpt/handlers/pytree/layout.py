@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -253,24 +254,64 @@ def chunk_grid(
     return split_to_fit(chunk, itemsize, max_object_bytes)
 
 
-def pack_layout(shards: list[tuple[int, Shard]], max_object_bytes: int) -> list[PackEntry]:
-    """Assigns packed shards (leaf id, shard) to objects ``packs/<writer>.<n>``, in order."""
+def array_layout(
+    shape: tuple[int, ...],
+    itemsize: int,
+    shards: list[Shard],
+    *,
+    pack_below_bytes: int,
+    max_object_bytes: int,
+    inner_chunk_bytes: int,
+) -> tuple[list[int], list[int]] | None:
+    """How one array is stored: None when packed, else its (chunk, inner chunk) shapes.
+
+    Decided from the shape and the shards alone (no data, no devices), so a
+    scale model can drive it for a mesh it does not have. ``plan_save``
+    applies the same rule, with the chunk grid taken over the replica-split
+    parts of each shard (identical to the shards when nothing is replicated).
+    """
+    if max(s.nbytes for s in shards) < pack_below_bytes:
+        return None
+    chunk = chunk_grid(shape, shards, itemsize, max_object_bytes)
+    return chunk, split_to_fit(chunk, itemsize, inner_chunk_bytes)
+
+
+def pack_layout(
+    shards: list[tuple[int, Shard]],
+    max_object_bytes: int,
+    whole: Callable[[int], bool] | None = None,
+) -> list[PackEntry]:
+    """Assigns packed shards (leaf id, shard) to objects ``packs/<writer>.<n>``, in order.
+
+    With ``whole``, the shards of the leaves it names (leaves of one shard:
+    replicated arrays, host values) come first, in objects of their own.
+    Every process restoring such a leaf reads it: back to back, a reader
+    fetches all of them with one ranged read per object instead of one read
+    per leaf between its writer's other shards. Each object's entries still
+    lie back to back in leaf order, as readers require (docs/FORMAT.md).
+    """
+    groups = [shards]
+    if whole is not None:
+        groups = [[t for t in shards if whole(t[0])], [t for t in shards if not whole(t[0])]]
     fill: dict[int, tuple[int, int]] = {}  # writer -> (object number, bytes used)
     out = []
-    for leaf, shard in shards:
-        number, used = fill.get(shard.writer, (0, 0))
-        size = shard.nbytes + CRC_BYTES
-        if used and used + size > max_object_bytes:
-            number, used = number + 1, 0
-        out.append(
-            PackEntry(
-                leaf,
-                shard.index,
-                shard.writer,
-                f"packs/{shard.writer}.{number}",
-                used,
-                shard.nbytes,
+    for g, group in enumerate(groups):
+        if g:  # the rest starts an object of its own
+            fill = {w: (n + 1, 0) if used else (n, 0) for w, (n, used) in fill.items()}
+        for leaf, shard in group:
+            number, used = fill.get(shard.writer, (0, 0))
+            size = shard.nbytes + CRC_BYTES
+            if used and used + size > max_object_bytes:
+                number, used = number + 1, 0
+            out.append(
+                PackEntry(
+                    leaf,
+                    shard.index,
+                    shard.writer,
+                    f"packs/{shard.writer}.{number}",
+                    used,
+                    shard.nbytes,
+                )
             )
-        )
-        fill[shard.writer] = (number, used + size)
+            fill[shard.writer] = (number, used + size)
     return out

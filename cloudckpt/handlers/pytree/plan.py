@@ -225,12 +225,15 @@ def plan_save(tree: Any, opts: PlanOptions) -> SavePlan:
         stored.append(_Stored(i, path, kind, array, shape, dtype, sharding, shards, to_pack))
     _place(stored, plan.nbytes, opts)
     packed_shards: list[tuple[int, layout.Shard]] = []
+    whole: set[int] = set()  # packed leaves of one shard: every restoring process reads them
     pending_copies: list[tuple[int, Index, Any, bool]] = []
     for leaf in stored:
         i, shape, dtype = leaf.leaf, leaf.shape, leaf.dtype
         entry = plan.leaves_json[i]
         if leaf.to_pack:
             entry["storage"] = {"type": "packed"}
+            if len(leaf.shards) == 1:
+                whole.add(i)
             # A packed shard is never split: its parts are its shards, in order.
             packed_shards.extend(
                 (i, layout.Shard(s.index, writer, s.nbytes))
@@ -248,7 +251,7 @@ def plan_save(tree: Any, opts: PlanOptions) -> SavePlan:
             pending_copies.extend(
                 (i, index, source, leaf.to_pack) for index, source in _sources(leaf, own)
             )
-    plan.pack_entries = layout.pack_layout(packed_shards, opts.max_object_bytes)
+    plan.pack_entries = layout.pack_layout(packed_shards, opts.max_object_bytes, whole.__contains__)
     slots: dict[tuple[int, Index], PackEntry] = {}
     sizes: dict[str, int] = {}
     for e in plan.pack_entries:
