@@ -187,3 +187,57 @@ def test_single_process_reads_as_before(servers: LocalServers, loop: LoopThread)
         (on,), (off,) = tables[(state, True)], tables[(state, False)]
         assert saved.stored[(state, True)] <= on <= LIMIT * saved.stored[(state, True)]
         assert saved.stored[(state, False)] <= off <= LIMIT * saved.stored[(state, False)]
+
+
+def test_a_corrupt_shared_region_fails_every_process(
+    servers: LocalServers, loop: LoopThread
+) -> None:
+    """The one process that reads a region finds it corrupt; its peers, waiting on its
+    share, fail too (none hangs in the collective, none returns zeros)."""
+    base = f"s3://{BUCKET}/{unique('share-bad')}"
+    url = f"{base}/replicated"
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
+    with cc.Checkpointer(cc.StandardCheckpointHandler()) as ckptr:
+        ckptr.save(url, args=cc.args.StandardSave(states.build("replicated", mesh)))
+    root = cc.StoragePath.from_url(url)
+
+    async def flip() -> str:
+        chunks = sorted(
+            [i.path async for i in root.backend.list_prefix(root.path) if "/c/" in i.path]
+        )
+        data = await root.backend.get(chunks[0])
+        assert data is not None
+        await root.backend.put(chunks[0], data[:100] + bytes([data[100] ^ 0xFF]) + data[101:])
+        return chunks[0]
+
+    loop.run(flip())
+    proxies = [CountingProxy(servers.s3.endpoint).start() for _ in range(2)]
+    try:
+        workers = finish(
+            launch(
+                2,
+                4,
+                "restore",
+                [],
+                module="tests.mp_share_worker",
+                endpoints=[p.endpoint for p in proxies],
+                restores=[[url, "replicated", True]],
+                errors_expected=True,
+            ),
+            timeout=300,
+        )
+    finally:
+        for p in proxies:
+            p.stop()
+    messages = []
+    for w in workers:
+        result = w.result()
+        assert w.proc.returncode == 0 and result is not None, tail(w)
+        assert isinstance(result[url], dict), (w.process_id, result)
+        assert result[url]["error"] == "CorruptCheckpointError", result[url]
+        messages.append(result[url]["message"])
+    # One process read the bad chunk and names the corruption; the other names its peer.
+    assert sum("corrupt" in m.lower() and "could not read" not in m for m in messages) == 1, (
+        messages
+    )
+    assert sum("could not read their part" in m for m in messages) == 1, messages

@@ -45,6 +45,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from cloudckpt.errors import CorruptCheckpointError
 from cloudckpt.format import layout as _format
 from cloudckpt.format.layout import Index
 from cloudckpt.handlers.pytree import keys, layout
@@ -210,16 +211,38 @@ class SharedReads:
         shared = self.leaves.get(leaf)
         if shared is None:
             return await self.reader.leaf_like(leaf, target)
+        failure: BaseException | None = None
+        pieces: dict[Index, np.ndarray] = {}
         try:
-            pieces = await asyncio.gather(*(self.reader.region(leaf, ix) for ix in shared.mine))
+            try:
+                read = await asyncio.gather(*(self.reader.region(leaf, ix) for ix in shared.mine))
+                pieces = dict(zip(shared.mine, read, strict=True))
+            except Exception as exc:  # the peers still wait in this leaf's collective
+                failure = exc
             await self._turns[shared.turn].wait()
-            return self._share(leaf, shared, dict(zip(shared.mine, pieces, strict=True)))
+            value, failed = self._share(leaf, shared, pieces, failed=failure is not None)
         finally:
             # Even on failure, so this process's later leaves are not left waiting.
             if shared.turn + 1 < len(self._turns):
                 self._turns[shared.turn + 1].set()
+        if failure is not None:
+            raise failure
+        if failed:
+            raise CorruptCheckpointError(
+                f"leaf {self.reader.saved[leaf].path} in {self.reader.directory}: "
+                f"{failed} process(es) could not read their part of it, which this process "
+                "shares; their own error says why (see their logs)"
+            )
+        return value
 
-    def _share(self, leaf: int, shared: _Leaf, pieces: dict[Index, np.ndarray]) -> jax.Array:
+    def _share(
+        self, leaf: int, shared: _Leaf, pieces: dict[Index, np.ndarray], *, failed: bool
+    ) -> tuple[jax.Array, int]:
+        """The leaf, summed over its holders, and how many processes failed to read their parts.
+
+        A process whose reads failed still takes part (with zeros), so that no
+        peer waits forever in the collective; the count tells every process.
+        """
         info = self.reader.saved[leaf]
         dtype = info.dtype
         assert dtype is not None
@@ -233,11 +256,28 @@ class SharedReads:
             block = np.zeros(_format.index_shape(region), uint)
             for part in shared.placed.get((position, region), ()):
                 at = tuple(slice(a - r, b - r) for (a, b), (r, _) in zip(part, region, strict=True))
-                block[at] = pieces[part].view(uint)  # bits as read: crc32c-checked
+                if part in pieces:
+                    block[at] = pieces[part].view(uint)  # bits as read: crc32c-checked
             return block.reshape((1, *block.shape))
 
         stack = jax.make_array_from_callback((shared.k, *shape), shared.stacked, piece)
-        return _summed(shared.sharding, shared.stacked, np.dtype(dtype))(stack)
+        # One failure flag per device; a process whose reads failed sets its first one.
+        mesh = shared.sharding.mesh
+        flags = _flags(mesh)
+        me = jax.process_index()
+        first = next(d for d in mesh.devices.flat if d.process_index == me)
+        flagged = _format.normalize_index(
+            flags.devices_indices_map((mesh.size,))[first], (mesh.size,)
+        )
+
+        def flag(index: tuple[slice, ...]) -> np.ndarray:
+            mark = failed and _format.normalize_index(index, (mesh.size,)) == flagged
+            return np.array([int(mark)], np.int32)
+
+        value, count = _summed(shared.sharding, shared.stacked, np.dtype(dtype))(
+            stack, jax.make_array_from_callback((mesh.size,), flags, flag)
+        )
+        return value, int(np.asarray(count.addressable_data(0))[0])
 
 
 def _split(region: Index, unit: tuple[int, ...] | None, count: int) -> list[Index]:
@@ -291,20 +331,32 @@ def _holders(stacked: NamedSharding, shape: tuple[int, ...]) -> dict[Index, list
     return out
 
 
+def _flags(mesh: Any) -> NamedSharding:
+    """One int32 per device of ``mesh``: the failure flags summed with each leaf."""
+    return NamedSharding(mesh, P(tuple(mesh.axis_names)))
+
+
 @lru_cache(maxsize=256)
 def _summed(target: NamedSharding, stacked: NamedSharding, dtype: np.dtype) -> Any:
-    """A jitted ``(k, *shape)`` unsigned stack -> its sum over the stack, as ``dtype``."""
+    """Jitted: a ``(k, *shape)`` unsigned stack and the failure flags -> (the stack's sum
+    over its first dimension, as ``dtype``; the flags' total)."""
     left = stacked.spec[0]
     axes = () if left is None else left
+    every = tuple(target.mesh.axis_names)
 
-    def body(block: jax.Array) -> jax.Array:
+    def body(block: jax.Array, flags: jax.Array) -> tuple[jax.Array, jax.Array]:
         total = jax.lax.psum(block, axes) if axes else block
         total = total[0]
+        failed = jax.lax.psum(flags, every)
         if dtype == np.bool_:
-            return total != 0
-        return jax.lax.bitcast_convert_type(total, dtype)
+            return total != 0, failed
+        return jax.lax.bitcast_convert_type(total, dtype), failed
 
     fn = jax.shard_map(
-        body, mesh=target.mesh, in_specs=stacked.spec, out_specs=target.spec, check_vma=False
+        body,
+        mesh=target.mesh,
+        in_specs=(stacked.spec, _flags(target.mesh).spec),
+        out_specs=(target.spec, P()),
+        check_vma=False,
     )
-    return jax.jit(fn, out_shardings=target)
+    return jax.jit(fn, out_shardings=(target, NamedSharding(target.mesh, P())))
