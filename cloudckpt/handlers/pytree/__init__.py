@@ -8,8 +8,9 @@ objects, with a bounded number of bytes in flight. The primary process writes
 and where its bytes are. See docs/FORMAT.md.
 
 Restore: each array is read straight into the target's sharding; each process
-reads only the regions its devices need. Arrays the target does not name are
-never read.
+reads only the regions its devices need, and a region needed by several
+processes is read by one of them and shared over the interconnect
+(:mod:`.share`). Arrays the target does not name are never read.
 """
 
 from __future__ import annotations
