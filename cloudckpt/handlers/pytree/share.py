@@ -215,7 +215,7 @@ class SharedReads:
         pieces: dict[Index, np.ndarray] = {}
         try:
             try:
-                read = await asyncio.gather(*(self.reader.region(leaf, ix) for ix in shared.mine))
+                read = await self.reader.regions(leaf, shared.mine)  # one batch
                 pieces = dict(zip(shared.mine, read, strict=True))
             except Exception as exc:  # the peers still wait in this leaf's collective
                 failure = exc
