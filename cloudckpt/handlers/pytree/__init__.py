@@ -8,8 +8,9 @@ objects, with a bounded number of bytes in flight. The primary process writes
 and where its bytes are. See docs/FORMAT.md.
 
 Restore: each array is read straight into the target's sharding; each process
-reads only the regions its devices need. Arrays the target does not name are
-never read.
+reads only the regions its devices need, and a region needed by several
+processes is read by one of them and shared over the interconnect
+(:mod:`.share`). Arrays the target does not name are never read.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import logging
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import jax
 
 from cloudckpt.format import backing as _backing
 from cloudckpt.format import pytree as _document
@@ -35,6 +38,7 @@ from cloudckpt.handlers.pytree.read import (
     leaf_metadata,
     match_targets,
 )
+from cloudckpt.handlers.pytree.share import SharedReads
 from cloudckpt.handlers.pytree.tree import flatten, rebuild, unflatten_like
 from cloudckpt.handlers.pytree.write import write_plan
 from cloudckpt.handlers.registry import register_with_handler
@@ -177,8 +181,11 @@ class StandardCheckpointHandler(AsyncCheckpointHandler):
             document,
             (i for i, t in plan.reads if isinstance(t, ArrayMetadata) or not hasattr(t, "shape")),
         )
-        await reader.prefetch_packed((i, reader.regions_for(i, t)) for i, t in plan.reads)
-        results = await asyncio.gather(*(reader.leaf_like(i, t) for i, t in plan.reads))
+        # Regions several processes need are read by one of them and shared (share.py).
+        active = not self._members or len(self._members) == jax.process_count()
+        shared = SharedReads(reader, plan.reads, enabled=args.share_reads and active)
+        await reader.prefetch_packed((i, shared.regions_for(i, t)) for i, t in plan.reads)
+        results = await asyncio.gather(*(shared.leaf_like(i, t) for i, t in plan.reads))
         values = {path: value for (path, _), value in zip(plan.paths, results, strict=True)}
         values.update(plan.untouched)
         return unflatten_like(args.target, values)
@@ -206,10 +213,18 @@ class StandardRestore(CheckpointArgs):
         strict: When True, a target leaf missing from the checkpoint, or with
             another shape or dtype, raises ``ValueError``. When False, dtypes
             are cast and missing leaves are left as given, with a warning.
+        share_reads: When True (the default) and the job has several
+            processes, a region the target places on several processes is
+            read from storage by one of them and sent to the others over the
+            interconnect (JAX collectives), so the bucket serves each byte
+            once. Every process must restore the same target (as with any
+            multi-process restore). False: each process reads every region
+            its devices need, as when collectives are unavailable.
     """
 
     target: Any = None
     strict: bool = True
+    share_reads: bool = True
 
 
 StandardCheckpointHandler.default_restore_args = StandardRestore
