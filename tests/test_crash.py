@@ -94,6 +94,8 @@ def _check_survivors(url: str, loop: LoopThread) -> tuple[list[int], int]:
     return steps, leftovers
 
 
+# 20 kills, each a fresh process importing JAX: minutes on a loaded 2-core machine.
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize("kind", ["file", "s3", "gcs"])
 def test_crash_campaign(
     kind: str, request: pytest.FixtureRequest, tmp_path: Path, loop: LoopThread
