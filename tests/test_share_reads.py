@@ -52,34 +52,14 @@ class CountingProxy(LoopbackProxy):
         self.counted = _Counted()
 
     async def _handle(self, request: Any) -> Any:
-        from aiohttp import web
 
         body = await request.read()
-        headers = {
-            k: v
-            for k, v in request.headers.items()
-            if k.lower() not in ("content-length", "transfer-encoding")
-        }
-        async with self._session.request(
-            request.method,
-            self.upstream + request.path_qs,
-            headers=headers,
-            data=body,
-            allow_redirects=False,
-            auto_decompress=False,
-        ) as upstream:
-            payload = await upstream.read()
-            path = request.path.split("?", 1)[0]
-            if request.method == "GET" and ("/c/" in path or "/packs/" in path):
-                with self.counted.lock:
-                    self.counted.gets[path] += len(payload)
-            dropped = ("transfer-encoding", "connection")
-            if request.method != "HEAD":
-                dropped += ("content-length",)
-            out = {k: v for k, v in upstream.headers.items() if k.lower() not in dropped}
-            if request.method == "HEAD":
-                return web.Response(status=upstream.status, headers=out)
-            return web.Response(status=upstream.status, body=payload, headers=out)
+        status, headers, payload = await self._pass_through(request, body)
+        path = request.path.split("?", 1)[0]
+        if request.method == "GET" and ("/c/" in path or "/packs/" in path):
+            with self.counted.lock:
+                self.counted.gets[path] += len(payload)
+        return self._respond(request.method, status, headers, payload)
 
     def under(self, prefix: str) -> int:
         with self.counted.lock:

@@ -394,20 +394,7 @@ class CloudProxy(LoopbackProxy):
                 headers = _resign_s3(method, url, headers, body, self._credentials())
         else:
             url = self.upstream + path + (f"?{raw_query}" if raw_query else "")
-        async with self._session.request(
-            method,
-            yarl.URL(url, encoded=True),
-            headers=headers,
-            data=body,
-            allow_redirects=False,
-            auto_decompress=False,
-        ) as upstream:
-            payload = await upstream.read()
-            dropped = ("transfer-encoding", "connection")
-            if method != "HEAD":
-                dropped += ("content-length",)
-            out = {k: v for k, v in upstream.headers.items() if k.lower() not in dropped}
-            return upstream.status, out, payload
+        return await self._upstream(method, yarl.URL(url, encoded=True), headers, body)
 
 
 def _resign_s3(

@@ -58,6 +58,39 @@ class LoopbackProxy:
     async def _handle(self, request: Any) -> Any:
         raise NotImplementedError
 
+    async def _upstream(
+        self, method: str, url: Any, headers: Mapping[str, str], body: bytes
+    ) -> tuple[int, dict[str, str], bytes]:
+        """Sends one request upstream as is: its status, headers to answer with, and body."""
+        async with self._session.request(
+            method, url, headers=headers, data=body, allow_redirects=False, auto_decompress=False
+        ) as upstream:
+            payload = await upstream.read()
+            # HEAD answers carry the object's Content-Length with no body: keep it.
+            dropped: tuple[str, ...] = ("transfer-encoding", "connection")
+            if method != "HEAD":
+                dropped += ("content-length",)
+            out = {k: v for k, v in upstream.headers.items() if k.lower() not in dropped}
+            return upstream.status, out, payload
+
+    async def _pass_through(self, request: Any, body: bytes) -> tuple[int, dict[str, str], bytes]:
+        """``request`` (with its ``body`` already read) sent to the upstream unchanged."""
+        headers = {
+            k: v
+            for k, v in request.headers.items()
+            if k.lower() not in ("content-length", "transfer-encoding")
+        }
+        return await self._upstream(request.method, self.upstream + request.path_qs, headers, body)
+
+    @staticmethod
+    def _respond(method: str, status: int, headers: dict[str, str], payload: bytes) -> Any:
+        """The answer to send back for an upstream answer."""
+        from aiohttp import web
+
+        if method == "HEAD":
+            return web.Response(status=status, headers=headers)
+        return web.Response(status=status, body=payload, headers=headers)
+
     def start(self) -> Self:
         from aiohttp import ClientSession, TCPConnector, web
 
@@ -139,7 +172,6 @@ class FaultProxy(LoopbackProxy):
             return mode
 
     async def _handle(self, request):  # type: ignore[no-untyped-def]
-        from aiohttp import web
 
         body = await request.read()
         fault = self._choose_fault(request.method, request.path_qs)
@@ -148,35 +180,15 @@ class FaultProxy(LoopbackProxy):
         if fault == "drop":
             request.transport.close()
             raise ConnectionResetError("injected drop")
-        headers = {
-            k: v
-            for k, v in request.headers.items()
-            if k.lower() not in ("content-length", "transfer-encoding")
-        }
-        async with self._session.request(
-            request.method,
-            self.upstream + request.path_qs,
-            headers=headers,
-            data=body,
-            allow_redirects=False,
-            auto_decompress=False,
-        ) as upstream:
-            payload = await upstream.read()
-            if self.delay is not None:
-                held = self.delay(request.method, request.path_qs, request.headers, body)
-                if held > 0:
-                    await asyncio.sleep(held)
-            if fault == "lost_response":
-                request.transport.close()
-                raise ConnectionResetError("injected lost response")
-            # HEAD answers carry the object's Content-Length with no body: keep it.
-            dropped = ("transfer-encoding", "connection")
-            if request.method != "HEAD":
-                dropped += ("content-length",)
-            out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in dropped}
-            if request.method == "HEAD":
-                return web.Response(status=upstream.status, headers=out_headers)
-            return web.Response(status=upstream.status, body=payload, headers=out_headers)
+        status, out_headers, payload = await self._pass_through(request, body)
+        if self.delay is not None:
+            held = self.delay(request.method, request.path_qs, request.headers, body)
+            if held > 0:
+                await asyncio.sleep(held)
+        if fault == "lost_response":
+            request.transport.close()
+            raise ConnectionResetError("injected lost response")
+        return self._respond(request.method, status, out_headers, payload)
 
     def _error_response(self, status: int):  # type: ignore[no-untyped-def]
         """An error shaped like the real service's, so clients parse it as such."""

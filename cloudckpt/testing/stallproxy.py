@@ -19,7 +19,6 @@ import asyncio
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from cloudckpt.testing.faultproxy import LoopbackProxy
 
@@ -67,37 +66,12 @@ class StallProxy(LoopbackProxy):
                 self.stats.stalled.append((method, path))
             return held
 
-    async def _forward(self, request: Any, body: bytes) -> Any:
-        from aiohttp import web
-
-        headers = {
-            k: v
-            for k, v in request.headers.items()
-            if k.lower() not in ("content-length", "transfer-encoding")
-        }
-        async with self._session.request(
-            request.method,
-            self.upstream + request.path_qs,
-            headers=headers,
-            data=body,
-            allow_redirects=False,
-            auto_decompress=False,
-        ) as upstream:
-            payload = await upstream.read()
-            dropped: tuple[str, ...] = ("transfer-encoding", "connection")
-            if request.method != "HEAD":
-                dropped += ("content-length",)
-            out = {k: v for k, v in upstream.headers.items() if k.lower() not in dropped}
-            if request.method == "HEAD":
-                return web.Response(status=upstream.status, headers=out)
-            return web.Response(status=upstream.status, body=payload, headers=out)
-
     async def _handle(self, request):  # type: ignore[no-untyped-def]
         body = await request.read()
         if not self._choose(request.method, request.path_qs):
-            return await self._forward(request, body)
+            return self._respond(request.method, *await self._pass_through(request, body))
         if self.forward_first:
-            await self._forward(request, body)
+            await self._pass_through(request, body)
         if self._release is None:
             self._release = asyncio.Event()
         await self._release.wait()  # set only when the proxy stops
