@@ -126,10 +126,11 @@ async def read_into(
     async def one_object(chunk_pos: tuple[int, ...], wanted: dict[tuple[int, ...], _Inner]) -> None:
         key = storage.chunk_key(chunk_pos)
         where = directory / key
+        direct_io = getattr(directory.backend, "read_into", None)
         if not sharded:
             (slot,) = wanted.values()
             slot.offset, slot.nbytes = 0, object_bytes
-        elif len(wanted) == n_inner:
+        elif len(wanted) == n_inner and direct_io is None:
             # The whole object is needed: one request, as the raw channel would make.
             async with scratch.hold(object_bytes):
                 blob = await _read(kvstore, key, where, 0, object_bytes)
@@ -140,18 +141,61 @@ async def read_into(
             async with scratch.hold(index_bytes):
                 blob = await _read(kvstore, key, where, object_bytes - index_bytes, object_bytes)
             locate(blob, where, wanted)
-        runs: list[list[_Inner]] = []
-        for slot in sorted(wanted.values(), key=lambda s: s.offset):
-            last = runs[-1] if runs else None
-            if (
-                last is not None
-                and slot.offset == last[-1].offset + last[-1].nbytes
-                and slot.offset + slot.nbytes - last[0].offset <= RUN_BYTES
-            ):
-                last.append(slot)
-            else:
-                runs.append([slot])
-        await asyncio.gather(*(one_run(key, where, run) for run in runs))
+        slots = list(wanted.values())
+        if direct_io is not None:
+            # Inner chunks landing whole in one contiguous stretch of a destination are
+            # read by the kernel straight into it; only the rest go through temporaries.
+            targets = {id(slot): _target(slot) for slot in slots}
+            direct = [slot for slot in slots if targets[id(slot)] is not None]
+            slots = [slot for slot in slots if targets[id(slot)] is None]
+            await asyncio.gather(
+                *(read_direct(direct_io, where, run, targets) for run in _runs(direct, RUN_BYTES))
+            )
+        await asyncio.gather(*(one_run(key, where, run) for run in _runs(slots, RUN_BYTES)))
+
+    def _target(slot: _Inner) -> np.ndarray | None:
+        """The destination stretch ``slot`` fills whole and contiguously, if there is one."""
+        if len(slot.regions) != 1:
+            return None
+        k = slot.regions[0]
+        box = tuple((o, o + i) for o, i in zip(slot.origin, inner, strict=True))
+        if _overlap(box, indices[k]) != box:
+            return None
+        dst = tuple(slice(a - s, b - s) for (a, b), (s, _) in zip(box, indices[k], strict=True))
+        view = buffers[k][dst]
+        return view if view.flags.c_contiguous else None
+
+    async def read_direct(
+        direct_io: Any, where: StoragePath, run: list[_Inner], targets: dict[int, Any]
+    ) -> None:
+        start, end = run[0].offset, run[-1].offset + run[-1].nbytes
+        crcs = np.empty((len(run), layout.CRC_BYTES), np.uint8)
+        iov: list[memoryview] = []
+        for slot, crc in zip(run, crcs, strict=True):
+            iov += [memoryview(_flat_bytes(targets[id(slot)])), memoryview(crc)]
+        got = await direct_io(where.path, start, iov)
+        if got is None:
+            raise CorruptCheckpointError(
+                f"missing data: {where} does not exist; the checkpoint is corrupt, "
+                "restore another step"
+            )
+        if got != end - start:
+            raise CorruptCheckpointError(
+                f"truncated data: {where} ends before bytes {start}-{end}; "
+                "the checkpoint is corrupt, restore another step"
+            )
+
+        def verify() -> None:
+            for slot, crc in zip(run, crcs, strict=True):
+                data = memoryview(_flat_bytes(targets[id(slot)]))
+                if crc32c.crc32c(data) != int.from_bytes(crc.tobytes(), "little"):
+                    raise CorruptCheckpointError(
+                        f"checksum mismatch in {where} bytes {slot.offset}-"
+                        f"{slot.offset + slot.nbytes}: the chunk data is corrupt, "
+                        "restore another step"
+                    )
+
+        await asyncio.to_thread(verify)
 
     async def one_run(key: str, where: StoragePath, run: list[_Inner]) -> None:
         start, end = run[0].offset, run[-1].offset + run[-1].nbytes
@@ -214,6 +258,27 @@ def _check_crc(piece: Any, where: StoragePath, offset: int) -> None:
             f"checksum mismatch in {where} bytes {offset}-{offset + len(view)}: "
             "the chunk data is corrupt, restore another step"
         )
+
+
+def _flat_bytes(array: np.ndarray) -> np.ndarray:
+    """A C-contiguous array's bytes as a flat uint8 view (any dtype, bfloat16 included)."""
+    return array.reshape(-1).view(np.uint8)
+
+
+def _runs(slots: list[_Inner], limit: int) -> list[list[_Inner]]:
+    """``slots`` in runs of back-to-back pieces of at most ``limit`` bytes (one read each)."""
+    runs: list[list[_Inner]] = []
+    for slot in sorted(slots, key=lambda s: s.offset):
+        last = runs[-1] if runs else None
+        if (
+            last is not None
+            and slot.offset == last[-1].offset + last[-1].nbytes
+            and slot.offset + slot.nbytes - last[0].offset <= limit
+        ):
+            last.append(slot)
+        else:
+            runs.append([slot])
+    return runs
 
 
 def _overlap(a: layout.Index, b: layout.Index) -> layout.Index | None:
