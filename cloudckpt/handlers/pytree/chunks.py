@@ -8,8 +8,12 @@ at the end) are read here instead: per chunk object, its shard index (one
 small ranged read, crc-checked and validated before it addresses anything),
 then one ranged read per run of adjacent needed inner chunks, each inner
 chunk's crc32c checked with the hardware ``crc32c`` package (several GB/s)
-and its overlap copied once into the caller's destination buffers. Any other
-layout (an Orbax array, another codec) stays on tensorstore's path.
+and its overlap copied once into the caller's destination buffers. Where the
+backend has ``read_into`` (the file system), inner chunks that land whole in
+a contiguous stretch of a destination are read by the kernel straight into
+it: no temporary and no copy. The reader uses this module only on such
+backends (see ``Reader.regions``); any other layout (an Orbax array, another
+codec) stays on tensorstore's path.
 
 Every byte is verified: a mismatch, a missing or short object, or a shard
 index that points outside its object raises :class:`CorruptCheckpointError`
@@ -151,7 +155,9 @@ async def read_into(
             await asyncio.gather(
                 *(read_direct(direct_io, where, run, targets) for run in _runs(direct, RUN_BYTES))
             )
-        await asyncio.gather(*(one_run(key, where, run) for run in _runs(slots, RUN_BYTES)))
+        await asyncio.gather(
+            *(one_run(key, where, run, direct_io) for run in _runs(slots, RUN_BYTES))
+        )
 
     def _target(slot: _Inner) -> np.ndarray | None:
         """The destination stretch ``slot`` fills whole and contiguously, if there is one."""
@@ -173,17 +179,7 @@ async def read_into(
         iov: list[memoryview] = []
         for slot, crc in zip(run, crcs, strict=True):
             iov += [memoryview(_flat_bytes(targets[id(slot)])), memoryview(crc)]
-        got = await direct_io(where.path, start, iov)
-        if got is None:
-            raise CorruptCheckpointError(
-                f"missing data: {where} does not exist; the checkpoint is corrupt, "
-                "restore another step"
-            )
-        if got != end - start:
-            raise CorruptCheckpointError(
-                f"truncated data: {where} ends before bytes {start}-{end}; "
-                "the checkpoint is corrupt, restore another step"
-            )
+        await _read_direct(direct_io, where, start, end, iov)
 
         def verify() -> None:
             for slot, crc in zip(run, crcs, strict=True):
@@ -197,14 +193,19 @@ async def read_into(
 
         await asyncio.to_thread(verify)
 
-    async def one_run(key: str, where: StoragePath, run: list[_Inner]) -> None:
+    async def one_run(key: str, where: StoragePath, run: list[_Inner], direct_io: Any) -> None:
         start, end = run[0].offset, run[-1].offset + run[-1].nbytes
         async with scratch.hold(end - start):
-            blob = await _read(kvstore, key, where, start, end)
+            blob: Any
+            if direct_io is not None:  # the kernel fills a scratch buffer: one copy fewer
+                blob = np.empty(end - start, np.uint8)
+                await _read_direct(direct_io, where, start, end, [memoryview(blob)])
+            else:
+                blob = await _read(kvstore, key, where, start, end)
             # crc32c and numpy's copy release the GIL: verify and place off the event loop.
             await asyncio.to_thread(_place, blob, start, run, where)
 
-    def _place(blob: bytes, start: int, run: list[_Inner], where: StoragePath) -> None:
+    def _place(blob: Any, start: int, run: list[_Inner], where: StoragePath) -> None:
         for slot in run:
             lo = slot.offset - start
             piece = memoryview(blob)[lo : lo + slot.nbytes]
@@ -247,6 +248,22 @@ async def _read(kvstore: Any, key: str, where: StoragePath, start: int, end: int
             "the checkpoint is corrupt, restore another step"
         )
     return value
+
+
+async def _read_direct(
+    direct_io: Any, where: StoragePath, start: int, end: int, iov: list[memoryview]
+) -> None:
+    """Bytes ``start:end`` of ``where`` read by the backend straight into ``iov``."""
+    got = await direct_io(where.path, start, iov)
+    if got is None:
+        raise CorruptCheckpointError(
+            f"missing data: {where} does not exist; the checkpoint is corrupt, restore another step"
+        )
+    if got != end - start:
+        raise CorruptCheckpointError(
+            f"truncated data: {where} ends before bytes {start}-{end}; "
+            "the checkpoint is corrupt, restore another step"
+        )
 
 
 def _check_crc(piece: Any, where: StoragePath, offset: int) -> None:

@@ -374,7 +374,14 @@ class Reader:
         if group:
             groups.append((group, group_bytes))
 
-        direct = isinstance(storage, _document.ZarrStorage) and chunks.handles(storage)
+        # Direct chunk reads where the backend reads into our buffers (the file system):
+        # measured 5-20x faster there; on object stores the channel, not the crc32c,
+        # bounds the time and A/B runs were within noise, so tensorstore keeps them.
+        direct = (
+            isinstance(storage, _document.ZarrStorage)
+            and hasattr(self.directory.backend, "read_into")
+            and chunks.handles(storage)
+        )
 
         async def read_direct(members: list[int], nbytes: int) -> None:
             assert isinstance(storage, _document.ZarrStorage)
