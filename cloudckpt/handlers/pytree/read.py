@@ -25,7 +25,7 @@ from cloudckpt.errors import CorruptCheckpointError
 from cloudckpt.format import layout
 from cloudckpt.format import pytree as _document
 from cloudckpt.format.pytree import Leaf
-from cloudckpt.handlers.pytree import keys, tail
+from cloudckpt.handlers.pytree import chunks, keys, tail
 from cloudckpt.handlers.pytree.budget import ByteBudget
 from cloudckpt.handlers.pytree.host import empty_aligned
 from cloudckpt.storage.path import StoragePath
@@ -209,6 +209,8 @@ class Reader:
         self._hedge_stores: dict[int, asyncio.Future[Any]] = {}
         self._kvstore: asyncio.Future[Any] | None = None
         self._packed: dict[tuple[int, layout.Index], np.ndarray] = {}
+        # Ranged reads in flight on the direct chunk path (their temporaries).
+        self._scratch = ByteBudget(min(budget.limit, chunks.SCRATCH_BYTES))
 
     def regions_for(self, leaf: int, target: Any) -> list[layout.Index]:
         """The regions of ``leaf`` this process reads for ``target`` (None: all of it)."""
@@ -372,7 +374,33 @@ class Reader:
         if group:
             groups.append((group, group_bytes))
 
+        # Direct chunk reads where the backend reads into our buffers (the file system):
+        # measured 5-20x faster there; on object stores the channel, not the crc32c,
+        # bounds the time and A/B runs were within noise, so tensorstore keeps them.
+        direct = (
+            isinstance(storage, _document.ZarrStorage)
+            and hasattr(self.directory.backend, "read_into")
+            and chunks.handles(storage)
+        )
+
+        async def read_direct(members: list[int], nbytes: int) -> None:
+            assert isinstance(storage, _document.ZarrStorage)
+            async with self.budget.hold(nbytes):
+                buffers = [empty_aligned(shapes[k], storage.stored) for k in members]
+                await chunks.read_into(
+                    self.directory,
+                    await self._packs(),
+                    storage,
+                    [indices[k] for k in members],
+                    buffers,
+                    self._scratch,
+                )
+            for k, buffer in zip(members, buffers, strict=True):
+                out[k] = buffer if buffer.dtype == dtype else buffer.view(dtype)
+
         async def read_group(members: list[int], nbytes: int) -> None:
+            if direct:
+                return await read_direct(members, nbytes)
             store = await self._open(leaf)
             stored = np.dtype(store.dtype.numpy_dtype)
 
