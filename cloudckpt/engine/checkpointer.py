@@ -170,9 +170,6 @@ class Checkpointer:
                 f"cannot save to {location.url}: its backend is read-only (opened with "
                 "read_only=True); save through a checkpointer without it"
             )
-        # Raises (no I/O) where tensorstore could not reach this location, e.g. a GCS
-        # emulator named by STORAGE_EMULATOR_HOST but not by TENSORSTORE_GCS_HTTP_URL.
-        location.kvstore_spec()
         strategy = location.backend.default_temporary_path_class()
         tmp = strategy.from_final(
             location.path,
