@@ -64,7 +64,8 @@ async def _replay(url: str, target: Any) -> tuple[dict[str, float], list[np.ndar
     from cloudckpt.format import pytree as document_format
     from cloudckpt.handlers.pytree import StandardCheckpointHandler
     from cloudckpt.handlers.pytree.budget import ByteBudget
-    from cloudckpt.handlers.pytree.read import Reader, match_targets
+    from cloudckpt.handlers.pytree.match import match_targets
+    from cloudckpt.handlers.pytree.read import Reader
     from cloudckpt.handlers.pytree.tree import flatten
     from cloudckpt.storage.path import StoragePath
 

@@ -31,7 +31,8 @@ from cloudckpt.errors import CorruptCheckpointError
 from cloudckpt.format.pytree import MAX_NBYTES, MAX_NDIM, Leaf
 from cloudckpt.handlers.pytree import StandardRestore
 from cloudckpt.handlers.pytree.budget import ByteBudget
-from cloudckpt.handlers.pytree.read import Reader, leaf_metadata, match_targets, ts_open
+from cloudckpt.handlers.pytree.match import match_targets
+from cloudckpt.handlers.pytree.read import Reader, leaf_metadata, ts_open
 from cloudckpt.handlers.pytree.tree import flatten, rebuild, unflatten_like
 from cloudckpt.orbax._layout import PYTREE_METADATA, UnsupportedOrbaxLayoutError
 from cloudckpt.storage.path import StoragePath

@@ -31,13 +31,9 @@ from cloudckpt.format.step import PYTREE_TYPESTR
 from cloudckpt.handlers.args import CheckpointArgs
 from cloudckpt.handlers.base import AsyncCheckpointHandler
 from cloudckpt.handlers.pytree.budget import ByteBudget
+from cloudckpt.handlers.pytree.match import match_targets
 from cloudckpt.handlers.pytree.plan import PlanOptions, plan_save
-from cloudckpt.handlers.pytree.read import (
-    ArrayMetadata,
-    Reader,
-    leaf_metadata,
-    match_targets,
-)
+from cloudckpt.handlers.pytree.read import ArrayMetadata, Reader, leaf_metadata
 from cloudckpt.handlers.pytree.share import SharedReads
 from cloudckpt.handlers.pytree.tree import flatten, rebuild, unflatten_like
 from cloudckpt.handlers.pytree.write import write_plan
