@@ -86,6 +86,17 @@ def index_shape(index: Index) -> tuple[int, ...]:
     return tuple(b - a for a, b in index)
 
 
+def overlap(a: Index, b: Index) -> Index | None:
+    """The region two indices share, or None when they are disjoint."""
+    out = []
+    for (a0, a1), (b0, b1) in zip(a, b, strict=True):
+        lo, hi = max(a0, b0), min(a1, b1)
+        if lo >= hi:
+            return None
+        out.append((lo, hi))
+    return tuple(out)
+
+
 def full_index(shape: tuple[int, ...]) -> Index:
     return tuple((0, n) for n in shape)
 

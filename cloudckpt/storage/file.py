@@ -166,16 +166,25 @@ def _delete_versioned(path: str, version: str) -> bool:
         return True
 
 
-def _get(path: str, byte_range: tuple[int, int] | None) -> bytes | None:
+def _open_object(path: str) -> int | None:
+    """A read-only descriptor of the object at ``path``; None when there is none.
+
+    O_NOFOLLOW: a link in place of an object is refused, not followed.
+    """
     try:
-        # O_NOFOLLOW: a link in place of an object is refused, not followed.
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        return os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
         return None
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise _link_error(path) from None
         raise
+
+
+def _get(path: str, byte_range: tuple[int, int] | None) -> bytes | None:
+    fd = _open_object(path)
+    if fd is None:
+        return None
     with os.fdopen(fd, "rb") as f:
         if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
             return None
@@ -192,14 +201,9 @@ def _read_into(path: str, offset: int, buffers: list[memoryview]) -> int | None:
     The kernel copies straight into the caller's buffers (no temporary), and the
     sequential hint lets read-ahead run ahead of the next call.
     """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+    fd = _open_object(path)
+    if fd is None:
         return None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise _link_error(path) from None
-        raise
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return None

@@ -165,7 +165,7 @@ async def read_into(
             return None
         k = slot.regions[0]
         box = tuple((o, o + i) for o, i in zip(slot.origin, inner, strict=True))
-        if _overlap(box, indices[k]) != box:
+        if layout.overlap(box, indices[k]) != box:
             return None
         dst = tuple(slice(a - s, b - s) for (a, b), (s, _) in zip(box, indices[k], strict=True))
         view = buffers[k][dst]
@@ -213,7 +213,7 @@ async def read_into(
             data = np.frombuffer(piece, storage.stored, count=math.prod(inner)).reshape(inner)
             box = tuple((o, o + i) for o, i in zip(slot.origin, inner, strict=True))
             for k in slot.regions:
-                overlap = _overlap(box, indices[k])
+                overlap = layout.overlap(box, indices[k])
                 if overlap is None:
                     continue
                 src = tuple(
@@ -296,13 +296,3 @@ def _runs(slots: list[_Inner], limit: int) -> list[list[_Inner]]:
         else:
             runs.append([slot])
     return runs
-
-
-def _overlap(a: layout.Index, b: layout.Index) -> layout.Index | None:
-    out = []
-    for (a0, a1), (b0, b1) in zip(a, b, strict=True):
-        lo, hi = max(a0, b0), min(a1, b1)
-        if lo >= hi:
-            return None
-        out.append((lo, hi))
-    return tuple(out)

@@ -159,7 +159,7 @@ class Reader:
                 entry = dataclasses.replace(entry, leaf=leaf)
                 if (leaf, entry.index) in self._packed:
                     continue
-                if any(_overlap(entry.index, r) is not None for r in regions):
+                if any(layout.overlap(entry.index, r) is not None for r in regions):
                     wanted.setdefault(entry.obj, []).append(entry)
         runs: list[list[layout.PackEntry]] = []
         for entries in wanted.values():
@@ -363,7 +363,7 @@ class Reader:
         storage = self.saved[leaf].storage
         assert isinstance(storage, _document.PackedStorage)
         for entry in storage.entries:  # they tile the leaf (checked by parse_pytree)
-            overlap = _overlap(entry.index, index)
+            overlap = layout.overlap(entry.index, index)
             if overlap is None:
                 continue
             data = self._packed[(leaf, entry.index)]
@@ -428,13 +428,3 @@ def _as_kind(info: Leaf, value: np.ndarray) -> Any:
     if kind == "np_scalar":
         return value[()]
     return value
-
-
-def _overlap(a: layout.Index, b: layout.Index) -> layout.Index | None:
-    out = []
-    for (a0, a1), (b0, b1) in zip(a, b, strict=True):
-        lo, hi = max(a0, b0), min(a1, b1)
-        if lo >= hi:
-            return None
-        out.append((lo, hi))
-    return tuple(out)
