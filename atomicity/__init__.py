@@ -23,6 +23,7 @@ from atomicity.discovery import (
     read_claim,
     scan,
     settle,
+    sweep_fenced,
 )
 from atomicity.errors import ClaimLostError, OutcomeUnknownError, ValidationError
 from atomicity.paths import (
@@ -42,6 +43,7 @@ from atomicity.paths import (
     judge,
     marker_attempt,
     read_versioned_claim,
+    remove_attempt_objects,
 )
 from atomicity.store import ObjectInfo, Store, Versioned, join
 
@@ -84,6 +86,8 @@ __all__ = [
     "marker_attempt",
     "read_claim",
     "read_versioned_claim",
+    "remove_attempt_objects",
     "scan",
     "settle",
+    "sweep_fenced",
 ]

@@ -23,10 +23,13 @@ from dataclasses import dataclass, field
 
 from atomicity.claims import COMMITTED, DELETING, REVOKED, Claim
 from atomicity.paths import (
+    ATTEMPT_ID,
+    ATTEMPT_TAG,
     CLAIM_NAME,
     MARKER_NAME,
     TMP_INFIX,
     _delete_fenced,
+    attempt_of,
     is_temporary_name,
     judge,
     marker_bytes,
@@ -60,10 +63,19 @@ class ChildInfo:
     nbytes: int = 0
     mtime: float | None = None
     _has_marker: bool = field(default=False, repr=False)
+    #: Attempt tags (``@<attempt>``) of the objects under it.
+    attempts: set[str] = field(default_factory=set, repr=False)
 
     @property
     def ours(self) -> bool:
-        return self._has_marker or self.has_claim or is_temporary_name(self.name)
+        # Objects under an attempt id's tag alone (late writes that landed after an
+        # explicit delete) make a child ours too; other ``@`` names are someone else's.
+        return (
+            self._has_marker
+            or self.has_claim
+            or is_temporary_name(self.name)
+            or any(ATTEMPT_ID.fullmatch(tag) for tag in self.attempts)
+        )
 
 
 async def scan(store: Store, root: str) -> list[ChildInfo]:
@@ -91,6 +103,10 @@ async def scan(store: Store, root: str) -> list[ChildInfo]:
             child._has_marker = True
         elif rest == CLAIM_NAME:
             child.has_claim = True
+        elif ATTEMPT_TAG in rest:
+            tag = attempt_of(rest)
+            if tag is not None:
+                child.attempts.add(tag)
     out = []
     for child in children.values():
         child.committed = child._has_marker and not is_temporary_name(child.name)
@@ -165,10 +181,12 @@ async def settle(
     if store.supports_atomic_rename:
         # Every attempt has its own directory: renaming it away is the fence
         # (its writer's final rename of the same directory then fails).
-        if not await revoke_by_rename(store, child.path):
-            # Gone before the rename: its writer committed it (renamed it) or another
-            # clean-up removed it; either way nothing was deleted here.
-            return Settlement(False, "gone or committed meanwhile", claim)
+        version = current.version if current is not None else None
+        if not await revoke_by_rename(store, child.path, claim_version=version):
+            # Gone before the rename (its writer committed it, or another clean-up
+            # removed it), or its claim changed since it was judged (renewed): either
+            # way nothing was renamed or deleted here.
+            return Settlement(False, "renewed, gone or committed meanwhile: left alone", claim)
         return Settlement(True, why, claim)
     fence = Claim.new(claim.grace_s if claim else 60.0, claim.attempt if claim else None).next(
         REVOKED
@@ -211,6 +229,42 @@ async def _roll_forward(
     return Settlement(False, why, claim, rolled_forward=True)
 
 
+async def sweep_fenced(store: Store, child: ChildInfo) -> list[str]:
+    """Deletes what fenced attempts wrote late into the committed step ``child``.
+
+    A writer paused past its fence may still put objects after another
+    attempt committed the step; they carry their own attempt's tag, never
+    the committed one's, and are never referenced. Only steps whose listing
+    shows more than one tag are read (their claim names the committed
+    attempt). The claim is read, the step listed, the claim read again: an
+    explicit delete and a new save in between change its version, and then
+    nothing is deleted. Exactly the listed keys of other attempts go.
+    Returns the deleted paths.
+    """
+    if not child.committed or len(child.attempts) < 2:
+        return []
+    claim, current = await read_versioned_claim(store, child.path)
+    if claim is None or current is None or claim.state != COMMITTED:
+        return []
+    owner = claim.attempt
+    if owner not in child.attempts:
+        return []  # not written with tags (an older format): nothing to tell apart
+    start = len(child.path) + 1
+    doomed = []
+    async for info in store.list_prefix(child.path):
+        tag = attempt_of(info.path[start:])
+        if tag is not None and tag != owner:
+            doomed.append(info.path)
+    if not doomed:
+        return []
+    again = await store.get_versioned(join(child.path, CLAIM_NAME))
+    if again is None or again.version != current.version:
+        return []
+    await store.delete_many(doomed)
+    logger.info("removed %d late object(s) of fenced attempts from %s", len(doomed), child.path)
+    return doomed
+
+
 async def is_abandoned(store: Store, child: ChildInfo, now_ns: int | None = None) -> bool:
     """Whether an uncommitted child can be deleted without harming a live writer (no action)."""
     return (await settle(store, child, dry_run=True)).deleted
@@ -221,10 +275,15 @@ async def cleanup_uncommitted(store: Store, root: str, *, include_live: bool = F
 
     Children whose claim is still live (renewed within its grace period by the
     store's clock, owner not known gone) are spared unless ``include_live``;
-    committed children and committed claims are never touched.
+    committed children and committed claims are never touched, except that
+    late objects of fenced attempts are swept out of them (:func:`sweep_fenced`).
     """
     deleted = []
-    children = await list_uncommitted(store, root)
+    everything = await scan(store, root)
+    for child in everything:
+        if child.committed:
+            await sweep_fenced(store, child)
+    children = [c for c in everything if not c.committed]
     if not children:
         return deleted
     now = await store.now(join(root, CLAIM_NAME))

@@ -27,6 +27,7 @@ the invariants it keeps.
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 import warnings
 from typing import ClassVar, Protocol, Self
@@ -128,6 +129,8 @@ async def read_versioned_claim(store: Store, path: str) -> tuple[Claim | None, V
 
 #: A path component ``@<attempt>`` marks an object as written by that attempt only.
 ATTEMPT_TAG = "@"
+#: What the attempt ids cloudckpt makes look like (hex digests and UUIDs).
+ATTEMPT_ID = re.compile(r"[0-9a-f]{16,64}")
 
 
 def attempt_dir(path: str, attempt: str) -> str:
@@ -141,8 +144,14 @@ def attempt_dir(path: str, attempt: str) -> str:
 
 
 def attempt_of(relative: str) -> str | None:
-    """The attempt tag of an object path relative to its step, if it carries one."""
-    for part in relative.split("/"):
+    """The attempt tag of an object path relative to its step, if it carries one.
+
+    Tags sit right under the step (``@<attempt>/...``) or right under an item
+    (``<item>/@<attempt>/...``: cloudckpt's handlers), nowhere deeper; item
+    names never start with ``@``.
+    """
+    parts = relative.split("/", 2)
+    for part in parts[:2] if len(parts) > 1 else ():
         if part.startswith(ATTEMPT_TAG) and len(part) > 1:
             return part[1:]
     return None
@@ -169,6 +178,23 @@ async def _garbage(store: Store, path: str, version: str, keep_attempt: str | No
     if current is None or current.version != version:
         return []
     return [p for p in listed if keep_attempt is None or attempt_of(p[start:]) != keep_attempt]
+
+
+async def remove_attempt_objects(store: Store, path: str, attempt: str) -> int:
+    """Deletes the objects under ``path`` tagged with ``attempt`` (exact listed keys).
+
+    Only for an attempt that can no longer commit ``path`` (fenced, or another
+    attempt committed it): its names are its own, so nothing another attempt
+    wrote or will write is touched. Returns how many were deleted.
+    """
+    start = len(path.rstrip("/")) + 1
+    mine = [
+        info.path
+        async for info in store.list_prefix(path)
+        if attempt_of(info.path[start:]) == attempt
+    ]
+    await store.delete_many(mine)
+    return len(mine)
 
 
 async def delete_stale(store: Store, path: str) -> None:
@@ -413,14 +439,19 @@ class CommitMarkerPath(_ClaimedPath):
         for _ in range(5):
             claim, current = await read_versioned_claim(store, path)
             if current is None or claim is None or claim.attempt != self._claim.attempt:
-                return False  # taken over or cleaned up: nothing of ours to remove
+                # Taken over or cleaned up: this attempt can never commit. What it
+                # wrote late (after its fence) sits under its own names only.
+                await remove_attempt_objects(store, path, self._claim.attempt)
+                return False
             if claim.state == COMMITTED:
                 # The commit point was passed (an answer was lost); finish the commit.
                 self._claim, self._version = claim, current.version
                 await self._write_marker(path)
                 return True
             if claim.state in (REVOKED, DELETING) and claim.nonce != self._claim.nonce:
-                return False  # someone else fenced it and is deleting it
+                # Someone else fenced it and is deleting it; late writes of ours go too.
+                await remove_attempt_objects(store, path, self._claim.attempt)
+                return False
             tombstone = self._claim.next(REVOKED)
             version = await self._put_claim(tombstone, current.version)
             if version is not None:
@@ -490,7 +521,8 @@ class AtomicRenamePath(_ClaimedPath):
                 "step again"
             )
         try:
-            await self._store.rename(self._tmp, self._final)  # the commit point
+            # The commit point, conditional on this attempt's own claim version.
+            await self._store.rename(self._tmp, self._final, claim_version=self._version)
         except FileExistsError:
             raise FileExistsError(
                 f"{self._final} is already committed (another save finished first)"
@@ -525,8 +557,13 @@ class AtomicRenamePath(_ClaimedPath):
         await cls._require_marker(final_path, store)
 
 
-async def revoke_by_rename(store: Store, path: str) -> bool:
-    """Fences and deletes a directory on a rename store; False when it was already gone."""
+async def revoke_by_rename(store: Store, path: str, claim_version: str | None = None) -> bool:
+    """Fences and deletes a directory on a rename store; False when it was already gone.
+
+    With ``claim_version`` the rename (the fence) happens only while the
+    directory's claim is still that version (the one judged): a claim renewed
+    or changed since then wins, and nothing is renamed or deleted.
+    """
     path = path.rstrip("/")
     name = basename(path)
     if is_temporary_name(name) and name.split(TMP_INFIX, 1)[1].startswith("deleting-"):
@@ -534,7 +571,10 @@ async def revoke_by_rename(store: Store, path: str) -> bool:
     else:
         doomed = f"{final_name_of(path)}{TMP_INFIX}deleting-{uuid.uuid4().hex}"
         try:
-            await store.rename(path, doomed)
+            if claim_version is None:
+                await store.rename(path, doomed)
+            else:
+                await store.rename(path, doomed, claim_version=claim_version)
         except FileNotFoundError:
             return False
     await store.delete_prefix(doomed)

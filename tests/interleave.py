@@ -306,7 +306,7 @@ class ScheduledStore:
         for info in await self._request("list", prefix, act):
             yield info
 
-    async def rename(self, src: str, dst: str) -> None:
+    async def rename(self, src: str, dst: str, *, claim_version: str | None = None) -> None:
         raise NotImplementedError("the memory store has no atomic rename")
 
 

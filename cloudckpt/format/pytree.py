@@ -5,8 +5,11 @@ about a pytree item comes through :func:`parse_pytree`, which accepts exactly
 the shapes the writer produces (docs/FORMAT.md) and refuses anything else with
 :class:`~cloudckpt.errors.CorruptCheckpointError` naming the leaf:
 
-* keys stay inside the item: a zarr leaf ``i`` lives at ``arrays/<i>``, pack
-  objects are ``packs/<writer>.<n>`` with canonical decimal numbers;
+* keys stay inside the item and inside the attempt that wrote it: in format
+  2 a zarr leaf ``i`` lives at ``@<attempt>/arrays/<i>`` and pack objects are
+  ``@<attempt>/packs/<writer>.<n>`` (canonical decimal numbers), where
+  ``<attempt>`` is the document's own ``attempt``; format 1 (before per-attempt
+  names) has ``arrays/<i>`` and ``packs/<writer>.<n>``;
 * shapes, dtypes, zarr metadata, chunk grids and pack entries agree with each
   other (the zarr metadata must be what the writer derives from the leaf's
   shape, dtype and chunk shapes);
@@ -37,8 +40,11 @@ import numpy as np
 from cloudckpt.errors import CorruptCheckpointError
 from cloudckpt.handlers.pytree import layout
 
-#: Newest ``format`` of ``pytree.json`` this reader understands.
-PYTREE_FORMAT = 1
+#: Newest ``format`` of ``pytree.json`` this reader understands (and the one written):
+#: 2 names data objects after the attempt that wrote them, 1 did not.
+PYTREE_FORMAT = 2
+#: What an attempt id in a key may look like: one path component, no dots.
+_ATTEMPT = re.compile(r"[0-9A-Za-z_-]{1,64}")
 #: Deepest skeleton accepted (``flatten`` recurses too, so deeper trees cannot be saved).
 MAX_DEPTH = 512
 #: Most dimensions of an array (numpy's own limit is 64).
@@ -55,7 +61,6 @@ PY_TYPES = {"bool": "bool", "int": "int64", "float": "float64", "complex": "comp
 _INDEX_ENTRY_BYTES = 16
 _NUMBER = r"(?:0|[1-9][0-9]{0,9})"
 _PACK_OBJECT = re.compile(rf"packs/{_NUMBER}\.{_NUMBER}")
-_ARRAY_KEY = re.compile(rf"arrays/({_NUMBER})")
 
 
 # ------------------------------------------------------------------------------- records
@@ -157,6 +162,9 @@ class PytreeDocument:
     leaves: tuple[Leaf, ...]
     #: Exact size of every pack object, from its entries.
     pack_sizes: dict[str, int]
+    #: The attempt that wrote the item (format 2; None in format 1): every data
+    #: object key starts with ``@<attempt>/``.
+    attempt: str | None = None
 
 
 # ------------------------------------------------------------------------------- parsing
@@ -238,13 +246,22 @@ def parse_pytree(payload: Any, *, where: str) -> PytreeDocument:
         raise ValueError(f"{where} was written by a newer cloudckpt; upgrade to read it")
     try:
         _int(version, "format", low=1, high=PYTREE_FORMAT)
+        attempt = payload.get("attempt")
+        if version == 1:
+            if attempt is not None:
+                raise _Refuse("a format 1 document has no attempt")
+            prefix = ""
+        elif type(attempt) is not str or not _ATTEMPT.fullmatch(attempt):
+            raise _Refuse(f"attempt must be an attempt id, got {_short(attempt)}")
+        else:
+            prefix = f"@{attempt}/"
         shardings = _list(payload.get("shardings"), "shardings")
         for s in shardings:
             _check_sharding(s)
         raw_leaves = _list(payload.get("leaves"), "leaves")
         pack_sizes: dict[str, int] = {}
         leaves = tuple(
-            _leaf(i, raw, len(shardings), pack_sizes) for i, raw in enumerate(raw_leaves)
+            _leaf(i, raw, len(shardings), pack_sizes, prefix) for i, raw in enumerate(raw_leaves)
         )
         skeleton = _dict(payload.get("skeleton"), "skeleton")
         _check_skeleton(skeleton, len(leaves))
@@ -252,7 +269,7 @@ def parse_pytree(payload: Any, *, where: str) -> PytreeDocument:
         raise CorruptCheckpointError(
             f"{where} is corrupt: {exc}. It is not what cloudckpt writes; restore another step"
         ) from None
-    return PytreeDocument(version, skeleton, shardings, leaves, pack_sizes)
+    return PytreeDocument(version, skeleton, shardings, leaves, pack_sizes, attempt)
 
 
 def _check_sharding(s: Any) -> None:
@@ -278,7 +295,7 @@ def _check_sharding(s: Any) -> None:
     raise _Refuse(f"sharding {_short(s)} is not a sharding description")
 
 
-def _leaf(i: int, raw: Any, n_shardings: int, pack_sizes: dict[str, int]) -> Leaf:
+def _leaf(i: int, raw: Any, n_shardings: int, pack_sizes: dict[str, int], prefix: str) -> Leaf:
     try:
         raw = _dict(raw, "the record")
         path = raw.get("path")
@@ -313,7 +330,7 @@ def _leaf(i: int, raw: Any, n_shardings: int, pack_sizes: dict[str, int]) -> Lea
             kind != "jax" or type(prng_impl) is not str or not _IMPL_NAME.fullmatch(prng_impl)
         ):
             raise _Refuse(f"prng_impl {_short(prng_impl)} is not a key implementation name")
-        storage = _storage(i, raw.get("storage"), shape, dtype, nbytes, pack_sizes)
+        storage = _storage(i, raw.get("storage"), shape, dtype, nbytes, pack_sizes, prefix)
         return Leaf(i, path, kind, None, dtype, name, shape, sharding, py_type, storage, prng_impl)
     except _Refuse as exc:
         path = raw.get("path") if type(raw) is dict else None
@@ -321,7 +338,13 @@ def _leaf(i: int, raw: Any, n_shardings: int, pack_sizes: dict[str, int]) -> Lea
 
 
 def _storage(
-    i: int, raw: Any, shape: tuple[int, ...], dtype: np.dtype, nbytes: int, sizes: dict[str, int]
+    i: int,
+    raw: Any,
+    shape: tuple[int, ...],
+    dtype: np.dtype,
+    nbytes: int,
+    sizes: dict[str, int],
+    prefix: str,
 ) -> Storage:
     raw = _dict(raw, "storage")
     kind = raw.get("type")
@@ -330,14 +353,14 @@ def _storage(
     if kind == "empty":
         return EmptyStorage()
     if kind == "packed":
-        return _packed(raw.get("entries"), shape, dtype, sizes)
+        return _packed(raw.get("entries"), shape, dtype, sizes, prefix)
     if kind == "zarr":
-        return _zarr(i, raw.get("key"), raw.get("metadata"), shape, dtype)
+        return _zarr(i, raw.get("key"), raw.get("metadata"), shape, dtype, prefix)
     raise _Refuse(f"unknown storage type {_short(kind)}")
 
 
 def _packed(
-    raw: Any, shape: tuple[int, ...], dtype: np.dtype, sizes: dict[str, int]
+    raw: Any, shape: tuple[int, ...], dtype: np.dtype, sizes: dict[str, int], prefix: str
 ) -> PackedStorage:
     entries = []
     for item in _list(raw, "entries"):
@@ -346,8 +369,14 @@ def _packed(
                 f"a pack entry must be [object, offset, nbytes, index], got {_short(item)}"
             )
         obj, offset, nbytes, index = item
-        if type(obj) is not str or not _PACK_OBJECT.fullmatch(obj):
-            raise _Refuse(f"pack object must be named packs/<writer>.<n>, got {_short(obj)}")
+        if (
+            type(obj) is not str
+            or not obj.startswith(prefix)
+            or not _PACK_OBJECT.fullmatch(obj, len(prefix))
+        ):
+            raise _Refuse(
+                f"pack object must be named {prefix}packs/<writer>.<n>, got {_short(obj)}"
+            )
         offset = _int(offset, "pack entry offset")
         ranges = _list(index, "pack entry index")
         if len(ranges) != len(shape):
@@ -396,9 +425,11 @@ def _check_tiling(regions: list[layout.Index], shape: tuple[int, ...]) -> None:
             raise _Refuse("pack entries overlap or leave part of the array uncovered")
 
 
-def _zarr(i: int, key: Any, raw: Any, shape: tuple[int, ...], dtype: np.dtype) -> ZarrStorage:
-    if key != f"arrays/{i}":
-        raise _Refuse(f"zarr key must be 'arrays/{i}', got {_short(key)}")
+def _zarr(
+    i: int, key: Any, raw: Any, shape: tuple[int, ...], dtype: np.dtype, prefix: str
+) -> ZarrStorage:
+    if key != f"{prefix}arrays/{i}":
+        raise _Refuse(f"zarr key must be '{prefix}arrays/{i}', got {_short(key)}")
     meta = _dict(raw, "zarr metadata")
     if not shape:
         raise _Refuse("zarr storage for a zero-dimensional array")

@@ -25,7 +25,7 @@ from cloudckpt.format import jsonio as _jsonio
 from cloudckpt.format import pytree as _document
 from cloudckpt.format.pytree import PytreeDocument
 from cloudckpt.handlers.args import CheckpointArgs
-from cloudckpt.handlers.base import AsyncCheckpointHandler
+from cloudckpt.handlers.base import AsyncCheckpointHandler, save_attempt
 from cloudckpt.handlers.pytree import backing as _backing
 from cloudckpt.handlers.pytree.budget import ByteBudget
 from cloudckpt.handlers.pytree.plan import PlanOptions, plan_save
@@ -105,6 +105,7 @@ class StandardCheckpointHandler(AsyncCheckpointHandler):
             inner_chunk_bytes=self.inner_chunk_bytes,
             primary_host=self._primary_host,
             members=self._members,
+            attempt=save_attempt(),
         )
 
     def async_save(self, directory: StoragePath, args: CheckpointArgs) -> Sequence[Awaitable[None]]:

@@ -219,8 +219,10 @@ class PackEntry:
         return [self.obj, self.offset, self.nbytes, [list(r) for r in self.index]]
 
 
-def pack_layout(shards: list[tuple[int, Shard]], max_object_bytes: int) -> list[PackEntry]:
-    """Assigns packed shards (leaf id, shard) to objects ``packs/<writer>.<n>``, in order."""
+def pack_layout(
+    shards: list[tuple[int, Shard]], max_object_bytes: int, prefix: str = ""
+) -> list[PackEntry]:
+    """Assigns packed shards (leaf id, shard) to objects ``<prefix>packs/<writer>.<n>``, in order."""
     fill: dict[int, tuple[int, int]] = {}  # writer -> (object number, bytes used)
     out = []
     for leaf, shard in shards:
@@ -233,7 +235,7 @@ def pack_layout(shards: list[tuple[int, Shard]], max_object_bytes: int) -> list[
                 leaf,
                 shard.index,
                 shard.writer,
-                f"packs/{shard.writer}.{number}",
+                f"{prefix}packs/{shard.writer}.{number}",
                 used,
                 shard.nbytes,
             )

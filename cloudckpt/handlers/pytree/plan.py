@@ -30,6 +30,8 @@ class PlanOptions:
     inner_chunk_bytes: int
     primary_host: int = 0
     members: tuple[int, ...] = ()
+    #: The save attempt: every data object is named under ``@<attempt>/`` (docs/FORMAT.md).
+    attempt: str = ""
 
 
 def _describe_sharding(sharding: Any) -> dict[str, Any] | None:
@@ -64,6 +66,7 @@ class SavePlan:
     packs: dict[str, np.ndarray] = field(default_factory=dict)  # this process's pack objects
     pack_entries: list[layout.PackEntry] = field(default_factory=list)
     nbytes: int = 0
+    attempt: str = ""
 
 
 def _on_cpu(array: jax.Array) -> bool:
@@ -149,7 +152,8 @@ def _check_savable(leaves: list[tuple[str, Any]]) -> None:
 
 
 def plan_save(tree: Any, opts: PlanOptions) -> SavePlan:
-    plan = SavePlan()
+    plan = SavePlan(attempt=opts.attempt)
+    prefix = f"@{opts.attempt}/" if opts.attempt else ""
     leaves, plan.skeleton = flatten(tree)
     _check_savable(leaves)
     me = jax.process_index()
@@ -207,7 +211,7 @@ def plan_save(tree: Any, opts: PlanOptions) -> SavePlan:
             inner = layout.split_to_fit(chunk, dtype.itemsize, opts.inner_chunk_bytes)
             meta = layout.zarr_metadata(shape, stored, chunk, inner)
             plan.zarr_specs[i] = meta
-            entry["storage"] = {"type": "zarr", "key": f"arrays/{i}", "metadata": meta}
+            entry["storage"] = {"type": "zarr", "key": f"{prefix}arrays/{i}", "metadata": meta}
             to_pack = False
         own = [s.index for s in shards if s.writer == me]
         if not own:
@@ -227,7 +231,7 @@ def plan_save(tree: Any, opts: PlanOptions) -> SavePlan:
                 f"the layout assigns it {sorted(own)}; please report this sharding"
             )
         pending_copies.extend((i, idx, by_index[idx], to_pack) for idx in own)
-    plan.pack_entries = layout.pack_layout(packed_shards, opts.max_object_bytes)
+    plan.pack_entries = layout.pack_layout(packed_shards, opts.max_object_bytes, prefix)
     slots: dict[tuple[int, layout.Index], layout.PackEntry] = {}
     sizes: dict[str, int] = {}
     for e in plan.pack_entries:

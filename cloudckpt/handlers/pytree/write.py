@@ -39,7 +39,7 @@ async def write_plan(
         if leaf not in stores:
             spec = {
                 "driver": "zarr3",
-                "kvstore": (directory / f"arrays/{leaf}").kvstore_spec(),
+                "kvstore": (directory / plan.leaves_json[leaf]["storage"]["key"]).kvstore_spec(),
                 "metadata": plan.zarr_specs[leaf],
                 "store_data_equal_to_fill_value": True,
             }
@@ -75,6 +75,7 @@ async def write_plan(
     if primary:
         document = {
             "format": PYTREE_FORMAT,
+            "attempt": plan.attempt,
             "skeleton": plan.skeleton,
             "shardings": plan.shardings,
             "leaves": plan.leaves_json,
