@@ -27,6 +27,7 @@ from atomicity.discovery import (
 )
 from atomicity.errors import ClaimLostError, OutcomeUnknownError, ValidationError
 from atomicity.paths import (
+    ATTEMPT_ID,
     ATTEMPT_TAG,
     CLAIM_NAME,
     MARKER_NAME,
@@ -48,6 +49,7 @@ from atomicity.paths import (
 from atomicity.store import ObjectInfo, Store, Versioned, join
 
 __all__ = [
+    "ATTEMPT_ID",
     "ATTEMPT_TAG",
     "CLAIM_NAME",
     "COMMITTED",

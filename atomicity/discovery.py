@@ -65,17 +65,13 @@ class ChildInfo:
     _has_marker: bool = field(default=False, repr=False)
     #: Attempt tags (``@<attempt>``) of the objects under it.
     attempts: set[str] = field(default_factory=set, repr=False)
+    _debris: bool = field(default=False, repr=False)
 
     @property
     def ours(self) -> bool:
-        # Objects under an attempt id's tag alone (late writes that landed after an
-        # explicit delete) make a child ours too; other ``@`` names are someone else's.
-        return (
-            self._has_marker
-            or self.has_claim
-            or is_temporary_name(self.name)
-            or any(ATTEMPT_ID.fullmatch(tag) for tag in self.attempts)
-        )
+        # Objects under an item's attempt-id tag alone (late writes that landed after
+        # an explicit delete) make a child ours too; other ``@`` names are someone else's.
+        return self._has_marker or self.has_claim or is_temporary_name(self.name) or self._debris
 
 
 async def scan(store: Store, root: str) -> list[ChildInfo]:
@@ -107,6 +103,12 @@ async def scan(store: Store, root: str) -> list[ChildInfo]:
             tag = attempt_of(rest)
             if tag is not None:
                 child.attempts.add(tag)
+                # ``<child>/<item>/@<attempt id>/...`` is what handlers write: a child
+                # holding only such objects is a save's debris. (One level up, a step
+                # scanned as if it were a root, ``<item>/@<id>/...`` is not a step.)
+                parts = rest.split("/", 2)
+                if len(parts) == 3 and parts[1] == f"{ATTEMPT_TAG}{tag}":
+                    child._debris = child._debris or bool(ATTEMPT_ID.fullmatch(tag))
     out = []
     for child in children.values():
         child.committed = child._has_marker and not is_temporary_name(child.name)
@@ -229,7 +231,7 @@ async def _roll_forward(
     return Settlement(False, why, claim, rolled_forward=True)
 
 
-async def sweep_fenced(store: Store, child: ChildInfo) -> list[str]:
+async def sweep_fenced(store: Store, child: ChildInfo, *, dry_run: bool = False) -> list[str]:
     """Deletes what fenced attempts wrote late into the committed step ``child``.
 
     A writer paused past its fence may still put objects after another
@@ -239,7 +241,7 @@ async def sweep_fenced(store: Store, child: ChildInfo) -> list[str]:
     attempt). The claim is read, the step listed, the claim read again: an
     explicit delete and a new save in between change its version, and then
     nothing is deleted. Exactly the listed keys of other attempts go.
-    Returns the deleted paths.
+    Returns the deleted paths (with ``dry_run``, those that would be).
     """
     if not child.committed or len(child.attempts) < 2:
         return []
@@ -255,8 +257,8 @@ async def sweep_fenced(store: Store, child: ChildInfo) -> list[str]:
         tag = attempt_of(info.path[start:])
         if tag is not None and tag != owner:
             doomed.append(info.path)
-    if not doomed:
-        return []
+    if not doomed or dry_run:
+        return doomed
     again = await store.get_versioned(join(child.path, CLAIM_NAME))
     if again is None or again.version != current.version:
         return []

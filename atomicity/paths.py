@@ -157,7 +157,9 @@ def attempt_of(relative: str) -> str | None:
     return None
 
 
-async def _garbage(store: Store, path: str, version: str, keep_attempt: str | None) -> list[str]:
+async def _garbage(
+    store: Store, path: str, version: str, keep_attempt: str | None
+) -> tuple[list[str], dict[str, str]]:
     """Objects under ``path`` to delete, for the holder of claim ``version``.
 
     Listed first, then the claim is read back: if it is no longer ``version``
@@ -165,19 +167,43 @@ async def _garbage(store: Store, path: str, version: str, keep_attempt: str | No
     everything there may be the new holder's. Otherwise every listed object
     goes except the claim and the objects of ``keep_attempt`` (a writer
     clearing its step keeps its own). An object written after the listing is
-    never deleted; one written by a later holder under the same name as a
-    listed one (fixed, untagged names) can be: that holder needed this
-    caller's tombstone to be stale first (see docs/FORMAT.md, I5).
+    never deleted. Objects under an attempt's tag are never written again by
+    anyone else, so their listed keys are deleted as they are. Untagged
+    objects (the documents whose names stay fixed: step metadata,
+    ``pytree.json``, ``data.json``) are read with their version before the
+    claim is read back, and returned in the second value: the caller deletes
+    them conditionally on that version, so that a later holder's document of
+    the same name (written after this caller's tombstone went stale) is kept
+    where the store honours conditional deletes (see docs/FORMAT.md, I5).
+    Steps without any tagged object (format 1) keep plain deletes.
     """
     keep = join(path, CLAIM_NAME)
     start = len(path.rstrip("/")) + 1
     listed = [info.path async for info in store.list_prefix(path) if info.path != keep]
     if not listed:
-        return []
+        return [], {}
+    tags = {p: attempt_of(p[start:]) for p in listed}
+    doomed = [p for p in listed if keep_attempt is None or tags[p] != keep_attempt]
+    versions: dict[str, str] = {}
+    if any(tag is not None for tag in tags.values()):
+        # One by one: a step holds a few documents (step metadata, one per item).
+        for p in doomed:
+            if tags[p] is None:
+                found = await store.get_versioned(p)
+                if found is not None:
+                    versions[p] = found.version
+        doomed = [p for p in doomed if tags[p] is not None or p in versions]
     current = await store.get_versioned(keep)
     if current is None or current.version != version:
-        return []
-    return [p for p in listed if keep_attempt is None or attempt_of(p[start:]) != keep_attempt]
+        return [], {}
+    return [p for p in doomed if p not in versions], versions
+
+
+async def _delete_garbage(store: Store, garbage: tuple[list[str], dict[str, str]]) -> None:
+    plain, versioned = garbage
+    await store.delete_many(plain)
+    for path, version in versioned.items():
+        await store.delete_versioned(path, version)
 
 
 async def remove_attempt_objects(store: Store, path: str, attempt: str) -> int:
@@ -197,6 +223,26 @@ async def remove_attempt_objects(store: Store, path: str, attempt: str) -> int:
     return len(mine)
 
 
+async def remove_debris(store: Store, path: str, claim: Claim) -> bool:
+    """Fences and deletes whatever sits under the claimless ``path`` (a fenced attempt's
+    late writes, an interrupted deletion), unless a writer claims it meanwhile.
+
+    The fence is a ``revoked`` claim created create-only: a writer that claimed
+    the step first wins and nothing is deleted. Returns whether it deleted.
+    """
+    listed = [info.path async for info in store.list_prefix(path)]
+    if not listed or join(path, MARKER_NAME) in listed:
+        return False  # nothing there, or a committed step (one without a claim): left alone
+    tombstone = Claim.new(claim.grace_s, claim.attempt).next(REVOKED)
+    version = await store.put_versioned(
+        join(path, CLAIM_NAME), tombstone.to_bytes(), if_version=None
+    )
+    if version is None:
+        return False
+    await _delete_fenced(store, path, version)
+    return True
+
+
 async def delete_stale(store: Store, path: str) -> None:
     """Deletes the objects under ``path``, the claim last (so an interruption stays recognisable).
 
@@ -211,7 +257,7 @@ async def delete_stale(store: Store, path: str) -> None:
 
 async def _delete_fenced(store: Store, path: str, version: str) -> None:
     """Deletes ``path`` whose claim is the tombstone ``version`` this caller wrote."""
-    await store.delete_many(await _garbage(store, path, version, None))
+    await _delete_garbage(store, await _garbage(store, path, version, None))
     # Conditional where the store can: a writer that took over the tombstone keeps its claim.
     await store.delete_versioned(join(path, CLAIM_NAME), version)
 
@@ -393,8 +439,9 @@ class CommitMarkerPath(_ClaimedPath):
         # Whatever a stale attempt or an interrupted deletion left behind must
         # not survive into this checkpoint; the attempt that wrote it is fenced.
         assert self._version is not None
-        await self._store.delete_many(
-            await _garbage(self._store, self._final, self._version, self._claim.attempt)
+        await _delete_garbage(
+            self._store,
+            await _garbage(self._store, self._final, self._version, self._claim.attempt),
         )
 
     async def finalize(self) -> None:
@@ -438,9 +485,13 @@ class CommitMarkerPath(_ClaimedPath):
         store, path = self._store, self._final
         for _ in range(5):
             claim, current = await read_versioned_claim(store, path)
-            if current is None or claim is None or claim.attempt != self._claim.attempt:
-                # Taken over or cleaned up: this attempt can never commit. What it
-                # wrote late (after its fence) sits under its own names only.
+            if current is None:
+                # Cleaned up: this attempt can never commit. Whatever it wrote late
+                # (after its fence) is removed the way clean-up removes claimless debris.
+                await remove_debris(store, path, self._claim)
+                return False
+            if claim is None or claim.attempt != self._claim.attempt:
+                # Taken over: what it wrote late sits under its own names only.
                 await remove_attempt_objects(store, path, self._claim.attempt)
                 return False
             if claim.state == COMMITTED:
