@@ -206,6 +206,8 @@ def _tally(run: Run) -> None:
     STATS["schedules"] += 1
     STATS["steps"] += len(run.trace)
     STATS["checks"] += 5
+    STATS["lone documents left"] += int(MARKER_NAME not in run.final and DOCUMENT in run.final)
+    STATS["late writes"] += sum(1 for s in run.trace if "~" in s[0])
     for out in run.outcomes:
         STATS[f"{out.actor} {out.result}"] += 1
 
@@ -290,8 +292,10 @@ def test_schedules_random_with_faults_and_timeouts() -> None:
     asyncio.run(batch())
     print(
         f"\n[explorer] {N_RANDOM} random schedules in {time.monotonic() - start:.0f}s, "
-        f"{STATS['steps']} scheduled requests; outcomes {dict(outcomes)}"
+        f"{STATS['steps']} scheduled requests, {STATS['late writes']} late data writes landed, "
+        f"{STATS['lone documents left']} lone fixed-name documents left; outcomes {dict(outcomes)}"
     )
+    assert STATS["late writes"] > 0
     assert outcomes["W1=committed"] + outcomes["W2=committed"] > 0
     assert outcomes["W1=timed out"] > 0 and outcomes["W1=committed"] > 0
     assert outcomes["W1=failed"] + outcomes["W2=failed"] > 0
