@@ -363,7 +363,13 @@ async def cmd_gc(args: argparse.Namespace, con: Console) -> None:
         "swept": "swept",
     }
     rows = [
-        [labels.get(e.action, e.action), e.url, f"{e.n_objects} objects", human_bytes(e.nbytes), e.reason]
+        [
+            labels.get(e.action, e.action),
+            e.url,
+            f"{e.n_objects} objects",
+            human_bytes(e.nbytes),
+            e.reason,
+        ]
         for e in report.entries
     ]
     for line in _table(rows) if rows else []:
