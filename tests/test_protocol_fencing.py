@@ -124,9 +124,9 @@ class PausingStore:
         await self._at("delete_prefix")
         await self.b.delete_prefix(prefix)
 
-    async def rename(self, src: str, dst: str) -> None:
+    async def rename(self, src: str, dst: str, *, claim_version: str | None = None) -> None:
         await self._at("rename")
-        await self.b.rename(src, dst)
+        await self.b.rename(src, dst, claim_version=claim_version)
 
 
 @pytest.fixture(params=["memory", "s3", "gcs"])

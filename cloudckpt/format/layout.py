@@ -18,6 +18,7 @@ shardings) lives in :mod:`cloudckpt.handlers.pytree.layout`.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import dataclass
@@ -91,6 +92,17 @@ def full_index(shape: tuple[int, ...]) -> Index:
 
 
 # ----------------------------------------------------------------------------------- zarr
+def tiles(regions: list[Index], shape: tuple[int, ...]) -> bool:
+    """Whether non-empty ``regions`` tile ``shape`` exactly: a grid, no overlap, no gap."""
+    if len(regions) == 1:  # the common case: one shard, the whole array
+        return regions[0] == full_index(shape)
+    cuts = [sorted({0, n} | {x for r in regions for x in r[d]}) for d, n in enumerate(shape)]
+    cells = [set(itertools.pairwise(c)) for c in cuts]
+    if len(set(regions)) != len(regions) or math.prod(len(c) for c in cells) != len(regions):
+        return False
+    return all(r in c for region in regions for r, c in zip(region, cells, strict=True))
+
+
 def storage_dtype(dtype: np.dtype) -> np.dtype:
     """The dtype an array is stored as: itself, or an unsigned int of its width."""
     if dtype.name in ZARR_DTYPES:
