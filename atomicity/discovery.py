@@ -165,6 +165,9 @@ async def _scan_children(
     assert isinstance(store, ChildLister)
     names = await store.list_children(root)
     limit = asyncio.Semaphore(CHECKS_IN_FLIGHT)
+    # Where a step is committed by rename, a fenced attempt writes only under its own
+    # temporary name (recognised by name): no tags to look for.
+    tags = tags and not store.supports_atomic_rename
 
     async def find_tags(child: ChildInfo) -> None:
         # ``<child>/@<attempt>/`` and ``<child>/<item>/@<attempt>/``: where attempt_of looks.
