@@ -5,15 +5,16 @@ and the tools; which process writes which shard (planning from jax
 shardings) lives in :mod:`cloudckpt.handlers.pytree.layout`.
 
 * An *index* is a region of an array: ``(start, stop)`` per dimension.
-* A large leaf is a zarr v3 array (``arrays/<leaf>``) stored uncompressed,
-  with crc32c on every chunk and, when chunks are divided into inner chunks
-  (the ``sharding_indexed`` codec), on the shard index. Dtypes zarr lacks
+* A large leaf is a zarr v3 array (``@<attempt>/arrays/<leaf>``; format 1:
+  ``arrays/<leaf>``) stored uncompressed, with crc32c on every chunk and,
+  when chunks are divided into inner chunks (the ``sharding_indexed``
+  codec), on the shard index. Dtypes zarr lacks
   are stored as the unsigned integer of their width.
 * A small leaf is stored as *pack entries*: ``[object, offset, nbytes,
   index]`` in ``pytree.json``; the entry's bytes (C order, little-endian) lie
-  at ``offset`` in the pack object ``packs/<writer>.<n>``, followed by 4 bytes
-  of crc32c (little-endian), and the entries of one object lie back to back
-  from offset 0.
+  at ``offset`` in the pack object ``@<attempt>/packs/<writer>.<n>``,
+  followed by 4 bytes of crc32c (little-endian), and the entries of one
+  object lie back to back from offset 0.
 """
 
 from __future__ import annotations

@@ -65,7 +65,7 @@ _PACK_OBJECT = re.compile(rf"packs/{_NUMBER}\.{_NUMBER}")
 # ------------------------------------------------------------------------------- records
 @dataclass(frozen=True)
 class ZarrStorage:
-    """A leaf stored as a zarr v3 array at ``key`` (``arrays/<leaf>``), uncompressed."""
+    """A leaf stored as a zarr v3 array at ``key`` (``@<attempt>/arrays/<leaf>``), uncompressed."""
 
     key: str
     metadata: dict[str, Any]
