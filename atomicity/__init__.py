@@ -25,6 +25,7 @@ from atomicity.discovery import (
     read_claim,
     scan,
     settle,
+    sweep_fenced,
 )
 from atomicity.errors import ClaimLostError, OutcomeUnknownError, ValidationError
 from atomicity.paths import (
@@ -34,9 +35,11 @@ from atomicity.paths import (
     delete_stale,
     judge,
     read_versioned_claim,
+    remove_attempt_objects,
 )
 from atomicity.store import ChildLister, ObjectInfo, Store, Versioned, join
 from atomicity.types import (
+    ATTEMPT_ID,
     ATTEMPT_TAG,
     CLAIM_NAME,
     MARKER_NAME,
@@ -50,6 +53,7 @@ from atomicity.types import (
 )
 
 __all__ = [
+    "ATTEMPT_ID",
     "ATTEMPT_TAG",
     "CLAIM_NAME",
     "COMMITTED",
@@ -89,6 +93,8 @@ __all__ = [
     "marker_attempt",
     "read_claim",
     "read_versioned_claim",
+    "remove_attempt_objects",
     "scan",
     "settle",
+    "sweep_fenced",
 ]

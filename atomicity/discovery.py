@@ -32,19 +32,23 @@ from atomicity.paths import (
     CLAIM_NAME,
     MARKER_NAME,
     TMP_INFIX,
-    _delete_fenced,
     is_temporary_name,
     judge,
     marker_bytes,
     read_versioned_claim,
     revoke_by_rename,
 )
+from atomicity.removal import _delete_fenced
 from atomicity.store import ChildLister, Store, Versioned, join
+from atomicity.types import ATTEMPT_ID, ATTEMPT_TAG, attempt_of
 
 logger = logging.getLogger(__name__)
 
 #: Existence checks in flight at once while scanning a root (one or two per child).
 CHECKS_IN_FLIGHT = 32
+#: Items of one child whose attempt tags a delimiter scan looks for (``tags=True``);
+#: cloudckpt's steps hold a few items, and a child with more is listed no further.
+MAX_TAGGED_ITEMS = 64
 
 
 @dataclass
@@ -71,14 +75,24 @@ class ChildInfo:
     nbytes: int | None = None
     mtime: float | None = None
     _has_marker: bool = field(default=False, repr=False)
+    #: Attempt tags (``@<attempt>``) of the objects under it.
+    attempts: set[str] = field(default_factory=set, repr=False)
+    _debris: bool = field(default=False, repr=False)
 
     @property
     def ours(self) -> bool:
-        return self._has_marker or self.has_claim or is_temporary_name(self.name)
+        # Objects under an item's attempt-id tag alone (late writes that landed after
+        # an explicit delete) make a child ours too; other ``@`` names are someone else's.
+        return self._has_marker or self.has_claim or is_temporary_name(self.name) or self._debris
 
 
 async def scan(
-    store: Store, root: str, *, sizes: bool = False, keep_foreign: bool = False
+    store: Store,
+    root: str,
+    *,
+    sizes: bool = False,
+    keep_foreign: bool = False,
+    tags: bool = False,
 ) -> list[ChildInfo]:
     """The checkpoint-like children of ``root``, sorted by name.
 
@@ -88,11 +102,15 @@ async def scan(
     ``sizes``, or on a store without a delimiter listing: one recursive
     listing of the root, which fills them in. ``keep_foreign`` also returns
     children that are not cloudckpt's (``ours`` is False), for callers that
-    recognise other writers' steps (Orbax).
+    recognise other writers' steps (Orbax). ``tags`` (clean-up) also finds the
+    attempt tags under each child (``ChildInfo.attempts``, and children that
+    hold nothing but a fenced attempt's late writes): a recursive listing
+    has them anyway; a delimiter scan adds one delimiter listing per child
+    and one per item of it (per item, never per object).
     """
     root = root.rstrip("/")
     if not sizes and isinstance(store, ChildLister):
-        return await _scan_children(store, root, keep_foreign=keep_foreign)
+        return await _scan_children(store, root, keep_foreign=keep_foreign, tags=tags)
     children: dict[str, ChildInfo] = {}
     prefix_len = len(root) + 1
     async for info in store.list_prefix(root):
@@ -117,6 +135,16 @@ async def scan(
             child._has_marker = True
         elif rest == CLAIM_NAME:
             child.has_claim = True
+        elif ATTEMPT_TAG in rest:
+            tag = attempt_of(rest)
+            if tag is not None:
+                child.attempts.add(tag)
+                # ``<child>/<item>/@<attempt id>/...`` is what handlers write: a child
+                # holding only such objects is a save's debris. (One level up, a step
+                # scanned as if it were a root, ``<item>/@<id>/...`` is not a step.)
+                parts = rest.split("/", 2)
+                if len(parts) == 3 and parts[1] == f"{ATTEMPT_TAG}{tag}":
+                    child._debris = child._debris or _is_item_tag(parts[0], tag)
     out = []
     for child in children.values():
         child.committed = child._has_marker and not is_temporary_name(child.name)
@@ -125,11 +153,34 @@ async def scan(
     return sorted(out, key=lambda c: c.name)
 
 
-async def _scan_children(store: Store, root: str, *, keep_foreign: bool) -> list[ChildInfo]:
+def _is_item_tag(item: str, tag: str) -> bool:
+    """Whether ``<item>/@<tag>/`` is what cloudckpt's handlers write (an attempt id under an item)."""
+    return not item.startswith(ATTEMPT_TAG) and bool(ATTEMPT_ID.fullmatch(tag))
+
+
+async def _scan_children(
+    store: Store, root: str, *, keep_foreign: bool, tags: bool = False
+) -> list[ChildInfo]:
     """``scan`` from a delimiter listing and exact-key checks (see ``scan``)."""
     assert isinstance(store, ChildLister)
     names = await store.list_children(root)
     limit = asyncio.Semaphore(CHECKS_IN_FLIGHT)
+    # Where a step is committed by rename, a fenced attempt writes only under its own
+    # temporary name (recognised by name): no tags to look for.
+    tags = tags and not store.supports_atomic_rename
+
+    async def find_tags(child: ChildInfo) -> None:
+        # ``<child>/@<attempt>/`` and ``<child>/<item>/@<attempt>/``: where attempt_of looks.
+        items = await store.list_children(child.path)
+        for item in items[:MAX_TAGGED_ITEMS]:
+            if item.startswith(ATTEMPT_TAG):
+                if len(item) > 1:
+                    child.attempts.add(item[1:])
+                continue
+            for sub in await store.list_children(join(child.path, item)):
+                if sub.startswith(ATTEMPT_TAG) and len(sub) > 1:
+                    child.attempts.add(sub[1:])
+                    child._debris = child._debris or _is_item_tag(item, sub[1:])
 
     async def check(name: str) -> ChildInfo:
         child = ChildInfo(name=name, path=join(root, name))
@@ -139,6 +190,9 @@ async def _scan_children(store: Store, root: str, *, keep_foreign: bool) -> list
                 child._has_marker = await store.exists(join(child.path, MARKER_NAME))
             if not child._has_marker:
                 child.has_claim = await store.exists(join(child.path, CLAIM_NAME))
+            if tags and (child._has_marker or not child.has_claim) and not is_temporary_name(name):
+                # Committed (late writes to sweep) or neither (a fenced attempt's debris?).
+                await find_tags(child)
         child.committed = child._has_marker and not is_temporary_name(name)
         return child
 
@@ -214,10 +268,12 @@ async def settle(
     if store.supports_atomic_rename:
         # Every attempt has its own directory: renaming it away is the fence
         # (its writer's final rename of the same directory then fails).
-        if not await revoke_by_rename(store, child.path):
-            # Gone before the rename: its writer committed it (renamed it) or another
-            # clean-up removed it; either way nothing was deleted here.
-            return Settlement(False, "gone or committed meanwhile", claim)
+        version = current.version if current is not None else None
+        if not await revoke_by_rename(store, child.path, claim_version=version):
+            # Gone before the rename (its writer committed it, or another clean-up
+            # removed it), or its claim changed since it was judged (renewed): either
+            # way nothing was renamed or deleted here.
+            return Settlement(False, "renewed, gone or committed meanwhile: left alone", claim)
         return Settlement(True, why, claim)
     fence = Claim.new(claim.grace_s if claim else 60.0, claim.attempt if claim else None).next(
         REVOKED
@@ -260,6 +316,42 @@ async def _roll_forward(
     return Settlement(False, why, claim, rolled_forward=True)
 
 
+async def sweep_fenced(store: Store, child: ChildInfo, *, dry_run: bool = False) -> list[str]:
+    """Deletes what fenced attempts wrote late into the committed step ``child``.
+
+    A writer paused past its fence may still put objects after another
+    attempt committed the step; they carry their own attempt's tag, never
+    the committed one's, and are never referenced. Only steps whose listing
+    shows more than one tag are read (their claim names the committed
+    attempt). The claim is read, the step listed, the claim read again: an
+    explicit delete and a new save in between change its version, and then
+    nothing is deleted. Exactly the listed keys of other attempts go.
+    Returns the deleted paths (with ``dry_run``, those that would be).
+    """
+    if not child.committed or len(child.attempts) < 2:
+        return []
+    claim, current = await read_versioned_claim(store, child.path)
+    if claim is None or current is None or claim.state != COMMITTED:
+        return []
+    owner = claim.attempt
+    if owner not in child.attempts:
+        return []  # not written with tags (an older format): nothing to tell apart
+    start = len(child.path) + 1
+    doomed = []
+    async for info in store.list_prefix(child.path):
+        tag = attempt_of(info.path[start:])
+        if tag is not None and tag != owner:
+            doomed.append(info.path)
+    if not doomed or dry_run:
+        return doomed
+    again = await store.get_versioned(join(child.path, CLAIM_NAME))
+    if again is None or again.version != current.version:
+        return []
+    await store.delete_many(doomed)
+    logger.info("removed %d late object(s) of fenced attempts from %s", len(doomed), child.path)
+    return doomed
+
+
 async def is_abandoned(store: Store, child: ChildInfo, now_ns: int | None = None) -> bool:
     """Whether an uncommitted child can be deleted without harming a live writer (no action)."""
     return (await settle(store, child, dry_run=True)).deleted
@@ -270,10 +362,15 @@ async def cleanup_uncommitted(store: Store, root: str, *, include_live: bool = F
 
     Children whose claim is still live (renewed within its grace period by the
     store's clock, owner not known gone) are spared unless ``include_live``;
-    committed children and committed claims are never touched.
+    committed children and committed claims are never touched, except that
+    late objects of fenced attempts are swept out of them (:func:`sweep_fenced`).
     """
     deleted = []
-    children = await list_uncommitted(store, root)
+    everything = await scan(store, root, tags=True)
+    for child in everything:
+        if child.committed:
+            await sweep_fenced(store, child)
+    children = [c for c in everything if not c.committed]
     if not children:
         return deleted
     now = await store.now(join(root, CLAIM_NAME))

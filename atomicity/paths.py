@@ -14,6 +14,14 @@ from typing import ClassVar, Self
 
 from atomicity.claims import COMMITTED, DEFAULT_GRACE_S, DELETING, REVOKED, WRITING, Claim
 from atomicity.errors import ClaimLostError, OutcomeUnknownError, ValidationError
+from atomicity.removal import (
+    _delete_fenced,
+    _delete_garbage,
+    _garbage,
+    delete_stale,
+    remove_attempt_objects,
+    remove_debris,
+)
 from atomicity.store import Store, Versioned, basename, join
 from atomicity.types import (
     ATTEMPT_TAG,
@@ -41,48 +49,6 @@ async def read_versioned_claim(store: Store, path: str) -> tuple[Claim | None, V
     if current is None:
         return None, None
     return Claim.from_bytes(current.data), current
-
-
-async def _garbage(store: Store, path: str, version: str, keep_attempt: str | None) -> list[str]:
-    """Objects under ``path`` to delete, for the holder of claim ``version``.
-
-    Listed first, then the claim is read back: if it is no longer ``version``
-    (a writer took over this caller's tombstone), nothing is deleted, since
-    everything there may be the new holder's. Otherwise every listed object
-    goes except the claim and the objects of ``keep_attempt`` (a writer
-    clearing its step keeps its own). An object written after the listing is
-    never deleted; one written by a later holder under the same name as a
-    listed one (fixed, untagged names) can be: that holder needed this
-    caller's tombstone to be stale first (see docs/FORMAT.md, I5).
-    """
-    keep = join(path, CLAIM_NAME)
-    start = len(path.rstrip("/")) + 1
-    listed = [info.path async for info in store.list_prefix(path) if info.path != keep]
-    if not listed:
-        return []
-    current = await store.get_versioned(keep)
-    if current is None or current.version != version:
-        return []
-    return [p for p in listed if keep_attempt is None or attempt_of(p[start:]) != keep_attempt]
-
-
-async def delete_stale(store: Store, path: str) -> None:
-    """Deletes the objects under ``path``, the claim last (so an interruption stays recognisable).
-
-    Callers must first have fenced off every attempt that could still write
-    or commit there (a revoked or ``deleting`` claim they hold, or a rename).
-    """
-    keep = join(path, CLAIM_NAME)
-    doomed = [info.path async for info in store.list_prefix(path) if info.path != keep]
-    await store.delete_many(doomed)
-    await store.delete(keep)
-
-
-async def _delete_fenced(store: Store, path: str, version: str) -> None:
-    """Deletes ``path`` whose claim is the tombstone ``version`` this caller wrote."""
-    await store.delete_many(await _garbage(store, path, version, None))
-    # Conditional where the store can: a writer that took over the tombstone keeps its claim.
-    await store.delete_versioned(join(path, CLAIM_NAME), version)
 
 
 class _ClaimedPath:
@@ -262,8 +228,9 @@ class CommitMarkerPath(_ClaimedPath):
         # Whatever a stale attempt or an interrupted deletion left behind must
         # not survive into this checkpoint; the attempt that wrote it is fenced.
         assert self._version is not None
-        await self._store.delete_many(
-            await _garbage(self._store, self._final, self._version, self._claim.attempt)
+        await _delete_garbage(
+            self._store,
+            await _garbage(self._store, self._final, self._version, self._claim.attempt),
         )
 
     async def finalize(self) -> None:
@@ -307,15 +274,24 @@ class CommitMarkerPath(_ClaimedPath):
         store, path = self._store, self._final
         for _ in range(5):
             claim, current = await read_versioned_claim(store, path)
-            if current is None or claim is None or claim.attempt != self._claim.attempt:
-                return False  # taken over or cleaned up: nothing of ours to remove
+            if current is None:
+                # Cleaned up: this attempt can never commit. Whatever it wrote late
+                # (after its fence) is removed the way clean-up removes claimless debris.
+                await remove_debris(store, path, self._claim)
+                return False
+            if claim is None or claim.attempt != self._claim.attempt:
+                # Taken over: what it wrote late sits under its own names only.
+                await remove_attempt_objects(store, path, self._claim.attempt)
+                return False
             if claim.state == COMMITTED:
                 # The commit point was passed (an answer was lost); finish the commit.
                 self._claim, self._version = claim, current.version
                 await self._write_marker(path)
                 return True
             if claim.state in (REVOKED, DELETING) and claim.nonce != self._claim.nonce:
-                return False  # someone else fenced it and is deleting it
+                # Someone else fenced it and is deleting it; late writes of ours go too.
+                await remove_attempt_objects(store, path, self._claim.attempt)
+                return False
             tombstone = self._claim.next(REVOKED)
             version = await self._put_claim(tombstone, current.version)
             if version is not None:
@@ -385,7 +361,8 @@ class AtomicRenamePath(_ClaimedPath):
                 "step again"
             )
         try:
-            await self._store.rename(self._tmp, self._final)  # the commit point
+            # The commit point, conditional on this attempt's own claim version.
+            await self._store.rename(self._tmp, self._final, claim_version=self._version)
         except FileExistsError:
             raise FileExistsError(
                 f"{self._final} is already committed (another save finished first)"
@@ -420,8 +397,13 @@ class AtomicRenamePath(_ClaimedPath):
         await cls._require_marker(final_path, store)
 
 
-async def revoke_by_rename(store: Store, path: str) -> bool:
-    """Fences and deletes a directory on a rename store; False when it was already gone."""
+async def revoke_by_rename(store: Store, path: str, claim_version: str | None = None) -> bool:
+    """Fences and deletes a directory on a rename store; False when it was already gone.
+
+    With ``claim_version`` the rename (the fence) happens only while the
+    directory's claim is still that version (the one judged): a claim renewed
+    or changed since then wins, and nothing is renamed or deleted.
+    """
     path = path.rstrip("/")
     name = basename(path)
     if is_temporary_name(name) and name.split(TMP_INFIX, 1)[1].startswith("deleting-"):
@@ -429,7 +411,10 @@ async def revoke_by_rename(store: Store, path: str) -> bool:
     else:
         doomed = f"{final_name_of(path)}{TMP_INFIX}deleting-{uuid.uuid4().hex}"
         try:
-            await store.rename(path, doomed)
+            if claim_version is None:
+                await store.rename(path, doomed)
+            else:
+                await store.rename(path, doomed, claim_version=claim_version)
         except FileNotFoundError:
             return False
     await store.delete_prefix(doomed)

@@ -67,7 +67,11 @@ class Store(Protocol):
         clock claim ages are judged by.
       * ``rename`` is only called when ``supports_atomic_rename`` is True; it
         moves a whole directory atomically and raises ``FileExistsError`` when
-        the destination exists.
+        the destination exists. With ``claim_version``, it renames only while
+        ``<src>/_CLAIM`` is still that version, checked and renamed under the
+        lock every conditional change of that claim takes (so a renewal or
+        another conditional act cannot slip in between); otherwise it raises
+        ``FileNotFoundError`` and moves nothing.
     """
 
     @property
@@ -102,7 +106,7 @@ class Store(Protocol):
 
     async def delete_prefix(self, prefix: str) -> None: ...
 
-    async def rename(self, src: str, dst: str) -> None: ...
+    async def rename(self, src: str, dst: str, *, claim_version: str | None = None) -> None: ...
 
 
 @runtime_checkable

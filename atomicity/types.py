@@ -29,6 +29,7 @@ the invariants it keeps.
 
 from __future__ import annotations
 
+import re
 from typing import Protocol
 
 from atomicity.claims import DEFAULT_GRACE_S, Claim
@@ -116,6 +117,8 @@ def marker_attempt(data: bytes | None) -> str | None:
 
 #: A path component ``@<attempt>`` marks an object as written by that attempt only.
 ATTEMPT_TAG = "@"
+#: What the attempt ids cloudckpt makes look like (hex digests and UUIDs).
+ATTEMPT_ID = re.compile(r"[0-9a-f]{16,64}")
 
 
 def attempt_dir(path: str, attempt: str) -> str:
@@ -129,8 +132,14 @@ def attempt_dir(path: str, attempt: str) -> str:
 
 
 def attempt_of(relative: str) -> str | None:
-    """The attempt tag of an object path relative to its step, if it carries one."""
-    for part in relative.split("/"):
+    """The attempt tag of an object path relative to its step, if it carries one.
+
+    Tags sit right under the step (``@<attempt>/...``) or right under an item
+    (``<item>/@<attempt>/...``: cloudckpt's handlers), nowhere deeper; item
+    names never start with ``@``.
+    """
+    parts = relative.split("/", 2)
+    for part in parts[:2] if len(parts) > 1 else ():
         if part.startswith(ATTEMPT_TAG) and len(part) > 1:
             return part[1:]
     return None

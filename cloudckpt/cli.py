@@ -206,16 +206,29 @@ async def cmd_gc(args: argparse.Namespace, con: Console) -> None:
     if args.json:
         con.json(report.to_json())
         return
-    labels = {"delete": "would delete", "spare": "sparing", "deleted": "deleted"}
+    labels = {
+        "delete": "would delete",
+        "spare": "sparing",
+        "deleted": "deleted",
+        "sweep": "would sweep",
+        "swept": "swept",
+    }
     rows = [
-        [labels[e.action], e.url, f"{e.n_objects} objects", human_bytes(e.nbytes), e.reason]
+        [
+            labels.get(e.action, e.action),
+            e.url,
+            f"{e.n_objects} objects",
+            human_bytes(e.nbytes),
+            e.reason,
+        ]
         for e in report.entries
     ]
     for line in table_lines(rows) if rows else []:
         con.out(line)
     doomed = [e for e in report.entries if e.action == "delete"]
     done = [e for e in report.entries if e.action == "deleted"]
-    spared = len(report.entries) - len(doomed) - len(done)
+    swept = [e for e in report.entries if e.action in ("sweep", "swept")]
+    spared = len(report.entries) - len(doomed) - len(done) - len(swept)
     tail = f"{report.committed} committed step(s) untouched"
     if spared:
         tail += f", {spared} spared"

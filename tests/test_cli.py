@@ -347,7 +347,8 @@ def test_verify_names_corrupt_and_missing_objects(
     objects = listing(store, loop, "4")
     chunks = sorted(rel for rel in objects if "/arrays/" in rel and "/c/" in rel)
     flip_byte(store, f"4/{chunks[0]}", 10)
-    flip_byte(store, "4/state/packs/0.0", 0)
+    pack = next(rel for rel in objects if rel.startswith("state/") and "/packs/0.0" in rel)
+    flip_byte(store, f"4/{pack}", 0)
     flip_byte(store, "4/meta/data.json", len(store.raw_get(store.path("4/meta/data.json"))) - 4)
     loop.run(store.backend.delete(store.path("4", chunks[-1])))
 
@@ -356,7 +357,7 @@ def test_verify_names_corrupt_and_missing_objects(
     found = {line.split()[1].rstrip(":"): line.split()[0] for line in out.splitlines()}
     assert found == {
         store.url("4", chunks[0]): "CORRUPT",
-        store.url("4", "state/packs/0.0"): "CORRUPT",
+        store.url("4", pack): "CORRUPT",
         store.url("4", "meta/data.json"): "CORRUPT",
         store.url("4", chunks[-1]): "MISSING",
     }

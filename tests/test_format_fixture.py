@@ -214,7 +214,10 @@ def test_cli_ls_inspect_verify(
         for leaf in document["data"]["leaves"]
         if "storage" in leaf
     )
-    chunks = sum(1 for rel in stored if rel.startswith("state/arrays/") and "/c/" in rel)
+    # Format 2 names data objects after the attempt the document records.
+    attempt = document["data"].get("attempt")
+    arrays = f"state/@{attempt}/arrays/" if attempt is not None else "state/arrays/"
+    chunks = sum(1 for rel in stored if rel.startswith(arrays) and "/c/" in rel)
     assert report["checksums"] == 3 + chunks + entries
 
 
@@ -233,14 +236,22 @@ def test_a_flipped_byte_in_the_fixture_is_caught(
 ) -> None:
     """The fixture's checksums are live: a flipped byte fails verify and restore."""
     root = local_copy(version, tmp_path / "root")
-    pack = root / "1" / "state" / "packs" / "0.0"
+    # The first pack object, as the document names it (format 2: under @<attempt>/).
+    document = json.loads((root / "1" / "state" / "pytree.json").read_text())["data"]
+    name = next(
+        e[0]
+        for leaf in document["leaves"]
+        for e in leaf.get("storage", {}).get("entries", [])
+        if e[0].endswith("packs/0.0")
+    )
+    pack = root / "1" / "state" / name
     data = bytearray(pack.read_bytes())
     data[0] ^= 0x40
     pack.write_bytes(bytes(data))
     assert main(["verify", str(root / "1"), "--json"]) == 1
     report = json.loads(capsys.readouterr().out)
-    assert [(p["kind"], p["url"].rsplit("/", 3)[-3:]) for p in report["problems"]] == [
-        ("corrupt", ["state", "packs", "0.0"])
+    assert [(p["kind"], p["url"].split("/1/state/", 1)[-1]) for p in report["problems"]] == [
+        ("corrupt", name)
     ]
     with manager(str(root)) as mngr, pytest.raises(cc.CorruptCheckpointError):
         mngr.restore(1)

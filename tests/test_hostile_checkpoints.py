@@ -316,9 +316,10 @@ def test_the_documented_example_restores_its_values(tmp_path: Path) -> None:
 # ---------------------------------------------------------- item 7: entries tile exactly
 def forge_overlap(root: Path) -> None:
     """Leaf ['b'] (10 float64) as two entries [0,5) and [4,9), each with a valid crc32c."""
-    pack = root / "1" / "state" / "packs" / "0.0"
     doc_path = root / "1" / "state" / "pytree.json"
     doc = _jsonio.loads(doc_path.read_bytes(), where="x")
+    name = leaf(doc, "['b']")["storage"]["entries"][0][0]  # @<attempt>/packs/0.0
+    pack = root / "1" / "state" / name
     old = pack.read_bytes()
     values = state(1)["b"]
     first, second = values[0:5].tobytes(), values[4:9].tobytes()
@@ -328,12 +329,12 @@ def forge_overlap(root: Path) -> None:
     shift = len(head) - (end - start)
     pack.write_bytes(old[:start] + head + old[end:])
     leaf(doc, "['b']")["storage"]["entries"] = [
-        ["packs/0.0", start, 40, [[0, 5]]],
-        ["packs/0.0", start + 44, 40, [[4, 9]]],
+        [name, start, 40, [[0, 5]]],
+        [name, start + 44, 40, [[4, 9]]],
     ]
     for record in doc["leaves"]:
         for e in record.get("storage", {}).get("entries", []):
-            if e[0] == "packs/0.0" and e[1] > start and record["path"] != "['b']":
+            if e[0] == name and e[1] > start and record["path"] != "['b']":
                 e[1] += shift
     doc_path.write_bytes(_jsonio.dumps(doc))
 

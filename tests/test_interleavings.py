@@ -4,9 +4,11 @@ Actors, all against one step of the memory backend through
 :class:`tests.interleave.ScheduledStore` (every request a scheduling point):
 
 * ``W1``, ``W2``: two writers of step 5 (claim, two data objects under their
-  own attempt's names with a heartbeat between, commit; on any failure,
-  settle with ``abort``), the
-  way ``cloudckpt.engine.commit.StepCommit`` drives the strategy;
+  own attempt's names with a heartbeat between, one document under a fixed
+  name written create-only, commit; on any failure, settle with ``abort``),
+  the way ``cloudckpt.engine.commit.StepCommit`` drives the strategy. A
+  data write may be ``late``: in flight, landing at its own scheduling point
+  (``W1~0``...), possibly after its writer was fenced, timed out or gave up;
 * ``C``: a restarted job's start-up clean-up; ``G``: ``gc`` run twice;
 * ``R``: retention (keep 1), ``X``: an explicit delete of step 5;
 * ``T``: an expiring timeout that cancels ``W1`` wherever it waits.
@@ -34,7 +36,7 @@ import pytest
 import atomicity
 from atomicity import CLAIM_NAME, MARKER_NAME, Claim, CommitMarkerPath, OutcomeUnknownError
 
-from .interleave import Chooser, Outcome, ScheduledStore, Scheduler, check
+from .interleave import DOCUMENT, Chooser, Outcome, ScheduledStore, Scheduler, check
 
 N_RANDOM = int(os.environ.get("CLOUDCKPT_SCHEDULES", "10000"))
 STATS: Counter[str] = Counter()
@@ -89,20 +91,24 @@ async def arun_schedule(
 
     def writer(name: str) -> Callable[[], Awaitable[None]]:
         async def run() -> None:
-            attempt = f"{name}-{uuid.uuid4().hex[:8]}"
+            attempt = uuid.uuid4().hex[:24]  # as the checkpointer's: a hex digest
             out = Outcome(name, attempt)
             tmp = CommitMarkerPath(step, store, Claim.new(grace, attempt))  # type: ignore[arg-type]
             created = False
             try:
                 await tmp.create()
                 created = True
-                where = atomicity.attempt_dir(step, attempt)
+                # Under an item, as cloudckpt's handlers write: <step>/<item>/@<attempt>/...
+                where = atomicity.attempt_dir(f"{step}/x", attempt)
                 for key in ("a", "b"):
                     data = f"{attempt}:{key}".encode()
                     out.payload[f"{where[len(step) + 1 :]}/{key}"] = data
                     await store.put(f"{where}/{key}", data)
                     if key == "a":
                         await tmp.renew()  # a heartbeat between the writes
+                out.payload[DOCUMENT] = attempt.encode()
+                if not await store.put_if_absent(f"{step}/{DOCUMENT}", attempt.encode()):
+                    raise FileExistsError(f"{step}/{DOCUMENT} exists: another attempt wrote it")
                 await tmp.finalize()
                 out.result = "committed"
             except BaseException as exc:  # a timeout arrives as CancelledError
@@ -200,6 +206,8 @@ def _tally(run: Run) -> None:
     STATS["schedules"] += 1
     STATS["steps"] += len(run.trace)
     STATS["checks"] += 5
+    STATS["lone documents left"] += int(MARKER_NAME not in run.final and DOCUMENT in run.final)
+    STATS["late writes"] += sum(1 for s in run.trace if "~" in s[0])
     for out in run.outcomes:
         STATS[f"{out.actor} {out.result}"] += 1
 
@@ -284,8 +292,10 @@ def test_schedules_random_with_faults_and_timeouts() -> None:
     asyncio.run(batch())
     print(
         f"\n[explorer] {N_RANDOM} random schedules in {time.monotonic() - start:.0f}s, "
-        f"{STATS['steps']} scheduled requests; outcomes {dict(outcomes)}"
+        f"{STATS['steps']} scheduled requests, {STATS['late writes']} late data writes landed, "
+        f"{STATS['lone documents left']} lone fixed-name documents left; outcomes {dict(outcomes)}"
     )
+    assert STATS["late writes"] > 0
     assert outcomes["W1=committed"] + outcomes["W2=committed"] > 0
     assert outcomes["W1=timed out"] > 0 and outcomes["W1=committed"] > 0
     assert outcomes["W1=failed"] + outcomes["W2=failed"] > 0

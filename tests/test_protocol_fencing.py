@@ -39,6 +39,7 @@ from atomicity import (
 )
 from cloudckpt import cli
 from cloudckpt.engine.loop import LoopThread
+from cloudckpt.storage.gcs import tensorstore_environment
 from cloudckpt.testing.faultproxy import FaultProxy
 from cloudckpt.testing.servers import LocalServers
 
@@ -124,9 +125,9 @@ class PausingStore:
         await self._at("delete_prefix")
         await self.b.delete_prefix(prefix)
 
-    async def rename(self, src: str, dst: str) -> None:
+    async def rename(self, src: str, dst: str, *, claim_version: str | None = None) -> None:
         await self._at("rename")
-        await self.b.rename(src, dst)
+        await self.b.rename(src, dst, claim_version=claim_version)
 
 
 @pytest.fixture(params=["memory", "s3", "gcs"])
@@ -295,13 +296,18 @@ def _slow_commit(kind: str, delay_s: float, hits: list[str]) -> Any:
 
 @pytest.mark.parametrize("kind", ["s3", "gcs"])
 def test_timeout_while_commit_in_flight_reports_the_truth_repro4(
-    kind: str, servers: LocalServers, loop: LoopThread
+    kind: str, servers: LocalServers, loop: LoopThread, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """AsyncCheckpointer(timeout_s=4): the commit lands but its answer comes 8 s late."""
     upstream = servers.s3.endpoint if kind == "s3" else servers.gcs.endpoint
     hits: list[str] = []
     slow = _slow_commit(kind, 8.0, hits)
     with FaultProxy(upstream, fault_rate=0.0, flavor=kind, delay=slow) as proxy:
+        if kind == "gcs":
+            # A save checks (before any I/O) that tensorstore would reach the same
+            # endpoint as the backend: here, the proxy.
+            for key, value in tensorstore_environment(proxy.endpoint).items():
+                monkeypatch.setenv(key, value)
         scheme = "s3" if kind == "s3" else "gs"
         url = f"{scheme}://{BUCKET}/{unique('timeout')}/1"
         ck = cc.AsyncCheckpointer(

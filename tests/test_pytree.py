@@ -160,7 +160,7 @@ class TestRoundTrip:
             args=cc.args.StandardSave({"r": put(np.ones((1024, 1024), np.float32), m)}),
         )
         objects = listing(store, loop, "3")
-        chunks = {k: v for k, v in objects.items() if k.startswith("arrays/0/c/")}
+        chunks = {k: v for k, v in objects.items() if "arrays/0/c/" in k}
         assert len(chunks) == 1 and sum(chunks.values()) < 4 * 2**20 + 4096
 
 
@@ -305,10 +305,10 @@ class TestCorruption:
             ckptr.save(store.url(step), args=cc.args.StandardSave(tree))
             objects = listing(store, loop_, step)
             victim = {
-                "chunk": next(k for k in objects if k.startswith("arrays/0/c/")),
-                "pack": next(k for k in objects if k.startswith("packs/")),
+                "chunk": next(k for k in objects if "arrays/0/c/" in k),
+                "pack": next(k for k in objects if "packs/" in k),
                 "meta": "pytree.json",
-                "missing": next(k for k in objects if k.startswith("arrays/0/c/")),
+                "missing": next(k for k in objects if "arrays/0/c/" in k),
             }[step]
             if step == "missing":
                 loop_.run(store.backend.delete(store.path(step, victim)))
@@ -318,7 +318,7 @@ class TestCorruption:
                 store.raw_put(store.path(step, victim), bytes(data))
             with pytest.raises(cc.CorruptCheckpointError) as info:
                 ckptr.restore(store.url(step))
-            where = victim.rsplit("/c/", 1)[0] if victim.startswith("arrays") else victim
+            where = victim.rsplit("/c/", 1)[0] if "arrays/" in victim else victim
             assert where in str(info.value), (step, str(info.value))
 
 

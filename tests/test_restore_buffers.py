@@ -100,11 +100,12 @@ def test_a_pack_object_cut_short_is_refused_and_named(ckptr: Any, tmp_path) -> N
     tree = _tree(_mesh())
     url = str(tmp_path / "ckpt")
     ckptr.save(url, args=cc.args.StandardSave(tree))
-    packs = os.path.join(url, "packs")
+    (attempt,) = (n for n in os.listdir(url) if n.startswith("@"))  # format 2: @<attempt>/packs
+    packs = os.path.join(url, attempt, "packs")
     victim = sorted(os.listdir(packs))[-1]  # one of the pack objects (whole leaves get their own)
     path = os.path.join(packs, victim)
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) - 3)
     with pytest.raises(cc.CorruptCheckpointError) as info:
         ckptr.restore(url, args=cc.args.StandardRestore(_target(tree)))
-    assert f"packs/{victim}" in str(info.value)
+    assert f"{attempt}/packs/{victim}" in str(info.value)

@@ -114,12 +114,14 @@ def test_whole_leaves_are_packed_back_to_back_first(tmp_path: Path) -> None:
         entries = leaf["storage"]["entries"]
         (whole if len(entries) == 1 else parts).extend(entries)
     assert len(whole) == 6 and len(parts) == 6 * 8
-    # The whole leaves fill the primary's first pack, back to back, alone.
+    # The whole leaves fill the primary's first pack, back to back, alone (named
+    # under the attempt that wrote them, format 2).
+    first = f"@{document['attempt']}/packs/0.0"
     offsets = sorted((e[1], e[2]) for e in whole)
-    assert {e[0] for e in whole} == {"packs/0.0"} and offsets[0][0] == 0
+    assert {e[0] for e in whole} == {first} and offsets[0][0] == 0
     assert all(a + n + 4 == b for (a, n), (b, _) in itertools.pairwise(offsets))
-    assert (step / "packs" / "0.0").stat().st_size == offsets[-1][0] + offsets[-1][1] + 4
-    assert not any(e[0] == "packs/0.0" for e in parts) and parts
+    assert (step / first).stat().st_size == offsets[-1][0] + offsets[-1][1] + 4
+    assert not any(e[0] == first for e in parts) and parts
     with cc.Checkpointer(cc.StandardCheckpointHandler()) as ckptr:
         back = ckptr.restore(str(step))
     assert float(back["l5"]["b_norm"][0]) == 5.0 and float(back["l3"]["a_weight"][7, 7]) == 3.0

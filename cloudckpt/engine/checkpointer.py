@@ -42,7 +42,7 @@ from cloudckpt.engine.loop import LoopThread, check_not_forked, in_forked_child
 from cloudckpt.engine.multihost import MultiprocessingOptions, ProcessGroup
 from cloudckpt.format.step import StepMetadata, read_step_metadata
 from cloudckpt.handlers.args import CheckpointArgs
-from cloudckpt.handlers.base import AsyncCheckpointHandler, CheckpointHandler
+from cloudckpt.handlers.base import AsyncCheckpointHandler, CheckpointHandler, attempt_scope
 from cloudckpt.storage import BackendCache
 from cloudckpt.storage.path import StoragePath
 
@@ -181,10 +181,13 @@ class Checkpointer:
         init_ns = time.time_ns()
         if not self._group.is_member:
             writes: list[Awaitable[None]] = []  # not an active process: nothing to do
-        elif isinstance(self._handler, AsyncCheckpointHandler):
-            writes = list(self._handler.async_save(directory, args))
         else:
-            writes = [self._handler.save(directory, args)]
+            # Handlers name their objects after the attempt (save_attempt()).
+            with attempt_scope(tmp.claim.attempt):
+                if isinstance(self._handler, AsyncCheckpointHandler):
+                    writes = list(self._handler.async_save(directory, args))
+                else:
+                    writes = [self._handler.save(directory, args)]
         return StepCommit(
             group=self._group,
             handler=self._handler,

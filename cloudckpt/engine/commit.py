@@ -31,7 +31,7 @@ import atomicity
 from atomicity.claims import RENEW_FRACTION
 from cloudckpt.engine.multihost import ProcessGroup
 from cloudckpt.format.step import StepMetadata, write_step_metadata
-from cloudckpt.handlers.base import CheckpointHandler
+from cloudckpt.handlers.base import CheckpointHandler, attempt_scope
 from cloudckpt.storage.path import StoragePath
 
 logger = logging.getLogger(__name__)
@@ -119,7 +119,8 @@ class StepCommit:
         """Step 2: every process writes; they meet whatever happened."""
         error: BaseException | None = None
         try:
-            await _run_all(self.writes)
+            with attempt_scope(self.tmp.claim.attempt):  # for handlers whose save reads it when run
+                await _run_all(self.writes)
         except Exception as exc:
             error = exc
         await self.group.sync(self.tmp.claim.attempt, "written", error=error)

@@ -39,11 +39,11 @@ def backing_problems(
     leaf declaring far more chunks than are stored is refused without
     enumerating them.
     """
-    chunk_counts: dict[str, int] = {}
+    chunk_counts: dict[str, int] = {}  # zarr key (``[@<attempt>/]arrays/<i>``) -> chunks
     for rel in sizes:
-        parts = rel.split("/", 3)
-        if len(parts) == 4 and parts[0] == "arrays" and parts[2] == "c":
-            chunk_counts[parts[1]] = chunk_counts.get(parts[1], 0) + 1
+        key, sep, _ = rel.partition("/c/")
+        if sep:
+            chunk_counts[key] = chunk_counts.get(key, 0) + 1
     numbers = range(len(document.leaves)) if leaves is None else sorted(set(leaves))
     problems: list[tuple[str, str, str]] = []
     objects: set[str] = set()
@@ -54,7 +54,7 @@ def backing_problems(
         if isinstance(storage, PackedStorage):
             objects.update(e.obj for e in storage.entries)
         elif isinstance(storage, ZarrStorage):
-            stored = chunk_counts.get(storage.key.split("/")[1], 0)
+            stored = chunk_counts.get(storage.key, 0)
             # A few missing chunks are named one by one; a grid far beyond the listing is not.
             if storage.n_chunks > 2 * stored + GRID_SLACK:
                 detail = f"{name} declares {storage.n_chunks} chunks but {stored} are stored"

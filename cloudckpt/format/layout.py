@@ -5,19 +5,21 @@ and the tools; which process writes which shard (planning from jax
 shardings) lives in :mod:`cloudckpt.handlers.pytree.layout`.
 
 * An *index* is a region of an array: ``(start, stop)`` per dimension.
-* A large leaf is a zarr v3 array (``arrays/<leaf>``) stored uncompressed,
-  with crc32c on every chunk and, when chunks are divided into inner chunks
-  (the ``sharding_indexed`` codec), on the shard index. Dtypes zarr lacks
+* A large leaf is a zarr v3 array (``@<attempt>/arrays/<leaf>``; format 1:
+  ``arrays/<leaf>``) stored uncompressed, with crc32c on every chunk and,
+  when chunks are divided into inner chunks (the ``sharding_indexed``
+  codec), on the shard index. Dtypes zarr lacks
   are stored as the unsigned integer of their width.
 * A small leaf is stored as *pack entries*: ``[object, offset, nbytes,
   index]`` in ``pytree.json``; the entry's bytes (C order, little-endian) lie
-  at ``offset`` in the pack object ``packs/<writer>.<n>``, followed by 4 bytes
-  of crc32c (little-endian), and the entries of one object lie back to back
-  from offset 0.
+  at ``offset`` in the pack object ``@<attempt>/packs/<writer>.<n>``,
+  followed by 4 bytes of crc32c (little-endian), and the entries of one
+  object lie back to back from offset 0.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import dataclass
@@ -102,6 +104,17 @@ def full_index(shape: tuple[int, ...]) -> Index:
 
 
 # ----------------------------------------------------------------------------------- zarr
+def tiles(regions: list[Index], shape: tuple[int, ...]) -> bool:
+    """Whether non-empty ``regions`` tile ``shape`` exactly: a grid, no overlap, no gap."""
+    if len(regions) == 1:  # the common case: one shard, the whole array
+        return regions[0] == full_index(shape)
+    cuts = [sorted({0, n} | {x for r in regions for x in r[d]}) for d, n in enumerate(shape)]
+    cells = [set(itertools.pairwise(c)) for c in cuts]
+    if len(set(regions)) != len(regions) or math.prod(len(c) for c in cells) != len(regions):
+        return False
+    return all(r in c for region in regions for r, c in zip(region, cells, strict=True))
+
+
 def storage_dtype(dtype: np.dtype) -> np.dtype:
     """The dtype an array is stored as: itself, or an unsigned int of its width."""
     if dtype.name in ZARR_DTYPES:

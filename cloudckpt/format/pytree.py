@@ -5,8 +5,9 @@ about a pytree item comes through :func:`parse_pytree`, which accepts exactly
 the shapes the writer produces (docs/FORMAT.md) and refuses anything else with
 :class:`~cloudckpt.errors.CorruptCheckpointError` naming the leaf:
 
-* keys stay inside the item: a zarr leaf ``i`` lives at ``arrays/<i>``, pack
-  objects are ``packs/<writer>.<n>`` with canonical decimal numbers;
+* keys stay inside the item and the attempt that wrote it (the document's
+  ``attempt``): a zarr leaf ``i`` at ``@<attempt>/arrays/<i>``, pack objects at
+  ``@<attempt>/packs/<writer>.<n>`` (canonical decimals; format 1: no ``@<attempt>/``);
 * shapes, dtypes, zarr metadata, chunk grids and pack entries agree with each
   other (the zarr metadata must be what the writer derives from the leaf's
   shape, dtype and chunk shapes);
@@ -41,8 +42,10 @@ from cloudckpt.storage.path import StoragePath
 
 #: The document's object, under the item's prefix.
 METADATA_NAME = "pytree.json"
-#: Newest ``format`` of ``pytree.json`` this reader understands, and the one the writer writes.
-PYTREE_FORMAT = 1
+#: Newest ``format`` of ``pytree.json`` read, and the one written (2: per-attempt data names).
+PYTREE_FORMAT = 2
+#: What an attempt id in a key may look like: one path component, no dots.
+_ATTEMPT = re.compile(r"[0-9A-Za-z_-]{1,64}")
 #: Deepest skeleton accepted (``flatten`` recurses too, so deeper trees cannot be saved).
 MAX_DEPTH = 512
 #: Most dimensions of an array (numpy's own limit is 64).
@@ -62,7 +65,7 @@ _PACK_OBJECT = re.compile(rf"packs/{_NUMBER}\.{_NUMBER}")
 # ------------------------------------------------------------------------------- records
 @dataclass(frozen=True)
 class ZarrStorage:
-    """A leaf stored as a zarr v3 array at ``key`` (``arrays/<leaf>``), uncompressed."""
+    """A leaf stored as a zarr v3 array at ``key`` (``@<attempt>/arrays/<leaf>``), uncompressed."""
 
     key: str
     metadata: dict[str, Any]
@@ -153,6 +156,8 @@ class PytreeDocument:
     leaves: tuple[Leaf, ...]
     #: Exact size of every pack object, from its entries.
     pack_sizes: dict[str, int]
+    #: The attempt that wrote the item, whose ``@<attempt>/`` starts every data key (None: format 1).
+    attempt: str | None = None
 
 
 # ------------------------------------------------------------------------- reading, writing
@@ -161,14 +166,20 @@ async def write_pytree(
     skeleton: dict[str, Any],
     shardings: list[dict[str, Any] | None],
     leaves: list[dict[str, Any]],
+    *,
+    attempt: str,
 ) -> None:
     """Writes the item's ``pytree.json`` (create-only where there is no atomic rename).
 
     ``leaves`` are the leaf records as docs/FORMAT.md gives them (the save's
-    plan builds them, pack entries through :meth:`layout.PackEntry.to_json`).
+    plan builds them, pack entries through :meth:`layout.PackEntry.to_json`), every data
+    key under ``@<attempt>/``: the document records ``attempt``; readers accept no other.
     """
+    if not _ATTEMPT.fullmatch(attempt):
+        raise ValueError(f"cannot write pytree.json: {attempt!r} is not an attempt id")
     document = {
         "format": PYTREE_FORMAT,
+        "attempt": attempt,
         "skeleton": skeleton,
         "shardings": shardings,
         "leaves": leaves,
@@ -269,13 +280,19 @@ def parse_pytree(payload: Any, *, where: str) -> PytreeDocument:
         raise ValueError(f"{where} was written by a newer cloudckpt; upgrade to read it")
     try:
         _int(version, "format", low=1, high=PYTREE_FORMAT)
+        attempt = payload.get("attempt")
+        if version == 1 and attempt is not None:
+            raise _Refuse("a format 1 document has no attempt")
+        if version > 1 and (type(attempt) is not str or not _ATTEMPT.fullmatch(attempt)):
+            raise _Refuse(f"attempt must be an attempt id, got {_short(attempt)}")
+        prefix = f"@{attempt}/" if version > 1 else ""
         shardings = _list(payload.get("shardings"), "shardings")
         for s in shardings:
             _check_sharding(s)
         raw_leaves = _list(payload.get("leaves"), "leaves")
         pack_sizes: dict[str, int] = {}
         leaves = tuple(
-            _leaf(i, raw, len(shardings), pack_sizes) for i, raw in enumerate(raw_leaves)
+            _leaf(i, raw, len(shardings), pack_sizes, prefix) for i, raw in enumerate(raw_leaves)
         )
         skeleton = _dict(payload.get("skeleton"), "skeleton")
         _check_skeleton(skeleton, len(leaves))
@@ -283,7 +300,7 @@ def parse_pytree(payload: Any, *, where: str) -> PytreeDocument:
         raise CorruptCheckpointError(
             f"{where} is corrupt: {exc}. It is not what cloudckpt writes; restore another step"
         ) from None
-    return PytreeDocument(version, skeleton, shardings, leaves, pack_sizes)
+    return PytreeDocument(version, skeleton, shardings, leaves, pack_sizes, attempt)
 
 
 def _check_sharding(s: Any) -> None:
@@ -309,7 +326,7 @@ def _check_sharding(s: Any) -> None:
     raise _Refuse(f"sharding {_short(s)} is not a sharding description")
 
 
-def _leaf(i: int, raw: Any, n_shardings: int, pack_sizes: dict[str, int]) -> Leaf:
+def _leaf(i: int, raw: Any, n_shardings: int, pack_sizes: dict[str, int], prefix: str) -> Leaf:
     try:
         raw = _dict(raw, "the record")
         path = raw.get("path")
@@ -344,7 +361,7 @@ def _leaf(i: int, raw: Any, n_shardings: int, pack_sizes: dict[str, int]) -> Lea
             kind != "jax" or type(prng_impl) is not str or not _IMPL_NAME.fullmatch(prng_impl)
         ):
             raise _Refuse(f"prng_impl {_short(prng_impl)} is not a key implementation name")
-        storage = _storage(i, raw.get("storage"), shape, dtype, nbytes, pack_sizes)
+        storage = _storage(i, raw.get("storage"), shape, dtype, nbytes, pack_sizes, prefix)
         return Leaf(i, path, kind, None, dtype, name, shape, sharding, py_type, storage, prng_impl)
     except _Refuse as exc:
         path = raw.get("path") if type(raw) is dict else None
@@ -352,7 +369,13 @@ def _leaf(i: int, raw: Any, n_shardings: int, pack_sizes: dict[str, int]) -> Lea
 
 
 def _storage(
-    i: int, raw: Any, shape: tuple[int, ...], dtype: np.dtype, nbytes: int, sizes: dict[str, int]
+    i: int,
+    raw: Any,
+    shape: tuple[int, ...],
+    dtype: np.dtype,
+    nbytes: int,
+    sizes: dict[str, int],
+    prefix: str,
 ) -> Storage:
     raw = _dict(raw, "storage")
     kind = raw.get("type")
@@ -361,14 +384,16 @@ def _storage(
     if kind == "empty":
         return EmptyStorage()
     if kind == "packed":
-        return _packed(raw.get("entries"), shape, dtype, sizes)
+        return _packed(raw.get("entries"), shape, dtype, sizes, prefix)
     if kind == "zarr":
-        return _zarr(i, raw.get("key"), raw.get("metadata"), shape, dtype)
+        if (key := raw.get("key")) != f"{prefix}arrays/{i}":
+            raise _Refuse(f"zarr key must be '{prefix}arrays/{i}', got {_short(key)}")
+        return _zarr(key, raw.get("metadata"), shape, dtype)
     raise _Refuse(f"unknown storage type {_short(kind)}")
 
 
 def _packed(
-    raw: Any, shape: tuple[int, ...], dtype: np.dtype, sizes: dict[str, int]
+    raw: Any, shape: tuple[int, ...], dtype: np.dtype, sizes: dict[str, int], prefix: str
 ) -> PackedStorage:
     entries = []
     for item in _list(raw, "entries"):
@@ -377,8 +402,11 @@ def _packed(
                 f"a pack entry must be [object, offset, nbytes, index], got {_short(item)}"
             )
         obj, offset, nbytes, index = item
-        if type(obj) is not str or not _PACK_OBJECT.fullmatch(obj):
-            raise _Refuse(f"pack object must be named packs/<writer>.<n>, got {_short(obj)}")
+        rel = obj[len(prefix) :] if type(obj) is str and obj.startswith(prefix) else None
+        if rel is None or not _PACK_OBJECT.fullmatch(rel):
+            raise _Refuse(
+                f"pack object must be named {prefix}packs/<writer>.<n>, got {_short(obj)}"
+            )
         offset = _int(offset, "pack entry offset")
         ranges = _list(index, "pack entry index")
         if len(ranges) != len(shape):
@@ -414,22 +442,11 @@ def _check_tiling(regions: list[layout.Index], shape: tuple[int, ...]) -> None:
     """Refuses regions that do not tile ``shape`` exactly (the writer's shards form a grid)."""
     if not regions:
         raise _Refuse("no pack entries for a non-empty array")
-    if len(regions) == 1:  # the common case: one shard, the whole array
-        if regions[0] != layout.full_index(shape):
-            raise _Refuse("pack entries overlap or leave part of the array uncovered")
-        return
-    cuts = [sorted({0, n} | {x for r in regions for x in r[d]}) for d, n in enumerate(shape)]
-    cells = [{(a, b) for a, b in itertools.pairwise(c)} for c in cuts]
-    if len(set(regions)) != len(regions) or math.prod(len(c) for c in cells) != len(regions):
+    if not layout.tiles(regions, shape):
         raise _Refuse("pack entries overlap or leave part of the array uncovered")
-    for region in regions:
-        if any(r not in c for r, c in zip(region, cells, strict=True)):
-            raise _Refuse("pack entries overlap or leave part of the array uncovered")
 
 
-def _zarr(i: int, key: Any, raw: Any, shape: tuple[int, ...], dtype: np.dtype) -> ZarrStorage:
-    if key != f"arrays/{i}":
-        raise _Refuse(f"zarr key must be 'arrays/{i}', got {_short(key)}")
+def _zarr(key: str, raw: Any, shape: tuple[int, ...], dtype: np.dtype) -> ZarrStorage:
     meta = _dict(raw, "zarr metadata")
     if not shape:
         raise _Refuse("zarr storage for a zero-dimensional array")

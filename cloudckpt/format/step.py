@@ -12,8 +12,9 @@ from cloudckpt.format import jsonio as _jsonio
 from cloudckpt.storage.path import StoragePath
 
 STEP_METADATA_NAME = "_CHECKPOINT_METADATA"
-#: Bumped when the on-storage format changes incompatibly (docs/FORMAT.md).
-FORMAT_VERSION = 1
+#: Bumped when the on-storage format changes incompatibly (docs/FORMAT.md). 2: data
+#: objects are named after the attempt that wrote them (``<item>/@<attempt>/...``).
+FORMAT_VERSION = 2
 #: Names an item may not take: they are the step's own objects.
 RESERVED_NAMES = frozenset({STEP_METADATA_NAME, atomicity.MARKER_NAME, atomicity.CLAIM_NAME})
 #: The identities of cloudckpt's own item handlers as step metadata records them (their
@@ -22,11 +23,13 @@ PYTREE_TYPESTR = "cloudckpt.handlers.pytree.StandardCheckpointHandler"
 JSON_TYPESTR = "cloudckpt.handlers.json.JsonCheckpointHandler"
 
 
-def validate_item_name(name: object) -> str:
+def validate_item_name(name: object, *, saving: bool = False) -> str:
     """Checks that an item name is a safe, single path component.
 
     The same rule holds for names given to a save and for names read back
     from step metadata, so a stored name can never address outside its step.
+    A new save also refuses names starting with ``@``: that prefix marks an
+    attempt's own objects (docs/FORMAT.md), which clean-up tells apart by it.
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"item names must be non-empty strings, got {name!r}")
@@ -37,6 +40,8 @@ def validate_item_name(name: object) -> str:
         problem = "contains '..'"
     elif name.startswith("__") or name.startswith("."):
         problem = "starts with '__' or '.'"
+    elif saving and name.startswith(atomicity.ATTEMPT_TAG):
+        problem = "starts with '@' (reserved for per-attempt object names)"
     elif name in RESERVED_NAMES:
         problem = "is reserved for the checkpoint's own objects"
     elif any(ord(c) < 32 for c in name) or atomicity.TMP_INFIX in name:

@@ -28,7 +28,10 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import Awaitable, Sequence
+import contextlib
+import contextvars
+import uuid
+from collections.abc import Awaitable, Iterator, Sequence
 from typing import Any, ClassVar
 
 from cloudckpt.handlers.args import CheckpointArgs
@@ -53,6 +56,33 @@ def abstract_methods(cls: type) -> set[str]:
 
 def _is_abstract(value: object) -> bool:
     return bool(getattr(value, "__isabstractmethod__", False))
+
+
+_ATTEMPT: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "cloudckpt_save_attempt", default=None
+)
+
+
+def save_attempt() -> str:
+    """The id of the save attempt whose ``async_save``/``save`` is being called.
+
+    Handlers name every data object after it (``<item>/@<attempt>/...``, see
+    docs/FORMAT.md), so that a writer fenced off while paused can never put
+    bytes under the names of the attempt that committed the step. The
+    checkpointer sets it, identically on every process of one save; a handler
+    driven directly, outside a checkpointer, gets a fresh id per call.
+    """
+    return _ATTEMPT.get() or uuid.uuid4().hex[:24]
+
+
+@contextlib.contextmanager
+def attempt_scope(attempt: str) -> Iterator[None]:
+    """Makes ``attempt`` what :func:`save_attempt` returns while a save is prepared."""
+    token = _ATTEMPT.set(attempt)
+    try:
+        yield
+    finally:
+        _ATTEMPT.reset(token)
 
 
 class CheckpointHandler(abc.ABC):

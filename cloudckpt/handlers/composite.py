@@ -128,7 +128,8 @@ class CompositeCheckpointHandler(AsyncCheckpointHandler):
         if not args:
             raise ValueError("nothing to save: the Composite has no items")
         plan = {
-            validate_item_name(item): self._handler_for_args(item, a) for item, a in args.items()
+            validate_item_name(item, saving=True): self._handler_for_args(item, a)
+            for item, a in args.items()
         }
         # Everything validated: bind items, then copy (no I/O happens here).
         if self._registry is None:

@@ -295,8 +295,12 @@ class Backend(abc.ABC):
         """
         return []
 
-    async def rename(self, src: str, dst: str) -> None:
-        """Atomically renames the directory ``src`` to ``dst`` (where supported)."""
+    async def rename(self, src: str, dst: str, *, claim_version: str | None = None) -> None:
+        """Atomically renames the directory ``src`` to ``dst`` (where supported).
+
+        With ``claim_version``, only while ``<src>/_CLAIM`` is that version
+        (see :class:`atomicity.Store`); otherwise ``FileNotFoundError``.
+        """
         self._check_writable("rename", src)
         raise NotImplementedError(f"{type(self).__name__} has no atomic rename")
 

@@ -319,7 +319,24 @@ def _rmtree(prefix: str) -> None:
     shutil.rmtree(prefix, ignore_errors=True)
 
 
-def _rename(src: str, dst: str) -> None:
+def _rename(src: str, dst: str, claim_version: str | None = None) -> None:
+    if claim_version is None:
+        _rename_now(src, dst)
+        return
+    # Conditional on the claim inside ``src``: checked and renamed under the flock(2)
+    # every conditional change of that claim takes, so a renewal (which replaces the
+    # claim's inode under the same lock) either happened before the check, and the
+    # rename is refused, or waits until the directory has moved and then fails itself.
+    with _Locked(os.path.join(src, "_CLAIM")) as locked:
+        if locked.version != claim_version:
+            raise FileNotFoundError(
+                f"not renaming {src}: its claim is no longer the version judged (renewed, "
+                "replaced or removed since)"
+            )
+        _rename_now(src, dst)
+
+
+def _rename_now(src: str, dst: str) -> None:
     if not os.path.isdir(src):
         raise FileNotFoundError(f"cannot rename {src}: it does not exist")
     os.makedirs(os.path.dirname(dst), exist_ok=True)
@@ -414,7 +431,9 @@ class FileBackend(Backend):
         self._check_writable("delete", prefix)
         await self._retrying("delete_prefix", prefix, lambda: asyncio.to_thread(_rmtree, prefix))
 
-    async def rename(self, src: str, dst: str) -> None:
+    async def rename(self, src: str, dst: str, *, claim_version: str | None = None) -> None:
         src, dst = _checked(src), _checked(dst)
         self._check_writable("rename", src)
-        await self._retrying("rename", src, lambda: asyncio.to_thread(_rename, src, dst))
+        await self._retrying(
+            "rename", src, lambda: asyncio.to_thread(_rename, src, dst, claim_version)
+        )

@@ -304,7 +304,9 @@ class GcEntry:
     url: str
     n_objects: int
     nbytes: int
-    action: str  # "delete", "spare", "deleted", or "commit"/"committed" (a roll-forward)
+    # "delete", "spare", "deleted", "commit"/"committed" (a roll-forward), or
+    # "sweep"/"swept" (late objects of fenced attempts in a committed step)
+    action: str
     reason: str
     claim: dict[str, Any] | None = None
 
@@ -342,10 +344,26 @@ async def collect_garbage(root: StoragePath, *, yes: bool, include_live: bool) -
     since the judgement wins and is spared.
     """
     backend = root.backend
-    # Per step, not per object: only the uncommitted children (about to be judged,
-    # and deleted with every object they hold) are listed, for their sizes.
-    children = await atomicity.scan(backend, root.path)
+    # Per step (and item, for attempt tags), not per object: only the uncommitted
+    # children (about to be judged, and deleted with every object they hold) are
+    # listed, for their sizes.
+    children = await atomicity.scan(backend, root.path, tags=True)
     report = GcReport(root.url, committed=sum(1 for c in children if c.committed))
+    for child in children:
+        # A committed step is never deleted; only what fenced attempts wrote into it
+        # late (under their own attempt's names) is swept out, by exact key.
+        stray = await atomicity.sweep_fenced(backend, child, dry_run=not yes)
+        if stray:
+            report.entries.append(
+                GcEntry(
+                    child.name,
+                    backend.url(child.path),
+                    len(stray),
+                    0,
+                    "swept" if yes else "sweep",
+                    f"{len(stray)} late object(s) of fenced attempts in a committed step",
+                )
+            )
     pending = [c for c in children if not c.committed]
     if not pending:
         return report

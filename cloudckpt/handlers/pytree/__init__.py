@@ -29,7 +29,7 @@ from cloudckpt.format import pytree as _document
 from cloudckpt.format.pytree import METADATA_NAME, PytreeDocument
 from cloudckpt.format.step import PYTREE_TYPESTR
 from cloudckpt.handlers.args import CheckpointArgs
-from cloudckpt.handlers.base import AsyncCheckpointHandler
+from cloudckpt.handlers.base import AsyncCheckpointHandler, save_attempt
 from cloudckpt.handlers.pytree.budget import ByteBudget
 from cloudckpt.handlers.pytree.match import match_targets
 from cloudckpt.handlers.pytree.plan import PlanOptions, plan_save
@@ -116,6 +116,7 @@ class StandardCheckpointHandler(AsyncCheckpointHandler):
             primary_host=self._primary_host,
             members=self._members,
             replica_parallel=self.replica_parallel,
+            attempt=save_attempt(),
         )
 
     def async_save(self, directory: StoragePath, args: CheckpointArgs) -> Sequence[Awaitable[None]]:

@@ -280,8 +280,11 @@ def pack_layout(
     shards: list[tuple[int, Shard]],
     max_object_bytes: int,
     whole: Callable[[int], bool] | None = None,
+    prefix: str = "",
 ) -> list[PackEntry]:
-    """Assigns packed shards (leaf id, shard) to objects ``packs/<writer>.<n>``, in order.
+    """Assigns packed shards (leaf id, shard) to objects ``<prefix>packs/<writer>.<n>``, in order.
+
+    ``prefix`` is the attempt's own ``@<attempt>/`` (docs/FORMAT.md), or empty.
 
     With ``whole``, the shards of the leaves it names (leaves of one shard:
     replicated arrays, host values) come first, in objects of their own.
@@ -308,7 +311,7 @@ def pack_layout(
                     leaf,
                     shard.index,
                     shard.writer,
-                    f"packs/{shard.writer}.{number}",
+                    f"{prefix}packs/{shard.writer}.{number}",
                     used,
                     shard.nbytes,
                 )

@@ -41,6 +41,8 @@ class PlanOptions:
     primary_host: int = 0
     members: tuple[int, ...] = ()
     replica_parallel: bool = True
+    #: The save attempt: every data object is named under ``@<attempt>/`` (docs/FORMAT.md).
+    attempt: str = ""
 
 
 def _describe_sharding(sharding: Any) -> dict[str, Any] | None:
@@ -75,6 +77,7 @@ class SavePlan:
     packs: dict[str, np.ndarray] = field(default_factory=dict)  # this process's pack objects
     pack_entries: list[PackEntry] = field(default_factory=list)
     nbytes: int = 0
+    attempt: str = ""
 
 
 def _on_cpu(array: jax.Array) -> bool:
@@ -177,7 +180,8 @@ class _Stored:
 
 
 def plan_save(tree: Any, opts: PlanOptions) -> SavePlan:
-    plan = SavePlan()
+    plan = SavePlan(attempt=opts.attempt)
+    prefix = f"@{opts.attempt}/" if opts.attempt else ""
     leaves, plan.skeleton = flatten(tree)
     _check_savable(leaves)
     me = jax.process_index()
@@ -245,13 +249,15 @@ def plan_save(tree: Any, opts: PlanOptions) -> SavePlan:
             inner = layout.split_to_fit(chunk, dtype.itemsize, opts.inner_chunk_bytes)
             meta = zarr_metadata(shape, storage_dtype(dtype), chunk, inner)
             plan.zarr_specs[i] = meta
-            entry["storage"] = {"type": "zarr", "key": f"arrays/{i}", "metadata": meta}
+            entry["storage"] = {"type": "zarr", "key": f"{prefix}arrays/{i}", "metadata": meta}
         own = [(index, within) for index, within, writer in leaf.parts if writer == me]
         if own:
             pending_copies.extend(
                 (i, index, source, leaf.to_pack) for index, source in _sources(leaf, own)
             )
-    plan.pack_entries = layout.pack_layout(packed_shards, opts.max_object_bytes, whole.__contains__)
+    plan.pack_entries = layout.pack_layout(
+        packed_shards, opts.max_object_bytes, whole.__contains__, prefix
+    )
     slots: dict[tuple[int, Index], PackEntry] = {}
     sizes: dict[str, int] = {}
     for e in plan.pack_entries:

@@ -38,7 +38,7 @@ async def write_plan(
         if leaf not in stores:
             spec = {
                 "driver": "zarr3",
-                "kvstore": (directory / f"arrays/{leaf}").kvstore_spec(),
+                "kvstore": (directory / plan.leaves_json[leaf]["storage"]["key"]).kvstore_spec(),
                 "metadata": plan.zarr_specs[leaf],
                 "store_data_equal_to_fill_value": True,
             }
@@ -63,7 +63,9 @@ async def write_plan(
                     data, can_reference_source_data_indefinitely=True
                 )
             except Exception as exc:
-                tail.raise_if_stalled(exc, str(directory / f"arrays/{region.leaf}"), "write")
+                tail.raise_if_stalled(
+                    exc, str(directory / plan.leaves_json[region.leaf]["storage"]["key"]), "write"
+                )
                 raise
         region.data = None  # free the host copy as soon as it is stored
 
@@ -76,7 +78,9 @@ async def write_plan(
     tasks += [_write_packs(directory, plan, context)]
     await asyncio.gather(*tasks)
     if primary:
-        await write_pytree(directory, plan.skeleton, plan.shardings, plan.leaves_json)
+        await write_pytree(
+            directory, plan.skeleton, plan.shardings, plan.leaves_json, attempt=plan.attempt
+        )
 
 
 async def _write_packs(directory: StoragePath, plan: SavePlan, context: ts.Context) -> None:
