@@ -86,7 +86,8 @@ VERIFY_AFTER_MANY_PROBLEMS = """
     with cc.Checkpointer(handler) as ck:
         tree = {"a": np.arange(1200 * 256, dtype=np.float32), "w": np.arange(256, dtype=np.float32)}
         ck.save(str(step), args=cc.args.StandardSave(tree))
-    chunks = sorted((step / "arrays" / "0" / "c").iterdir())
+    (attempt,) = step.glob("@*")  # format 2: data under <item>/@<attempt>/
+    chunks = sorted((attempt / "arrays" / "0" / "c").iterdir())
     assert len(chunks) > 1000, len(chunks)
     for chunk in chunks:  # >1000 mis-sized chunks: more problems than verify reports one by one
         chunk.write_bytes(b"x")
