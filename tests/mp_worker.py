@@ -238,6 +238,20 @@ def scenario_fault(result: dict[str, Any]) -> None:
     result["steps"] = mngr.all_steps()
 
 
+def scenario_late(result: dict[str, Any]) -> None:
+    """Every process meets once; process 1 arrives ``late_s`` after the others."""
+    import asyncio
+
+    from cloudckpt.engine.multihost import ProcessGroup
+
+    group = ProcessGroup()
+    if group.process_index == 1:
+        time.sleep(SPEC["late_s"])
+    start = time.monotonic()
+    asyncio.run(group.sync("late-peer", "met"))
+    result["waited_s"] = time.monotonic() - start
+
+
 def join_job(spec: dict[str, Any]) -> None:
     """Configures this process's CPU devices and joins the others (jax.distributed, gloo)."""
     import jax
@@ -260,9 +274,13 @@ def main(spec: dict[str, Any]) -> None:
 
     join_job(spec)
     result: dict[str, Any] = {"process": spec["process_id"], "devices": jax.device_count()}
-    {"save": scenario_save, "restore": scenario_restore, "fault": scenario_fault}[spec["scenario"]](
-        result
-    )
+    scenarios = {
+        "save": scenario_save,
+        "restore": scenario_restore,
+        "fault": scenario_fault,
+        "late": scenario_late,
+    }
+    scenarios[spec["scenario"]](result)
     emit("RESULT", json.dumps(result, default=str))
     if spec["scenario"] == "fault":
         os._exit(0)  # a peer may be gone: skip jax.distributed's shutdown barrier

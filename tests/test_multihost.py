@@ -36,6 +36,16 @@ def results(workers) -> list[dict]:
     return out
 
 
+def test_a_peer_meeting_late_on_the_last_meeting_does_not_hang_the_others() -> None:
+    """Waiting longer than the liveness period asked JAX for its live nodes, a barrier the
+    late peer (already past the meeting) never joined: the early process hung forever
+    in the job's last meeting, and so did jax.distributed's shutdown."""
+    workers = finish(launch(2, 1, "late", [], late_s=3), timeout=90)
+    out = results(workers)
+    waited = {r["process"]: r["waited_s"] for r in out}
+    assert waited[0] >= 2.5 and waited[1] < waited[0], waited  # process 0 really waited
+
+
 def test_save_on_2x4_restore_on_1x8_1x2_4x2(roots: list[str]) -> None:
     saved = results(finish(launch(2, 4, "save", roots)))
     for url in roots:

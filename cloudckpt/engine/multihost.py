@@ -7,10 +7,14 @@ concurrent saves never cross. Without it (one process) every operation is
 free: no barrier, no key-value traffic.
 
 A meeting (``sync``) is a key per process: ``ok`` or the process's error. A
-process that reports an error, or disappears from the client's list of live
-nodes, makes every other process's save fail at once with
-:class:`ProcessFailedError` naming it; one that stays silent fails them after
-``barrier_timeout_s``.
+process that reports an error, or whose PID is gone on this host, makes every
+other process's save fail at once with :class:`ProcessFailedError` naming it;
+one that stays silent fails them after ``barrier_timeout_s``. A process that
+dies on another host is detected by JAX's own coordination service (missed
+heartbeats), which stops every task of the job. The client's live-node query
+is not used: it is a barrier among the live tasks (it returns only once every
+one of them has asked), so a process asking while a late peer had already met
+it and moved on waited forever.
 
 Identities agree across processes without depending on how many
 checkpointers each process happens to create: the job's run id is set once by
@@ -150,7 +154,7 @@ class ProcessGroup:
                 return
             self._client.key_value_set(
                 f"{_PROC_KEY}{self.process_index}",
-                f"{socket.gethostname()} {os.getpid()}",
+                f"{_host_identity()} {os.getpid()}",
                 allow_overwrite=True,
             )
             _JOB.registered = True
@@ -239,7 +243,11 @@ class ProcessGroup:
             delay = min(delay * 2, _POLL_MAX_S)
 
     async def _dead(self, processes: list[int]) -> list[int]:
-        """Which of ``processes`` are gone: by PID on this host, else by JAX's live-node list."""
+        """Which of ``processes`` are known gone: those on this host whose PID has exited.
+
+        Never asks the client for its live nodes: that call is a barrier among
+        the live tasks, and the late peer this wait is for does not join it.
+        """
         assert self._client is not None
         client = self._client
         if any(p not in self._peers for p in processes):
@@ -247,17 +255,26 @@ class ProcessGroup:
             for key, value in entries:
                 host, pid = value.rsplit(" ", 1)
                 self._peers[int(key.rsplit("/", 1)[-1])] = (host, int(pid))
-        me = socket.gethostname()
+        me = _host_identity()
         dead = [
             p
             for p in processes
             if p in self._peers and self._peers[p][0] == me and not pid_alive(self._peers[p][1])
         ]
-        if dead:
-            return dead
-        # The asking process must be among those asked about.
-        live = await asyncio.to_thread(client.get_live_nodes, list(self.members))
-        return [p for p in processes if p not in live]
+        return dead
+
+
+def _host_identity() -> str:
+    """This host and PID namespace: PIDs compare only between processes that share both.
+
+    Containers with host networking share a hostname but not their PIDs, so the
+    hostname alone would judge a live peer in another container dead.
+    """
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        namespace = 0
+    return f"{socket.gethostname()}/pidns:{namespace}"
 
 
 def _describe(stage: str, failed: dict[int, str]) -> str:
