@@ -36,6 +36,7 @@ from gcsfs.retry import validate_response
 
 from atomicity import ObjectInfo, Versioned
 from cloudckpt.storage._fsspec import FsspecObjectBackend, _mtime
+from cloudckpt.storage._stream import fill_from_stream
 from cloudckpt.storage.base import CREATE_TOKEN_KEY, BucketSettings
 from cloudckpt.storage.deadline import Deadlines
 from cloudckpt.storage.retry import RetryPolicy
@@ -114,19 +115,55 @@ class _SingleAttemptGCSFileSystem(_CoreGCSFileSystem):
         ) as response:
             contents = await response.read()
             if response.status >= 400:
-                try:
-                    validate_response(response.status, contents, path, args)
-                except Exception as exc:
-                    exc.gcs_message, exc.error_code = _error_details(contents)  # type: ignore[attr-defined]
-                    exc.retry_after = response.headers.get("Retry-After")  # type: ignore[attr-defined]
-                    raise
+                _raise_for(response, contents, path, args)
             return response.status, response.headers, response.request_info, contents
+
+    async def _read_range_into(self, path: str, offset: int, buffers: list[memoryview]) -> int:
+        """One ranged media GET of ``path`` streamed into ``buffers``; the bytes placed.
+
+        The body goes from aiohttp's receive buffers straight into the caller's
+        memory as it arrives, instead of being joined into one ``bytes`` first
+        and copied again. 404 raises ``FileNotFoundError`` (as ``_request``).
+        """
+        await self._set_session()
+        want = sum(b.nbytes for b in buffers)
+        headers = self._get_headers({"Range": f"bytes={offset}-{offset + want - 1}"})
+        async with self.session.get(
+            self.url(path), headers=headers, timeout=self.requests_timeout
+        ) as response:
+            if response.status == 416:  # the range starts at or after the end
+                return 0
+            if response.status >= 400:
+                _raise_for(response, await response.read(), path, ())
+            skip = 0
+            if response.status == 200:  # a server that ignored the range sends it all
+                skip = offset
+            elif response.status == 206:
+                got = response.headers.get("Content-Range", "")
+                if not got.startswith(f"bytes {offset}-"):
+                    raise OSError(
+                        f"GCS answered a read of bytes {offset}-{offset + want - 1} of "
+                        f"gs://{path} with Content-Range {got!r}; not reading it"
+                    )
+            else:
+                raise OSError(f"GCS answered a media read of gs://{path} with {response.status}")
+            return await fill_from_stream(response.content, buffers, skip)
 
     def split_path(self, path: str) -> tuple[str, str, None]:
         # A key is a literal string: never read ``#generation`` or
         # ``?generation=`` out of it, whatever ``version_aware`` says.
         bucket, _, key = path.partition("/")
         return bucket, key, None
+
+
+def _raise_for(response: Any, contents: bytes, path: str, args: Any) -> None:
+    """Raises gcsfs's error for a failed response, with the details retries need."""
+    try:
+        validate_response(response.status, contents, path, args)
+    except Exception as exc:
+        exc.gcs_message, exc.error_code = _error_details(contents)  # type: ignore[attr-defined]
+        exc.retry_after = response.headers.get("Retry-After")  # type: ignore[attr-defined]
+        raise
 
 
 def _normalise_endpoint(endpoint: str) -> str:
@@ -317,6 +354,30 @@ class GCSBackend(FsspecObjectBackend):
 
     async def _now(self, path: str) -> float:
         return await _gcs_now(self, path)
+
+    async def read_into(self, path: str, offset: int, buffers: list[memoryview]) -> int | None:
+        """Reads ``path`` from ``offset`` straight into ``buffers`` (flat byte views).
+
+        One ranged GET whose body is copied into the buffers as it arrives (no
+        temporary object): restores place chunk data in the arrays handed to
+        devices this way. Returns the bytes placed (fewer than the buffers hold
+        when the object ends first), or None when the object does not exist.
+        Retried as a whole under the retry policy; never hedged, since two
+        attempts would write into the same buffers.
+        """
+        want = sum(b.nbytes for b in buffers)
+        if want == 0:
+            return 0 if await self.exists(path) else None
+        fs = await self._fs()
+        try:
+            return await self._retrying(
+                "get", path, lambda: fs._read_range_into(path, offset, buffers), nbytes=want
+            )
+        except FileNotFoundError as exc:
+            missing_bucket = await self._missing(path, exc)
+            if missing_bucket is not None:
+                raise missing_bucket from None
+            return None
 
     async def _created_with_token(self, path: str, token: str) -> bool:
         info = await self._info(path)
