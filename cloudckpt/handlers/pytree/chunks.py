@@ -50,6 +50,11 @@ SCRATCH_BYTES = 64 * 1024 * 1024
 _MISSING = 2**64 - 1  # a shard index entry of an absent inner chunk
 
 
+def supported(directory: StoragePath, storage: ZarrStorage) -> bool:
+    """Whether this module reads ``storage`` under ``directory``: our layout, a ``read_into``."""
+    return hasattr(directory.backend, "read_into") and handles(storage)
+
+
 def handles(storage: ZarrStorage) -> bool:
     """Whether ``storage`` is laid out exactly as cloudckpt writes arrays (this reader's job)."""
     meta = storage.metadata
@@ -78,7 +83,6 @@ class _Inner:
 
 async def read_into(
     directory: StoragePath,
-    kvstore: Any,
     storage: ZarrStorage,
     indices: Sequence[layout.Index],
     buffers: Sequence[np.ndarray],
@@ -87,10 +91,12 @@ async def read_into(
 ) -> None:
     """Fills ``buffers[k]`` with the stored values over ``indices[k]`` (stored dtype, C order).
 
+    ``directory``'s backend must have ``read_into`` (see :func:`supported`);
     ``scratch`` bounds the bytes of ranged reads in flight (the only temporaries);
     ``counts``, where given, gains the ``requests`` made and the ``bytes`` they asked for.
     """
     tally: Counter[str] = Counter() if counts is None else counts
+    direct_io = directory.backend.read_into  # type: ignore[attr-defined]
     inner = storage.inner
     ratio = tuple(c // i for c, i in zip(storage.chunk, inner, strict=True))
     sharded = storage.inner != storage.chunk
@@ -136,47 +142,38 @@ async def read_into(
             slot.offset, slot.nbytes = offset, nbytes
 
     async def one_object(chunk_pos: tuple[int, ...], wanted: dict[tuple[int, ...], _Inner]) -> None:
-        key = storage.chunk_key(chunk_pos)
-        where = directory / key
-        direct_io = getattr(directory.backend, "read_into", None)
+        where = directory / storage.chunk_key(chunk_pos)
         if not sharded:
             (slot,) = wanted.values()
             slot.offset, slot.nbytes = 0, object_bytes
-        elif len(wanted) == n_inner and direct_io is None:
-            # The whole object is needed: one request, as the raw channel would make.
-            async with scratch.hold(object_bytes):
-                blob = await _read(kvstore, key, where, 0, object_bytes, tally)
-                locate(memoryview(blob)[object_bytes - index_bytes :], where, wanted)
-                await asyncio.to_thread(_place, blob, 0, list(wanted.values()), where)
-            return
-        elif len(wanted) == n_inner:
-            index = await whole_object(direct_io, where, wanted)
+        elif len(wanted) == n_inner:  # the whole object: one request, as the raw channel
+            index = await whole_object(where, wanted)
             if index is None:
                 return
             locate(index, where, wanted)  # not laid out as written: follow its index
         else:
-            async with scratch.hold(index_bytes):
-                blob = await _read(
-                    kvstore, key, where, object_bytes - index_bytes, object_bytes, tally
-                )
-            locate(blob, where, wanted)
-        slots = list(wanted.values())
-        if direct_io is not None:
-            # Inner chunks landing whole in one contiguous stretch of a destination are
-            # read by the kernel straight into it; only the rest go through temporaries.
-            targets = {id(slot): _target(slot) for slot in slots}
-            direct = [slot for slot in slots if targets[id(slot)] is not None]
-            slots = [slot for slot in slots if targets[id(slot)] is None]
-            await asyncio.gather(
-                *(read_direct(direct_io, where, run, targets) for run in _runs(direct, RUN_BYTES))
+            index = np.empty(index_bytes, np.uint8)
+            await _read_direct(
+                direct_io,
+                where,
+                object_bytes - index_bytes,
+                object_bytes,
+                [memoryview(index)],
+                tally,
             )
+            locate(index, where, wanted)
+        # Inner chunks landing whole in one contiguous stretch of a destination are
+        # read straight into it; only the rest go through temporaries.
+        slots = list(wanted.values())
+        targets = {id(slot): _target(slot) for slot in slots}
+        direct = [slot for slot in slots if targets[id(slot)] is not None]
+        spare = [slot for slot in slots if targets[id(slot)] is None]
         await asyncio.gather(
-            *(one_run(key, where, run, direct_io) for run in _runs(slots, RUN_BYTES))
+            *(read_direct(where, run, targets) for run in _runs(direct, RUN_BYTES)),
+            *(one_run(where, run) for run in _runs(spare, RUN_BYTES)),
         )
 
-    async def whole_object(
-        direct_io: Any, where: StoragePath, wanted: dict[tuple[int, ...], _Inner]
-    ) -> Any:
+    async def whole_object(where: StoragePath, wanted: dict[tuple[int, ...], _Inner]) -> Any:
         """Reads a whole sharded object in one request, straight into the destinations.
 
         cloudckpt's writer stores inner chunks back to back in C order with the
@@ -239,9 +236,7 @@ async def read_into(
         view = buffers[k][dst]
         return view if view.flags.c_contiguous else None
 
-    async def read_direct(
-        direct_io: Any, where: StoragePath, run: list[_Inner], targets: dict[int, Any]
-    ) -> None:
+    async def read_direct(where: StoragePath, run: list[_Inner], targets: dict[int, Any]) -> None:
         start, end = run[0].offset, run[-1].offset + run[-1].nbytes
         crcs = np.empty((len(run), layout.CRC_BYTES), np.uint8)
         iov: list[memoryview] = []
@@ -261,15 +256,11 @@ async def read_into(
 
         await asyncio.to_thread(verify)
 
-    async def one_run(key: str, where: StoragePath, run: list[_Inner], direct_io: Any) -> None:
+    async def one_run(where: StoragePath, run: list[_Inner]) -> None:
         start, end = run[0].offset, run[-1].offset + run[-1].nbytes
         async with scratch.hold(end - start):
-            blob: Any
-            if direct_io is not None:  # the kernel fills a scratch buffer: one copy fewer
-                blob = np.empty(end - start, np.uint8)
-                await _read_direct(direct_io, where, start, end, [memoryview(blob)], tally)
-            else:
-                blob = await _read(kvstore, key, where, start, end, tally)
+            blob = np.empty(end - start, np.uint8)
+            await _read_direct(direct_io, where, start, end, [memoryview(blob)], tally)
             # crc32c and numpy's copy release the GIL: verify and place off the event loop.
             await asyncio.to_thread(_place, blob, start, run, where)
 
@@ -309,32 +300,6 @@ async def _all(coros: list[Any]) -> None:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
-
-
-async def _read(
-    kvstore: Any, key: str, where: StoragePath, start: int, end: int, tally: Counter[str]
-) -> bytes:
-    tally.update(requests=1, bytes=end - start)
-    try:
-        result = await kvstore.read(key, byte_range=slice(start, end))
-    except ValueError as exc:
-        if "OUT_OF_RANGE" not in str(exc):
-            raise
-        raise CorruptCheckpointError(
-            f"truncated data: {where} ends before bytes {start}-{end}; "
-            "the checkpoint is corrupt, restore another step"
-        ) from exc
-    if result.state == "missing":
-        raise CorruptCheckpointError(
-            f"missing data: {where} does not exist; the checkpoint is corrupt, restore another step"
-        )
-    value = result.value
-    if len(value) != end - start:
-        raise CorruptCheckpointError(
-            f"truncated data: {where} ends before bytes {start}-{end}; "
-            "the checkpoint is corrupt, restore another step"
-        )
-    return value
 
 
 async def _read_direct(

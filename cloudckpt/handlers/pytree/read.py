@@ -294,10 +294,8 @@ class Reader:
         # file system's preadv, GCS's streamed ranged GET): one request per whole chunk
         # object, bytes placed once, crc32c vectorised; 5-20x faster than tensorstore's
         # zarr path on file, at the raw GET's pace on GCS. S3 keeps tensorstore's path.
-        direct = (
-            isinstance(storage, _document.ZarrStorage)
-            and hasattr(self.directory.backend, "read_into")
-            and chunks.handles(storage)
+        direct = isinstance(storage, _document.ZarrStorage) and chunks.supported(
+            self.directory, storage
         )
 
         async def read_direct(members: list[int], nbytes: int) -> None:
@@ -306,7 +304,6 @@ class Reader:
                 buffers = [empty_aligned(shapes[k], storage.stored) for k in members]
                 await chunks.read_into(
                     self.directory,
-                    await self._packs(),
                     storage,
                     [indices[k] for k in members],
                     buffers,
