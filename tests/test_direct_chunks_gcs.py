@@ -199,3 +199,21 @@ def test_inner_chunks_in_another_order_are_read_by_the_index(
             NamedSharding(_mesh((2, 4)), P("data", "model")),
         ):
             _restore_all(ckptr, url, sharding)
+
+
+def test_failed_ranged_reads_are_retried(servers: LocalServers, tmp_path: Any) -> None:
+    """503s, dropped connections and lost answers on the direct reads: retried, values right."""
+    url = _url("gs", tmp_path)
+    with _save_all(url):
+        pass
+    with FaultProxy(
+        servers.gcs.endpoint, fault_rate=0.2, modes=("503", "drop", "lost_response"), flavor="gcs"
+    ) as proxy:
+        options = {"endpoint_url": proxy.endpoint}
+        with cc.Checkpointer(cc.StandardCheckpointHandler(), storage_options=options) as ckptr:
+            for sharding in (
+                NamedSharding(_mesh(SAVED), P("data", "model")),
+                NamedSharding(_mesh((2, 4)), P("data", "model")),
+            ):
+                _restore_all(ckptr, url, sharding)
+        assert proxy.stats.total_faults > 0
