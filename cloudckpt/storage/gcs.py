@@ -362,22 +362,38 @@ class GCSBackend(FsspecObjectBackend):
         temporary object): restores place chunk data in the arrays handed to
         devices this way. Returns the bytes placed (fewer than the buffers hold
         when the object ends first), or None when the object does not exist.
-        Retried as a whole under the retry policy; never hedged, since two
-        attempts would write into the same buffers.
+        Retried and hedged as ``get`` is (named ``read`` in errors). Only the first request writes into
+        ``buffers``; a hedge or a retry reads into memory of its own, copied in
+        once it has won (by then every other request of the read is stopped).
         """
         want = sum(b.nbytes for b in buffers)
         if want == 0:
             return 0 if await self.exists(path) else None
         fs = await self._fs()
+        first = True
+
+        async def attempt() -> tuple[int, bytearray | None]:
+            nonlocal first
+            if first:
+                first = False
+                return await fs._read_range_into(path, offset, buffers), None
+            own = bytearray(want)
+            return await fs._read_range_into(path, offset, [memoryview(own)]), own
+
         try:
-            return await self._retrying(
-                "get", path, lambda: fs._read_range_into(path, offset, buffers), nbytes=want
-            )
+            got, own = await self._retrying("read", path, attempt, nbytes=want, hedge=True)
         except FileNotFoundError as exc:
             missing_bucket = await self._missing(path, exc)
             if missing_bucket is not None:
                 raise missing_bucket from None
             return None
+        if own is not None:
+            at = 0
+            for b in buffers:
+                n = max(0, min(b.nbytes, got - at))
+                b[:n] = memoryview(own)[at : at + n]
+                at += b.nbytes
+        return got
 
     async def _created_with_token(self, path: str, token: str) -> bool:
         info = await self._info(path)

@@ -47,6 +47,9 @@ from cloudckpt.storage.path import StoragePath
 RUN_BYTES = 16 * 1024 * 1024
 #: Default bound on those reads in flight per restore (a few runs at once).
 SCRATCH_BYTES = 64 * 1024 * 1024
+#: Requests in flight per restore, as tensorstore's request concurrency and the raw channel:
+#: a request waits for its turn before its deadline starts, not after.
+REQUESTS_IN_FLIGHT = 64
 _MISSING = 2**64 - 1  # a shard index entry of an absent inner chunk
 
 
@@ -87,16 +90,23 @@ async def read_into(
     indices: Sequence[layout.Index],
     buffers: Sequence[np.ndarray],
     scratch: ByteBudget,
+    gate: asyncio.Semaphore,
     counts: Counter[str] | None = None,
 ) -> None:
     """Fills ``buffers[k]`` with the stored values over ``indices[k]`` (stored dtype, C order).
 
     ``directory``'s backend must have ``read_into`` (see :func:`supported`);
-    ``scratch`` bounds the bytes of ranged reads in flight (the only temporaries);
+    ``scratch`` bounds the bytes of ranged reads in flight (the only temporaries),
+    ``gate`` the requests in flight (shared by all the reads of a restore);
     ``counts``, where given, gains the ``requests`` made and the ``bytes`` they asked for.
     """
     tally: Counter[str] = Counter() if counts is None else counts
-    direct_io = directory.backend.read_into  # type: ignore[attr-defined]
+    backend_read = directory.backend.read_into  # type: ignore[attr-defined]
+
+    async def direct_io(path: str, offset: int, iov: list[memoryview]) -> int | None:
+        async with gate:
+            return await backend_read(path, offset, iov)  # type: ignore[no-any-return]
+
     inner = storage.inner
     ratio = tuple(c // i for c, i in zip(storage.chunk, inner, strict=True))
     sharded = storage.inner != storage.chunk

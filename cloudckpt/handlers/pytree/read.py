@@ -125,6 +125,7 @@ class Reader:
         self._packed: dict[tuple[int, layout.Index], np.ndarray] = {}
         # Ranged reads in flight on the direct chunk path (their temporaries).
         self._scratch = ByteBudget(min(budget.limit, chunks.SCRATCH_BYTES))
+        self._requests = asyncio.Semaphore(chunks.REQUESTS_IN_FLIGHT)
         #: Requests (and bytes asked for) of the direct chunk reads, for the benchmarks.
         self.direct_reads: Counter[str] = Counter()
 
@@ -308,6 +309,7 @@ class Reader:
                     [indices[k] for k in members],
                     buffers,
                     self._scratch,
+                    self._requests,
                     self.direct_reads,
                 )
             for k, buffer in zip(members, buffers, strict=True):
