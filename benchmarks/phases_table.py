@@ -40,19 +40,22 @@ def table_lines(result: dict[str, Any]) -> list[str]:
     row("Checkpointer.restore", t("restore"))
     row("Checkpointer.restore onto a 2x4 mesh", t("resharded"))
     row("raw concurrent GET, same sizes", t("raw_get"))
-    row("np.fromfile of the files", t("fromfile"))
+    row("np.fromfile of the files, arrays kept", t("fromfile"))
+    row("np.fromfile, each array freed at once", t("fromfile_freed"))
     row("one crc32c pass over the bytes", t("crc32c"))
     row("one memcpy of the bytes", t("memcpy"))
     row("Orbax restore", t("orbax"))
     row("Orbax restore onto a 2x4 mesh", t("orbax_resharded"))
     row("restore / raw GET", lambda r: f"{r['restore_vs_raw_get']:.2f}")
     row("restore / np.fromfile", lambda r: f"{r['restore_vs_fromfile']:.2f}")
+    row("restore / np.fromfile, freed", lambda r: f"{r.get('restore_vs_fromfile_freed', 0):.2f}")
     row("restore / Orbax (median, worst)", lambda r: f"{r['restore_vs_orbax']:.2f}, "
         f"{r['restore_vs_orbax_worst']:.2f}")  # fmt: skip
     row("2x4: restore / Orbax (median, worst)", lambda r: f"{r['resharded_vs_orbax']:.2f}, "
         f"{r['resharded_vs_orbax_worst']:.2f}")  # fmt: skip
     row("each run: restore / yardstick", lambda r: runs(f"restore/{base(r)}")(r))
     row("each run: 2x4 restore / yardstick", lambda r: runs(f"resharded/{base(r)}")(r))
+    row("each run: restore / np.fromfile, freed", runs("restore/fromfile_freed"))
     row("each run: restore / Orbax", runs("restore/orbax"))
     row("each run: 2x4 restore / Orbax 2x4", runs("resharded/orbax"))
     row("page cache (file)", lambda r: str(r.get("cache", "-")))
