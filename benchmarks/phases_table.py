@@ -48,7 +48,10 @@ def table_lines(result: dict[str, Any]) -> list[str]:
     row("Orbax restore onto a 2x4 mesh", t("orbax_resharded"))
     row("restore / raw GET", lambda r: f"{r['restore_vs_raw_get']:.2f}")
     row("restore / np.fromfile", lambda r: f"{r['restore_vs_fromfile']:.2f}")
-    row("restore / np.fromfile, freed", lambda r: f"{r.get('restore_vs_fromfile_freed', 0):.2f}")
+    row(
+        "restore / np.fromfile, freed",
+        lambda r: f"{r.get('restore_vs_fromfile_freed', float('nan')):.2f}",
+    )
     row("restore / Orbax (median, worst)", lambda r: f"{r['restore_vs_orbax']:.2f}, "
         f"{r['restore_vs_orbax_worst']:.2f}")  # fmt: skip
     row("2x4: restore / Orbax (median, worst)", lambda r: f"{r['resharded_vs_orbax']:.2f}, "
