@@ -47,6 +47,11 @@ class Config:
     straggler_size_mib: float = 64.0
     straggler_floors_s: list[float] = field(default_factory=lambda: [2.0, 20.0])
     listing_steps: int = 5
+    #: The restore_phases scenario: its own tree size (the issue measures 1 GiB and 4 GiB),
+    #: repetitions (median of 5), and the page-cache state of file reads (warm or cold).
+    phases_size_mib: float = 1024.0
+    phases_reps: int = 5
+    file_cache: str = "warm"
     listing_objects: int = 10000
     scenarios: list[str] = field(default_factory=list)
     workdir: str = ""

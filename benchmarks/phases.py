@@ -1,32 +1,35 @@
-"""Where a restore's time goes: one restore of the main tree replayed phase by phase.
+"""Where a restore's time goes, beside the raw channel and Orbax (issue 18's measurement).
 
-Per backend, the main tree is saved once by cloudckpt (and once by Orbax where
-it has a path); then, interleaved per repetition so all see the same machine
-noise:
+Per backend, a fresh random tree of ``--phases-size-mib`` MiB (default 1 GiB;
+4096 for the large form) is saved once by cloudckpt (and once by Orbax where
+it has a path) and dropped; then, per repetition (``--phases-reps``, default
+5), all under the same machine noise:
 
 * the restore replayed step by step with the library's own read path
   (``cloudckpt.handlers.pytree.read.Reader``), each step timed alone:
   ``pytree.json`` read and parse, packed reads, tensorstore opens, the region
   reads of every array (all concurrently, as a restore does: requests,
-  crc32c, decoding and the copies into host buffers), and the assembly of
-  the ``jax.Array`` leaves from those host buffers
-  (``make_array_from_callback``: host-to-device transfer, a memcpy on CPU
-  unless the buffer can be aliased);
-* the handler's ``restore`` alone and the whole ``Checkpointer.restore``
-  (whose difference is the step-level work: step metadata, marker check),
-  and the same restore onto a 2x4 mesh instead of the saved 4x2 (regions
-  cut through chunk objects: ranged reads of inner chunks);
-* the yardsticks on the same bytes: the raw concurrent GET of objects of the
-  checkpoint's sizes (``raw.py``), ``np.fromfile`` of the checkpoint's own
-  files (file backend), one crc32c pass and one memcpy over the restored
-  bytes (what a checksum and an extra host copy cost here), and Orbax's
-  restore of the same tree.
+  crc32c and the copies into host buffers), and the assembly of the
+  ``jax.Array`` leaves from those host buffers (``make_array_from_callback``:
+  host-to-device transfer, a memcpy on CPU unless the buffer is aliased);
+* the handler's ``restore`` alone and the whole ``Checkpointer.restore``,
+  each timed right after its yardstick (``np.fromfile`` of the checkpoint's
+  own files on file, the raw concurrent GET of objects of the checkpoint's
+  sizes on object stores, ``raw.py``), and the same restore onto a 2x4 mesh
+  instead of the saved 4x2 (regions cut through chunk objects);
+* one crc32c pass and one memcpy over the restored bytes (what a checksum
+  and an extra host copy cost here), and Orbax's restore of the same tree
+  onto both meshes.
 
-Requests are counted from tensorstore's own metrics during the whole restore
-(its reads, and the bytes they returned) beside the checkpoint's object
-count, which is what the raw channel issues. A fresh process per backend
-measures peak RSS of a restore above its baseline (``python -m
-benchmarks.phases``).
+File reads see the same page cache on both sides of each comparison:
+``--file-cache warm`` (default) reads the files once, untimed, before each
+timed read; ``cold`` evicts them first (``posix_fadvise(DONTNEED)``). Every
+repetition's ratios are printed and kept, not only the medians.
+
+Requests are counted from tensorstore's own metrics and from the direct
+chunk reader during a restore, beside the checkpoint's object count, which
+is what the raw channel issues. A fresh process per backend measures peak RSS
+of a restore above its baseline (``python -m benchmarks.phases``).
 """
 
 from __future__ import annotations
@@ -56,8 +59,12 @@ PHASES = ("document", "packs", "open", "reads", "assemble")
 
 
 # ------------------------------------------------------------------------- the replay
-async def _replay(url: str, target: Any) -> tuple[dict[str, float], list[np.ndarray]]:
-    """The handler's restore of ``target``, one phase at a time; returns times and host pieces."""
+async def _replay(url: str, target: Any) -> tuple[dict[str, float], list[np.ndarray], Any]:
+    """The handler's restore of ``target``, one phase at a time.
+
+    Returns the phase times, the host pieces, and the direct chunk reader's
+    request count (``requests``, ``bytes``).
+    """
     import jax
 
     from cloudckpt.format import layout
@@ -120,7 +127,7 @@ async def _replay(url: str, target: Any) -> tuple[dict[str, float], list[np.ndar
     jax.block_until_ready(built)
     times["assemble"] = time.perf_counter() - start
     del built
-    return times, list(pieces)
+    return times, list(pieces), dict(reader.direct_reads)
 
 
 #: The backends this probe opens, closed on its loop at the end.
@@ -152,12 +159,24 @@ async def _close_clients() -> None:
 
 
 # ------------------------------------------------------------------------- yardsticks
-def _fromfile(paths: list[str]) -> float:
-    """``np.fromfile`` of every file, 8 at a time (one per device)."""
+def _fromfile(paths: list[str], keep: bool = True) -> float:
+    """``np.fromfile`` of every file, 8 at a time (one per device).
+
+    ``keep``: the arrays stay alive until every file is read, as a restore's do.
+    Freed at once (``keep=False``, the yardstick before issue 18's second pass),
+    they hand their memory to the next read: no page faults, no pressure on the
+    page cache. Both are reported.
+    """
     with ThreadPoolExecutor(8) as pool:
         start = time.perf_counter()
-        got = sum(pool.map(lambda p: np.fromfile(p, np.uint8).nbytes, paths))
+        if keep:
+            arrays = list(pool.map(lambda p: np.fromfile(p, np.uint8), paths))
+        else:
+            sizes = list(pool.map(lambda p: np.fromfile(p, np.uint8).nbytes, paths))
         elapsed = time.perf_counter() - start
+    got = sum(a.nbytes for a in arrays) if keep else sum(sizes)
+    if keep:
+        del arrays
     if got != sum(os.path.getsize(p) for p in paths):
         raise RuntimeError("np.fromfile read fewer bytes than the files hold")
     return elapsed
@@ -174,10 +193,12 @@ def _crc_and_copy(pieces: list[np.ndarray]) -> tuple[float, float]:
     for v in views:
         google_crc32c.value(v)
     crc_s = time.perf_counter() - start
-    start = time.perf_counter()
-    copies = [v.copy() for v in views]
-    copy_s = time.perf_counter() - start
-    del copies
+    copy_s = 0.0
+    for v in views:  # one piece at a time: the yardstick costs one piece of memory
+        start = time.perf_counter()
+        copy = v.copy()
+        copy_s += time.perf_counter() - start
+        del copy
     return crc_s, copy_s
 
 
@@ -247,71 +268,140 @@ def _rss(url: str, size_mib: float) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------- the scenario
-def run_backend(ctx: Context, target: Target, state: Any, abstract: Any) -> dict[str, Any]:
+def _drop_cache(paths: list[str]) -> None:
+    """Evicts ``paths`` from the page cache (``posix_fadvise(DONTNEED)``), for cold reads."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _warm_cache(paths: list[str]) -> None:
+    """Reads ``paths`` once, untimed, so that both sides find them in the page cache."""
+    for path in paths:
+        with open(path, "rb") as f:
+            while f.read(1 << 24):
+                pass
+
+
+def _files(url: str) -> list[str]:
+    return [o.path for o in list_objects(url)]
+
+
+def run_backend(ctx: Context, target: Target, size_mib: float) -> dict[str, Any]:
+    """Saves a fresh random tree of ``size_mib`` MiB, then times restores beside yardsticks.
+
+    Per repetition the pairs compared are timed back to back, under the same
+    conditions: on file, ``np.fromfile`` and the restore each after the same
+    page-cache preparation (``--file-cache``: warm, both read once untimed
+    first; cold, both evicted first); on object stores, the raw GET and the
+    restore. Each repetition's ratios are kept, not only the medians.
+    """
     import jax
     from jax.sharding import Mesh
 
     cfg = ctx.config
-    nbytes = tree.tree_nbytes(state)
+    reps = cfg.phases_reps
     cc = CloudCkpt()
     peer = Orbax() if cfg.peer and target.orbax_root else None
     url = target.fresh("phases")
     orbax_url = target.fresh_orbax("phases") if peer is not None else None
-    times: dict[str, list[float]] = {
-        k: []
-        for k in (
-            *PHASES,
-            *("handler", "restore", "resharded", "raw_get", "fromfile", "crc32c", "memcpy"),
-            "orbax",
-        )
-    }
+    keys = (*PHASES, "handler", "restore", "resharded", "raw_get", "fromfile", "fromfile_freed")
+    keys = (*keys, "crc32c", "memcpy")
+    times: dict[str, list[float]] = {k: [] for k in (*keys, "orbax", "orbax_resharded")}
     requests: dict[str, Any] = {}
+    specs = tree.model_specs(size_mib)
+    abstract = tree.abstract_from_specs(specs, ctx.mesh)
     # The same tree onto another mesh: 2x4 instead of 4x2, so most regions cut chunks.
     other = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
-    resharded = tree.abstract_from_specs(tree.model_specs(cfg.size_mib), other)
+    resharded = tree.abstract_from_specs(specs, other)
+    cold = target.is_file and cfg.file_cache == "cold"
     stack = contextlib.ExitStack()
     try:
+        state = tree.build(specs, ctx.mesh)  # random data, dropped once saved
+        nbytes = tree.tree_nbytes(state)
         cc.save(url, state)
+        if peer is not None and orbax_url is not None:
+            peer.save(orbax_url, state)
+        del state
+        gc.collect()
         first = cc.restore(url, abstract)  # warm-up: client start-up is not a phase
         del first
         if peer is not None and orbax_url is not None:
-            peer.save(orbax_url, state)
             del_me = peer.restore(orbax_url, abstract)
             del del_me
         objects = list_objects(url)
+        paths = [o.path for o in objects]
+        orbax_paths = _files(orbax_url) if target.is_file and orbax_url else []
+
+        def prepare(which: list[str]) -> None:
+            if target.is_file:
+                (_drop_cache if cold else _warm_cache)(which)
+
         from benchmarks import raw
 
-        payloads = raw.payloads([o.size for o in objects])
+        sizes = [o.size for o in objects]
+
+        def raw_get(rep: int) -> float:
+            # Payloads built per call (untimed) and dropped after: at 4 GiB, holding them
+            # through the restores would double the memory this scenario needs.
+            payloads = raw.payloads(sizes, seed=rep)
+            try:
+                return target.raw_put_get(f"phases{rep}", payloads).get_s
+            finally:
+                del payloads
+                gc.collect()
+
         # One loop for every replay, as the Checkpointer keeps one: storage clients are
         # per loop, and their start-up is not a phase of a restore. The first replay warms it.
         loop = stack.enter_context(contextlib.closing(asyncio.new_event_loop()))
         stack.callback(loop.run_until_complete, _close_clients())
         loop.run_until_complete(_replay(url, abstract))
-        for rep in range(cfg.reps):
-            phase_times, pieces = loop.run_until_complete(_replay(url, abstract))
+
+        def timed_restore(which: str, saver: Any, where: str, into: Any, files: list[str]) -> None:
+            prepare(files)
+            gc.collect()
+            start = time.perf_counter()
+            restored = saver.restore(where, into)
+            times[which].append(time.perf_counter() - start)
+            del restored
+            gc.collect()
+
+        for rep in range(reps):
+            prepare(paths)
+            phase_times, pieces, direct = loop.run_until_complete(_replay(url, abstract))
             for k, v in phase_times.items():
                 times[k].append(v)
+            restored_bytes = sum(p.nbytes for p in pieces)
             crc_s, copy_s = _crc_and_copy(pieces)
             times["crc32c"].append(crc_s)
             times["memcpy"].append(copy_s)
-            restored_bytes = sum(p.nbytes for p in pieces)
             del pieces
             gc.collect()
+            prepare(paths)
             times["handler"].append(_handler_restore(loop, url, abstract))
             gc.collect()
+            # The pair compared: the yardstick, then the restore, back to back.
+            if target.is_file:
+                prepare(paths)
+                prepare(paths)
+                times["fromfile_freed"].append(_fromfile(paths, keep=False))
+                prepare(paths)
+                times["fromfile"].append(_fromfile(paths))
+            else:
+                times["raw_get"].append(raw_get(rep))
             before = _ts_counters(_driver(target))
-            start = time.perf_counter()
-            restored = cc.restore(url, abstract)
-            times["restore"].append(time.perf_counter() - start)
+            timed_restore("restore", cc, url, abstract, paths)
             after = _ts_counters(_driver(target))
-            del restored
-            gc.collect()
-            start = time.perf_counter()
-            restored = cc.restore(url, resharded)
-            times["resharded"].append(time.perf_counter() - start)
+            timed_restore("resharded", cc, url, resharded, paths)
             after_reshard = _ts_counters(_driver(target))
-            del restored
-            gc.collect()
+            if target.is_file:
+                times["raw_get"].append(raw_get(rep))
+            if peer is not None and orbax_url is not None:
+                timed_restore("orbax", peer, orbax_url, abstract, orbax_paths)
+                timed_restore("orbax_resharded", peer, orbax_url, resharded, orbax_paths)
             if rep == 0:
                 requests = {
                     "resharded_reads": after_reshard.get("read", 0) - after.get("read", 0),
@@ -319,24 +409,20 @@ def run_backend(ctx: Context, target: Target, state: Any, abstract: Any) -> dict
                     "tensorstore_batch_reads": after.get("batch_read", 0)
                     - before.get("batch_read", 0),
                     "tensorstore_bytes": after.get("bytes_read", 0) - before.get("bytes_read", 0),
+                    "direct_reads": direct.get("requests", 0),
+                    "direct_bytes": direct.get("bytes", 0),
                     "objects": len(objects),
                     "object_bytes": sum(o.size for o in objects),
                     "restored_bytes": restored_bytes,
                 }
-            times["raw_get"].append(target.raw_put_get(f"phases{rep}", payloads).get_s)
-            if target.is_file:
-                times["fromfile"].append(_fromfile([o.path for o in objects]))
-            if peer is not None and orbax_url is not None:
-                start = time.perf_counter()
-                restored = peer.restore(orbax_url, abstract)
-                times["orbax"].append(time.perf_counter() - start)
-                del restored
-                gc.collect()
+            ratios = _rep_ratios(times, target.is_file)
             ctx.log(
-                f"phases {target.name} rep {rep}: "
+                f"phases {target.name} {size_mib:g} MiB rep {rep}: "
                 + ", ".join(f"{k} {v[-1]:.3f}s" for k, v in times.items() if v)
+                + " | ratios: "
+                + ", ".join(f"{k} {v[-1]:.2f}" for k, v in ratios.items() if v)
             )
-        rss = _rss(url, cfg.size_mib)
+        rss = _rss(url, size_mib)
     finally:
         stack.close()
         cc.close()
@@ -346,8 +432,11 @@ def run_backend(ctx: Context, target: Target, state: Any, abstract: Any) -> dict
         if orbax_url is not None:
             remove(orbax_url)
     med = {k: median(v) for k, v in times.items()}
+    ratios = _rep_ratios(times, target.is_file)
     return {
         "bytes": nbytes,
+        "size_mib": size_mib,
+        "cache": cfg.file_cache if target.is_file else "n/a",
         "times": {
             k: {"median_s": med[k], "samples_s": [round(x, 4) for x in v]}
             for k, v in times.items()
@@ -355,96 +444,51 @@ def run_backend(ctx: Context, target: Target, state: Any, abstract: Any) -> dict
         },
         "phase_sum_s": sum(med[k] for k in PHASES),
         "requests": requests,
+        "ratios": {k: [round(x, 3) for x in v] for k, v in ratios.items()},
         "restore_vs_raw_get": ratio(med["restore"], med["raw_get"]),
         "resharded_vs_raw_get": ratio(med["resharded"], med["raw_get"]),
         "restore_vs_fromfile": ratio(med["restore"], med["fromfile"]),
+        "restore_vs_fromfile_freed": ratio(med["restore"], med["fromfile_freed"]),
         "restore_vs_orbax": ratio(med["restore"], med["orbax"]),
-        "restore_vs_orbax_worst": max(
-            (ratio(a, b) for a, b in zip(times["restore"], times["orbax"], strict=False)),
-            default=float("nan"),
-        ),
+        "restore_vs_orbax_worst": max(ratios["restore/orbax"], default=float("nan")),
+        "resharded_vs_orbax": ratio(med["resharded"], med["orbax_resharded"]),
+        "resharded_vs_orbax_worst": max(ratios["resharded/orbax"], default=float("nan")),
         "rss": rss,
+    }
+
+
+def _rep_ratios(times: dict[str, list[float]], is_file: bool) -> dict[str, list[float]]:
+    """Each repetition's ratios (restore over its yardstick in the same repetition)."""
+
+    def per(a: str, b: str) -> list[float]:
+        return [ratio(x, y) for x, y in zip(times[a], times[b], strict=False)]
+
+    base = "fromfile" if is_file else "raw_get"
+    return {
+        f"restore/{base}": per("restore", base),
+        f"resharded/{base}": per("resharded", base),
+        "restore/fromfile_freed": per("restore", "fromfile_freed") if is_file else [],
+        "restore/orbax": per("restore", "orbax"),
+        "resharded/orbax": per("resharded", "orbax_resharded"),
     }
 
 
 @scenario("restore_phases", order=12)
 def restore_phases(ctx: Context) -> dict[str, Any]:
-    state = ctx.main_tree()
-    abstract = tree.abstract_target(state)
-    out: dict[str, Any] = {"bytes": tree.tree_nbytes(state), "backends": {}}
+    size_mib = ctx.config.phases_size_mib
+    specs = tree.model_specs(size_mib)
+    out: dict[str, Any] = {
+        "bytes": tree.tree_nbytes(tree.abstract_from_specs(specs, ctx.mesh)),
+        "size_mib": size_mib,
+        "reps": ctx.config.phases_reps,
+        "file_cache": ctx.config.file_cache,
+        "backends": {},
+    }
+    ctx.drop_main_tree()  # this scenario saves a tree of its own size
     for target in ctx.targets:
-        ctx.log(f"restore phases on {target.name}")
-        out["backends"][target.name] = run_backend(ctx, target, state, abstract)
+        ctx.log(f"restore phases on {target.name}, {size_mib:g} MiB")
+        out["backends"][target.name] = run_backend(ctx, target, size_mib)
     return out
-
-
-# ------------------------------------------------------------------------- the table
-def _ms(value: Any) -> str:
-    if value is None or (isinstance(value, float) and value != value):
-        return "-"
-    return f"{value * 1000:.0f}"
-
-
-def table_lines(result: dict[str, Any]) -> list[str]:
-    """The phase table of ``make bench`` (milliseconds, medians), one column per backend."""
-    backends = result["backends"]
-    names = list(backends)
-    rows: list[tuple[str, list[str]]] = []
-
-    def row(label: str, fn: Any) -> None:
-        rows.append((label, [fn(backends[n]) for n in names]))
-
-    def t(key: str) -> Any:
-        return lambda r: _ms(r["times"].get(key, {}).get("median_s"))
-
-    row("pytree.json read+parse", t("document"))
-    row("packed reads", t("packs"))
-    row("tensorstore opens", t("open"))
-    row("array reads (GET+crc32c+decode+copy)", t("reads"))
-    row("assembly (make_array_from_callback)", t("assemble"))
-    row("= sum of phases", lambda r: _ms(r["phase_sum_s"]))
-    row("handler restore", t("handler"))
-    row("Checkpointer.restore", t("restore"))
-    row("Checkpointer.restore onto a 2x4 mesh", t("resharded"))
-    row("raw concurrent GET, same sizes", t("raw_get"))
-    row("np.fromfile of the files", t("fromfile"))
-    row("one crc32c pass over the bytes", t("crc32c"))
-    row("one memcpy of the bytes", t("memcpy"))
-    row("Orbax restore", t("orbax"))
-    row("restore / raw GET", lambda r: f"{r['restore_vs_raw_get']:.2f}")
-    row("restore / np.fromfile", lambda r: f"{r['restore_vs_fromfile']:.2f}")
-    row("restore / Orbax (median, worst)", lambda r: f"{r['restore_vs_orbax']:.2f}, "
-        f"{r['restore_vs_orbax_worst']:.2f}")  # fmt: skip
-    row("objects (raw GETs)", lambda r: str(r["requests"].get("objects", "-")))
-    row("tensorstore reads (batched)", lambda r: f"{r['requests'].get('tensorstore_reads', '-')} "
-        f"({r['requests'].get('tensorstore_batch_reads', '-')})")  # fmt: skip
-    row(
-        "tensorstore reads onto the 2x4 mesh",
-        lambda r: str(r["requests"].get("resharded_reads", "-")),
-    )
-    row("MiB read / MiB restored", lambda r: f"{r['requests'].get('tensorstore_bytes', 0) / 2**20:.0f}"
-        f" / {r['requests'].get('restored_bytes', 0) / 2**20:.0f}")  # fmt: skip
-    row("peak RSS above baseline", lambda r: f"{r['rss']['multiple']:.2f}x")
-    width = max(len(label) for label, _ in rows)
-    cols = [max(len(n), *(len(v[i]) for _, v in rows)) for i, n in enumerate(names)]
-    head = f"{'ms (median)':<{width}}  " + "  ".join(
-        f"{n:>{c}}" for n, c in zip(names, cols, strict=True)
-    )
-    lines = [
-        f"\n== Restore phases: {result['bytes'] / 2**20:.0f} MiB tree, each phase timed alone ==",
-        head,
-        "-" * len(head),
-    ]
-    for label, values in rows:
-        lines.append(
-            f"{label:<{width}}  "
-            + "  ".join(f"{v:>{c}}" for v, c in zip(values, cols, strict=True))
-        )
-    lines.append(
-        "goals: restore/raw GET <= 1.1 (s3, gcs); restore/np.fromfile <= 2 (file); "
-        "restore/Orbax <= 0.6 every run (file, gcs); RSS <= 1.25x"
-    )
-    return lines
 
 
 def main() -> None:

@@ -253,7 +253,7 @@ def table(document: dict[str, Any]) -> str:
             )
     phases = _get(document, "restore_phases")
     if phases:
-        from benchmarks.phases import table_lines
+        from benchmarks.phases_table import table_lines
 
         lines += table_lines(phases)
     mem = _get(document, "memory")

@@ -8,6 +8,7 @@ sharded pytree on 8 CPU devices, runs the selected scenarios and writes
     python -m benchmarks.run --quick         # a tiny smoke run (CI)
     python -m benchmarks.run --size-mib 1024 --reps 5 --backends file,s3
     python -m benchmarks.run --scenarios throughput,blocking
+    python -m benchmarks.run --scenarios restore_phases --phases-size-mib 4096
 """
 
 from __future__ import annotations
@@ -118,6 +119,24 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
         help=f"objects per step of the listing scenario (default {defaults.listing_objects})",
     )
     p.add_argument(
+        "--phases-size-mib",
+        type=float,
+        help="tree size of the restore_phases scenario (default "
+        f"{defaults.phases_size_mib:g}; 4096 for the issue's large form, about 10 GiB of RAM)",
+    )
+    p.add_argument(
+        "--phases-reps",
+        type=int,
+        help=f"repetitions of the restore_phases scenario (default {defaults.phases_reps})",
+    )
+    p.add_argument(
+        "--file-cache",
+        choices=("warm", "cold"),
+        help="page-cache state of file reads in restore_phases, the same for the restore and "
+        "np.fromfile: warm (both read once, untimed, first) or cold (both evicted with "
+        "posix_fadvise DONTNEED first); default warm",
+    )
+    p.add_argument(
         "--scenarios", help=f"comma-separated subset of {','.join(SCENARIOS)} (default all)"
     )
     p.add_argument("--workdir", help="where file-backend checkpoints go (default: a temp dir)")
@@ -140,6 +159,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
             straggler_size_mib=8,
             straggler_floors_s=[2.0],
             listing_objects=1000,
+            phases_size_mib=16,
+            phases_reps=1,
             quick=True,
         )
     if args.size_mib is not None:
@@ -169,6 +190,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
         cfg.mp_size_mib = args.mp_size_mib
     if args.mp_reps is not None:
         cfg.mp_reps = args.mp_reps
+    if args.phases_size_mib is not None:
+        cfg.phases_size_mib = args.phases_size_mib
+    if args.phases_reps is not None:
+        cfg.phases_reps = args.phases_reps
+    if args.file_cache is not None:
+        cfg.file_cache = args.file_cache
     if args.listing_objects is not None:
         cfg.listing_objects = args.listing_objects
     wanted = (
@@ -183,7 +210,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
     bad = [b for b in cfg.backends if b not in ("file", "s3", "gcs")]
     if bad or not cfg.backends:
         p.error(f"--backends takes a subset of file,s3,gcs, got {args.backends!r}")
-    if min(cfg.reps, cfg.scale_reps, cfg.small_reps, cfg.memory_reps, cfg.mp_reps) < 1:
+    if (
+        min(cfg.reps, cfg.scale_reps, cfg.small_reps, cfg.memory_reps, cfg.mp_reps, cfg.phases_reps)
+        < 1
+    ):
         p.error("repetitions must be at least 1")
     return cfg, args
 

@@ -1,8 +1,8 @@
 """Restores of cloudckpt's own zarr arrays read chunks directly (handlers/pytree/chunks.py).
 
 On the file system inner chunks are read by the kernel straight into the
-destination buffers (object stores stay on tensorstore's zarr path; the round
-trips also run on a real fake-gcs-server to keep both paths agreeing). Every
+destination buffers, on GCS by streamed ranged GETs (the round trips run on
+both; tests/test_direct_chunks_gcs.py has GCS's own). Every
 crc32c is checked: values must round-trip onto
 any mesh, and a flipped byte, a forged shard index or a cut object must raise
 CorruptCheckpointError naming the object.

@@ -36,6 +36,7 @@ from gcsfs.retry import validate_response
 
 from atomicity import ObjectInfo, Versioned
 from cloudckpt.storage._fsspec import FsspecObjectBackend, _mtime
+from cloudckpt.storage._stream import fill_from_stream
 from cloudckpt.storage.base import CREATE_TOKEN_KEY, BucketSettings
 from cloudckpt.storage.deadline import Deadlines
 from cloudckpt.storage.retry import RetryPolicy
@@ -114,19 +115,55 @@ class _SingleAttemptGCSFileSystem(_CoreGCSFileSystem):
         ) as response:
             contents = await response.read()
             if response.status >= 400:
-                try:
-                    validate_response(response.status, contents, path, args)
-                except Exception as exc:
-                    exc.gcs_message, exc.error_code = _error_details(contents)  # type: ignore[attr-defined]
-                    exc.retry_after = response.headers.get("Retry-After")  # type: ignore[attr-defined]
-                    raise
+                _raise_for(response, contents, path, args)
             return response.status, response.headers, response.request_info, contents
+
+    async def _read_range_into(self, path: str, offset: int, buffers: list[memoryview]) -> int:
+        """One ranged media GET of ``path`` streamed into ``buffers``; the bytes placed.
+
+        The body goes from aiohttp's receive buffers straight into the caller's
+        memory as it arrives, instead of being joined into one ``bytes`` first
+        and copied again. 404 raises ``FileNotFoundError`` (as ``_request``).
+        """
+        await self._set_session()
+        want = sum(b.nbytes for b in buffers)
+        headers = self._get_headers({"Range": f"bytes={offset}-{offset + want - 1}"})
+        async with self.session.get(
+            self.url(path), headers=headers, timeout=self.requests_timeout
+        ) as response:
+            if response.status == 416:  # the range starts at or after the end
+                return 0
+            if response.status >= 400:
+                _raise_for(response, await response.read(), path, ())
+            skip = 0
+            if response.status == 200:  # a server that ignored the range sends it all
+                skip = offset
+            elif response.status == 206:
+                got = response.headers.get("Content-Range", "")
+                if not got.startswith(f"bytes {offset}-"):
+                    raise OSError(
+                        f"GCS answered a read of bytes {offset}-{offset + want - 1} of "
+                        f"gs://{path} with Content-Range {got!r}; not reading it"
+                    )
+            else:
+                raise OSError(f"GCS answered a media read of gs://{path} with {response.status}")
+            return await fill_from_stream(response.content, buffers, skip)
 
     def split_path(self, path: str) -> tuple[str, str, None]:
         # A key is a literal string: never read ``#generation`` or
         # ``?generation=`` out of it, whatever ``version_aware`` says.
         bucket, _, key = path.partition("/")
         return bucket, key, None
+
+
+def _raise_for(response: Any, contents: bytes, path: str, args: Any) -> None:
+    """Raises gcsfs's error for a failed response, with the details retries need."""
+    try:
+        validate_response(response.status, contents, path, args)
+    except Exception as exc:
+        exc.gcs_message, exc.error_code = _error_details(contents)  # type: ignore[attr-defined]
+        exc.retry_after = response.headers.get("Retry-After")  # type: ignore[attr-defined]
+        raise
 
 
 def _normalise_endpoint(endpoint: str) -> str:
@@ -317,6 +354,46 @@ class GCSBackend(FsspecObjectBackend):
 
     async def _now(self, path: str) -> float:
         return await _gcs_now(self, path)
+
+    async def read_into(self, path: str, offset: int, buffers: list[memoryview]) -> int | None:
+        """Reads ``path`` from ``offset`` straight into ``buffers`` (flat byte views).
+
+        One ranged GET whose body is copied into the buffers as it arrives (no
+        temporary object): restores place chunk data in the arrays handed to
+        devices this way. Returns the bytes placed (fewer than the buffers hold
+        when the object ends first), or None when the object does not exist.
+        Retried and hedged as ``get`` is (named ``read`` in errors). Only the first request writes into
+        ``buffers``; a hedge or a retry reads into memory of its own, copied in
+        once it has won (by then every other request of the read is stopped).
+        """
+        want = sum(b.nbytes for b in buffers)
+        if want == 0:
+            return 0 if await self.exists(path) else None
+        fs = await self._fs()
+        first = True
+
+        async def attempt() -> tuple[int, bytearray | None]:
+            nonlocal first
+            if first:
+                first = False
+                return await fs._read_range_into(path, offset, buffers), None
+            own = bytearray(want)
+            return await fs._read_range_into(path, offset, [memoryview(own)]), own
+
+        try:
+            got, own = await self._retrying("read", path, attempt, nbytes=want, hedge=True)
+        except FileNotFoundError as exc:
+            missing_bucket = await self._missing(path, exc)
+            if missing_bucket is not None:
+                raise missing_bucket from None
+            return None
+        if own is not None:
+            at = 0
+            for b in buffers:
+                n = max(0, min(b.nbytes, got - at))
+                b[:n] = memoryview(own)[at : at + n]
+                at += b.nbytes
+        return got
 
     async def _created_with_token(self, path: str, token: str) -> bool:
         info = await self._info(path)

@@ -9,11 +9,15 @@ small ranged read, crc-checked and validated before it addresses anything),
 then one ranged read per run of adjacent needed inner chunks, each inner
 chunk's crc32c checked with the hardware ``crc32c`` package (several GB/s)
 and its overlap copied once into the caller's destination buffers. Where the
-backend has ``read_into`` (the file system), inner chunks that land whole in
-a contiguous stretch of a destination are read by the kernel straight into
-it: no temporary and no copy. The reader uses this module only on such
-backends (see ``Reader.regions``); any other layout (an Orbax array, another
-codec) stays on tensorstore's path.
+backend has ``read_into`` (the file system's preadv, GCS's streamed ranged
+GET), inner chunks that land whole in a contiguous stretch of a destination
+are read straight into it: no temporary and no extra copy. A chunk object
+needed whole is read with one request, index included, in the layout
+cloudckpt's writer gives it (inner chunks back to back, in C order); the
+index, crc-checked, must confirm that layout, or the object is read again by
+its index. The reader uses this module only on such backends (see
+``Reader.regions``); any other layout (an Orbax array, another codec) stays
+on tensorstore's path.
 
 Every byte is verified: a mismatch, a missing or short object, or a shard
 index that points outside its object raises :class:`CorruptCheckpointError`
@@ -25,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,7 +47,15 @@ from cloudckpt.storage.path import StoragePath
 RUN_BYTES = 16 * 1024 * 1024
 #: Default bound on those reads in flight per restore (a few runs at once).
 SCRATCH_BYTES = 64 * 1024 * 1024
+#: Requests in flight per restore, as tensorstore's request concurrency and the raw channel:
+#: a request waits for its turn before its deadline starts, not after.
+REQUESTS_IN_FLIGHT = 64
 _MISSING = 2**64 - 1  # a shard index entry of an absent inner chunk
+
+
+def supported(directory: StoragePath, storage: ZarrStorage) -> bool:
+    """Whether this module reads ``storage`` under ``directory``: our layout, a ``read_into``."""
+    return hasattr(directory.backend, "read_into") and handles(storage)
 
 
 def handles(storage: ZarrStorage) -> bool:
@@ -73,16 +86,27 @@ class _Inner:
 
 async def read_into(
     directory: StoragePath,
-    kvstore: Any,
     storage: ZarrStorage,
     indices: Sequence[layout.Index],
     buffers: Sequence[np.ndarray],
     scratch: ByteBudget,
+    gate: asyncio.Semaphore,
+    counts: Counter[str] | None = None,
 ) -> None:
     """Fills ``buffers[k]`` with the stored values over ``indices[k]`` (stored dtype, C order).
 
-    ``scratch`` bounds the bytes of ranged reads in flight (the only temporaries).
+    ``directory``'s backend must have ``read_into`` (see :func:`supported`);
+    ``scratch`` bounds the bytes of ranged reads in flight (the only temporaries),
+    ``gate`` the requests in flight (shared by all the reads of a restore);
+    ``counts``, where given, gains the ``requests`` made and the ``bytes`` they asked for.
     """
+    tally: Counter[str] = Counter() if counts is None else counts
+    backend_read = directory.backend.read_into  # type: ignore[attr-defined]
+
+    async def direct_io(path: str, offset: int, iov: list[memoryview]) -> int | None:
+        async with gate:
+            return await backend_read(path, offset, iov)  # type: ignore[no-any-return]
+
     inner = storage.inner
     ratio = tuple(c // i for c, i in zip(storage.chunk, inner, strict=True))
     sharded = storage.inner != storage.chunk
@@ -128,36 +152,87 @@ async def read_into(
             slot.offset, slot.nbytes = offset, nbytes
 
     async def one_object(chunk_pos: tuple[int, ...], wanted: dict[tuple[int, ...], _Inner]) -> None:
-        key = storage.chunk_key(chunk_pos)
-        where = directory / key
-        direct_io = getattr(directory.backend, "read_into", None)
+        where = directory / storage.chunk_key(chunk_pos)
         if not sharded:
             (slot,) = wanted.values()
             slot.offset, slot.nbytes = 0, object_bytes
-        elif len(wanted) == n_inner and direct_io is None:
-            # The whole object is needed: one request, as the raw channel would make.
-            async with scratch.hold(object_bytes):
-                blob = await _read(kvstore, key, where, 0, object_bytes)
-                locate(memoryview(blob)[object_bytes - index_bytes :], where, wanted)
-                await asyncio.to_thread(_place, blob, 0, list(wanted.values()), where)
-            return
+        elif len(wanted) == n_inner:  # the whole object: one request, as the raw channel
+            index = await whole_object(where, wanted)
+            if index is None:
+                return
+            locate(index, where, wanted)  # not laid out as written: follow its index
         else:
-            async with scratch.hold(index_bytes):
-                blob = await _read(kvstore, key, where, object_bytes - index_bytes, object_bytes)
-            locate(blob, where, wanted)
-        slots = list(wanted.values())
-        if direct_io is not None:
-            # Inner chunks landing whole in one contiguous stretch of a destination are
-            # read by the kernel straight into it; only the rest go through temporaries.
-            targets = {id(slot): _target(slot) for slot in slots}
-            direct = [slot for slot in slots if targets[id(slot)] is not None]
-            slots = [slot for slot in slots if targets[id(slot)] is None]
-            await asyncio.gather(
-                *(read_direct(direct_io, where, run, targets) for run in _runs(direct, RUN_BYTES))
+            index = np.empty(index_bytes, np.uint8)
+            await _read_direct(
+                direct_io,
+                where,
+                object_bytes - index_bytes,
+                object_bytes,
+                [memoryview(index)],
+                tally,
             )
+            locate(index, where, wanted)
+        # Inner chunks landing whole in one contiguous stretch of a destination are
+        # read straight into it; only the rest go through temporaries.
+        slots = list(wanted.values())
+        targets = {id(slot): _target(slot) for slot in slots}
+        direct = [slot for slot in slots if targets[id(slot)] is not None]
+        spare = [slot for slot in slots if targets[id(slot)] is None]
         await asyncio.gather(
-            *(one_run(key, where, run, direct_io) for run in _runs(slots, RUN_BYTES))
+            *(read_direct(where, run, targets) for run in _runs(direct, RUN_BYTES)),
+            *(one_run(where, run) for run in _runs(spare, RUN_BYTES)),
         )
+
+    async def whole_object(where: StoragePath, wanted: dict[tuple[int, ...], _Inner]) -> Any:
+        """Reads a whole sharded object in one request, straight into the destinations.
+
+        cloudckpt's writer stores inner chunks back to back in C order with the
+        index last, so the object is read as that layout says, index included,
+        before the index has been seen. Returns None when the index (crc-checked)
+        confirms that layout and every inner chunk verified; otherwise the
+        index, for the caller to read by (whatever was placed is overwritten).
+        """
+        piece = inner_data + layout.CRC_BYTES
+        order = [wanted[w] for w in itertools.product(*(range(r) for r in ratio))]
+        for j, slot in enumerate(order):
+            slot.offset, slot.nbytes = j * piece, piece
+        targets = {id(slot): _target(slot) for slot in order}
+        spare = [slot for slot in order if targets[id(slot)] is None]
+        index = np.empty(index_bytes, np.uint8)
+        async with scratch.hold(len(spare) * piece):
+            blobs = {id(slot): np.empty(piece, np.uint8) for slot in spare}
+            crcs = np.empty((len(order), layout.CRC_BYTES), np.uint8)
+            iov: list[memoryview] = []
+            for slot, crc in zip(order, crcs, strict=True):
+                target = targets[id(slot)]
+                if target is None:
+                    iov.append(memoryview(blobs[id(slot)]))
+                else:
+                    iov += [memoryview(_flat_bytes(target)), memoryview(crc)]
+            iov.append(memoryview(index))
+            await _read_direct(direct_io, where, 0, object_bytes, iov, tally)
+            _check_crc(index, where, object_bytes - index_bytes)
+            table = np.frombuffer(index, "<u8", count=2 * n_inner).reshape(n_inner, 2)
+            canonical = np.arange(n_inner, dtype=np.uint64) * piece
+            if not (np.array_equal(table[:, 0], canonical) and bool(np.all(table[:, 1] == piece))):
+                return index
+
+            def verify() -> None:
+                for slot, crc in zip(order, crcs, strict=True):
+                    target = targets[id(slot)]
+                    if target is None:
+                        _place(blobs[id(slot)], slot.offset, [slot], where)
+                    elif crc32c.crc32c(memoryview(_flat_bytes(target))) != int.from_bytes(
+                        crc.tobytes(), "little"
+                    ):
+                        raise CorruptCheckpointError(
+                            f"checksum mismatch in {where} bytes {slot.offset}-"
+                            f"{slot.offset + slot.nbytes}: the chunk data is corrupt, "
+                            "restore another step"
+                        )
+
+            await asyncio.to_thread(verify)
+        return None
 
     def _target(slot: _Inner) -> np.ndarray | None:
         """The destination stretch ``slot`` fills whole and contiguously, if there is one."""
@@ -171,15 +246,13 @@ async def read_into(
         view = buffers[k][dst]
         return view if view.flags.c_contiguous else None
 
-    async def read_direct(
-        direct_io: Any, where: StoragePath, run: list[_Inner], targets: dict[int, Any]
-    ) -> None:
+    async def read_direct(where: StoragePath, run: list[_Inner], targets: dict[int, Any]) -> None:
         start, end = run[0].offset, run[-1].offset + run[-1].nbytes
         crcs = np.empty((len(run), layout.CRC_BYTES), np.uint8)
         iov: list[memoryview] = []
         for slot, crc in zip(run, crcs, strict=True):
             iov += [memoryview(_flat_bytes(targets[id(slot)])), memoryview(crc)]
-        await _read_direct(direct_io, where, start, end, iov)
+        await _read_direct(direct_io, where, start, end, iov, tally)
 
         def verify() -> None:
             for slot, crc in zip(run, crcs, strict=True):
@@ -193,15 +266,11 @@ async def read_into(
 
         await asyncio.to_thread(verify)
 
-    async def one_run(key: str, where: StoragePath, run: list[_Inner], direct_io: Any) -> None:
+    async def one_run(where: StoragePath, run: list[_Inner]) -> None:
         start, end = run[0].offset, run[-1].offset + run[-1].nbytes
         async with scratch.hold(end - start):
-            blob: Any
-            if direct_io is not None:  # the kernel fills a scratch buffer: one copy fewer
-                blob = np.empty(end - start, np.uint8)
-                await _read_direct(direct_io, where, start, end, [memoryview(blob)])
-            else:
-                blob = await _read(kvstore, key, where, start, end)
+            blob = np.empty(end - start, np.uint8)
+            await _read_direct(direct_io, where, start, end, [memoryview(blob)], tally)
             # crc32c and numpy's copy release the GIL: verify and place off the event loop.
             await asyncio.to_thread(_place, blob, start, run, where)
 
@@ -224,36 +293,35 @@ async def read_into(
                 )
                 buffers[k][dst] = data[src]
 
-    await asyncio.gather(*(one_object(pos, wanted) for pos, wanted in needed.items()))
+    await _all([one_object(pos, wanted) for pos, wanted in needed.items()])
 
 
-async def _read(kvstore: Any, key: str, where: StoragePath, start: int, end: int) -> bytes:
+async def _all(coros: list[Any]) -> None:
+    """Runs ``coros`` concurrently; on the first error cancels the rest, awaits them, raises.
+
+    A corrupt object ends the restore at once, and no sibling read is left
+    running (or starting a thread) after the caller's event loop has moved on.
+    """
+    tasks = [asyncio.ensure_future(c) for c in coros]
     try:
-        result = await kvstore.read(key, byte_range=slice(start, end))
-    except ValueError as exc:
-        if "OUT_OF_RANGE" not in str(exc):
-            raise
-        raise CorruptCheckpointError(
-            f"truncated data: {where} ends before bytes {start}-{end}; "
-            "the checkpoint is corrupt, restore another step"
-        ) from exc
-    if result.state == "missing":
-        raise CorruptCheckpointError(
-            f"missing data: {where} does not exist; the checkpoint is corrupt, restore another step"
-        )
-    value = result.value
-    if len(value) != end - start:
-        raise CorruptCheckpointError(
-            f"truncated data: {where} ends before bytes {start}-{end}; "
-            "the checkpoint is corrupt, restore another step"
-        )
-    return value
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 async def _read_direct(
-    direct_io: Any, where: StoragePath, start: int, end: int, iov: list[memoryview]
+    direct_io: Any,
+    where: StoragePath,
+    start: int,
+    end: int,
+    iov: list[memoryview],
+    tally: Counter[str],
 ) -> None:
     """Bytes ``start:end`` of ``where`` read by the backend straight into ``iov``."""
+    tally.update(requests=1, bytes=end - start)
     got = await direct_io(where.path, start, iov)
     if got is None:
         raise CorruptCheckpointError(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
+from collections import Counter
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -124,6 +125,9 @@ class Reader:
         self._packed: dict[tuple[int, layout.Index], np.ndarray] = {}
         # Ranged reads in flight on the direct chunk path (their temporaries).
         self._scratch = ByteBudget(min(budget.limit, chunks.SCRATCH_BYTES))
+        self._requests = asyncio.Semaphore(chunks.REQUESTS_IN_FLIGHT)
+        #: Requests (and bytes asked for) of the direct chunk reads, for the benchmarks.
+        self.direct_reads: Counter[str] = Counter()
 
     def regions_for(self, leaf: int, target: Any) -> list[layout.Index]:
         """The regions of ``leaf`` this process reads for ``target`` (None: all of it)."""
@@ -287,13 +291,12 @@ class Reader:
         if group:
             groups.append((group, group_bytes))
 
-        # Direct chunk reads where the backend reads into our buffers (the file system):
-        # measured 5-20x faster there; on object stores the channel, not the crc32c,
-        # bounds the time and A/B runs were within noise, so tensorstore keeps them.
-        direct = (
-            isinstance(storage, _document.ZarrStorage)
-            and hasattr(self.directory.backend, "read_into")
-            and chunks.handles(storage)
+        # Direct chunk reads where the backend reads into our buffers (``read_into``: the
+        # file system's preadv, GCS's streamed ranged GET): one request per whole chunk
+        # object, bytes placed once, crc32c vectorised; 5-20x faster than tensorstore's
+        # zarr path on file, at the raw GET's pace on GCS. S3 keeps tensorstore's path.
+        direct = isinstance(storage, _document.ZarrStorage) and chunks.supported(
+            self.directory, storage
         )
 
         async def read_direct(members: list[int], nbytes: int) -> None:
@@ -302,11 +305,12 @@ class Reader:
                 buffers = [empty_aligned(shapes[k], storage.stored) for k in members]
                 await chunks.read_into(
                     self.directory,
-                    await self._packs(),
                     storage,
                     [indices[k] for k in members],
                     buffers,
                     self._scratch,
+                    self._requests,
+                    self.direct_reads,
                 )
             for k, buffer in zip(members, buffers, strict=True):
                 out[k] = buffer if buffer.dtype == dtype else buffer.view(dtype)

@@ -1,0 +1,98 @@
+"""The phase table of ``make bench``: the restore_phases scenario's result, as text."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _ms(value: Any) -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        return "-"
+    return f"{value * 1000:.0f}"
+
+
+def table_lines(result: dict[str, Any]) -> list[str]:
+    """The phase table of ``make bench`` (milliseconds, medians), one column per backend."""
+    backends = result["backends"]
+    names = list(backends)
+    rows: list[tuple[str, list[str]]] = []
+
+    def row(label: str, fn: Any) -> None:
+        rows.append((label, [fn(backends[n]) for n in names]))
+
+    def t(key: str) -> Any:
+        return lambda r: _ms(r["times"].get(key, {}).get("median_s"))
+
+    def runs(key: str) -> Any:
+        # Every repetition's ratio, so the worst run shows beside the median.
+        return lambda r: "/".join(f"{x:.2f}" for x in r["ratios"].get(key, [])) or "-"
+
+    def base(r: dict[str, Any]) -> str:
+        return "fromfile" if "restore/fromfile" in r["ratios"] else "raw_get"
+
+    row("pytree.json read+parse", t("document"))
+    row("packed reads", t("packs"))
+    row("tensorstore opens", t("open"))
+    row("array reads (GET+crc32c+copy)", t("reads"))
+    row("assembly (make_array_from_callback)", t("assemble"))
+    row("= sum of phases", lambda r: _ms(r["phase_sum_s"]))
+    row("handler restore", t("handler"))
+    row("Checkpointer.restore", t("restore"))
+    row("Checkpointer.restore onto a 2x4 mesh", t("resharded"))
+    row("raw concurrent GET, same sizes", t("raw_get"))
+    row("np.fromfile of the files, arrays kept", t("fromfile"))
+    row("np.fromfile, each array freed at once", t("fromfile_freed"))
+    row("one crc32c pass over the bytes", t("crc32c"))
+    row("one memcpy of the bytes", t("memcpy"))
+    row("Orbax restore", t("orbax"))
+    row("Orbax restore onto a 2x4 mesh", t("orbax_resharded"))
+    row("restore / raw GET", lambda r: f"{r['restore_vs_raw_get']:.2f}")
+    row("restore / np.fromfile", lambda r: f"{r['restore_vs_fromfile']:.2f}")
+    row(
+        "restore / np.fromfile, freed",
+        lambda r: f"{r.get('restore_vs_fromfile_freed', float('nan')):.2f}",
+    )
+    row("restore / Orbax (median, worst)", lambda r: f"{r['restore_vs_orbax']:.2f}, "
+        f"{r['restore_vs_orbax_worst']:.2f}")  # fmt: skip
+    row("2x4: restore / Orbax (median, worst)", lambda r: f"{r['resharded_vs_orbax']:.2f}, "
+        f"{r['resharded_vs_orbax_worst']:.2f}")  # fmt: skip
+    row("each run: restore / yardstick", lambda r: runs(f"restore/{base(r)}")(r))
+    row("each run: 2x4 restore / yardstick", lambda r: runs(f"resharded/{base(r)}")(r))
+    row("each run: restore / np.fromfile, freed", runs("restore/fromfile_freed"))
+    row("each run: restore / Orbax", runs("restore/orbax"))
+    row("each run: 2x4 restore / Orbax 2x4", runs("resharded/orbax"))
+    row("page cache (file)", lambda r: str(r.get("cache", "-")))
+    row("objects (raw GETs)", lambda r: str(r["requests"].get("objects", "-")))
+    row("direct chunk reads (requests)", lambda r: str(r["requests"].get("direct_reads", "-")))
+    row("tensorstore reads (batched)", lambda r: f"{r['requests'].get('tensorstore_reads', '-')} "
+        f"({r['requests'].get('tensorstore_batch_reads', '-')})")  # fmt: skip
+    row(
+        "tensorstore reads onto the 2x4 mesh",
+        lambda r: str(r["requests"].get("resharded_reads", "-")),
+    )
+    row("MiB read / MiB restored", lambda r: f"{(r['requests'].get('tensorstore_bytes', 0) + r['requests'].get('direct_bytes', 0)) / 2**20:.0f}"
+        f" / {r['requests'].get('restored_bytes', 0) / 2**20:.0f}")  # fmt: skip
+    row("peak RSS above baseline", lambda r: f"{r['rss']['multiple']:.2f}x")
+    width = max(len(label) for label, _ in rows)
+    cols = [max(len(n), *(len(v[i]) for _, v in rows)) for i, n in enumerate(names)]
+    head = f"{'ms (median)':<{width}}  " + "  ".join(
+        f"{n:>{c}}" for n, c in zip(names, cols, strict=True)
+    )
+    lines = [
+        f"\n== Restore phases: {result['bytes'] / 2**20:.0f} MiB tree, each phase timed alone, "
+        f"median of {result.get('reps', '?')}; file reads with a {result.get('file_cache', '?')} "
+        "page cache on both sides ==",
+        head,
+        "-" * len(head),
+    ]
+    for label, values in rows:
+        lines.append(
+            f"{label:<{width}}  "
+            + "  ".join(f"{v:>{c}}" for v, c in zip(values, cols, strict=True))
+        )
+    lines.append(
+        "goals: restore/raw GET <= 1.1 (s3, gcs); restore/np.fromfile <= 2 (file); "
+        "restore/Orbax <= 0.6 every run (file, gcs); RSS <= 1.25x. Yardstick: np.fromfile on "
+        "file, the raw GET on object stores, timed just before the restore it is compared to"
+    )
+    return lines
