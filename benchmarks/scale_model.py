@@ -188,6 +188,12 @@ def model(
     """
     started = time.perf_counter()
     handler = handler or StandardCheckpointHandler()
+    state_bytes = sum(
+        math.prod(shape) * itemsize for _, itemsize in STATE for _, shape, _ in transformer.params()
+    )
+    threshold = handler.pack_below_bytes
+    if threshold is None:  # the default: chosen from the state, as plan_save does
+        threshold = layout.pack_threshold(state_bytes, handler.max_object_bytes)
     axes = {"data": processes, "model": devices_per_process}
     shardings: dict[Spec, SpecSharding] = {}
     shards_of: dict[tuple[Any, ...], list[layout.Shard]] = {}
@@ -218,7 +224,7 @@ def model(
                     shape,
                     itemsize,
                     shards_of[key],
-                    pack_below_bytes=handler.pack_below_bytes,
+                    pack_below_bytes=threshold,
                     max_object_bytes=handler.max_object_bytes,
                     inner_chunk_bytes=handler.inner_chunk_bytes,
                 )
@@ -286,11 +292,12 @@ def model(
     n_objects = sum(object_sizes.values())
     all_sizes = sorted(object_sizes.elements())
     total_puts, total_gets = sum(puts.values()), sum(gets.values())
-    state_bytes = sum(math.prod(leaf.shape) * leaf.itemsize for leaf in leaves)
+    assert state_bytes == sum(math.prod(leaf.shape) * leaf.itemsize for leaf in leaves)
     out = {
         "model": transformer.name,
         "params": transformer.n_params(),
         "state_bytes": state_bytes,
+        "pack_below_bytes": threshold,
         "leaves": len(leaves),
         "packed_leaves": sum(leaf.packed for leaf in leaves),
         "mesh": f"{processes} processes x {devices_per_process} devices",
@@ -375,14 +382,14 @@ def _runs(entries: list[layout.PackEntry], needed: set[tuple[int, layout.Index]]
     return runs
 
 
-#: The planner's settings modelled: the defaults, and the packing threshold that makes the
-#: 1T save fit. Under FSDP a pod's shards are a few MiB, and a zarr chunk never spans two
-#: shards, so every shard of a zarr leaf is an object of its own; packing coalesces shards
-#: of many leaves into objects of up to ``max_object_bytes``. A threshold of an eighth of
-#: that keeps every object at 32 MiB or more.
+#: The planner's settings modelled: the defaults (the packing threshold chosen from the
+#: state, ``layout.pack_threshold``: 32 MiB for 1T) and the fixed 2 MiB threshold of before.
+#: Under FSDP a pod's shards are a few MiB, and a zarr chunk never spans two shards, so every
+#: shard of a zarr leaf is an object of its own; packing coalesces shards of many leaves into
+#: objects of up to ``max_object_bytes``.
 VARIANTS: list[tuple[str, dict[str, int]]] = [
     ("defaults", {}),
-    ("pack_below_bytes=32 MiB", {"pack_below_bytes": 32 << 20}),
+    ("pack_below_bytes=2 MiB (before)", {"pack_below_bytes": 2 << 20}),
 ]
 
 

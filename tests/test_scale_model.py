@@ -127,17 +127,36 @@ def test_whole_leaves_are_packed_back_to_back_first(tmp_path: Path) -> None:
     assert float(back["l5"]["b_norm"][0]) == 5.0 and float(back["l3"]["a_weight"][7, 7]) == 3.0
 
 
-def test_at_pod_scale_the_1t_state_fits_the_initial_request_rates() -> None:
+def test_at_pod_scale_the_1t_state_fits_the_initial_request_rates_at_default_settings() -> None:
     # The full pod with CLOUDCKPT_LONG=1 (a few seconds of CPU); a quarter of it by default.
     processes = 1024 if os.environ.get("CLOUDCKPT_LONG") == "1" else 256
     devices = 4
     one_t = next(m for m in sm.MODELS if m.name == "1T")
-    recommended = cc.StandardCheckpointHandler(pack_below_bytes=32 << 20)
-    result = sm.model(one_t, processes, devices, recommended)
+    defaults = cc.StandardCheckpointHandler()
+    result = sm.model(one_t, processes, devices, defaults)
     assert result["state_bytes"] == 14 * result["params"]
     assert result["save_fits"] and result["restore_fits"], result
     # Objects near the largest size: the state divided into 256 MiB objects, plus a tail each.
-    floor = math.ceil(result["state_bytes"] / recommended.max_object_bytes)
+    floor = math.ceil(result["state_bytes"] / defaults.max_object_bytes)
     assert floor <= result["objects_per_step"] <= floor * 1.05 + processes
     # A restore reads each own object once, plus one ranged read of the whole leaves.
     assert result["gets_per_process"]["max"] <= result["puts_per_process"]["max"] + 1
+    # The 2 MiB threshold of before makes every embedding shard an object of its own.
+    before = sm.model(
+        one_t, processes, devices, cc.StandardCheckpointHandler(pack_below_bytes=2 << 20)
+    )
+    assert before["objects_per_step"] > result["objects_per_step"] + 8 * processes * devices // 2
+
+
+def test_the_default_threshold_is_2_mib_for_small_states_and_rises_for_a_pod() -> None:
+    mib = 1 << 20
+    # Up to ~100 GB nothing changes: the 2 MiB of before.
+    for total in (0, 1, 256 * mib, 8 << 30, 100 * 10**9):
+        assert layout.pack_threshold(total, 256 * mib) == 2 * mib
+    # A 1T-parameter training state (14 TB): capped at an eighth of the largest object.
+    assert layout.pack_threshold(14 * 10**12, 256 * mib) == 32 * mib
+    assert layout.pack_threshold(14 * 10**12, 64 * mib) == 8 * mib
+    # Small objects never lower it below 2 MiB (tests with tiny max_object_bytes keep it).
+    assert layout.pack_threshold(14 * 10**12, 16 * 1024) == 2 * mib
+    # In between, the state's bytes over the object target.
+    assert layout.pack_threshold(500 * 10**9, 256 * mib) == 500 * 10**9 // layout.TARGET_OBJECTS

@@ -33,9 +33,12 @@ from cloudckpt.handlers.pytree.tree import flatten
 
 @dataclass(frozen=True)
 class PlanOptions:
-    """The handler's layout settings and the process group a plan is made for."""
+    """The handler's layout settings and the process group a plan is made for.
 
-    pack_below_bytes: int
+    ``pack_below_bytes`` None: :func:`layout.pack_threshold` of the tree's bytes.
+    """
+
+    pack_below_bytes: int | None
     max_object_bytes: int
     inner_chunk_bytes: int
     primary_host: int = 0
@@ -225,8 +228,13 @@ def plan_save(tree: Any, opts: PlanOptions) -> SavePlan:
         if shards is None:
             shards = _writable_shards(path, shape, dtype.itemsize, sharding, opts)
             shard_cache[key] = shards
-        to_pack = max(s.nbytes for s in shards) < opts.pack_below_bytes
-        stored.append(_Stored(i, path, kind, array, shape, dtype, sharding, shards, to_pack))
+        stored.append(_Stored(i, path, kind, array, shape, dtype, sharding, shards, False))
+    # The threshold may depend on the whole tree's (global) bytes: decided after the walk.
+    threshold = opts.pack_below_bytes
+    if threshold is None:
+        threshold = layout.pack_threshold(plan.nbytes, opts.max_object_bytes)
+    for leaf in stored:
+        leaf.to_pack = max(s.nbytes for s in leaf.shards) < threshold
     _place(stored, plan.nbytes, opts)
     packed_shards: list[tuple[int, layout.Shard]] = []
     whole: set[int] = set()  # packed leaves of one shard: every restoring process reads them
