@@ -26,6 +26,7 @@ from cloudckpt.format.layout import (
     storage_dtype,
     zarr_metadata,
 )
+from cloudckpt.format.packed import Placements, encode_packed
 from cloudckpt.handlers.pytree import keys, layout
 from cloudckpt.handlers.pytree.host import little_endian
 from cloudckpt.handlers.pytree.tree import flatten
@@ -79,6 +80,8 @@ class SavePlan:
     regions: list[Region] = field(default_factory=list)
     packs: dict[str, np.ndarray] = field(default_factory=dict)  # this process's pack objects
     pack_entries: list[PackEntry] = field(default_factory=list)
+    #: ``pytree.json``'s placements, which its pack grids index (format 3).
+    placements: list[list[int]] = field(default_factory=list)
     nbytes: int = 0
     attempt: str = ""
 
@@ -268,11 +271,17 @@ def plan_save(tree: Any, opts: PlanOptions) -> SavePlan:
     )
     slots: dict[tuple[int, Index], PackEntry] = {}
     sizes: dict[str, int] = {}
+    by_leaf: dict[int, list[PackEntry]] = {}
     for e in plan.pack_entries:
-        plan.leaves_json[e.leaf]["storage"].setdefault("entries", []).append(e.to_json())
+        by_leaf.setdefault(e.leaf, []).append(e)
         if e.writer == me:
             slots[(e.leaf, e.index)] = e
             sizes[e.obj] = max(sizes.get(e.obj, 0), e.offset + e.nbytes + CRC_BYTES)
+    placements = Placements()
+    for i, entries in by_leaf.items():  # a grid described once, or the entries one by one
+        shape = tuple(plan.leaves_json[i]["shape"])
+        plan.leaves_json[i]["storage"] = encode_packed(shape, entries, placements)
+    plan.placements = placements.lists
     plan.packs = {obj: np.empty(size, np.uint8) for obj, size in sizes.items()}
     # Start every device-to-host transfer before waiting on any of them.
     for _, _, source, _ in pending_copies:
