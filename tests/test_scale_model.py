@@ -26,6 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import cloudckpt as cc
 from benchmarks import scale_model as sm
+from cloudckpt.format.pytree import PackedStorage, parse_pytree
 from cloudckpt.handlers.pytree import layout
 
 SPECS = [
@@ -65,7 +66,9 @@ def _handler() -> cc.StandardCheckpointHandler:
 
 
 def test_the_model_predicts_the_objects_a_real_save_writes(tmp_path: Path) -> None:
-    predicted = sm.model(TINY, processes=1, devices_per_process=8, handler=_handler())
+    predicted = sm.model(
+        TINY, processes=1, devices_per_process=8, handler=_handler(), keep_document=True
+    )
     mesh = Mesh(np.array(jax.devices()).reshape(1, 8), ("data", "model"))
     dtypes = {2: jax.numpy.bfloat16, 4: np.float32}
     rng = np.random.default_rng(0)
@@ -87,12 +90,31 @@ def test_the_model_predicts_the_objects_a_real_save_writes(tmp_path: Path) -> No
     packs = sorted(p.stat().st_size for p in stored if p.parent.name == "packs")
     assert len(data) == predicted["objects_per_step"]
     assert predicted["packed_leaves"] < predicted["leaves"]  # both kinds of storage
-    document = json.loads((step / "pytree.json").read_text())["data"]
-    entries = [e for leaf in document["leaves"] for e in leaf["storage"].get("entries", [])]
+    payload = json.loads((step / "pytree.json").read_text())["data"]
+    document = parse_pytree(payload, where="pytree.json")
+    entries = [
+        e
+        for leaf in document.leaves
+        if isinstance(leaf.storage, PackedStorage)
+        for e in leaf.storage.entries
+    ]
     assert len(entries) == predicted["pack_entries"]
     # Every byte of the state is in an object, each packed one with its crc32c.
     assert predicted["object_bytes_total"] == predicted["state_bytes"] + 4 * len(entries)
-    assert sum(packs) == sum(e[2] + 4 for e in entries)
+    assert sum(packs) == sum(e.nbytes + 4 for e in entries)
+    # The modelled pytree.json describes every leaf's storage as the writer did (pack grids,
+    # their placements and runs; zarr metadata), only its attempt id differs.
+    modelled = predicted["document"]
+    for real, model in zip(payload["leaves"], modelled["leaves"], strict=True):
+        want, got = real["storage"], model["storage"]
+        if "placement" in want:
+            assert (
+                payload["placements"][want.pop("placement")]
+                == (modelled["placements"][got.pop("placement")])
+            )
+        if "key" in want:
+            assert want.pop("key").split("/", 1)[1] == got.pop("key").split("/", 1)[1]
+        assert want == got
 
 
 def test_whole_leaves_are_packed_back_to_back_first(tmp_path: Path) -> None:
@@ -108,15 +130,17 @@ def test_whole_leaves_are_packed_back_to_back_first(tmp_path: Path) -> None:
     step = tmp_path / "1"
     with cc.Checkpointer(cc.StandardCheckpointHandler()) as ckptr:
         ckptr.save(str(step), args=cc.args.StandardSave(tree))
-    document = json.loads((step / "pytree.json").read_text())["data"]
+    payload = json.loads((step / "pytree.json").read_text())["data"]
+    document = parse_pytree(payload, where="pytree.json")
     whole, parts = [], []
-    for leaf in document["leaves"]:
-        entries = leaf["storage"]["entries"]
+    for leaf in document.leaves:
+        assert isinstance(leaf.storage, PackedStorage)
+        entries = [(e.obj, e.offset, e.nbytes) for e in leaf.storage.entries]
         (whole if len(entries) == 1 else parts).extend(entries)
     assert len(whole) == 6 and len(parts) == 6 * 8
     # The whole leaves fill the primary's first pack, back to back, alone (named
     # under the attempt that wrote them, format 2).
-    first = f"@{document['attempt']}/packs/0.0"
+    first = f"@{payload['attempt']}/packs/0.0"
     offsets = sorted((e[1], e[2]) for e in whole)
     assert {e[0] for e in whole} == {first} and offsets[0][0] == 0
     assert all(a + n + 4 == b for (a, n), (b, _) in itertools.pairwise(offsets))

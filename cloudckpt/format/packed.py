@@ -205,7 +205,10 @@ def parse_grid(
     for c, n in zip(cell, shape, strict=True):
         _int(c, "pack grid cell dimension", low=1, high=max(n, 1))
         if n % c:
-            raise Refuse(f"pack grid cell {cell} does not divide shape {list(shape)}")
+            raise Refuse(
+                "pack entries overlap or leave part of the array uncovered: the grid's cell "
+                f"{cell} does not divide shape {list(shape)}"
+            )
     cell_t = tuple(cell)
     n_cells = math.prod(n // c for n, c in zip(shape, cell_t, strict=True))
     placement = placements[_int(raw["placement"], "placement", high=len(placements) - 1)]
