@@ -277,11 +277,12 @@ def plan_save(tree: Any, opts: PlanOptions) -> SavePlan:
         if e.writer == me:
             slots[(e.leaf, e.index)] = e
             sizes[e.obj] = max(sizes.get(e.obj, 0), e.offset + e.nbytes + CRC_BYTES)
-    placements = Placements()
-    for i, entries in by_leaf.items():  # a grid described once, or the entries one by one
-        shape = tuple(plan.leaves_json[i]["shape"])
-        plan.leaves_json[i]["storage"] = encode_packed(shape, entries, placements)
-    plan.placements = placements.lists
+    if me == opts.primary_host:  # only the primary writes pytree.json
+        placements = Placements()
+        for i, entries in by_leaf.items():  # a grid described once, or entries one by one
+            shape = tuple(plan.leaves_json[i]["shape"])
+            plan.leaves_json[i]["storage"] = encode_packed(shape, entries, placements)
+        plan.placements = placements.lists
     plan.packs = {obj: np.empty(size, np.uint8) for obj, size in sizes.items()}
     # Start every device-to-host transfer before waiting on any of them.
     for _, _, source, _ in pending_copies:
