@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import ml_dtypes
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -97,6 +98,33 @@ def run_cli(*argv: str) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
+def as_entry_lists(document: dict[str, Any]) -> dict[str, Any]:
+    """Rewrites a pytree.json payload's pack grids (format 3) as entry lists, in place.
+
+    Entry lists are the form formats 1 and 2 write and format 3 still reads
+    (its writer uses them where cells are not a regular grid): forging single
+    entries tests the reader's checks of that form.
+    """
+    from cloudckpt.format import packed
+
+    placements = packed.parse_placements(document.get("placements", []))
+    prefix = f"@{document['attempt']}/" if "attempt" in document else ""
+    for i, record in enumerate(document["leaves"]):
+        storage = record.get("storage", {})
+        if "cell" in storage:
+            dtype = np.dtype(getattr(ml_dtypes, record["dtype"], record["dtype"]))
+            grid = packed.parse_grid(
+                i, storage, tuple(record["shape"]), dtype.itemsize, placements,
+                packed.PackRows(), prefix,
+            )  # fmt: skip
+            record["storage"] = {"type": "packed", "entries": [e.to_json() for e in grid.entries()]}
+    return document
+
+
 def leaf(document: dict[str, Any], path: str) -> dict[str, Any]:
-    """The record of the leaf saved at ``path`` (a keystr) in a pytree.json payload."""
+    """The record of the leaf saved at ``path`` (a keystr) in a pytree.json payload.
+
+    Pack grids of the document become entry lists first (:func:`as_entry_lists`).
+    """
+    as_entry_lists(document)
     return next(x for x in document["leaves"] if x["path"] == path)

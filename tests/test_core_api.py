@@ -893,7 +893,7 @@ class TestMetadata:
             metrics={"acc": 1.0},
         )
         stored = json.loads(where.raw("m", STEP_METADATA) or b"")["data"]
-        assert stored["format_version"] == 2
+        assert stored["format_version"] == 3
         assert stored["item_handlers"] == {"meta": JSON_TYPESTR}
         assert stored["metrics"] == {"acc": 1.0} and stored["custom"] == {}
         assert "item_metadata" not in stored

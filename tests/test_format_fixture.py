@@ -12,6 +12,7 @@ old checkpoints fails here; a new format version needs a fixture of its own.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -209,10 +210,12 @@ def test_cli_ls_inspect_verify(
     # Counted from the stored files, independently of cloudckpt's reader: three
     # checksummed JSON objects, every zarr chunk and every packed entry.
     document = json.loads((saved / "state" / "pytree.json").read_text())
-    entries = sum(
-        len(leaf["storage"].get("entries", []))
+    entries = sum(  # format 3: a pack grid holds one entry per cell
+        len(leaf["storage"]["entries"])
+        if "entries" in leaf["storage"]
+        else math.prod(n // c for n, c in zip(leaf["shape"], leaf["storage"]["cell"], strict=True))
         for leaf in document["data"]["leaves"]
-        if "storage" in leaf
+        if leaf.get("storage", {}).get("type") == "packed"
     )
     # Format 2 names data objects after the attempt the document records.
     attempt = document["data"].get("attempt")

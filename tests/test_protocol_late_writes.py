@@ -33,11 +33,14 @@ from atomicity import CLAIM_NAME, MARKER_NAME, AtomicRenamePath, ClaimLostError
 from cloudckpt import cli
 from cloudckpt.engine.loop import LoopThread
 from cloudckpt.format import jsonio
+from cloudckpt.format.pytree import PYTREE_FORMAT
+from cloudckpt.format.step import FORMAT_VERSION
 from cloudckpt.handlers.args import CheckpointArgs
 from cloudckpt.storage import get_backend
 from cloudckpt.storage.path import StoragePath
 
 from .backend_harness import StoreUnderTest, make_store
+from .hostile import as_entry_lists
 from .test_protocol_fencing import ACTOR, PausingStore
 
 DOCUMENTS = {CLAIM_NAME, MARKER_NAME, "_CHECKPOINT_METADATA", "pytree.json"}
@@ -286,10 +289,10 @@ def test_every_data_object_is_named_after_the_attempt(tmp_path: Path) -> None:
         m.wait_until_finished()
     step = tmp_path / "1"
     meta = jsonio.loads((step / "_CHECKPOINT_METADATA").read_bytes(), where="meta")
-    assert meta["format_version"] == 2
+    assert meta["format_version"] == FORMAT_VERSION
     doc = jsonio.loads((step / "state" / "pytree.json").read_bytes(), where="doc")
     attempt = doc["attempt"]
-    assert doc["format"] == 2 and atomicity.ATTEMPT_ID.fullmatch(attempt)
+    assert doc["format"] == PYTREE_FORMAT and atomicity.ATTEMPT_ID.fullmatch(attempt)
     marker = atomicity.marker_attempt((step / MARKER_NAME).read_bytes())
     assert marker == attempt
     data = sorted(
@@ -326,6 +329,7 @@ def test_a_document_naming_objects_outside_its_attempt_is_refused(
         m.wait_until_finished()
 
     def forge(doc: dict[str, Any]) -> None:
+        as_entry_lists(doc)
         w = next(leaf for leaf in doc["leaves"] if leaf["path"] == "['w']")
         b = next(leaf for leaf in doc["leaves"] if leaf["path"] == "['b']")
         if change == "another attempt's array":
@@ -361,6 +365,8 @@ def test_format_1_checkpoints_still_restore(tmp_path: Path) -> None:
     tagged.rmdir()
 
     def to_format_1(doc: dict[str, Any]) -> None:
+        as_entry_lists(doc)  # format 1 has no pack grids
+        del doc["placements"]
         prefix = f"@{doc.pop('attempt')}/"
         doc["format"] = 1
         for leaf in doc["leaves"]:

@@ -26,6 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import cloudckpt as cc
 from benchmarks import scale_model as sm
+from cloudckpt.format.pytree import PackedStorage, parse_pytree
 from cloudckpt.handlers.pytree import layout
 
 SPECS = [
@@ -65,7 +66,9 @@ def _handler() -> cc.StandardCheckpointHandler:
 
 
 def test_the_model_predicts_the_objects_a_real_save_writes(tmp_path: Path) -> None:
-    predicted = sm.model(TINY, processes=1, devices_per_process=8, handler=_handler())
+    predicted = sm.model(
+        TINY, processes=1, devices_per_process=8, handler=_handler(), keep_document=True
+    )
     mesh = Mesh(np.array(jax.devices()).reshape(1, 8), ("data", "model"))
     dtypes = {2: jax.numpy.bfloat16, 4: np.float32}
     rng = np.random.default_rng(0)
@@ -87,12 +90,31 @@ def test_the_model_predicts_the_objects_a_real_save_writes(tmp_path: Path) -> No
     packs = sorted(p.stat().st_size for p in stored if p.parent.name == "packs")
     assert len(data) == predicted["objects_per_step"]
     assert predicted["packed_leaves"] < predicted["leaves"]  # both kinds of storage
-    document = json.loads((step / "pytree.json").read_text())["data"]
-    entries = [e for leaf in document["leaves"] for e in leaf["storage"].get("entries", [])]
+    payload = json.loads((step / "pytree.json").read_text())["data"]
+    document = parse_pytree(payload, where="pytree.json")
+    entries = [
+        e
+        for leaf in document.leaves
+        if isinstance(leaf.storage, PackedStorage)
+        for e in leaf.storage.entries
+    ]
     assert len(entries) == predicted["pack_entries"]
     # Every byte of the state is in an object, each packed one with its crc32c.
     assert predicted["object_bytes_total"] == predicted["state_bytes"] + 4 * len(entries)
-    assert sum(packs) == sum(e[2] + 4 for e in entries)
+    assert sum(packs) == sum(e.nbytes + 4 for e in entries)
+    # The modelled pytree.json describes every leaf's storage as the writer did (pack grids,
+    # their placements and runs; zarr metadata), only its attempt id differs.
+    modelled = predicted["document"]
+    for real, model in zip(payload["leaves"], modelled["leaves"], strict=True):
+        want, got = real["storage"], model["storage"]
+        if "placement" in want:
+            assert (
+                payload["placements"][want.pop("placement")]
+                == (modelled["placements"][got.pop("placement")])
+            )
+        if "key" in want:
+            assert want.pop("key").split("/", 1)[1] == got.pop("key").split("/", 1)[1]
+        assert want == got
 
 
 def test_whole_leaves_are_packed_back_to_back_first(tmp_path: Path) -> None:
@@ -108,15 +130,17 @@ def test_whole_leaves_are_packed_back_to_back_first(tmp_path: Path) -> None:
     step = tmp_path / "1"
     with cc.Checkpointer(cc.StandardCheckpointHandler()) as ckptr:
         ckptr.save(str(step), args=cc.args.StandardSave(tree))
-    document = json.loads((step / "pytree.json").read_text())["data"]
+    payload = json.loads((step / "pytree.json").read_text())["data"]
+    document = parse_pytree(payload, where="pytree.json")
     whole, parts = [], []
-    for leaf in document["leaves"]:
-        entries = leaf["storage"]["entries"]
+    for leaf in document.leaves:
+        assert isinstance(leaf.storage, PackedStorage)
+        entries = [(e.obj, e.offset, e.nbytes) for e in leaf.storage.entries]
         (whole if len(entries) == 1 else parts).extend(entries)
     assert len(whole) == 6 and len(parts) == 6 * 8
     # The whole leaves fill the primary's first pack, back to back, alone (named
     # under the attempt that wrote them, format 2).
-    first = f"@{document['attempt']}/packs/0.0"
+    first = f"@{payload['attempt']}/packs/0.0"
     offsets = sorted((e[1], e[2]) for e in whole)
     assert {e[0] for e in whole} == {first} and offsets[0][0] == 0
     assert all(a + n + 4 == b for (a, n), (b, _) in itertools.pairwise(offsets))
@@ -127,17 +151,36 @@ def test_whole_leaves_are_packed_back_to_back_first(tmp_path: Path) -> None:
     assert float(back["l5"]["b_norm"][0]) == 5.0 and float(back["l3"]["a_weight"][7, 7]) == 3.0
 
 
-def test_at_pod_scale_the_1t_state_fits_the_initial_request_rates() -> None:
+def test_at_pod_scale_the_1t_state_fits_the_initial_request_rates_at_default_settings() -> None:
     # The full pod with CLOUDCKPT_LONG=1 (a few seconds of CPU); a quarter of it by default.
     processes = 1024 if os.environ.get("CLOUDCKPT_LONG") == "1" else 256
     devices = 4
     one_t = next(m for m in sm.MODELS if m.name == "1T")
-    recommended = cc.StandardCheckpointHandler(pack_below_bytes=32 << 20)
-    result = sm.model(one_t, processes, devices, recommended)
+    defaults = cc.StandardCheckpointHandler()
+    result = sm.model(one_t, processes, devices, defaults)
     assert result["state_bytes"] == 14 * result["params"]
     assert result["save_fits"] and result["restore_fits"], result
     # Objects near the largest size: the state divided into 256 MiB objects, plus a tail each.
-    floor = math.ceil(result["state_bytes"] / recommended.max_object_bytes)
+    floor = math.ceil(result["state_bytes"] / defaults.max_object_bytes)
     assert floor <= result["objects_per_step"] <= floor * 1.05 + processes
     # A restore reads each own object once, plus one ranged read of the whole leaves.
     assert result["gets_per_process"]["max"] <= result["puts_per_process"]["max"] + 1
+    # The 2 MiB threshold of before makes every embedding shard an object of its own.
+    before = sm.model(
+        one_t, processes, devices, cc.StandardCheckpointHandler(pack_below_bytes=2 << 20)
+    )
+    assert before["objects_per_step"] > result["objects_per_step"] + 8 * processes * devices // 2
+
+
+def test_the_default_threshold_is_2_mib_for_small_states_and_rises_for_a_pod() -> None:
+    mib = 1 << 20
+    # Up to ~100 GB nothing changes: the 2 MiB of before.
+    for total in (0, 1, 256 * mib, 8 << 30, 100 * 10**9):
+        assert layout.pack_threshold(total, 256 * mib) == 2 * mib
+    # A 1T-parameter training state (14 TB): capped at an eighth of the largest object.
+    assert layout.pack_threshold(14 * 10**12, 256 * mib) == 32 * mib
+    assert layout.pack_threshold(14 * 10**12, 64 * mib) == 8 * mib
+    # Small objects never lower it below 2 MiB (tests with tiny max_object_bytes keep it).
+    assert layout.pack_threshold(14 * 10**12, 16 * 1024) == 2 * mib
+    # In between, the state's bytes over the object target.
+    assert layout.pack_threshold(500 * 10**9, 256 * mib) == 500 * 10**9 // layout.TARGET_OBJECTS

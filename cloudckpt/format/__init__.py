@@ -5,6 +5,8 @@
 * :mod:`~cloudckpt.format.pytree`: ``<item>/pytree.json`` and ``PYTREE_FORMAT``.
 * :mod:`~cloudckpt.format.layout`: how a pytree's bytes lie in storage (zarr
   metadata, pack entries and their crc32c).
+* :mod:`~cloudckpt.format.packed`: packed leaves in ``pytree.json`` (entry lists,
+  and format 3's pack grids).
 * :mod:`~cloudckpt.format.backing`: whether one listing backs a ``pytree.json``.
 * :mod:`~cloudckpt.format.json_item`: ``<item>/data.json``.
 

@@ -52,7 +52,7 @@ def backing_problems(
         storage = leaf.storage
         name = f"leaf {leaf.path} ({leaf.dtype_name}{list(leaf.shape)})"
         if isinstance(storage, PackedStorage):
-            objects.update(e.obj for e in storage.entries)
+            objects.update(storage.objects())
         elif isinstance(storage, ZarrStorage):
             stored = chunk_counts.get(storage.key, 0)
             # A few missing chunks are named one by one; a grid far beyond the listing is not.

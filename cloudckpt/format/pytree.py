@@ -36,14 +36,16 @@ from typing import Any
 import numpy as np
 
 from cloudckpt.errors import CorruptCheckpointError
-from cloudckpt.format import jsonio, layout
+from cloudckpt.format import jsonio, layout, packed
+from cloudckpt.format.packed import Refuse as _Refuse
 from cloudckpt.format.step import write_object
 from cloudckpt.storage.path import StoragePath
 
 #: The document's object, under the item's prefix.
 METADATA_NAME = "pytree.json"
-#: Newest ``format`` of ``pytree.json`` read, and the one written (2: per-attempt data names).
-PYTREE_FORMAT = 2
+#: Newest ``format`` of ``pytree.json`` read, and the one written (2: per-attempt data names;
+#: 3: pack grids, :mod:`cloudckpt.format.packed`).
+PYTREE_FORMAT = 3
 #: What an attempt id in a key may look like: one path component, no dots.
 _ATTEMPT = re.compile(r"[0-9A-Za-z_-]{1,64}")
 #: Deepest skeleton accepted (``flatten`` recurses too, so deeper trees cannot be saved).
@@ -58,8 +60,6 @@ ARRAY_KINDS = frozenset({"jax", "ndarray", "np_scalar", "py"})
 _IMPL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 #: ``py_type`` of a Python scalar leaf and the dtype the writer stores it as.
 PY_TYPES = {"bool": "bool", "int": "int64", "float": "float64", "complex": "complex128"}
-_NUMBER = r"(?:0|[1-9][0-9]{0,9})"
-_PACK_OBJECT = re.compile(rf"packs/{_NUMBER}\.{_NUMBER}")
 
 
 # ------------------------------------------------------------------------------- records
@@ -94,9 +94,36 @@ class ZarrStorage:
 
 @dataclass(frozen=True)
 class PackedStorage:
-    """A leaf stored as entries of pack objects, tiling the leaf exactly."""
+    """A leaf stored as entries of pack objects, tiling the leaf exactly.
 
-    entries: tuple[layout.PackEntry, ...]
+    Listed entry by entry (``listed``), or as a grid of cells (format 3) whose
+    entries are located on demand: a pod-sized leaf has thousands.
+    """
+
+    listed: tuple[layout.PackEntry, ...] = ()
+    grid: packed.PackGrid | None = None
+
+    @property
+    def entries(self) -> tuple[layout.PackEntry, ...]:
+        """Every entry (for a grid, built here: as many as the leaf has cells)."""
+        return self.grid.entries() if self.grid is not None else self.listed
+
+    def overlapping(self, region: layout.Index) -> list[layout.PackEntry]:
+        """The entries sharing data with ``region`` of the leaf."""
+        if self.grid is not None:
+            return list(self.grid.entries(self.grid.cells_overlapping(region)))
+        return [e for e in self.listed if layout.overlap(e.index, region) is not None]
+
+    def objects(self) -> set[str]:
+        """The pack objects holding the leaf."""
+        if self.grid is None:
+            return {e.obj for e in self.listed}
+        g = self.grid
+        return {
+            f"{g.prefix}packs/{w}.{int(g.runs[k, 4])}"
+            for k in range(len(g.runs))
+            for w in range(int(g.runs[k, 0]), int(g.runs[k, 0] + g.runs[k, 1]))
+        }
 
 
 @dataclass(frozen=True)
@@ -168,12 +195,14 @@ async def write_pytree(
     leaves: list[dict[str, Any]],
     *,
     attempt: str,
+    placements: list[list[int]],
 ) -> None:
     """Writes the item's ``pytree.json`` (create-only where there is no atomic rename).
 
     ``leaves`` are the leaf records as docs/FORMAT.md gives them (the save's
-    plan builds them, pack entries through :meth:`layout.PackEntry.to_json`), every data
-    key under ``@<attempt>/``: the document records ``attempt``; readers accept no other.
+    plan builds them, packed leaves through :func:`packed.encode_packed`, whose grids
+    index ``placements``), every data key under ``@<attempt>/``: the document records
+    ``attempt``; readers accept no other.
     """
     if not _ATTEMPT.fullmatch(attempt):
         raise ValueError(f"cannot write pytree.json: {attempt!r} is not an attempt id")
@@ -182,6 +211,7 @@ async def write_pytree(
         "attempt": attempt,
         "skeleton": skeleton,
         "shardings": shardings,
+        "placements": placements,
         "leaves": leaves,
     }
     await write_object(directory / METADATA_NAME, jsonio.dumps(document, what="pytree metadata"))
@@ -202,10 +232,6 @@ async def read_pytree(directory: StoragePath) -> PytreeDocument:
 
 
 # ------------------------------------------------------------------------------- parsing
-class _Refuse(Exception):
-    """A problem found while parsing; turned into CorruptCheckpointError with the location."""
-
-
 def _int(value: Any, what: str, *, low: int = 0, high: int = 1 << 62) -> int:
     if type(value) is not int or not low <= value <= high:
         raise _Refuse(f"{what} must be an integer in [{low}, {high}], got {_short(value)}")
@@ -291,9 +317,13 @@ def parse_pytree(payload: Any, *, where: str) -> PytreeDocument:
             _check_sharding(s)
         raw_leaves = _list(payload.get("leaves"), "leaves")
         pack_sizes: dict[str, int] = {}
+        grids = _Grids(version, payload.get("placements"), prefix)
         leaves = tuple(
-            _leaf(i, raw, len(shardings), pack_sizes, prefix) for i, raw in enumerate(raw_leaves)
+            _leaf(i, raw, len(shardings), pack_sizes, prefix, grids)
+            for i, raw in enumerate(raw_leaves)
         )
+        if grids.rows is not None:
+            pack_sizes = grids.rows.sizes(prefix)
         skeleton = _dict(payload.get("skeleton"), "skeleton")
         _check_skeleton(skeleton, len(leaves))
     except _Refuse as exc:
@@ -326,7 +356,20 @@ def _check_sharding(s: Any) -> None:
     raise _Refuse(f"sharding {_short(s)} is not a sharding description")
 
 
-def _leaf(i: int, raw: Any, n_shardings: int, pack_sizes: dict[str, int], prefix: str) -> Leaf:
+class _Grids:
+    """Format 3's document-wide packing state: its placements, and every entry's span."""
+
+    def __init__(self, version: int, raw: Any, prefix: str) -> None:
+        self.version = version
+        if version < 3 and raw is not None:
+            raise _Refuse(f"a format {version} document has no placements")
+        self.placements = packed.parse_placements(raw) if version >= 3 else []
+        self.rows = packed.PackRows() if version >= 3 else None
+
+
+def _leaf(
+    i: int, raw: Any, n_shardings: int, pack_sizes: dict[str, int], prefix: str, grids: _Grids
+) -> Leaf:
     try:
         raw = _dict(raw, "the record")
         path = raw.get("path")
@@ -361,7 +404,7 @@ def _leaf(i: int, raw: Any, n_shardings: int, pack_sizes: dict[str, int], prefix
             kind != "jax" or type(prng_impl) is not str or not _IMPL_NAME.fullmatch(prng_impl)
         ):
             raise _Refuse(f"prng_impl {_short(prng_impl)} is not a key implementation name")
-        storage = _storage(i, raw.get("storage"), shape, dtype, nbytes, pack_sizes, prefix)
+        storage = _storage(i, raw.get("storage"), shape, dtype, nbytes, pack_sizes, prefix, grids)
         return Leaf(i, path, kind, None, dtype, name, shape, sharding, py_type, storage, prng_impl)
     except _Refuse as exc:
         path = raw.get("path") if type(raw) is dict else None
@@ -376,6 +419,7 @@ def _storage(
     nbytes: int,
     sizes: dict[str, int],
     prefix: str,
+    grids: _Grids,
 ) -> Storage:
     raw = _dict(raw, "storage")
     kind = raw.get("type")
@@ -384,66 +428,22 @@ def _storage(
     if kind == "empty":
         return EmptyStorage()
     if kind == "packed":
-        return _packed(raw.get("entries"), shape, dtype, sizes, prefix)
+        if grids.rows is not None and "cell" in raw:
+            grid = packed.parse_grid(
+                i, raw, shape, dtype.itemsize, grids.placements, grids.rows, prefix
+            )
+            return PackedStorage(grid=grid)
+        if set(raw) != {"type", "entries"}:
+            raise _Refuse(f"packed storage has type and entries, got {sorted(raw)}")
+        listed = packed.parse_entries(
+            i, raw["entries"], shape, dtype.itemsize, prefix, grids.rows, sizes
+        )
+        return PackedStorage(listed)
     if kind == "zarr":
         if (key := raw.get("key")) != f"{prefix}arrays/{i}":
             raise _Refuse(f"zarr key must be '{prefix}arrays/{i}', got {_short(key)}")
         return _zarr(key, raw.get("metadata"), shape, dtype)
     raise _Refuse(f"unknown storage type {_short(kind)}")
-
-
-def _packed(
-    raw: Any, shape: tuple[int, ...], dtype: np.dtype, sizes: dict[str, int], prefix: str
-) -> PackedStorage:
-    entries = []
-    for item in _list(raw, "entries"):
-        if type(item) is not list or len(item) != 4:
-            raise _Refuse(
-                f"a pack entry must be [object, offset, nbytes, index], got {_short(item)}"
-            )
-        obj, offset, nbytes, index = item
-        rel = obj[len(prefix) :] if type(obj) is str and obj.startswith(prefix) else None
-        if rel is None or not _PACK_OBJECT.fullmatch(rel):
-            raise _Refuse(
-                f"pack object must be named {prefix}packs/<writer>.<n>, got {_short(obj)}"
-            )
-        offset = _int(offset, "pack entry offset")
-        ranges = _list(index, "pack entry index")
-        if len(ranges) != len(shape):
-            raise _Refuse(f"pack entry index {_short(index)} does not have {len(shape)} dimensions")
-        bounds = []
-        for r, n in zip(ranges, shape, strict=True):
-            if type(r) is not list or len(r) != 2:
-                raise _Refuse(f"pack entry index {_short(index)} must hold [start, stop] pairs")
-            a = _int(r[0], "pack entry start", high=n)
-            b = _int(r[1], "pack entry stop", high=n)
-            if a >= b:
-                raise _Refuse(f"pack entry index {_short(index)} is empty or reversed")
-            bounds.append((a, b))
-        region = tuple(bounds)
-        expected = math.prod(layout.index_shape(region)) * dtype.itemsize
-        if nbytes != expected:
-            raise _Refuse(
-                f"pack entry {obj}@{offset} holds {_short(nbytes)} bytes; its index needs {expected}"
-            )
-        # The writer lays each object's entries back to back from 0, in leaf order.
-        if offset != sizes.get(obj, 0):
-            raise _Refuse(
-                f"pack entry {obj}@{offset} overlaps or leaves a gap after the previous entry "
-                f"(which ends at {sizes.get(obj, 0)})"
-            )
-        sizes[obj] = offset + nbytes + layout.CRC_BYTES
-        entries.append(layout.PackEntry(-1, region, -1, obj, offset, nbytes))
-    _check_tiling([e.index for e in entries], shape)
-    return PackedStorage(tuple(entries))
-
-
-def _check_tiling(regions: list[layout.Index], shape: tuple[int, ...]) -> None:
-    """Refuses regions that do not tile ``shape`` exactly (the writer's shards form a grid)."""
-    if not regions:
-        raise _Refuse("no pack entries for a non-empty array")
-    if not layout.tiles(regions, shape):
-        raise _Refuse("pack entries overlap or leave part of the array uncovered")
 
 
 def _zarr(key: str, raw: Any, shape: tuple[int, ...], dtype: np.dtype) -> ZarrStorage:

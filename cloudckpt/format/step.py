@@ -13,8 +13,9 @@ from cloudckpt.storage.path import StoragePath
 
 STEP_METADATA_NAME = "_CHECKPOINT_METADATA"
 #: Bumped when the on-storage format changes incompatibly (docs/FORMAT.md). 2: data
-#: objects are named after the attempt that wrote them (``<item>/@<attempt>/...``).
-FORMAT_VERSION = 2
+#: objects are named after the attempt that wrote them (``<item>/@<attempt>/...``); 3: pack
+#: grids in ``pytree.json`` (:mod:`cloudckpt.format.packed`).
+FORMAT_VERSION = 3
 #: Names an item may not take: they are the step's own objects.
 RESERVED_NAMES = frozenset({STEP_METADATA_NAME, atomicity.MARKER_NAME, atomicity.CLAIM_NAME})
 #: The identities of cloudckpt's own item handlers as step metadata records them (their

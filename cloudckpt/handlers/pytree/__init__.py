@@ -59,7 +59,11 @@ class StandardCheckpointHandler(AsyncCheckpointHandler):
     Args:
         pack_below_bytes: Arrays whose largest shard is smaller are packed
             with other small shards into a few objects instead of getting
-            objects of their own.
+            objects of their own. None (the default) chooses from the state:
+            2 MiB for states up to about 100 GB, rising with the state's bytes
+            (up to ``max_object_bytes / 8``) so that a pod-sized state is not
+            hundreds of thousands of small objects
+            (``cloudckpt.handlers.pytree.layout.pack_threshold``).
         max_object_bytes: Largest object written (chunks and packs are split
             to fit), bounding object size for upload and request rate.
         inner_chunk_bytes: Target size of the independently readable pieces
@@ -82,14 +86,14 @@ class StandardCheckpointHandler(AsyncCheckpointHandler):
     def __init__(
         self,
         *,
-        pack_below_bytes: int = 2 * _MiB,
+        pack_below_bytes: int | None = None,
         max_object_bytes: int = 256 * _MiB,
         inner_chunk_bytes: int = 8 * _MiB,
         max_inflight_bytes: int = 256 * _MiB,
         replica_parallel: bool = True,
     ) -> None:
         for name, value in (
-            ("pack_below_bytes", pack_below_bytes),
+            ("pack_below_bytes", 1 if pack_below_bytes is None else pack_below_bytes),
             ("max_object_bytes", max_object_bytes),
             ("inner_chunk_bytes", inner_chunk_bytes),
             ("max_inflight_bytes", max_inflight_bytes),

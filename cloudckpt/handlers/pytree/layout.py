@@ -11,8 +11,9 @@ shardings), so no process has to tell another where it wrote anything.
   state are spread over its processes. Without, a shard's writer is the
   process of the first device holding it in the sharding's device order (the
   device whose shard has ``replica_id == 0``).
-* Arrays whose largest shard is at least ``pack_below_bytes`` become zarr v3
-  arrays. The chunk grid divides every shard boundary, so a chunk never
+* Arrays whose largest shard is at least the packing threshold
+  (``pack_below_bytes``, by default :func:`pack_threshold` of the state) become
+  zarr v3 arrays. The chunk grid divides every shard boundary, so a chunk never
   spans two writers; chunks (tensorstore "shards" of the sharding codec) are
   split until they fit ``max_object_bytes``, and are divided into inner
   chunks of about ``inner_chunk_bytes`` so a reader needing part of a chunk
@@ -213,6 +214,33 @@ class WriterLoads:
         for p in taken:
             heapq.heappush(heap, (loads[p], p))
         return writers
+
+
+#: The default packing threshold's floor (and its value for any state up to ~100 GB).
+PACK_BELOW_BYTES = 2 << 20
+#: The default threshold rises with the state so that arrays whose shards are objects of
+#: their own make at most about this many objects per step: the request budget of one
+#: step at GCS's initial 1,000 writes/s per bucket is 60,000 in a minute.
+TARGET_OBJECTS = 50_000
+#: ... up to this fraction of ``max_object_bytes``: larger shards make objects of their own.
+MAX_THRESHOLD_FRACTION = 8
+
+
+def pack_threshold(total_bytes: int, max_object_bytes: int) -> int:
+    """The default ``pack_below_bytes`` for a state of ``total_bytes`` (global, every leaf).
+
+    A zarr array makes at least one object per shard (a chunk never spans two
+    writers), so shards of a few MiB on a pod make a step of hundreds of
+    thousands of small objects, which no request rate serves in a minute.
+    Packing writes them into objects of up to ``max_object_bytes`` instead.
+    :data:`PACK_BELOW_BYTES` for states up to ``TARGET_OBJECTS`` times it
+    (about 100 GB: nothing changes for them); above, the state's bytes over
+    :data:`TARGET_OBJECTS`, capped at ``max_object_bytes / 8`` (32 MiB by
+    default: a 1T-parameter training state on 4,096 devices packs its 3-6 MiB
+    embedding shards). Every process computes it from global shapes alone.
+    """
+    scaled = min(-(-total_bytes // TARGET_OBJECTS), max_object_bytes // MAX_THRESHOLD_FRACTION)
+    return max(PACK_BELOW_BYTES, scaled)
 
 
 def _smallest_prime_factor(n: int) -> int:

@@ -26,6 +26,7 @@ from cloudckpt.format.layout import (
     storage_dtype,
     zarr_metadata,
 )
+from cloudckpt.format.packed import Placements, encode_packed
 from cloudckpt.handlers.pytree import keys, layout
 from cloudckpt.handlers.pytree.host import little_endian
 from cloudckpt.handlers.pytree.tree import flatten
@@ -33,9 +34,12 @@ from cloudckpt.handlers.pytree.tree import flatten
 
 @dataclass(frozen=True)
 class PlanOptions:
-    """The handler's layout settings and the process group a plan is made for."""
+    """The handler's layout settings and the process group a plan is made for.
 
-    pack_below_bytes: int
+    ``pack_below_bytes`` None: :func:`layout.pack_threshold` of the tree's bytes.
+    """
+
+    pack_below_bytes: int | None
     max_object_bytes: int
     inner_chunk_bytes: int
     primary_host: int = 0
@@ -76,6 +80,8 @@ class SavePlan:
     regions: list[Region] = field(default_factory=list)
     packs: dict[str, np.ndarray] = field(default_factory=dict)  # this process's pack objects
     pack_entries: list[PackEntry] = field(default_factory=list)
+    #: ``pytree.json``'s placements, which its pack grids index (format 3).
+    placements: list[list[int]] = field(default_factory=list)
     nbytes: int = 0
     attempt: str = ""
 
@@ -225,8 +231,13 @@ def plan_save(tree: Any, opts: PlanOptions) -> SavePlan:
         if shards is None:
             shards = _writable_shards(path, shape, dtype.itemsize, sharding, opts)
             shard_cache[key] = shards
-        to_pack = max(s.nbytes for s in shards) < opts.pack_below_bytes
-        stored.append(_Stored(i, path, kind, array, shape, dtype, sharding, shards, to_pack))
+        stored.append(_Stored(i, path, kind, array, shape, dtype, sharding, shards, False))
+    # The threshold may depend on the whole tree's (global) bytes: decided after the walk.
+    threshold = opts.pack_below_bytes
+    if threshold is None:
+        threshold = layout.pack_threshold(plan.nbytes, opts.max_object_bytes)
+    for leaf in stored:
+        leaf.to_pack = max(s.nbytes for s in leaf.shards) < threshold
     _place(stored, plan.nbytes, opts)
     packed_shards: list[tuple[int, layout.Shard]] = []
     whole: set[int] = set()  # packed leaves of one shard: every restoring process reads them
@@ -260,11 +271,18 @@ def plan_save(tree: Any, opts: PlanOptions) -> SavePlan:
     )
     slots: dict[tuple[int, Index], PackEntry] = {}
     sizes: dict[str, int] = {}
+    by_leaf: dict[int, list[PackEntry]] = {}
     for e in plan.pack_entries:
-        plan.leaves_json[e.leaf]["storage"].setdefault("entries", []).append(e.to_json())
+        by_leaf.setdefault(e.leaf, []).append(e)
         if e.writer == me:
             slots[(e.leaf, e.index)] = e
             sizes[e.obj] = max(sizes.get(e.obj, 0), e.offset + e.nbytes + CRC_BYTES)
+    if me == opts.primary_host:  # only the primary writes pytree.json
+        placements = Placements()
+        for i, entries in by_leaf.items():  # a grid described once, or entries one by one
+            shape = tuple(plan.leaves_json[i]["shape"])
+            plan.leaves_json[i]["storage"] = encode_packed(shape, entries, placements)
+        plan.placements = placements.lists
     plan.packs = {obj: np.empty(size, np.uint8) for obj, size in sizes.items()}
     # Start every device-to-host transfer before waiting on any of them.
     for _, _, source, _ in pending_copies:

@@ -159,12 +159,13 @@ class Reader:
             storage = self.saved[leaf].storage
             if not isinstance(storage, _document.PackedStorage):
                 continue
-            for entry in storage.entries:
-                entry = dataclasses.replace(entry, leaf=leaf)
-                if (leaf, entry.index) in self._packed:
-                    continue
-                if any(layout.overlap(entry.index, r) is not None for r in regions):
-                    wanted.setdefault(entry.obj, []).append(entry)
+            seen: set[layout.Index] = set()
+            for region in regions:
+                for entry in storage.overlapping(region):
+                    if (leaf, entry.index) in self._packed or entry.index in seen:
+                        continue
+                    seen.add(entry.index)
+                    wanted.setdefault(entry.obj, []).append(dataclasses.replace(entry, leaf=leaf))
         runs: list[list[layout.PackEntry]] = []
         for entries in wanted.values():
             entries.sort(key=lambda e: e.offset)
@@ -366,10 +367,9 @@ class Reader:
         covered = 0
         storage = self.saved[leaf].storage
         assert isinstance(storage, _document.PackedStorage)
-        for entry in storage.entries:  # they tile the leaf (checked by parse_pytree)
+        for entry in storage.overlapping(index):  # they tile the leaf (parse_pytree checks)
             overlap = layout.overlap(entry.index, index)
-            if overlap is None:
-                continue
+            assert overlap is not None
             data = self._packed[(leaf, entry.index)]
             piece = np.frombuffer(data, dtype).reshape(layout.index_shape(entry.index))
             src = tuple(

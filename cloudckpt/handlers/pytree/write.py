@@ -79,7 +79,12 @@ async def write_plan(
     await asyncio.gather(*tasks)
     if primary:
         await write_pytree(
-            directory, plan.skeleton, plan.shardings, plan.leaves_json, attempt=plan.attempt
+            directory,
+            plan.skeleton,
+            plan.shardings,
+            plan.leaves_json,
+            attempt=plan.attempt,
+            placements=plan.placements,
         )
 
 
