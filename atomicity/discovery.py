@@ -316,6 +316,9 @@ async def settle(
     now = store_now if store_now is not None else await store.now(join(child.path, CLAIM_NAME))
     if claim is not None and current is not None and claim.state == COMMITTED:
         return await _roll_forward(store, child, claim, current, now, dry_run=dry_run)
+    if current is None and not await _holds_objects(store, child):
+        # SeaweedFS keeps emptied directories, which delimiter listings still show.
+        return Settlement(False, "no claim and no objects: nothing to delete")
     if current is None and child._orphaned_documents():
         foreign = await _foreign_document(store, child.path)
         if foreign is not None:
@@ -359,6 +362,14 @@ async def settle(
         return Settlement(False, "the claim changed since it was judged: left alone", claim)
     await _delete_fenced(store, child.path, version)
     return Settlement(True, why, claim)
+
+
+async def _holds_objects(store: Store, child: ChildInfo) -> bool:
+    if child.n_objects is not None:
+        return child.n_objects > 0
+    async for _ in store.list_prefix(child.path):
+        return True
+    return False
 
 
 async def _foreign_document(store: Store, path: str) -> str | None:
