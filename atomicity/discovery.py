@@ -323,10 +323,8 @@ async def settle(
         foreign = await _foreign_document(store, child.path)
         if foreign is not None:
             return Settlement(False, f"{foreign} is not a save's document: someone else's, left")
-        doomed, why = (
-            True,
-            ("no claim and no marker, only a save's documents: a fenced writer's late creates"),
-        )
+        doomed = True
+        why = "no claim and no marker, only a save's documents: a fenced writer's late creates"
     elif current is None:
         doomed, why = True, "no claim: debris of a crashed save or an interrupted deletion"
     else:
