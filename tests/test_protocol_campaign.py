@@ -153,6 +153,13 @@ def test_campaign_fenced_writers_through_faulty_proxy(
                     reports[step].append(report)
                     tally[report["outcome"]] += 1
                 tally["kills"] += victim is not None
+                if (step + 1) % 10 == 0:  # progress of the long form, for its log
+                    print(
+                        f"[campaign {kind}] {step + 1}/{RUNS} runs, {proxy.stats.requests} "
+                        f"requests, faults {dict(proxy.stats.faults)}; {dict(tally)}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
         finally:
             assert gc.proc.stdin is not None
             gc.proc.stdin.close()
