@@ -40,7 +40,15 @@ from atomicity.paths import (
 )
 from atomicity.removal import _delete_fenced
 from atomicity.store import ChildLister, Store, Versioned, join
-from atomicity.types import ATTEMPT_ID, ATTEMPT_TAG, attempt_of
+from atomicity.types import (
+    ATTEMPT_ID,
+    ATTEMPT_TAG,
+    STEP_DOCUMENTS,
+    attempt_of,
+    is_document,
+    is_document_data,
+    is_item_tagged,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -78,12 +86,32 @@ class ChildInfo:
     #: Attempt tags (``@<attempt>``) of the objects under it.
     attempts: set[str] = field(default_factory=set, repr=False)
     _debris: bool = field(default=False, repr=False)
+    #: Seen while listing: a fixed-name document, and an object that is none of ours.
+    _documents: bool = field(default=False, repr=False)
+    _unknown: bool = field(default=False, repr=False)
 
     @property
     def ours(self) -> bool:
         # Objects under an item's attempt-id tag alone (late writes that landed after
         # an explicit delete) make a child ours too; other ``@`` names are someone else's.
-        return self._has_marker or self.has_claim or is_temporary_name(self.name) or self._debris
+        # So does a claimless, markerless child holding nothing but a save's fixed-name
+        # documents (and tagged objects): a fenced writer's late creates.
+        return (
+            self._has_marker
+            or self.has_claim
+            or is_temporary_name(self.name)
+            or self._debris
+            or self._orphaned_documents()
+        )
+
+    def _orphaned_documents(self) -> bool:
+        return (
+            self._documents
+            and not self._unknown
+            and not self._has_marker
+            and not self.has_claim
+            and not is_temporary_name(self.name)
+        )
 
 
 async def scan(
@@ -135,7 +163,11 @@ async def scan(
             child._has_marker = True
         elif rest == CLAIM_NAME:
             child.has_claim = True
-        elif ATTEMPT_TAG in rest:
+        elif is_document(rest):
+            child._documents = True
+        elif not is_item_tagged(rest):
+            child._unknown = True
+        if ATTEMPT_TAG in rest:
             tag = attempt_of(rest)
             if tag is not None:
                 child.attempts.add(tag)
@@ -169,11 +201,15 @@ async def _scan_children(
     # temporary name (recognised by name): no tags to look for.
     tags = tags and not store.supports_atomic_rename
 
-    async def find_tags(child: ChildInfo) -> None:
+    async def find_tags(child: ChildInfo) -> list[str] | None:
+        """Fills in ``child.attempts``; returns its items when its shape is a step's (items
+        holding nothing deeper than attempt tags: it may hold a save's documents alone)."""
         # ``<child>/@<attempt>/`` and ``<child>/<item>/@<attempt>/``: where attempt_of looks.
         items = await store.list_children(child.path)
+        shaped = len(items) <= MAX_TAGGED_ITEMS
         for item in items[:MAX_TAGGED_ITEMS]:
             if item.startswith(ATTEMPT_TAG):
+                shaped = False  # cloudckpt tags data under items only
                 if len(item) > 1:
                     child.attempts.add(item[1:])
                 continue
@@ -181,6 +217,25 @@ async def _scan_children(
                 if sub.startswith(ATTEMPT_TAG) and len(sub) > 1:
                     child.attempts.add(sub[1:])
                     child._debris = child._debris or _is_item_tag(item, sub[1:])
+                else:
+                    shaped = False
+        return items if shaped else None
+
+    async def holds_documents(child: ChildInfo, items: list[str]) -> bool:
+        """Whether a claimless, markerless child of a step's shape holds nothing but a
+        fenced writer's late documents (and tags): one listing of a few objects."""
+        if not items and not any(
+            [await store.exists(join(child.path, name)) for name in STEP_DOCUMENTS]
+        ):
+            return False  # a flat directory without step metadata: not a step's
+        start = len(child.path) + 1
+        async for info in store.list_prefix(child.path):
+            rel = info.path[start:]
+            if is_document(rel):
+                child._documents = True
+            elif not is_item_tagged(rel):
+                child._unknown = True
+        return child._orphaned_documents()
 
     async def check(name: str) -> ChildInfo:
         child = ChildInfo(name=name, path=join(root, name))
@@ -192,7 +247,9 @@ async def _scan_children(
                 child.has_claim = await store.exists(join(child.path, CLAIM_NAME))
             if tags and (child._has_marker or not child.has_claim) and not is_temporary_name(name):
                 # Committed (late writes to sweep) or neither (a fenced attempt's debris?).
-                await find_tags(child)
+                items = await find_tags(child)
+                if items is not None and not (child._has_marker or child._debris):
+                    await holds_documents(child, items)
         child.committed = child._has_marker and not is_temporary_name(name)
         return child
 
@@ -259,7 +316,16 @@ async def settle(
     now = store_now if store_now is not None else await store.now(join(child.path, CLAIM_NAME))
     if claim is not None and current is not None and claim.state == COMMITTED:
         return await _roll_forward(store, child, claim, current, now, dry_run=dry_run)
-    if current is None:
+    if current is None and not await _holds_objects(store, child):
+        # SeaweedFS keeps emptied directories, which delimiter listings still show.
+        return Settlement(False, "no claim and no objects: nothing to delete")
+    if current is None and child._orphaned_documents():
+        foreign = await _foreign_document(store, child.path)
+        if foreign is not None:
+            return Settlement(False, f"{foreign} is not a save's document: someone else's, left")
+        doomed = True
+        why = "no claim and no marker, only a save's documents: a fenced writer's late creates"
+    elif current is None:
         doomed, why = True, "no claim: debris of a crashed save or an interrupted deletion"
     else:
         doomed, why = judge(claim, current, now, include_live=include_live)
@@ -294,6 +360,29 @@ async def settle(
         return Settlement(False, "the claim changed since it was judged: left alone", claim)
     await _delete_fenced(store, child.path, version)
     return Settlement(True, why, claim)
+
+
+async def _holds_objects(store: Store, child: ChildInfo) -> bool:
+    if child.n_objects is not None:
+        return child.n_objects > 0
+    async for _ in store.list_prefix(child.path):
+        return True
+    return False
+
+
+async def _foreign_document(store: Store, path: str) -> str | None:
+    """The first object under ``path`` named like a save's document but not one, if any.
+
+    Names alone do not prove a lone ``data.json`` is ours: every document a save
+    writes is a checksummed JSON envelope, and a file that is not stays.
+    """
+    start = len(path.rstrip("/")) + 1
+    for info in [i async for i in store.list_prefix(path)]:
+        if is_document(info.path[start:]):
+            data = await store.get(info.path)
+            if data is not None and not is_document_data(data):
+                return info.path
+    return None
 
 
 async def _roll_forward(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from atomicity.claims import REVOKED, Claim
 from atomicity.store import Store, join
-from atomicity.types import CLAIM_NAME, MARKER_NAME, attempt_of
+from atomicity.types import CLAIM_NAME, MARKER_NAME, attempt_of, is_document
 
 
 async def _garbage(
@@ -24,14 +24,16 @@ async def _garbage(
     goes except the claim and the objects of ``keep_attempt`` (a writer
     clearing its step keeps its own). An object written after the listing is
     never deleted. Objects under an attempt's tag are never written again by
-    anyone else, so their listed keys are deleted as they are. Untagged
-    objects (the documents whose names stay fixed: step metadata,
-    ``pytree.json``, ``data.json``) are read with their version before the
-    claim is read back, and returned in the second value: the caller deletes
-    them conditionally on that version, so that a later holder's document of
-    the same name (written after this caller's tombstone went stale) is kept
+    anyone else, so their listed keys are deleted as they are. The documents
+    whose names stay fixed (step metadata, ``pytree.json``, ``data.json``:
+    :func:`atomicity.types.is_document`), and in a step with tagged objects
+    every untagged object, are read with their version before the claim is
+    read back, and returned in the second value: the caller deletes them
+    conditionally on that version, so that a later holder's document of the
+    same name (written after this caller's tombstone went stale) is kept
     where the store honours conditional deletes (see docs/FORMAT.md, I5).
-    Steps without any tagged object (format 1) keep plain deletes.
+    Other untagged objects of steps without any tagged object (format 1
+    array chunks) keep plain deletes.
     """
     keep = join(path, CLAIM_NAME)
     start = len(path.rstrip("/")) + 1
@@ -41,14 +43,14 @@ async def _garbage(
     tags = {p: attempt_of(p[start:]) for p in listed}
     doomed = [p for p in listed if keep_attempt is None or tags[p] != keep_attempt]
     versions: dict[str, str] = {}
-    if any(tag is not None for tag in tags.values()):
-        # One by one: a step holds a few documents (step metadata, one per item).
-        for p in doomed:
-            if tags[p] is None:
-                found = await store.get_versioned(p)
-                if found is not None:
-                    versions[p] = found.version
-        doomed = [p for p in doomed if tags[p] is not None or p in versions]
+    tagged = any(tag is not None for tag in tags.values())
+    fixed = [p for p in doomed if tags[p] is None and (tagged or is_document(p[start:]))]
+    # One by one: a step holds a few documents (step metadata, one per item).
+    for p in fixed:
+        found = await store.get_versioned(p)
+        if found is not None:
+            versions[p] = found.version
+    doomed = [p for p in doomed if p not in fixed or p in versions]
     current = await store.get_versioned(keep)
     if current is None or current.version != version:
         return [], {}

@@ -145,6 +145,55 @@ def attempt_of(relative: str) -> str | None:
     return None
 
 
+#: Objects a save creates under fixed names (create-only on object stores), relative
+#: to its step: the step metadata, and per item one document (a pytree's or a JSON
+#: item's). They are cloudckpt's format (docs/FORMAT.md); tests/test_protocol_orphans.py
+#: checks these names against cloudckpt.format.
+STEP_DOCUMENTS = frozenset({"_CHECKPOINT_METADATA"})
+ITEM_DOCUMENTS = frozenset({"pytree.json", "data.json"})
+
+
+def is_document(relative: str) -> bool:
+    """Whether an object path relative to its step is one of a save's fixed-name documents.
+
+    A fenced writer's late create of such a document carries no attempt tag:
+    clean-up recognises a claimless, markerless step by these names (and by
+    item tags) alone, and deletes them only on the version it read.
+    """
+    parts = relative.split("/")
+    if len(parts) == 1:
+        return parts[0] in STEP_DOCUMENTS
+    item = parts[0]
+    return (
+        len(parts) == 2
+        and parts[1] in ITEM_DOCUMENTS
+        and item not in ("", ".", "..")
+        and not item.startswith((ATTEMPT_TAG, "."))
+    )
+
+
+#: Every document a save writes is a checksummed JSON envelope (cloudckpt.format.jsonio):
+#: how clean-up tells a save's lone document from someone else's file of the same name.
+_DOCUMENT_HEAD = re.compile(rb'\{"crc32c":"[0-9a-f]{8}","data":')
+
+
+def is_document_data(data: bytes) -> bool:
+    """Whether ``data`` starts the way every document a save writes does."""
+    return _DOCUMENT_HEAD.match(data) is not None
+
+
+def is_item_tagged(relative: str) -> bool:
+    """Whether a relative object path is ``<item>/@<attempt id>/...``: what handlers write."""
+    parts = relative.split("/", 2)
+    return (
+        len(parts) == 3
+        and parts[0] not in ("", ".", "..")
+        and not parts[0].startswith(ATTEMPT_TAG)
+        and parts[1].startswith(ATTEMPT_TAG)
+        and bool(ATTEMPT_ID.fullmatch(parts[1][1:]))
+    )
+
+
 def final_name_of(path: str) -> str:
     """The final path a temporary path will be renamed to (identity for final paths)."""
     name = basename(path)

@@ -370,10 +370,12 @@ def table(document: dict[str, Any]) -> str:
         lines += bytes_rows(mp)
     lines += _straggler_lines(_get(document, "stragglers"))
     # Issue 14's scenarios print their own rows.
-    from benchmarks import listing, scale_model
+    from benchmarks import listing, protocol, scale_model
 
     if _get(document, "listing"):
         lines += listing.table_lines(document["results"]["listing"])
+    if _get(document, "protocol"):
+        lines += protocol.table_lines(document["results"]["protocol"])
     if _get(document, "scale_model"):
         lines += scale_model.table_lines(document["results"]["scale_model"])
     lines.append(

@@ -368,9 +368,14 @@ def _tag(path: str) -> str | None:
     return next((p[1:] for p in path.split("/") if p.startswith(atomicity.ATTEMPT_TAG)), None)
 
 
-#: The one object a writer writes under a fixed name (create-only), as cloudckpt's
-#: step metadata, ``pytree.json`` and ``data.json`` are.
-DOCUMENT = "meta"
+#: The object a writer writes under a fixed name (create-only), as cloudckpt's step
+#: metadata, ``pytree.json`` and ``data.json`` are: one of these, per schedule.
+DOCUMENTS = ("x/pytree.json", "_CHECKPOINT_METADATA")
+
+
+def document_bytes(attempt: str) -> bytes:
+    """A document's content, shaped as cloudckpt's (a checksummed JSON envelope)."""
+    return b'{"crc32c":"00000000","data":"%s"}' % attempt.encode()
 
 
 @dataclass
@@ -385,9 +390,18 @@ class Outcome:
 
 
 def check(
-    store: ScheduledStore, step_path: str, outcomes: list[Outcome], final: dict[str, bytes]
+    store: ScheduledStore,
+    step_path: str,
+    outcomes: list[Outcome],
+    final: dict[str, bytes],
+    document: str = DOCUMENTS[0],
 ) -> list[str]:
-    """The invariants I1-I5 over the event log, the outcomes and the final objects of a step."""
+    """The invariants I1-I5 over the event log, the outcomes and the final objects of a step.
+
+    ``final`` is what the step holds after a last clean-up pass, far past every
+    grace period: a committed step holds its owner's objects only, and a step
+    without a marker holds nothing at all (no orphan is left forever).
+    """
     problems: list[str] = []
     claim_path = f"{step_path}/{CLAIM_NAME}"
     commits: list[Event] = []
@@ -472,15 +486,15 @@ def check(
         foreign = [
             rel
             for rel in final
-            if rel not in (MARKER_NAME, CLAIM_NAME, DOCUMENT) and atomicity.attempt_of(rel) != owner
+            if rel not in (MARKER_NAME, CLAIM_NAME, document) and atomicity.attempt_of(rel) != owner
         ]
         if foreign:
             problems.append(f"I2: committed step of {owner} holds other objects {foreign}")
-        if DOCUMENT in final and final[DOCUMENT] != (owner or "").encode():
-            problems.append(f"I2: the committed step's {DOCUMENT} is {final[DOCUMENT]!r}")
-    elif set(final) - {DOCUMENT}:
-        # Everything but a lone fixed-name document is clean-up's to remove. Such a
-        # document (a fenced writer's create that landed after the step was cleaned
-        # up) has no claim or tag to recognise it by: a documented limit (FORMAT.md).
-        problems.append(f"clean-up: an uncommitted step was left behind: {sorted(final)}")
+        if document in final and final[document] != document_bytes(owner or ""):
+            problems.append(f"I2: the committed step's {document} is {final[document]!r}")
+    elif final:
+        # Everything under a step without a marker is clean-up's to remove, a lone
+        # fixed-name document too (a fenced writer's create that landed after the
+        # step was cleaned up): recognised by its name and content, no claim needed.
+        problems.append(f"orphans: the last clean-up left {sorted(final)} without a marker")
     return problems

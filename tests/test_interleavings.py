@@ -36,7 +36,15 @@ import pytest
 import atomicity
 from atomicity import CLAIM_NAME, MARKER_NAME, Claim, CommitMarkerPath, OutcomeUnknownError
 
-from .interleave import DOCUMENT, Chooser, Outcome, ScheduledStore, Scheduler, check
+from .interleave import (
+    DOCUMENTS,
+    Chooser,
+    Outcome,
+    ScheduledStore,
+    Scheduler,
+    check,
+    document_bytes,
+)
 
 N_RANDOM = int(os.environ.get("CLOUDCKPT_SCHEDULES", "10000"))
 STATS: Counter[str] = Counter()
@@ -53,6 +61,8 @@ class Run:
     chooser: Chooser
     final: dict[str, bytes]
     requests: int
+    #: Whether step 5 held a lone document (no claim, no marker) before the last pass.
+    lone: bool = False
 
 
 def _seed_state(store: ScheduledStore, root: str) -> None:
@@ -80,7 +90,12 @@ def run_schedule(chooser: Chooser, actors: list[str], *, grace: float) -> Run:
 
 
 async def arun_schedule(
-    chooser: Chooser, actors: list[str], *, grace: float, timeout_after: int = 0
+    chooser: Chooser,
+    actors: list[str],
+    *,
+    grace: float,
+    timeout_after: int = 0,
+    document: str = DOCUMENTS[0],
 ) -> Run:
     """:func:`run_schedule` on the running event loop."""
     sched = Scheduler(chooser)
@@ -106,9 +121,9 @@ async def arun_schedule(
                     await store.put(f"{where}/{key}", data)
                     if key == "a":
                         await tmp.renew()  # a heartbeat between the writes
-                out.payload[DOCUMENT] = attempt.encode()
-                if not await store.put_if_absent(f"{step}/{DOCUMENT}", attempt.encode()):
-                    raise FileExistsError(f"{step}/{DOCUMENT} exists: another attempt wrote it")
+                out.payload[document] = document_bytes(attempt)
+                if not await store.put_if_absent(f"{step}/{document}", document_bytes(attempt)):
+                    raise FileExistsError(f"{step}/{document} exists: another attempt wrote it")
                 await tmp.finalize()
                 out.result = "committed"
             except BaseException as exc:  # a timeout arrives as CancelledError
@@ -164,23 +179,40 @@ async def arun_schedule(
         "T": timeout,
     }
 
-    async def main() -> dict[str, bytes]:
+    async def steps() -> dict[str, dict[str, bytes]]:
+        found: dict[str, dict[str, bytes]] = {}
+        async for info in store.inner.list_prefix(root):
+            name, _, rel = info.path[len(root) + 1 :].partition("/")
+            found.setdefault(name, {})[rel] = await store.inner.get(info.path) or b""
+        return found
+
+    async def main() -> tuple[dict[str, dict[str, bytes]], bool]:
         await _seed_state(store, root)
         await sched.run({name: table[name] for name in actors})
+        before = (await steps()).get("5", {})
+        lone = document in before and not {MARKER_NAME, CLAIM_NAME} & set(before)
         # "Later": far past every grace period, a last clean-up settles what is left.
         later = Scheduler(Chooser())
         later.tick = sched.tick + 10**7
         store.s = later
         await later.run({"L": cleanup})
-        final = {}
-        async for info in store.inner.list_prefix(step):
-            final[info.path[len(step) + 1 :]] = await store.inner.get(info.path) or b""
-        return final
+        return await steps(), lone
 
-    final = await main()
-    problems = check(store, step, outcomes, final)
+    everything, lone = await main()
+    final = everything.get("5", {})
+    problems = check(store, step, outcomes, final, document)
+    problems += [
+        f"orphans: the last clean-up left {sorted(objects)} in step {name} without a marker"
+        for name, objects in everything.items()
+        if name != "5" and MARKER_NAME not in objects
+    ]
     return Run(
-        {"actors": actors, "grace": grace, "timeout_after": timeout_after},
+        {
+            "actors": actors,
+            "grace": grace,
+            "timeout_after": timeout_after,
+            "document": document,
+        },
         problems,
         [(s.actor, s.fault) for s in sched.trace],
         [f"{s.actor}: {s.label} [{s.fault}]" for s in sched.trace],
@@ -188,6 +220,7 @@ async def arun_schedule(
         chooser,
         final,
         store.requests,
+        lone,
     )
 
 
@@ -206,7 +239,7 @@ def _tally(run: Run) -> None:
     STATS["schedules"] += 1
     STATS["steps"] += len(run.trace)
     STATS["checks"] += 5
-    STATS["lone documents left"] += int(MARKER_NAME not in run.final and DOCUMENT in run.final)
+    STATS["lone documents removed"] += int(run.lone)
     STATS["late writes"] += sum(1 for s in run.trace if "~" in s[0])
     for out in run.outcomes:
         STATS[f"{out.actor} {out.result}"] += 1
@@ -267,7 +300,11 @@ def test_schedules_random_with_faults_and_timeouts() -> None:
         chooser = Chooser([tuple(x) for x in spec["trace"]])
         run = asyncio.run(
             arun_schedule(
-                chooser, spec["actors"], grace=spec["grace"], timeout_after=spec["timeout_after"]
+                chooser,
+                spec["actors"],
+                grace=spec["grace"],
+                timeout_after=spec["timeout_after"],
+                document=spec.get("document", DOCUMENTS[0]),
             )
         )
         if run.problems:
@@ -282,7 +319,10 @@ def test_schedules_random_with_faults_and_timeouts() -> None:
             actors += ["T"] if seed % 3 == 0 else []
             grace = (4.0, 12.0, 1000.0)[seed % 3]
             chooser = Chooser(seed=seed, fault_rate=(0.0, 0.1, 0.25)[seed % 3])
-            run = await arun_schedule(chooser, actors, grace=grace, timeout_after=seed % 13)
+            document = DOCUMENTS[(seed // 2) % 2]
+            run = await arun_schedule(
+                chooser, actors, grace=grace, timeout_after=seed % 13, document=document
+            )
             _tally(run)
             if run.problems:
                 _fail(run, f"random schedule seed={seed}")
@@ -293,7 +333,8 @@ def test_schedules_random_with_faults_and_timeouts() -> None:
     print(
         f"\n[explorer] {N_RANDOM} random schedules in {time.monotonic() - start:.0f}s, "
         f"{STATS['steps']} scheduled requests, {STATS['late writes']} late data writes landed, "
-        f"{STATS['lone documents left']} lone fixed-name documents left; outcomes {dict(outcomes)}"
+        f"{STATS['lone documents removed']} lone fixed-name documents removed by the last clean-up; "
+        f"outcomes {dict(outcomes)}"
     )
     assert STATS["late writes"] > 0
     assert outcomes["W1=committed"] + outcomes["W2=committed"] > 0

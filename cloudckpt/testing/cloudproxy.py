@@ -18,6 +18,11 @@
   ``ifGenerationMatch`` on the way up, as a store that ignores them would;
   ``refuse_preconditions`` answers an S3 conditional PUT ``501 NotImplemented``,
   as S3 did before August 2024 and some S3-compatible stores still do.
+* **GCS conditional deletes** (``gcs_conditional_deletes``): fake-gcs-server
+  ignores ``ifGenerationMatch`` on DELETE; real GCS answers 412 when the live
+  generation differs. The proxy reads the object's generation and answers
+  that 412 itself, with every GCS write and delete through it forwarded one
+  at a time, so nothing changes the object between its read and the delete.
 
 Rewritten S3 requests are signed again with the upstream's credentials
 (``s3_credentials``; by default this process's ``AWS_ACCESS_KEY_ID`` and
@@ -114,6 +119,7 @@ class CloudProxy(LoopbackProxy):
         retry_after_s: int | None = None,
         strip_preconditions: bool = False,
         refuse_preconditions: bool = False,
+        gcs_conditional_deletes: bool = False,
         seed: int = 0,
         s3_credentials: S3Credentials | None = None,
     ) -> None:
@@ -127,6 +133,8 @@ class CloudProxy(LoopbackProxy):
         self.retry_after_s = retry_after_s
         self.strip_preconditions = strip_preconditions
         self.refuse_preconditions = refuse_preconditions
+        self.gcs_conditional_deletes = gcs_conditional_deletes
+        self._writes: Any = None  # an asyncio.Lock, made on the proxy's own loop
         self.stats = ProxyStats()
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
@@ -293,9 +301,14 @@ class CloudProxy(LoopbackProxy):
                 query.pop("ifGenerationMatch")
                 rewritten = True
 
-        status, out_headers, payload = await self._forward(
-            method, path, query, headers, body, request.query_string, rewritten
-        )
+        if self.gcs_conditional_deletes and self.flavor == "gcs" and method != "GET":
+            status, out_headers, payload = await self._gcs_write(
+                method, path, query, headers, body, request.query_string, rewritten
+            )
+        else:
+            status, out_headers, payload = await self._forward(
+                method, path, query, headers, body, request.query_string, rewritten
+            )
         if listing and status == 200:
             self._count_page(query, payload)
         with self._lock:
@@ -372,6 +385,33 @@ class CloudProxy(LoopbackProxy):
             self.stats.pages += 1
             self.stats.continued_pages += int(continued)
             self.stats.largest_page = max(self.stats.largest_page, keys)
+
+    async def _gcs_write(
+        self,
+        method: str,
+        path: str,
+        query: dict[str, str],
+        headers: dict[str, str],
+        body: bytes,
+        raw_query: str,
+        rewritten: bool,
+    ) -> tuple[int, dict[str, str], bytes]:
+        """A GCS write or delete, one at a time; a DELETE's ifGenerationMatch honoured."""
+        import asyncio
+
+        if self._writes is None:
+            self._writes = asyncio.Lock()
+        async with self._writes:
+            wanted = query.get("ifGenerationMatch")
+            if method == "DELETE" and wanted is not None:
+                status, _, meta = await self._forward("GET", path, {}, headers, b"", "", False)
+                if status == 200 and str(json.loads(meta).get("generation")) != wanted:
+                    with self._lock:
+                        self.stats.injected["412"] += 1
+                    reason = "At least one of the pre-conditions you specified did not hold."
+                    json_type = {"Content-Type": "application/json"}
+                    return 412, json_type, gcs_error(412, "conditionNotMet", reason)
+            return await self._forward(method, path, query, headers, body, raw_query, rewritten)
 
     async def _forward(
         self,
