@@ -39,10 +39,12 @@ import atomicity
 from atomicity import ObjectInfo, Versioned
 from cloudckpt.storage.deadline import (
     Deadlines,
+    Latencies,
     RequestStalled,
     configure_tensorstore,
     hedged,
     process_index,
+    timed,
     within,
 )
 from cloudckpt.storage.retry import DEFAULT_POLICY, RetryPolicy, RetryStats
@@ -106,6 +108,7 @@ class Backend(abc.ABC):
         self.deadlines = deadlines
         self.stats = RetryStats()
         self._ts_context: ts.Context | None = None
+        self._latencies: dict[str, Latencies] = {}
 
     # ----------------------------------------------------------------- capabilities
     @property
@@ -146,6 +149,17 @@ class Backend(abc.ABC):
 
     def _tensorstore_context_spec(self) -> dict[str, Any]:
         return {}
+
+    def latencies(self, kind: str) -> Latencies:
+        """The recent answer times of ``kind`` requests to this store (adaptive deadlines).
+
+        ``kind`` is an operation of this backend (``"put"``, ``"get"``, ...)
+        or a channel of the handlers (``"array write"``, ``"pack read"``, ...).
+        """
+        seen = self._latencies.get(kind)
+        if seen is None:
+            seen = self._latencies.setdefault(kind, Latencies(kind))
+        return seen
 
     # ------------------------------------------------------------------- public API
     async def get(
@@ -354,20 +368,30 @@ class Backend(abc.ABC):
         deadlines = self.deadlines
         attempt = fn
         if deadlines is not None and not bounded_inside:
-            limit = deadlines.request_s(nbytes)
+            seen = self.latencies(op)
 
             def what() -> str:
                 return f"{op} {self.url(path)}"
 
+            def one() -> Awaitable[T]:
+                return timed(seen, nbytes, fn)
+
             if hedge and deadlines.hedge:
-                after = deadlines.hedge_after_s(nbytes)
 
                 async def attempt() -> T:
-                    return await within(limit, what, lambda: hedged(fn, after, lambda aw: None))
+                    limit = deadlines.attempt_s(nbytes, seen)
+                    since = time.monotonic()
+
+                    def after() -> float:
+                        return deadlines.hedge_delay_s(nbytes, seen, since)
+
+                    return await within(
+                        limit, what, lambda: hedged(one, after, what=f"{op} of {nbytes} bytes")
+                    )
             else:
 
                 async def attempt() -> T:
-                    return await within(limit, what, fn)
+                    return await within(deadlines.attempt_s(nbytes, seen), what, one)
 
         try:
             return await self.retry_policy.call(op, attempt, self.stats, lambda: self.url(path))
@@ -375,8 +399,9 @@ class Backend(abc.ABC):
             if deadlines is not None and _stalled(exc):
                 raise TimeoutError(
                     f"{op} {self.url(path)} on process {process_index()} stalled: no attempt "
-                    f"answered within its deadline ({deadlines.request_s(nbytes):.1f}s for "
-                    f"{nbytes} bytes) before the retry budget ran out "
+                    f"answered within its deadline (at most {deadlines.request_s(nbytes):.1f}s "
+                    f"for {nbytes} bytes, less once this store's answer times are known) "
+                    "before the retry budget ran out "
                     f"({self.retry_policy.max_attempts} attempts, "
                     f"{self.retry_policy.max_total_s:.0f}s); check the store and the network, "
                     "or raise Deadlines.floor_s / RetryPolicy.max_total_s"
@@ -389,7 +414,12 @@ class Backend(abc.ABC):
         """One request of a multi-request operation, within its own deadline."""
         if self.deadlines is None:
             return await fn()
-        return await within(self.deadlines.request_s(nbytes), lambda: f"{op} {self.url(path)}", fn)
+        seen = self.latencies(op)
+        return await within(
+            self.deadlines.attempt_s(nbytes, seen),
+            lambda: f"{op} {self.url(path)}",
+            lambda: timed(seen, nbytes, fn),
+        )
 
     def _translate(self, exc: Exception, op: str, path: str) -> Exception:
         """Maps a library error to a builtin one with a useful message."""
