@@ -143,29 +143,34 @@ def test_a_stalled_document_write_is_cut_once_answer_times_are_known(
 
 
 # ----------------------------------------------------------------------------- the policy
-def test_the_hedge_delay_follows_the_cohort_of_a_request() -> None:
-    """Answers of requests that started before a request do not judge it (they queued)."""
+def test_the_hedge_delay_follows_the_answers_of_its_kind() -> None:
+    """A request is judged by the answers that came while it ran, else by the latest ones."""
+    mib = 1 << 20
     d = Deadlines(floor_s=20, hedge_floor_s=5, hedge_factor=2.5, hedge_min_s=0.5, min_samples=3)
     seen = Latencies("w")
-    assert d.hedge_delay_s(1 << 20, seen, since=100.0) == d.hedge_after_s(1 << 20)  # no answers
-    for i in range(3):  # an early wave: answered in 0.4 s each, started at t=100
-        seen.observe(1 << 20, 0.4, start=100.0 + i * 0.01)
-    assert d.hedge_delay_s(1 << 20, seen, since=100.0) == pytest.approx(1.0)  # 2.5 x 0.4
-    assert d.hedge_delay_s(4 << 20, seen, since=100.0) == pytest.approx(4.0)  # scaled by size
-    assert d.hedge_delay_s(1 << 10, seen, since=100.0) == pytest.approx(1.0)  # never scaled down
-    # A request started at t=101 has no cohort yet: the static guess, not the early wave.
-    assert d.hedge_delay_s(1 << 20, seen, since=101.0) == d.hedge_after_s(1 << 20)
-    # ... unless many of its kind are in flight: then it waits for their answers.
+    assert d.hedge_delay_s(mib, seen, since=100.0) == d.hedge_after_s(mib)  # nothing known
     for _ in range(4):
         seen.started()
-    assert d.hedge_delay_s(1 << 20, seen, since=101.0) == d.request_s(1 << 20)
-    # Fast answers never bring the delay under hedge_min_s, and slow ones never past the cut.
-    for i in range(3):
-        seen.observe(1 << 20, 0.01, start=101.0 + i)
-    assert d.hedge_delay_s(1 << 20, seen, since=101.0) == 0.5
-    for i in range(3):
-        seen.observe(1 << 20, 100.0, start=200.0 + i)
-    assert d.hedge_delay_s(1 << 20, seen, since=200.0) == d.request_s(1 << 20)
+    # A wave in flight and no answer yet: wait for theirs rather than the static guess.
+    assert d.hedge_delay_s(mib, seen, since=100.0) == d.request_s(mib)
+    for _ in range(3):
+        seen.observe(mib, 0.4, start=100.0)
+        seen.ended()
+    assert d.hedge_delay_s(mib, seen, since=100.0) == pytest.approx(1.0)  # 2.5 x 0.4
+    assert d.hedge_delay_s(4 * mib, seen, since=100.0) == pytest.approx(4.0)  # scaled by size
+    assert d.hedge_delay_s(1 << 10, seen, since=100.0) == pytest.approx(1.0)  # never scaled down
+    # Slower answers came in later: a request running then is judged by them alone ...
+    for _ in range(3):
+        seen.observe(mib, 2.0, start=101.0)  # answered at t=103
+    assert d.hedge_delay_s(mib, seen, since=102.0) == pytest.approx(5.0)  # 2.5 x 2.0
+    # ... and one that started after every answer by the latest answers of its kind.
+    assert d.hedge_delay_s(mib, seen, since=104.0) == pytest.approx(2.5 * 1.2)
+    fast, slow = Latencies("fast"), Latencies("slow")
+    for _ in range(3):
+        fast.observe(mib, 0.01)
+        slow.observe(mib, 100.0)
+    assert d.hedge_delay_s(mib, fast, since=0.0) == 0.5  # never under hedge_min_s
+    assert d.hedge_delay_s(mib, slow, since=0.0) == d.request_s(mib)  # never past the cut
 
 
 def test_the_attempt_deadline_adapts_with_the_floor_as_its_cap() -> None:

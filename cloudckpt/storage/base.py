@@ -51,6 +51,11 @@ from cloudckpt.storage.retry import DEFAULT_POLICY, RetryPolicy, RetryStats
 
 T = TypeVar("T")
 
+#: The kind (:meth:`Backend.latencies`) of every request a backend makes itself:
+#: judged together, so that an operation made once per save (the commit
+#: marker) is bounded by the answer times of the others, not by the floor.
+BACKEND_REQUESTS = "backend"
+
 #: Object metadata key holding the token that identifies one put_if_absent call.
 CREATE_TOKEN_KEY = "cloudckpt-create-token"
 
@@ -153,8 +158,8 @@ class Backend(abc.ABC):
     def latencies(self, kind: str) -> Latencies:
         """The recent answer times of ``kind`` requests to this store (adaptive deadlines).
 
-        ``kind`` is an operation of this backend (``"put"``, ``"get"``, ...)
-        or a channel of the handlers (``"array write"``, ``"pack read"``, ...).
+        ``kind`` is :data:`BACKEND_REQUESTS` (this backend's own requests) or
+        a channel of the handlers (tensorstore's writes, its reads).
         """
         seen = self._latencies.get(kind)
         if seen is None:
@@ -251,11 +256,11 @@ class Backend(abc.ABC):
         return await self._retrying("now", path, lambda: self._now(path))
 
     async def exists(self, path: str) -> bool:
-        return await self._retrying("exists", path, lambda: self._exists(path))
+        return await self._retrying("exists", path, lambda: self._exists(path), hedge=True)
 
     async def stat(self, path: str) -> ObjectInfo:
         """Size and modification time of an object; ``FileNotFoundError`` when missing."""
-        return await self._retrying("stat", path, lambda: self._stat(path))
+        return await self._retrying("stat", path, lambda: self._stat(path), hedge=True)
 
     async def size(self, path: str) -> int:
         return (await self.stat(path)).size
@@ -279,7 +284,9 @@ class Backend(abc.ABC):
         onto ``prefix`` it addresses exactly that child.
         """
         prefix = prefix.rstrip("/")
-        names = await self._retrying("list", prefix, lambda: self._list_children(prefix))
+        names = await self._retrying(
+            "list", prefix, lambda: self._list_children(prefix), hedge=True
+        )
         return sorted(n for n in set(names) if n not in ("", ".", "..") and "/" not in n)
 
     async def delete(self, path: str) -> None:
@@ -368,7 +375,7 @@ class Backend(abc.ABC):
         deadlines = self.deadlines
         attempt = fn
         if deadlines is not None and not bounded_inside:
-            seen = self.latencies(op)
+            seen = self.latencies(BACKEND_REQUESTS)
 
             def what() -> str:
                 return f"{op} {self.url(path)}"
@@ -409,16 +416,39 @@ class Backend(abc.ABC):
             raise self._translate(exc, op, path) from exc
 
     async def _bounded(
-        self, op: str, path: str, fn: Callable[[], Awaitable[T]], nbytes: int = 0
+        self,
+        op: str,
+        path: str,
+        fn: Callable[[], Awaitable[T]],
+        nbytes: int = 0,
+        *,
+        hedge: bool = False,
     ) -> T:
-        """One request of a multi-request operation, within its own deadline."""
-        if self.deadlines is None:
+        """One request of a multi-request operation, within its own deadline.
+
+        ``hedge``: an idempotent read (a listing page), hedged when slow.
+        """
+        deadlines = self.deadlines
+        if deadlines is None:
             return await fn()
-        seen = self.latencies(op)
+        seen = self.latencies(BACKEND_REQUESTS)
+
+        def one() -> Awaitable[T]:
+            return timed(seen, nbytes, fn)
+
+        attempt: Callable[[], Awaitable[T]] = one
+        if hedge and deadlines.hedge:
+            since = time.monotonic()
+
+            def attempt() -> Awaitable[T]:
+                return hedged(
+                    one,
+                    lambda: deadlines.hedge_delay_s(nbytes, seen, since),
+                    what=f"{op} of {self.url(path)}",
+                )
+
         return await within(
-            self.deadlines.attempt_s(nbytes, seen),
-            lambda: f"{op} {self.url(path)}",
-            lambda: timed(seen, nbytes, fn),
+            deadlines.attempt_s(nbytes, seen), lambda: f"{op} {self.url(path)}", attempt
         )
 
     def _translate(self, exc: Exception, op: str, path: str) -> Exception:

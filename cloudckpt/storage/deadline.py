@@ -17,9 +17,12 @@ long (20 s) and a stall that costs one of them costs a short save several
 times over. Once the store has answered a few requests of a kind, the bounds
 come from what it actually did (:class:`Latencies`, the recent answer times
 of that kind of request on that backend): a request is hedged once it has
-taken ``hedge_factor`` times the typical time for its size, and an attempt is
-cut at ``cut_factor`` times it. The static bounds stay as caps, and are the
-only bounds of the first requests of a process. A hedge that is waiting
+taken ``hedge_factor`` times the typical time (for its size) of the requests
+answered while it ran, and an attempt is cut at ``cut_factor`` times the
+typical time. The callers keep their requests out of hidden queues
+(tensorstore's admission queue, see ``cloudckpt.handlers.pytree.tail``), so
+that a request's time is the store's, not its wait. The static bounds stay as
+caps, and are the only bounds of the first requests of a process. A hedge that is waiting
 re-reads the typical time as answers arrive, so a request stalled among the
 very first is hedged as soon as its peers show how long it should have taken.
 
@@ -81,7 +84,7 @@ class Deadlines:
         hedge: Whether requests are hedged at all.
         hedge_factor: Once answer times are known, a request is hedged after
             this many times the typical time of its cohort (the requests of its
-            kind that started with it or later), scaled to its size.
+            kind answered while it ran), scaled to its size.
         hedge_min_s: The shortest adaptive hedge delay.
         cut_factor: Once answer times are known, an attempt is cut after this
             many times the typical time (and retried).
@@ -97,7 +100,7 @@ class Deadlines:
     hedge_factor: float = 2.5
     hedge_min_s: float = 0.5
     cut_factor: float = 10.0
-    cut_min_s: float = 2.0
+    cut_min_s: float = 1.0
     min_samples: int = 5
 
     def __post_init__(self) -> None:
@@ -141,30 +144,26 @@ class Deadlines:
     def hedge_delay_s(self, nbytes: int, seen: Latencies | None, since: float) -> float:
         """How long a request that started at ``since`` runs alone before it is hedged.
 
-        ``hedge_factor`` x the typical time of the requests of its kind that
-        started with it or after it (its cohort, see :meth:`Latencies.typical_s`)
-        once ``min_samples`` of them have answered, never past the attempt's
-        deadline; until then ``hedge_after_s``, or the attempt's deadline while
-        more than ``min_samples`` requests of its kind are in flight (they will
-        answer soon enough to judge by). Judging a request by its
-        cohort, not by every answer seen, keeps requests that queued behind
-        their peers (a save issues a wave of writes at once) from being hedged
-        for the wait: only a request its own cohort has overtaken is late.
+        ``hedge_factor`` x the typical time of its cohort: the requests of its
+        kind answered since it started (they shared its conditions), once
+        ``min_samples`` of them have; until then the typical time of the
+        latest answers of its kind (a request late in a save, or in a save of
+        few objects, has few peers left to judge it by). Never past the
+        attempt's deadline. With no answers of its kind yet (the first
+        requests of a process), ``hedge_after_s``, or the attempt's deadline
+        while more than ``min_samples`` requests of its kind are in flight:
+        they will answer soon enough to judge by, and a wave of large writes
+        would all outlive the static guess.
         """
         if seen is None:
             return self.hedge_after_s(nbytes)
         typical = seen.typical_s(nbytes, self.min_samples, since=since)
         if typical is None:
-            # Among many peers in flight, wait for their answers rather than
-            # guess: a wave of large writes would all outlive the static guess.
+            typical = seen.typical_s(nbytes, self.min_samples)
+        if typical is None:
             crowded = seen.in_flight > self.min_samples
             return self.request_s(nbytes) if crowded else self.hedge_after_s(nbytes)
         return min(self.request_s(nbytes), max(self.hedge_min_s, self.hedge_factor * typical))
-
-
-#: Requests started this much before another still count as its cohort: a wave
-#: of requests issued together starts over a few milliseconds of event loop.
-COHORT_SLACK_S = 0.1
 
 
 class Latencies:
@@ -205,12 +204,12 @@ class Latencies:
         The median answer time, scaled up in proportion when ``nbytes`` is
         larger than the median size seen (never down: small requests cost
         their round trip, whatever their size). With ``since``, only requests
-        that started then or later (less :data:`COHORT_SLACK_S`) count.
+        answered then or later count.
         """
         with self._lock:
             samples = list(self._samples)
         if since is not None:
-            samples = [x for x in samples if x[0] >= since - COHORT_SLACK_S]
+            samples = [x for x in samples if x[0] + x[2] >= since]
         if len(samples) < min_samples:
             return None
         median_s = statistics.median(x[2] for x in samples)

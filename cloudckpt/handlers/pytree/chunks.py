@@ -35,6 +35,7 @@ import numpy as np
 from cloudckpt.errors import CorruptCheckpointError
 from cloudckpt.format import layout
 from cloudckpt.format.pytree import ZarrStorage
+from cloudckpt.handlers.pytree import tail
 from cloudckpt.handlers.pytree.budget import ByteBudget
 from cloudckpt.storage.path import StoragePath
 
@@ -228,8 +229,16 @@ async def read_into(
 
 
 async def _read(kvstore: Any, key: str, where: StoragePath, start: int, end: int) -> bytes:
+    backend = where.backend
     try:
-        result = await kvstore.read(key, byte_range=slice(start, end))
+        # Hedged when late, as every read of the pytree handler (see tail).
+        result = await tail.hedge(
+            lambda: kvstore.read(key, byte_range=slice(start, end)),
+            lambda: kvstore.read(key, byte_range=slice(start, end)),
+            end - start,
+            backend.deadlines,
+            backend.latencies(tail.READS),
+        )
     except ValueError as exc:
         if "OUT_OF_RANGE" not in str(exc):
             raise
