@@ -124,7 +124,7 @@ class Reader:
         self._packed: dict[tuple[int, layout.Index], np.ndarray] = {}
         # Hedged reads wait for a slot here, not in tensorstore's admission queue
         # (their answer times must measure the store; see tail.REQUESTS_IN_FLIGHT).
-        self._slots = asyncio.Semaphore(tail.REQUESTS_IN_FLIGHT)
+        self._slots = tail.request_slots(directory.backend.deadlines)
         # Ranged reads in flight on the direct chunk path (their temporaries).
         self._scratch = ByteBudget(min(budget.limit, chunks.SCRATCH_BYTES))
 

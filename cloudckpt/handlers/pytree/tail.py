@@ -15,6 +15,8 @@ request on the same backend (:meth:`cloudckpt.storage.base.Backend.latencies`).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -55,6 +57,17 @@ def hedge_context(context: ts.Context) -> ts.Context:
     other resources (request concurrency, retries, credentials) are shared.
     """
     return ts.Context(ts.Context.Spec({"cache_pool": {}}), context)
+
+
+def request_slots(deadlines: Deadlines | None) -> contextlib.AbstractAsyncContextManager[Any]:
+    """What a hedged request holds while it runs: one of :data:`REQUESTS_IN_FLIGHT` slots.
+
+    No limit where nothing is hedged (local stores, ``Deadlines(hedge=False)``):
+    there the admission queue measures nothing and a limit would only slow a save.
+    """
+    if deadlines is None or not deadlines.hedge:
+        return contextlib.nullcontext()
+    return asyncio.Semaphore(REQUESTS_IN_FLIGHT)
 
 
 def _cancel(aw: Any) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable
 from typing import Any
 
@@ -42,7 +43,7 @@ async def write_plan(
     # that the answer times the hedges are judged by are the store's, not the
     # queue's (tensorstore admits 64 at a time: a request issued behind a wave
     # would look late for its wait).
-    slots = asyncio.Semaphore(tail.REQUESTS_IN_FLIGHT)
+    slots = tail.request_slots(deadlines)
 
     def array_spec(leaf: int) -> dict[str, Any]:
         return {
@@ -124,7 +125,10 @@ async def write_plan(
 
 
 async def _write_packs(
-    directory: StoragePath, plan: SavePlan, context: ts.Context, slots: asyncio.Semaphore
+    directory: StoragePath,
+    plan: SavePlan,
+    context: ts.Context,
+    slots: contextlib.AbstractAsyncContextManager[Any],
 ) -> None:
     if not plan.packs:
         return
