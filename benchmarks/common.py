@@ -44,6 +44,7 @@ class Config:
     memory_reps: int = 1
     mp_size_mib: float = 192.0
     mp_reps: int = 3
+    io_bytes_size_mib: float = 32.0
     straggler_size_mib: float = 64.0
     straggler_floors_s: list[float] = field(default_factory=lambda: [2.0, 20.0])
     listing_steps: int = 5

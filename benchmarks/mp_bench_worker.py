@@ -20,10 +20,13 @@ command a line from stdin and answers each with ``RESULT <json>`` (or
   process's time covers the slowest process's part. The restore targets the
   saved shardings; its values are compared with the saved ones, a few per
   shard, or every byte with ``check``;
-* ``{"op": "bytes", "id": ..., "url": ..., "replica_parallel": bool}``: one
-  untimed save with that handler option; answers the data bytes this process
-  wrote (tensorstore's ``/tensorstore/kvstore/<driver>/bytes_written``
-  counters before and after: zarr chunks and packs, not the JSON documents);
+* ``{"op": "bytes", "id": ..., "url": ..., "replica_parallel": bool,
+  "share_reads": bool}``: one save with that handler option, then one restore
+  of it (onto the saved shardings) with that ``StandardRestore`` option, its
+  values compared a few per shard; answers the data bytes this process wrote
+  and read (tensorstore's ``/tensorstore/kvstore/<driver>/bytes_written`` and
+  ``bytes_read`` counters before and after: zarr chunks and packs, not the
+  JSON documents);
 * ``{"op": "quit"}``.
 """
 
@@ -186,27 +189,45 @@ class Worker:
         args = self.cc.args.Composite(state=self.cc.args.StandardRestore(target))
         return self.jax.block_until_ready(self.ckpt.restore(url, args)["state"])
 
-    def bytes_written(self, cmd: dict[str, Any]) -> dict[str, Any]:
+    def bytes_moved(self, cmd: dict[str, Any]) -> dict[str, Any]:
         import tensorstore as ts
 
-        def counted() -> int:
+        def counted(which: str) -> int:
             metrics = ts.experimental_collect_matching_metrics("/tensorstore/kvstore/")
             return sum(
                 v.get("value", 0)
                 for m in metrics
-                if m["name"].endswith("/bytes_written")
+                if m["name"].endswith(f"/{which}")
                 for v in m["values"]
             )
 
         handler = self.cc.StandardCheckpointHandler(replica_parallel=cmd["replica_parallel"])
         options = self.cc.MultiprocessingOptions(barrier_timeout_s=self.timeout_ms / 1000)
+        restore = self.cc.args.StandardRestore(self.abstract, share_reads=cmd["share_reads"])
         with self.cc.Checkpointer(handler, multiprocessing_options=options) as ckpt:
-            before = counted()
+            before = counted("bytes_written")
             save_s, _ = self.phase(
-                cmd["id"], lambda: ckpt.save(cmd["url"], self.cc.args.StandardSave(self.state))
+                f"{cmd['id']}/save",
+                lambda: ckpt.save(cmd["url"], self.cc.args.StandardSave(self.state)),
             )
-            written = counted() - before
-        return {"bytes_written": written, "save_s": save_s}
+            written = counted("bytes_written") - before
+            before = counted("bytes_read")
+            restore_s, restored = self.phase(
+                f"{cmd['id']}/restore",
+                lambda: self.jax.block_until_ready(ckpt.restore(cmd["url"], restore)),
+            )
+            read = counted("bytes_read") - before
+        ok, _, why = compare(self.state, restored, full=False)
+        del restored
+        gc.collect()
+        return {
+            "bytes_written": written,
+            "bytes_read": read,
+            "save_s": save_s,
+            "restore_s": restore_s,
+            "verified": ok,
+            "mismatch": why,
+        }
 
     def warmup(self, cmd: dict[str, Any]) -> dict[str, Any]:
         from benchmarks import tree
@@ -261,7 +282,7 @@ def main(spec: dict[str, Any]) -> None:
             cmd = json.loads(line)
             if cmd["op"] == "quit":
                 break
-            ops = {"warmup": worker.warmup, "run": worker.run, "bytes": worker.bytes_written}
+            ops = {"warmup": worker.warmup, "run": worker.run, "bytes": worker.bytes_moved}
             result = ops[cmd["op"]](cmd)
             emit("RESULT", {"process": worker.process_id, "id": cmd["id"], **result})
         worker.ckpt.close()

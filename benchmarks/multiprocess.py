@@ -20,14 +20,8 @@ phase to a barrier after it, measured inside the processes. Restores target
 the saved shardings and check a few values per shard against the saved ones
 (every byte in the first repetition).
 
-Bytes written per process (issue 14, replica-parallel save): a third group,
-``4x2`` (four processes with 2 CPU devices each), joins for this part only.
-Per backend, each of ``1x8``, ``2x4`` and ``4x2`` saves the tree once with
-``replica_parallel`` on and once off (untimed), and each process reports the
-data bytes it wrote, from tensorstore's own kvstore counters. The tree's
-``head``, ``norm`` and bias leaves are replicated over the processes (about
-15% of its bytes); the rest is sharded over them. ``max/mean`` of the bytes
-per process is the figure: 1.0 is every process writing an equal share. The figures to steer by are
+Bytes written and read per process (issue 14) are the ``io_bytes``
+scenario's (``io_bytes.py``, the same workers on 1x8, 2x4 and 4x2). The figures to steer by are
 ``2x4/1x8``: on this 2-core machine the two processes share the same cores
 and the same server, so ~1 means the multi-process path adds no cost of its
 own; on a real cluster each host brings its own cores and network.
@@ -37,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import queue
 import subprocess
@@ -55,7 +48,7 @@ from benchmarks.throughput import object_stats
 REPO = Path(__file__).resolve().parent.parent
 #: (name, processes, CPU devices per process); both make 8 devices.
 TOPOLOGIES: tuple[tuple[str, int, int], ...] = (("1x8", 1, 8), ("2x4", 2, 4))
-#: Also started for the bytes-per-process rows only (not timed against the others).
+#: The topologies of the bytes-per-process rows (``io_bytes.py``).
 BYTES_TOPOLOGIES: tuple[tuple[str, int, int], ...] = (*TOPOLOGIES, ("4x2", 4, 2))
 START_TIMEOUT_S = 180.0  # import jax, join, build the tree
 BARRIER_S = 300.0  # cloudckpt's and the benchmark's barriers inside the workers
@@ -224,47 +217,6 @@ def _measure(
     }
 
 
-def bytes_per_process(ctx: Context, groups: dict[str, Group], target: Target) -> dict[str, Any]:
-    """Data bytes each process writes for one save, replica-parallel on and off, per topology."""
-    out: dict[str, Any] = {}
-    for name, group in groups.items():
-        for on in (True, False):
-            url = target.fresh(f"mp-bytes-{name}")
-            try:
-                answers = group.command(
-                    "bytes", _run_timeout(ctx.config.mp_size_mib), url=url, replica_parallel=on
-                )
-            finally:
-                remove(url)
-            table = [a["bytes_written"] for a in answers]
-            mean = sum(table) / len(table)
-            out[f"{name} replica_parallel={'on' if on else 'off'}"] = {
-                "bytes_per_process": table,
-                "max_over_mean": ratio(max(table), mean) if mean else None,
-                "save_s": max(a["save_s"] for a in answers),
-            }
-            ctx.log(
-                f"multiprocess {target.name} bytes {name} replica_parallel={on}: "
-                f"{[round(b / 2**20, 1) for b in table]} MiB"
-            )
-    return out
-
-
-def _fmt(value: float | None) -> str:
-    return "-" if value is None or math.isnan(value) else f"{value:.2f}"
-
-
-def bytes_rows(result: dict[str, Any]) -> list[str]:
-    """The bytes-per-process table of :func:`multiprocess`'s result, as text lines."""
-    lines = ["\n== Data bytes written per process, replica_parallel on/off (MiB; max/mean) =="]
-    for backend, r in result.get("backends", {}).items():
-        for row, b in r.get("bytes_written", {}).items():
-            mib = ", ".join(f"{x / 2**20:.1f}" for x in b["bytes_per_process"])
-            spread = b["max_over_mean"]
-            lines.append(f"{backend:6} {row:28} [{mib}]  max/mean {_fmt(spread)}")
-    return lines
-
-
 def run_backend(ctx: Context, groups: dict[str, Group], target: Target) -> dict[str, Any]:
     cfg = ctx.config
     groups = {n: g for n, g in groups.items() if n in {t[0] for t in TOPOLOGIES}}
@@ -315,7 +267,7 @@ def multiprocess(ctx: Context) -> dict[str, Any]:
     out: dict[str, Any] = {"topologies": {}, "backends": {}}
     try:
         start = time.monotonic()
-        for name, processes, devices in BYTES_TOPOLOGIES:  # start together: start-up overlaps
+        for name, processes, devices in TOPOLOGIES:  # start together: start-up overlaps
             groups[name] = Group(name, processes, devices, cfg.mp_size_mib)
         for name, group in groups.items():
             ready = group.wait_ready()
@@ -336,9 +288,6 @@ def multiprocess(ctx: Context) -> dict[str, Any]:
         )
         for target in ctx.targets:
             out["backends"][target.name] = run_backend(ctx, groups, target)
-            out["backends"][target.name]["bytes_written"] = bytes_per_process(ctx, groups, target)
-        for line in bytes_rows(out):
-            ctx.log(line)
     finally:
         for group in groups.values():
             group.stop()

@@ -365,13 +365,12 @@ def table(document: dict[str, Any]) -> str:
             "each time: max over processes, barrier before to barrier after; both topologies share "
             "this machine's cores and servers, so ~1 means no multi-process overhead"
         )
-        from benchmarks.multiprocess import bytes_rows
-
-        lines += bytes_rows(mp)
     lines += _straggler_lines(_get(document, "stragglers"))
     # Issue 14's scenarios print their own rows.
-    from benchmarks import listing, protocol, scale_model
+    from benchmarks import io_bytes, listing, protocol, scale_model
 
+    if _get(document, "io_bytes"):
+        lines += io_bytes.table_lines(document["results"]["io_bytes"])
     if _get(document, "listing"):
         lines += listing.table_lines(document["results"]["listing"])
     if _get(document, "protocol"):

@@ -34,6 +34,7 @@ jax.config.update("jax_platforms", "cpu")
 
 from benchmarks import (  # noqa: E402  (registers the scenarios)
     blocking,
+    io_bytes,
     listing,
     memory,
     multiprocess,
@@ -52,6 +53,7 @@ from benchmarks.tree import make_mesh  # noqa: E402
 
 _ = (
     blocking,
+    io_bytes,
     listing,
     memory,
     multiprocess,
@@ -139,6 +141,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
         "posix_fadvise DONTNEED first); default warm",
     )
     p.add_argument(
+        "--io-bytes-size-mib",
+        type=float,
+        help=f"tree size of the bytes-per-process scenario (default {defaults.io_bytes_size_mib:g})",
+    )
+    p.add_argument(
+        "--straggler-floors",
+        help="Deadlines.floor_s values of the stragglers scenario, comma-separated "
+        "(default 2,20; 20 is the library's default)",
+    )
+    p.add_argument(
         "--scenarios", help=f"comma-separated subset of {','.join(SCENARIOS)} (default all)"
     )
     p.add_argument("--workdir", help="where file-backend checkpoints go (default: a temp dir)")
@@ -158,6 +170,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
             goal_leaves=1000,
             mp_size_mib=16,
             mp_reps=1,
+            io_bytes_size_mib=8,
             straggler_size_mib=8,
             straggler_floors_s=[2.0],
             listing_objects=1000,
@@ -200,6 +213,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
         cfg.file_cache = args.file_cache
     if args.listing_objects is not None:
         cfg.listing_objects = args.listing_objects
+    if args.io_bytes_size_mib is not None:
+        cfg.io_bytes_size_mib = args.io_bytes_size_mib
+    if args.straggler_floors:
+        cfg.straggler_floors_s = _floats(args.straggler_floors)
     wanted = (
         [s.strip() for s in args.scenarios.split(",") if s.strip()]
         if args.scenarios

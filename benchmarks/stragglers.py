@@ -39,6 +39,7 @@ def _one_in(n: int) -> Any:
 
 
 def _run(ctx: Context, kind: str, upstream: str, floor_s: float, stall: bool) -> dict[str, Any]:
+    from cloudckpt.storage.redact import redact
     from cloudckpt.testing.stallproxy import StallProxy
 
     scheme = "s3" if kind == "s3" else "gs"
@@ -63,13 +64,14 @@ def _run(ctx: Context, kind: str, upstream: str, floor_s: float, stall: bool) ->
             timeout=1800,
         )
         held = len(proxy.stats.stalled)
+        held_requests = [f"{method} {redact(path)}" for method, path in proxy.stats.stalled]
         requests = proxy.stats.requests
     remove(url)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         raise RuntimeError(f"straggler worker failed ({done.returncode}):\n{done.stderr[-3000:]}")
     result = json.loads(lines[-1])
-    result.update(stalled=held, requests=requests)
+    result.update(stalled=held, requests=requests, held_requests=held_requests)
     ctx.log(
         f"stragglers {kind} floor {floor_s:g}s {'stalled' if stall else 'unstalled'}: "
         f"save {result['save_s']} restore {result['restore_s']} held {held}/{requests}"

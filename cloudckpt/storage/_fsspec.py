@@ -219,7 +219,10 @@ class FsspecObjectBackend(Backend):
         while True:
             try:
                 page, token = await self._bounded(
-                    "list", prefix, lambda t=token: self._list_page(bucket, key_prefix, t, None)
+                    "list",
+                    prefix,
+                    lambda t=token: self._list_page(bucket, key_prefix, t, None),
+                    hedge=True,
                 )
             except FileNotFoundError:
                 raise self._no_bucket(prefix) from None

@@ -39,15 +39,22 @@ import atomicity
 from atomicity import ObjectInfo, Versioned
 from cloudckpt.storage.deadline import (
     Deadlines,
+    Latencies,
     RequestStalled,
     configure_tensorstore,
     hedged,
     process_index,
+    timed,
     within,
 )
 from cloudckpt.storage.retry import DEFAULT_POLICY, RetryPolicy, RetryStats
 
 T = TypeVar("T")
+
+#: The kind (:meth:`Backend.latencies`) of every request a backend makes itself:
+#: judged together, so that an operation made once per save (the commit
+#: marker) is bounded by the answer times of the others, not by the floor.
+BACKEND_REQUESTS = "backend"
 
 #: Object metadata key holding the token that identifies one put_if_absent call.
 CREATE_TOKEN_KEY = "cloudckpt-create-token"
@@ -106,6 +113,7 @@ class Backend(abc.ABC):
         self.deadlines = deadlines
         self.stats = RetryStats()
         self._ts_context: ts.Context | None = None
+        self._latencies: dict[str, Latencies] = {}
 
     # ----------------------------------------------------------------- capabilities
     @property
@@ -146,6 +154,17 @@ class Backend(abc.ABC):
 
     def _tensorstore_context_spec(self) -> dict[str, Any]:
         return {}
+
+    def latencies(self, kind: str) -> Latencies:
+        """The recent answer times of ``kind`` requests to this store (adaptive deadlines).
+
+        ``kind`` is :data:`BACKEND_REQUESTS` (this backend's own requests) or
+        a channel of the handlers (tensorstore's writes, its reads).
+        """
+        seen = self._latencies.get(kind)
+        if seen is None:
+            seen = self._latencies.setdefault(kind, Latencies(kind))
+        return seen
 
     # ------------------------------------------------------------------- public API
     async def get(
@@ -237,11 +256,11 @@ class Backend(abc.ABC):
         return await self._retrying("now", path, lambda: self._now(path))
 
     async def exists(self, path: str) -> bool:
-        return await self._retrying("exists", path, lambda: self._exists(path))
+        return await self._retrying("exists", path, lambda: self._exists(path), hedge=True)
 
     async def stat(self, path: str) -> ObjectInfo:
         """Size and modification time of an object; ``FileNotFoundError`` when missing."""
-        return await self._retrying("stat", path, lambda: self._stat(path))
+        return await self._retrying("stat", path, lambda: self._stat(path), hedge=True)
 
     async def size(self, path: str) -> int:
         return (await self.stat(path)).size
@@ -265,7 +284,9 @@ class Backend(abc.ABC):
         onto ``prefix`` it addresses exactly that child.
         """
         prefix = prefix.rstrip("/")
-        names = await self._retrying("list", prefix, lambda: self._list_children(prefix))
+        names = await self._retrying(
+            "list", prefix, lambda: self._list_children(prefix), hedge=True
+        )
         return sorted(n for n in set(names) if n not in ("", ".", "..") and "/" not in n)
 
     async def delete(self, path: str) -> None:
@@ -354,20 +375,30 @@ class Backend(abc.ABC):
         deadlines = self.deadlines
         attempt = fn
         if deadlines is not None and not bounded_inside:
-            limit = deadlines.request_s(nbytes)
+            seen = self.latencies(BACKEND_REQUESTS)
 
             def what() -> str:
                 return f"{op} {self.url(path)}"
 
+            def one() -> Awaitable[T]:
+                return timed(seen, nbytes, fn)
+
             if hedge and deadlines.hedge:
-                after = deadlines.hedge_after_s(nbytes)
 
                 async def attempt() -> T:
-                    return await within(limit, what, lambda: hedged(fn, after, lambda aw: None))
+                    limit = deadlines.attempt_s(nbytes, seen)
+                    since = time.monotonic()
+
+                    def after() -> float:
+                        return deadlines.hedge_delay_s(nbytes, seen, since)
+
+                    return await within(
+                        limit, what, lambda: hedged(one, after, what=f"{op} of {nbytes} bytes")
+                    )
             else:
 
                 async def attempt() -> T:
-                    return await within(limit, what, fn)
+                    return await within(deadlines.attempt_s(nbytes, seen), what, one)
 
         try:
             return await self.retry_policy.call(op, attempt, self.stats, lambda: self.url(path))
@@ -375,8 +406,9 @@ class Backend(abc.ABC):
             if deadlines is not None and _stalled(exc):
                 raise TimeoutError(
                     f"{op} {self.url(path)} on process {process_index()} stalled: no attempt "
-                    f"answered within its deadline ({deadlines.request_s(nbytes):.1f}s for "
-                    f"{nbytes} bytes) before the retry budget ran out "
+                    f"answered within its deadline (at most {deadlines.request_s(nbytes):.1f}s "
+                    f"for {nbytes} bytes, less once this store's answer times are known) "
+                    "before the retry budget ran out "
                     f"({self.retry_policy.max_attempts} attempts, "
                     f"{self.retry_policy.max_total_s:.0f}s); check the store and the network, "
                     "or raise Deadlines.floor_s / RetryPolicy.max_total_s"
@@ -384,12 +416,40 @@ class Backend(abc.ABC):
             raise self._translate(exc, op, path) from exc
 
     async def _bounded(
-        self, op: str, path: str, fn: Callable[[], Awaitable[T]], nbytes: int = 0
+        self,
+        op: str,
+        path: str,
+        fn: Callable[[], Awaitable[T]],
+        nbytes: int = 0,
+        *,
+        hedge: bool = False,
     ) -> T:
-        """One request of a multi-request operation, within its own deadline."""
-        if self.deadlines is None:
+        """One request of a multi-request operation, within its own deadline.
+
+        ``hedge``: an idempotent read (a listing page), hedged when slow.
+        """
+        deadlines = self.deadlines
+        if deadlines is None:
             return await fn()
-        return await within(self.deadlines.request_s(nbytes), lambda: f"{op} {self.url(path)}", fn)
+        seen = self.latencies(BACKEND_REQUESTS)
+
+        def one() -> Awaitable[T]:
+            return timed(seen, nbytes, fn)
+
+        attempt: Callable[[], Awaitable[T]] = one
+        if hedge and deadlines.hedge:
+            since = time.monotonic()
+
+            def attempt() -> Awaitable[T]:
+                return hedged(
+                    one,
+                    lambda: deadlines.hedge_delay_s(nbytes, seen, since),
+                    what=f"{op} of {self.url(path)}",
+                )
+
+        return await within(
+            deadlines.attempt_s(nbytes, seen), lambda: f"{op} {self.url(path)}", attempt
+        )
 
     def _translate(self, exc: Exception, op: str, path: str) -> Exception:
         """Maps a library error to a builtin one with a useful message."""

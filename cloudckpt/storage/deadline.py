@@ -1,4 +1,4 @@
-"""Bounding a single slow request: per-request deadlines and hedged reads.
+"""Bounding a single slow request: per-request deadlines and hedged requests.
 
 A pod-scale save is as slow as its slowest request. A request that stalls
 (a wedged connection, a dead storage node) never fails on its own, so without
@@ -12,10 +12,26 @@ Both are sized from the bytes requested, so large transfers are not cut short:
 * deadline of one attempt = ``floor_s + nbytes / min_rate_bps``;
 * hedge delay = ``hedge_floor_s + nbytes / hedge_rate_bps``.
 
+Those static bounds must hold on the slowest link a user may have, so they are
+long (20 s) and a stall that costs one of them costs a short save several
+times over. Once the store has answered a few requests of a kind, the bounds
+come from what it actually did (:class:`Latencies`, the recent answer times
+of that kind of request on that backend): a request is hedged once it has
+taken ``hedge_factor`` times the typical time (for its size) of the requests
+answered while it ran, and an attempt is cut at ``cut_factor`` times the
+typical time. The callers keep their requests out of hidden queues
+(tensorstore's admission queue, see ``cloudckpt.handlers.pytree.tail``), so
+that a request's time is the store's, not its wait. The static bounds stay as
+caps, and are the only bounds of the first requests of a process. A hedge that is waiting
+re-reads the typical time as answers arrive, so a request stalled among the
+very first is hedged as soon as its peers show how long it should have taken.
+
 Two HTTP clients carry cloudckpt's bytes and each gets the bound its own way:
 
 * the backends (s3fs/gcsfs: metadata, markers, small objects): every attempt
-  runs under its deadline here, and ``get`` is hedged;
+  runs under its (adaptive) deadline here, and ``get`` is hedged; a cut
+  create-only write is retried on its conditional path (the create token
+  tells a retry whether the cut attempt had landed);
 * tensorstore (array chunks and packs) has no per-request timeout option; its
   curl transport aborts a transfer slower than
   ``TENSORSTORE_CURL_LOW_SPEED_LIMIT_BYTES`` per second over
@@ -24,8 +40,11 @@ Two HTTP clients carry cloudckpt's bytes and each gets the bound its own way:
   never cut), and retries the aborted request under its
   ``*_request_retries`` context resource. tensorstore reads these variables
   once per process, at its first HTTP request, so :func:`configure_tensorstore`
-  sets them (unless the user has) before cloudckpt opens anything; reads of
-  array regions are hedged by the pytree handler with :func:`hedged`.
+  sets them (unless the user has) before cloudckpt opens anything. That
+  bound cannot adapt, so the pytree handler hedges tensorstore's requests
+  itself with :func:`hedged`: reads of array regions and packs, and writes of
+  chunks and packs, which are safe to send twice because data objects live
+  under per-attempt names (the same bytes to the same key; format 2).
 """
 
 from __future__ import annotations
@@ -34,7 +53,11 @@ import asyncio
 import contextlib
 import logging
 import os
+import statistics
 import sys
+import threading
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -58,7 +81,15 @@ class Deadlines:
         hedge_floor_s: Seconds before a read gets a second, hedging request.
         hedge_rate_bps: Expected rate (bytes/s) that sizes the hedge delay of
             large reads.
-        hedge: Whether reads are hedged at all.
+        hedge: Whether requests are hedged at all.
+        hedge_factor: Once answer times are known, a request is hedged after
+            this many times the typical time of its cohort (the requests of its
+            kind answered while it ran), scaled to its size.
+        hedge_min_s: The shortest adaptive hedge delay.
+        cut_factor: Once answer times are known, an attempt is cut after this
+            many times the typical time (and retried).
+        cut_min_s: The shortest adaptive deadline of an attempt.
+        min_samples: Answers of a kind needed before its bounds adapt.
     """
 
     floor_s: float = 20.0
@@ -66,6 +97,11 @@ class Deadlines:
     hedge_floor_s: float = 5.0
     hedge_rate_bps: float = 32 * 1024 * 1024
     hedge: bool = True
+    hedge_factor: float = 2.5
+    hedge_min_s: float = 0.5
+    cut_factor: float = 10.0
+    cut_min_s: float = 1.0
+    min_samples: int = 5
 
     def __post_init__(self) -> None:
         if self.floor_s <= 0 or self.min_rate_bps <= 0:
@@ -78,14 +114,121 @@ class Deadlines:
                 f"Deadlines needs hedge_floor_s >= 0 and hedge_rate_bps > 0, got "
                 f"{self.hedge_floor_s} and {self.hedge_rate_bps}"
             )
+        if min(self.hedge_factor, self.cut_factor) < 1 or self.min_samples < 1:
+            raise ValueError(
+                "Deadlines needs hedge_factor >= 1, cut_factor >= 1 and min_samples >= 1, got "
+                f"{self.hedge_factor}, {self.cut_factor} and {self.min_samples}"
+            )
+        if self.hedge_min_s < 0 or self.cut_min_s <= 0:
+            raise ValueError(
+                f"Deadlines needs hedge_min_s >= 0 and cut_min_s > 0, got {self.hedge_min_s} "
+                f"and {self.cut_min_s}"
+            )
 
     def request_s(self, nbytes: int) -> float:
         """The deadline of one attempt moving ``nbytes``."""
         return self.floor_s + max(nbytes, 0) / self.min_rate_bps
 
     def hedge_after_s(self, nbytes: int) -> float:
-        """How long a read of ``nbytes`` runs alone before it is hedged."""
+        """How long a request of ``nbytes`` runs alone before it is hedged (static bound)."""
         return self.hedge_floor_s + max(nbytes, 0) / self.hedge_rate_bps
+
+    def attempt_s(self, nbytes: int, seen: Latencies | None) -> float:
+        """The deadline of one attempt: ``cut_factor`` x the typical time, capped by the floor."""
+        static = self.request_s(nbytes)
+        typical = seen.typical_s(nbytes, self.min_samples) if seen is not None else None
+        if typical is None:
+            return static
+        return min(static, max(self.cut_min_s, self.cut_factor * typical))
+
+    def hedge_delay_s(self, nbytes: int, seen: Latencies | None, since: float) -> float:
+        """How long a request that started at ``since`` runs alone before it is hedged.
+
+        ``hedge_factor`` x the typical time of its cohort: the requests of its
+        kind answered since it started (they shared its conditions), once
+        ``min_samples`` of them have; until then the typical time of the
+        latest answers of its kind (a request late in a save, or in a save of
+        few objects, has few peers left to judge it by). Never past the
+        attempt's deadline. With no answers of its kind yet (the first
+        requests of a process), ``hedge_after_s``, or the attempt's deadline
+        while more than ``min_samples`` requests of its kind are in flight:
+        they will answer soon enough to judge by, and a wave of large writes
+        would all outlive the static guess.
+        """
+        if seen is None:
+            return self.hedge_after_s(nbytes)
+        typical = seen.typical_s(nbytes, self.min_samples, since=since)
+        if typical is None:
+            typical = seen.typical_s(nbytes, self.min_samples)
+        if typical is None:
+            crowded = seen.in_flight > self.min_samples
+            return self.request_s(nbytes) if crowded else self.hedge_after_s(nbytes)
+        return min(self.request_s(nbytes), max(self.hedge_min_s, self.hedge_factor * typical))
+
+
+class Latencies:
+    """The recent answer times of one kind of request (one backend operation, one channel).
+
+    Thread-safe: tensorstore's and the backends' requests finish on whatever
+    loop or thread runs them. Only successful requests are observed, so a
+    stall never raises the yardstick it is measured against.
+    """
+
+    def __init__(self, kind: str = "", window: int = 256) -> None:
+        #: What requests these are (``"put"``, ``"array write"``), for logs.
+        self.kind = kind
+        #: (start on the monotonic clock, bytes, seconds) of the latest answers.
+        self._samples: deque[tuple[float, int, float]] = deque(maxlen=window)
+        self._lock = threading.Lock()
+        #: Requests of this kind started and not yet answered (or failed).
+        self.in_flight = 0
+
+    def started(self) -> None:
+        with self._lock:
+            self.in_flight += 1
+
+    def ended(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
+
+    def observe(self, nbytes: int, seconds: float, start: float | None = None) -> None:
+        """Records one answered request of ``nbytes`` that took ``seconds`` from ``start``."""
+        if start is None:
+            start = time.monotonic() - seconds
+        with self._lock:
+            self._samples.append((start, max(nbytes, 0), max(seconds, 0.0)))
+
+    def typical_s(self, nbytes: int, min_samples: int, since: float | None = None) -> float | None:
+        """The time a request of ``nbytes`` typically takes; None below ``min_samples`` answers.
+
+        The median answer time, scaled up in proportion when ``nbytes`` is
+        larger than the median size seen (never down: small requests cost
+        their round trip, whatever their size). With ``since``, only requests
+        answered then or later count.
+        """
+        with self._lock:
+            samples = list(self._samples)
+        if since is not None:
+            samples = [x for x in samples if x[0] + x[2] >= since]
+        if len(samples) < min_samples:
+            return None
+        median_s = statistics.median(x[2] for x in samples)
+        median_bytes = statistics.median(x[1] for x in samples)
+        return median_s * max(1.0, nbytes / median_bytes) if median_bytes > 0 else median_s
+
+
+async def timed(seen: Latencies | None, nbytes: int, fn: Callable[[], Awaitable[T]]) -> T:
+    """``await fn()``, its answer time recorded in ``seen`` when it succeeds."""
+    if seen is None:
+        return await fn()
+    start = time.monotonic()
+    seen.started()
+    try:
+        result = await fn()
+    finally:
+        seen.ended()
+    seen.observe(nbytes, time.monotonic() - start, start)
+    return result
 
 
 #: The deadlines object-store backends use unless given others.
@@ -166,22 +309,35 @@ class RequestStalled(TimeoutError):
 
 async def hedged(
     start: Callable[[], Awaitable[T]],
-    after_s: float,
+    after_s: float | Callable[[], float],
     cancel: Callable[[Awaitable[T]], None] = lambda aw: None,
     again: Callable[[], Awaitable[T]] | None = None,
+    what: str = "a request",
 ) -> T:
     """The first successful answer of ``start()``, asked again if none came in ``after_s``.
 
     The second request is ``again()`` (default ``start()``); both must be
-    idempotent reads of the same bytes. ``cancel`` stops a losing request's
-    awaitable (a tensorstore future). When both fail, the first one's error is
-    raised.
+    idempotent: reads of the same bytes, or writes of the same bytes to the
+    same key. ``after_s`` may be a function, re-read while the first request
+    waits (an adaptive delay that shrinks as its peers answer). ``cancel``
+    stops a losing request's awaitable (a tensorstore future). When both fail,
+    the first one's error is raised.
     """
+    delay = after_s if callable(after_s) else (lambda: after_s)
     first_aw = start()
     first = asyncio.ensure_future(first_aw)
-    done, _ = await asyncio.wait({first}, timeout=after_s)
-    if done:
-        return first.result()
+    began = time.monotonic()
+    while True:
+        wanted = delay()
+        left = wanted - (time.monotonic() - began)
+        if left <= 0:
+            break
+        # An adaptive delay is re-read a few times per delay: often enough to follow it.
+        wait = left if not callable(after_s) else min(left, max(0.05, wanted / 4))
+        done, _ = await asyncio.wait({first}, timeout=wait)
+        if done:
+            return first.result()
+    logger.debug("hedging %s after %.3fs", what, time.monotonic() - began)
     second_aw = (again or start)()
     second = asyncio.ensure_future(second_aw)
     pending = {first, second}

@@ -123,6 +123,9 @@ class Reader:
         self._hedge_stores: dict[int, asyncio.Future[Any]] = {}
         self._kvstore: asyncio.Future[Any] | None = None
         self._packed: dict[tuple[int, layout.Index], np.ndarray] = {}
+        # Hedged reads wait for a slot here, not in tensorstore's admission queue
+        # (their answer times must measure the store; see tail.REQUESTS_IN_FLIGHT).
+        self._slots = tail.request_slots(directory.backend.deadlines)
         # Ranged reads in flight on the direct chunk path (their temporaries).
         self._scratch = ByteBudget(min(budget.limit, chunks.SCRATCH_BYTES))
         self._requests = asyncio.Semaphore(chunks.REQUESTS_IN_FLIGHT)
@@ -185,13 +188,14 @@ class Reader:
     async def _read_run(self, kvstore: Any, run: list[layout.PackEntry]) -> None:
         start = run[0].offset
         end = run[-1].offset + run[-1].nbytes + layout.CRC_BYTES
-        async with self.budget.hold(end - start):
+        async with self.budget.hold(end - start), self._slots:
             try:
-                result = await tail.read(
+                result = await tail.hedge(
                     lambda: kvstore.read(run[0].obj, byte_range=slice(start, end)),
                     lambda: kvstore.read(run[0].obj, byte_range=slice(start, end)),
                     end - start,
                     self.directory.backend.deadlines,
+                    self.directory.backend.latencies(tail.READS),
                 )
             except ValueError as exc:
                 tail.raise_if_stalled(exc, str(self.directory / run[0].obj), "read")
@@ -338,10 +342,15 @@ class Reader:
                 # A hedge reads into buffers of its own: the slow request may still land.
                 return await into(await self._open(leaf, hedge=True))
 
-            async with self.budget.hold(nbytes):
+            async with self.budget.hold(nbytes), self._slots:
                 try:
-                    buffers = await tail.read(
-                        lambda: into(store), again, nbytes, self.directory.backend.deadlines
+                    backend = self.directory.backend
+                    buffers = await tail.hedge(
+                        lambda: into(store),
+                        again,
+                        nbytes,
+                        backend.deadlines,
+                        backend.latencies(tail.READS),
                     )
                 except Exception as exc:
                     where = self._array_location(leaf)

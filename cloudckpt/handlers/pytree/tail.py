@@ -1,14 +1,23 @@
-"""Stragglers on tensorstore's channel: hedged region reads and errors that name the object.
+"""Stragglers on tensorstore's channel: hedged requests and errors that name the object.
 
 tensorstore bounds each of its requests with the curl stall limit that
 :func:`cloudckpt.storage.deadline.configure_tensorstore` sets, and retries a
-cut request itself. What it cannot do is hedge a slow read, or say which
-object and process gave up: its error reads ``All N retry attempts failed:
-CURL error Timeout was reached``. Both are done here, around its calls.
+cut request itself. That bound is static and process-wide (20 s at the
+default floor), so a stalled request costs a short save all of it. What
+tensorstore cannot do is hedge a slow request once its peers show it is
+late, or say which object and process gave up: its error reads ``All N retry
+attempts failed: CURL error Timeout was reached``. Both are done here, around
+its calls: reads of regions and packs, and writes of chunks and packs (data
+objects have per-attempt names, so a second write puts the same bytes under
+the same key). The hedge delay adapts to the answer times of the same kind of
+request on the same backend (:meth:`cloudckpt.storage.base.Backend.latencies`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -16,11 +25,25 @@ import tensorstore as ts
 
 from cloudckpt.storage.deadline import (
     Deadlines,
+    Latencies,
     hedged,
     process_index,
     tensorstore_stall_bound,
+    timed,
 )
 from cloudckpt.storage.redact import redact
+
+#: Hedged requests a reader or writer keeps in flight through tensorstore: half
+#: its admission limit (``*_request_concurrency`` 64 in the backends' contexts),
+#: so that they do not queue inside it, where their answer times would measure
+#: the queue.
+REQUESTS_IN_FLIGHT = 32
+
+#: The kinds of request whose answer times size the hedges
+#: (:meth:`cloudckpt.storage.base.Backend.latencies`): all of tensorstore's
+#: writes (chunks, packs, array metadata) are judged together, as are its reads.
+WRITES = "tensorstore write"
+READS = "tensorstore read"
 
 #: What tensorstore's error text says when its retries of stalled requests ran out.
 _STALL_WORDS = ("Timeout was reached", "Operation too slow", "DEADLINE_EXCEEDED", "timed out")
@@ -36,22 +59,46 @@ def hedge_context(context: ts.Context) -> ts.Context:
     return ts.Context(ts.Context.Spec({"cache_pool": {}}), context)
 
 
+def request_slots(deadlines: Deadlines | None) -> contextlib.AbstractAsyncContextManager[Any]:
+    """What a hedged request holds while it runs: one of :data:`REQUESTS_IN_FLIGHT` slots.
+
+    No limit where nothing is hedged (local stores, ``Deadlines(hedge=False)``):
+    there the admission queue measures nothing and a limit would only slow a save.
+    """
+    if deadlines is None or not deadlines.hedge:
+        return contextlib.nullcontext()
+    return asyncio.Semaphore(REQUESTS_IN_FLIGHT)
+
+
 def _cancel(aw: Any) -> None:
     cancel = getattr(aw, "cancel", None)
     if cancel is not None:
         cancel()
 
 
-async def read(
+async def hedge(
     start: Callable[[], Awaitable[Any]],
     again: Callable[[], Awaitable[Any]],
     nbytes: int,
     deadlines: Deadlines | None,
+    seen: Latencies | None = None,
 ) -> Any:
-    """``start()``, hedged by ``again()`` when it is slow (per ``deadlines``)."""
+    """``start()``, hedged by ``again()`` when it is slow (per ``deadlines`` and ``seen``).
+
+    Both must be idempotent: reads of the same bytes, or writes of the same
+    bytes to the same per-attempt key (never a create-only document). The
+    answer time of whichever wins is recorded in ``seen``.
+    """
     if deadlines is None or not deadlines.hedge:
-        return await start()
-    return await hedged(start, deadlines.hedge_after_s(nbytes), _cancel, again)
+        return await timed(seen, nbytes, start)
+    since = time.monotonic()
+    return await hedged(
+        lambda: timed(seen, nbytes, start),
+        lambda: deadlines.hedge_delay_s(nbytes, seen, since),
+        _cancel,
+        lambda: timed(seen, nbytes, again),
+        what=f"{seen.kind if seen is not None else 'request'} of {nbytes} bytes",
+    )
 
 
 def stall_error(exc: BaseException, where: str, op: str) -> TimeoutError | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable
 from typing import Any
 
@@ -30,52 +31,92 @@ async def write_plan(
     """
     backend = directory.backend
     context = backend.tensorstore_context()
+    # Hedges of chunk writes go through a cache of their own: through the same
+    # cache a second write of a chunk would join the stalled one's writeback.
+    hedge_context = tail.hedge_context(context)
     primary = jax.process_index() == primary_host
     budget = ByteBudget(max_inflight_bytes)
-    stores: dict[int, asyncio.Future[Any]] = {}
+    stores: dict[tuple[int, bool], asyncio.Future[Any]] = {}
+    deadlines = backend.deadlines
+    written = backend.latencies(tail.WRITES)
+    # Requests wait for a slot here, not in tensorstore's admission queue, so
+    # that the answer times the hedges are judged by are the store's, not the
+    # queue's (tensorstore admits 64 at a time: a request issued behind a wave
+    # would look late for its wait).
+    slots = tail.request_slots(deadlines)
 
-    def open_array(leaf: int) -> Awaitable[Any]:
-        if leaf not in stores:
-            spec = {
-                "driver": "zarr3",
-                "kvstore": (directory / plan.leaves_json[leaf]["storage"]["key"]).kvstore_spec(),
-                "metadata": plan.zarr_specs[leaf],
-                "store_data_equal_to_fill_value": True,
-            }
-            if primary:
-                spec["create"] = True
-            else:
-                spec["assume_metadata"] = True
-            stores[leaf] = asyncio.ensure_future(ts_open(spec, context))
-        return stores[leaf]
+    def array_spec(leaf: int) -> dict[str, Any]:
+        return {
+            "driver": "zarr3",
+            "kvstore": (directory / plan.leaves_json[leaf]["storage"]["key"]).kvstore_spec(),
+            "metadata": plan.zarr_specs[leaf],
+            "store_data_equal_to_fill_value": True,
+        }
+
+    def open_array(leaf: int, hedge: bool = False) -> Awaitable[Any]:
+        # Chunks are written through arrays opened on the planned metadata
+        # (no request): writing a chunk does not wait for ``zarr.json``, which
+        # the primary creates alongside (``create_metadata``).
+        if (leaf, hedge) not in stores:
+            spec = {**array_spec(leaf), "assume_metadata": True}
+            opened = ts_open(spec, hedge_context if hedge else context)
+            stores[(leaf, hedge)] = asyncio.ensure_future(opened)
+        return stores[(leaf, hedge)]
+
+    def where(leaf: int) -> str:
+        return str(directory / plan.leaves_json[leaf]["storage"]["key"])
 
     async def write_region(region: Region) -> None:
         assert region.data is not None
         nbytes = region.data.nbytes
-        store = await open_array(region.leaf)
         data = region.data
         stored = np.dtype(plan.zarr_specs[region.leaf]["data_type"])
         if data.dtype != stored:
             data = data.view(stored)
-        async with budget.hold(nbytes):
+        target = layout.index_slices(region.index)
+
+        async def write(hedge: bool) -> None:
+            store = await open_array(region.leaf, hedge)
+            await store[target].write(data, can_reference_source_data_indefinitely=True)
+
+        async with budget.hold(nbytes), slots:
             try:
-                await store[layout.index_slices(region.index)].write(
-                    data, can_reference_source_data_indefinitely=True
+                # The chunk objects are under this attempt's own prefix: a hedge
+                # writes the same bytes to the same keys, whichever lands last.
+                await tail.hedge(
+                    lambda: write(False), lambda: write(True), nbytes, deadlines, written
                 )
             except Exception as exc:
-                tail.raise_if_stalled(
-                    exc, str(directory / plan.leaves_json[region.leaf]["storage"]["key"]), "write"
-                )
+                tail.raise_if_stalled(exc, where(region.leaf), "write")
                 raise
         region.data = None  # free the host copy as soon as it is stored
 
-    async def create_metadata_only(leaf: int) -> None:
-        await open_array(leaf)
+    async def create_metadata(leaf: int) -> None:
+        # ``zarr.json`` is created (conditionally: it must not exist yet); a
+        # hedge opens-or-creates it, in a context of its own, and checks that
+        # what it finds is this metadata.
+        try:
+            async with slots:
+                await tail.hedge(
+                    lambda: ts_open({**array_spec(leaf), "create": True}, context),
+                    lambda: ts_open(
+                        {**array_spec(leaf), "create": True, "open": True},
+                        tail.hedge_context(context),
+                    ),
+                    0,
+                    deadlines,
+                    written,
+                )
+        except Exception as exc:
+            tail.raise_if_stalled(exc, where(leaf), "create")
+            raise
 
-    tasks: list[Awaitable[None]] = [write_region(r) for r in plan.regions]
+    # Packs first: the largest objects, and written with peers still to come
+    # (a hedge is judged by the requests that start after it).
+    tasks: list[Awaitable[None]] = [_write_packs(directory, plan, context, slots)]
+    tasks += [write_region(r) for r in plan.regions]
     if primary:
-        tasks += [create_metadata_only(leaf) for leaf in plan.zarr_specs]
-    tasks += [_write_packs(directory, plan, context)]
+        tasks += [create_metadata(leaf) for leaf in plan.zarr_specs]
     await asyncio.gather(*tasks)
     if primary:
         await write_pytree(
@@ -88,7 +129,12 @@ async def write_plan(
         )
 
 
-async def _write_packs(directory: StoragePath, plan: SavePlan, context: ts.Context) -> None:
+async def _write_packs(
+    directory: StoragePath,
+    plan: SavePlan,
+    context: ts.Context,
+    slots: contextlib.AbstractAsyncContextManager[Any],
+) -> None:
     if not plan.packs:
         return
     me = jax.process_index()
@@ -101,10 +147,21 @@ async def _write_packs(directory: StoragePath, plan: SavePlan, context: ts.Conte
             buffer[end : end + layout.CRC_BYTES] = np.frombuffer(layout.entry_crc(data), np.uint8)
     kvstore = await ts.KvStore.open(directory.kvstore_spec(), context=context)
     packs, plan.packs = plan.packs, {}
+    backend = directory.backend
+    written = backend.latencies(tail.WRITES)
 
     async def write(name: str, data: bytes) -> None:
         try:
-            await kvstore.write(name, data)
+            # Pack objects are under this attempt's own prefix: a hedge writes
+            # the same bytes to the same key.
+            async with slots:
+                await tail.hedge(
+                    lambda: kvstore.write(name, data),
+                    lambda: kvstore.write(name, data),
+                    len(data),
+                    backend.deadlines,
+                    written,
+                )
         except Exception as exc:
             tail.raise_if_stalled(exc, str(directory / name), "write")
             raise
