@@ -27,7 +27,7 @@ import time
 from typing import Any
 
 from benchmarks.common import Context, ratio, scenario
-from benchmarks.multiprocess import BYTES_TOPOLOGIES, Group, WorkerError, _run_timeout
+from benchmarks.multiprocess import BYTES_TOPOLOGIES, Group, _run_timeout, check_verified
 from benchmarks.targets import Target, remove
 
 #: (row label, replica_parallel, share_reads)
@@ -53,12 +53,7 @@ def bytes_per_process(
                 )
             finally:
                 remove(url)
-            bad = [a for a in answers if not a["verified"]]
-            if bad:
-                raise WorkerError(
-                    f"{name} on {target.name}: the restore differs from the save: "
-                    + "; ".join(f"process {a['process']}: {a['mismatch']}" for a in bad)
-                )
+            check_verified(answers, f"{name} on {target.name}")
             row: dict[str, Any] = {
                 "replica_parallel": replica_parallel,
                 "share_reads": share_reads,

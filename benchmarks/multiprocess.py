@@ -187,6 +187,16 @@ class Group:
             p.wait_or_kill(deadline)
 
 
+def check_verified(answers: list[dict[str, Any]], what: str) -> None:
+    """Raises naming every process whose restore differed from the save."""
+    bad = [a for a in answers if not a["verified"]]
+    if bad:
+        raise WorkerError(
+            f"{what}: the restore differs from the save: "
+            + "; ".join(f"process {a['process']}: {a['mismatch']}" for a in bad)
+        )
+
+
 def _run_timeout(size_mib: float) -> float:
     """Generous: 60 s plus 2 s per MiB (saves run at tens of MiB/s at worst here)."""
     return 60.0 + 2.0 * size_mib
@@ -202,12 +212,7 @@ def _measure(
             stats[group.name] = object_stats(list_objects(url), group.ready[0]["bytes"])
     finally:
         remove(url)
-    bad = [a for a in answers if not a["verified"]]
-    if bad:
-        raise WorkerError(
-            f"{group.name} on {target.name}: the restore differs from the save: "
-            + "; ".join(f"process {a['process']}: {a['mismatch']}" for a in bad)
-        )
+    check_verified(answers, f"{group.name} on {target.name}")
     return {
         "save_s": max(a["save_s"] for a in answers),
         "restore_s": max(a["restore_s"] for a in answers),

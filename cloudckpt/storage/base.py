@@ -375,30 +375,9 @@ class Backend(abc.ABC):
         deadlines = self.deadlines
         attempt = fn
         if deadlines is not None and not bounded_inside:
-            seen = self.latencies(BACKEND_REQUESTS)
 
-            def what() -> str:
-                return f"{op} {self.url(path)}"
-
-            def one() -> Awaitable[T]:
-                return timed(seen, nbytes, fn)
-
-            if hedge and deadlines.hedge:
-
-                async def attempt() -> T:
-                    limit = deadlines.attempt_s(nbytes, seen)
-                    since = time.monotonic()
-
-                    def after() -> float:
-                        return deadlines.hedge_delay_s(nbytes, seen, since)
-
-                    return await within(
-                        limit, what, lambda: hedged(one, after, what=f"{op} of {nbytes} bytes")
-                    )
-            else:
-
-                async def attempt() -> T:
-                    return await within(deadlines.attempt_s(nbytes, seen), what, one)
+            def attempt() -> Awaitable[T]:  # each attempt its own deadline (and hedge)
+                return self._bounded(op, path, fn, nbytes, hedge=hedge)
 
         try:
             return await self.retry_policy.call(op, attempt, self.stats, lambda: self.url(path))
