@@ -68,6 +68,15 @@ def pid_namespace() -> str | None:
     return f"{st.st_dev}:{st.st_ino}"
 
 
+def host_identity() -> str:
+    """This host and PID namespace: PIDs compare only between processes that share both.
+
+    Containers with host networking share a hostname but not their PIDs, so the
+    hostname alone would judge a live process in another container dead.
+    """
+    return f"{socket.gethostname()}/pidns:{pid_namespace()}"
+
+
 def pid_alive(pid: int) -> bool:
     """Whether process ``pid`` on this host is running (a zombie is not).
 

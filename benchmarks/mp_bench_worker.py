@@ -42,6 +42,8 @@ from typing import Any
 
 import numpy as np
 
+from cloudckpt.testing.jobs import leave_job
+
 
 def emit(kind: str, payload: dict[str, Any]) -> None:
     print(kind, json.dumps(payload, default=str), flush=True)
@@ -291,7 +293,7 @@ def main(spec: dict[str, Any]) -> None:
                        "traceback": traceback.format_exc()[-4000:]})  # fmt: skip
         os._exit(1)  # peers may wait in a barrier: skip jax.distributed's shutdown
     if spec["num_processes"] > 1:
-        jax.distributed.shutdown()
+        leave_job()
 
 
 if __name__ == "__main__":

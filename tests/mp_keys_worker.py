@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from cloudckpt.testing.jobs import leave_job
+
 IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 
 
@@ -71,14 +73,12 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(spec: dict[str, Any]) -> None:
-    import jax
-
     from tests.mp_worker import join_job
 
     join_job(spec)
     result = run(spec)
     print("RESULT", json.dumps(result), flush=True)
-    jax.distributed.shutdown()
+    leave_job()
 
 
 if __name__ == "__main__":

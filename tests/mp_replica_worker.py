@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from cloudckpt.testing.jobs import leave_job
+
 # name -> (shape, dtype, saved spec, restored spec). "data" spans processes on save.
 Spec = tuple[str | None, ...]
 REPLICATED: dict[str, tuple[tuple[int, ...], str, Spec, Spec]] = {
@@ -130,7 +132,7 @@ def main(spec: dict[str, Any]) -> None:
     {"save": scenario_save, "restore": scenario_restore}[spec["scenario"]](spec, result)
     print("RESULT", json.dumps(result), flush=True)
     if spec["num_processes"] > 1:
-        jax.distributed.shutdown()
+        leave_job()
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ import os
 import sys
 from typing import Any
 
+from cloudckpt.testing.jobs import leave_job
+
 
 def restore_all(spec: dict[str, Any], result: dict[str, Any]) -> None:
     import jax
@@ -59,7 +61,7 @@ def main(spec: dict[str, Any]) -> None:
     restore_all(spec, result)
     print("RESULT", json.dumps(result), flush=True)
     if spec["num_processes"] > 1:
-        jax.distributed.shutdown()
+        leave_job()
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from cloudckpt.testing.jobs import leave_job
+
 SPEC: dict[str, Any] = {}
 
 
@@ -285,7 +287,7 @@ def main(spec: dict[str, Any]) -> None:
     if spec["scenario"] == "fault":
         os._exit(0)  # a peer may be gone: skip jax.distributed's shutdown barrier
     if spec["num_processes"] > 1:
-        jax.distributed.shutdown()
+        leave_job()
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ import jax
 import ml_dtypes
 import numpy as np
 
+from cloudckpt.testing.jobs import leave_job
+
 
 def main(spec: dict[str, Any]) -> None:
     from tests.mp_worker import join_job
@@ -57,7 +59,7 @@ def main(spec: dict[str, Any]) -> None:
             checked += shard.data.size
     result = {"process": spec["process_id"], "steps": steps, "checked": checked}
     print("RESULT " + json.dumps(result), flush=True)
-    jax.distributed.shutdown()
+    leave_job()
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ import asyncio
 import hashlib
 import json
 import os
-import socket
 import threading
 import time
 import uuid
@@ -39,7 +38,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from atomicity.claims import pid_alive
+from atomicity.claims import host_identity, pid_alive
 
 _POLL_MIN_S = 0.002
 _POLL_MAX_S = 0.1
@@ -154,7 +153,7 @@ class ProcessGroup:
                 return
             self._client.key_value_set(
                 f"{_PROC_KEY}{self.process_index}",
-                f"{_host_identity()} {os.getpid()}",
+                f"{host_identity()} {os.getpid()}",
                 allow_overwrite=True,
             )
             _JOB.registered = True
@@ -255,26 +254,13 @@ class ProcessGroup:
             for key, value in entries:
                 host, pid = value.rsplit(" ", 1)
                 self._peers[int(key.rsplit("/", 1)[-1])] = (host, int(pid))
-        me = _host_identity()
+        me = host_identity()
         dead = [
             p
             for p in processes
             if p in self._peers and self._peers[p][0] == me and not pid_alive(self._peers[p][1])
         ]
         return dead
-
-
-def _host_identity() -> str:
-    """This host and PID namespace: PIDs compare only between processes that share both.
-
-    Containers with host networking share a hostname but not their PIDs, so the
-    hostname alone would judge a live peer in another container dead.
-    """
-    try:
-        namespace = os.stat("/proc/self/ns/pid").st_ino
-    except OSError:
-        namespace = 0
-    return f"{socket.gethostname()}/pidns:{namespace}"
 
 
 def _describe(stage: str, failed: dict[int, str]) -> str:
