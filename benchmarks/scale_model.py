@@ -29,10 +29,12 @@ every leaf) are planned once and counted as many times as they occur, so a
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import statistics
 import time
+import tracemalloc
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +46,7 @@ from benchmarks.common import Context, scenario
 from cloudckpt.format import jsonio, packed
 from cloudckpt.format.layout import storage_dtype, zarr_metadata
 from cloudckpt.handlers.pytree import StandardCheckpointHandler, layout
+from cloudckpt.handlers.pytree.placement import LeafSpec, PlanOptions, plan_layout
 from cloudckpt.handlers.pytree.tree import flatten
 
 GCS_WRITES_PER_S = 1000
@@ -529,6 +532,66 @@ def _runs(entries: list[layout.PackEntry], needed: set[tuple[int, layout.Index]]
     return runs
 
 
+def _leaf_specs(
+    transformer: Transformer, processes: int, devices_per_process: int
+) -> list[LeafSpec]:
+    """The training state's leaves as the planner sees them, on fresh stand-in shardings."""
+    axes = {"data": processes, "model": devices_per_process}
+    shardings: dict[Spec, SpecSharding] = {}
+    dtypes = {2: np.dtype(ml_dtypes.bfloat16), 4: np.dtype(np.float32)}
+    specs = []
+    for _, itemsize in STATE:
+        for path, shape, spec in transformer.params():
+            sharding = shardings.get(spec) or shardings.setdefault(
+                spec, SpecSharding(axes, spec, devices_per_process)
+            )
+            specs.append(LeafSpec(len(specs), path, shape, dtypes[itemsize], sharding))
+    return specs
+
+
+def planning(
+    transformer: Transformer,
+    processes: int,
+    devices_per_process: int,
+    handler: StandardCheckpointHandler,
+    process: int,
+) -> dict[str, float]:
+    """Seconds and peak bytes of the real planner's layout on ``process`` (0: the primary).
+
+    ``plan_layout`` is all of a save's planning but the host copies: storage
+    of every leaf, writers of every part, this process's pack entries and, on
+    the primary, ``pytree.json``'s pack grids. Timed once as it runs, then
+    once more under ``tracemalloc`` for the peak of what it allocates
+    (Python objects and numpy buffers), each on fresh shardings.
+    """
+    opts = PlanOptions(
+        pack_below_bytes=handler.pack_below_bytes,
+        max_object_bytes=handler.max_object_bytes,
+        inner_chunk_bytes=handler.inner_chunk_bytes,
+        attempt=ATTEMPT,
+    )
+    collecting = gc.isenabled()
+    gc.disable()  # as the handler plans
+    try:
+        specs = _leaf_specs(transformer, processes, devices_per_process)
+        started = time.perf_counter()
+        decided, _ = plan_layout(specs, opts, process, processes)
+        seconds = time.perf_counter() - started
+        own = sum(len(parts) for parts in decided.own.values())
+        del decided
+        specs = _leaf_specs(transformer, processes, devices_per_process)
+        tracemalloc.start()
+        try:
+            plan_layout(specs, opts, process, processes)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    finally:
+        if collecting:
+            gc.enable()
+    return {"process": process, "seconds": seconds, "peak_bytes": peak, "own_parts": own}
+
+
 #: The planner's settings modelled: the defaults (the packing threshold chosen from the
 #: state, ``layout.pack_threshold``: 32 MiB for 1T) and the fixed 2 MiB threshold of before.
 #: Under FSDP a pod's shards are a few MiB, and a zarr chunk never spans two shards, so every
@@ -548,10 +611,20 @@ def run(ctx: Context) -> dict[str, Any]:
             handler = StandardCheckpointHandler(**settings)
             result = model(transformer, out["processes"], out["devices_per_process"], handler)
             result["settings"] = label
+            # Planning on the primary (it also describes every writer's packs) and on the last
+            # process (its own parts only).
+            result["planning"] = [
+                planning(transformer, out["processes"], out["devices_per_process"], handler, p)
+                for p in (0, out["processes"] - 1)
+            ]
             ctx.log(
                 f"scale model {transformer.name} ({label}): {result['objects_per_step']:,} "
                 f"objects, {result['puts']:,} PUTs, {result['gets']:,} GETs "
-                f"({result['model_seconds']:.1f}s)"
+                f"({result['model_seconds']:.1f}s); planning "
+                + ", ".join(
+                    f"process {x['process']} {x['seconds']:.2f}s {_bytes(x['peak_bytes'])} peak"
+                    for x in result["planning"]
+                )
             )
             out["models"].append(result)
     return out
@@ -575,7 +648,7 @@ def table_lines(result: dict[str, Any]) -> list[str]:
     header = ["model", "planner", "pack below", "state", "objects", "obj min/med/mean/max",
               "PUT/proc max/mean", "GET/proc max/mean", "pytree.json", "(format 2)",
               "GCS write s", "GCS read s", "S3 PUT s", "S3 GET s", "S3 PUT/s in 60s",
-              "fits"]  # fmt: skip
+              "fits", "plan s p0/last", "plan peak p0/last"]  # fmt: skip
     rows = []
     for m in result["models"]:
         ob = m["object_bytes"]
@@ -591,6 +664,8 @@ def table_lines(result: dict[str, Any]) -> list[str]:
             f"{m['s3_put_rate_in_goal']:.0f}",
             f"save {'ok' if m['save_fits'] else 'MISSES'}, "
             f"restore {'ok' if m['restore_fits'] else 'MISSES'}",
+            "/".join(f"{x['seconds']:.2f}" for x in m.get("planning", ())) or "-",
+            "/".join(_bytes(x["peak_bytes"]) for x in m.get("planning", ())) or "-",
         ])  # fmt: skip
     widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=True)]
     for row in [header, *rows]:
@@ -601,6 +676,9 @@ def table_lines(result: dict[str, Any]) -> list[str]:
         "(a step's keys share one). PUTs: data objects, plus the primary's zarr.json, "
         "pytree.json and commit protocol; GETs: pytree.json and the data of a restore onto the "
         "saving topology. pytree.json: format 3 (pack grids), which every process reads on "
-        "restore; (format 2): the same with one entry per packed shard, as before"
+        "restore; (format 2): the same with one entry per packed shard, as before. plan: "
+        "the real planner's layout (plan_layout: all of a save's planning but the host copies) "
+        "on process 0 (the primary, which also describes every writer's packs) and on the last "
+        "process: seconds, and peak bytes it allocates (tracemalloc)"
     )
     return lines

@@ -319,29 +319,36 @@ async def hedged(
     The second request is ``again()`` (default ``start()``); both must be
     idempotent: reads of the same bytes, or writes of the same bytes to the
     same key. ``after_s`` may be a function, re-read while the first request
-    waits (an adaptive delay that shrinks as its peers answer). ``cancel``
-    stops a losing request's awaitable (a tensorstore future). When both fail,
+    waits (an adaptive delay that shrinks as its peers answer). When both fail,
     the first one's error is raised.
+
+    No request outlives the call: once one answers, the other (the stalled
+    loser) is stopped, with ``cancel`` on its awaitable (a tensorstore
+    future) and by cancelling its task, and awaited; so are both when this
+    call is itself cancelled (an attempt's deadline, ``within``), also while
+    it waits to hedge. A cancelled aiohttp request closes its connection.
     """
     delay = after_s if callable(after_s) else (lambda: after_s)
     first_aw = start()
     first = asyncio.ensure_future(first_aw)
-    began = time.monotonic()
-    while True:
-        wanted = delay()
-        left = wanted - (time.monotonic() - began)
-        if left <= 0:
-            break
-        # An adaptive delay is re-read a few times per delay: often enough to follow it.
-        wait = left if not callable(after_s) else min(left, max(0.05, wanted / 4))
-        done, _ = await asyncio.wait({first}, timeout=wait)
-        if done:
-            return first.result()
-    logger.debug("hedging %s after %.3fs", what, time.monotonic() - began)
-    second_aw = (again or start)()
-    second = asyncio.ensure_future(second_aw)
-    pending = {first, second}
+    running = [(first, first_aw)]
     try:
+        began = time.monotonic()
+        while True:
+            wanted = delay()
+            left = wanted - (time.monotonic() - began)
+            if left <= 0:
+                break
+            # An adaptive delay is re-read a few times per delay: often enough to follow it.
+            wait = left if not callable(after_s) else min(left, max(0.05, wanted / 4))
+            done, _ = await asyncio.wait({first}, timeout=wait)
+            if done:
+                return first.result()
+        logger.debug("hedging %s after %.3fs", what, time.monotonic() - began)
+        second_aw = (again or start)()
+        second = asyncio.ensure_future(second_aw)
+        running.append((second, second_aw))
+        pending = {first, second}
         while pending:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
@@ -349,9 +356,22 @@ async def hedged(
                     return task.result()
         return first.result()  # both failed: the first request's error
     finally:
-        for task, aw in ((first, first_aw), (second, second_aw)):
-            if not task.done():
-                cancel(aw)
-                task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
+        # The loser, or both when this wait itself is cancelled (an attempt's deadline cut
+        # it): a request nobody awaits would hold its connection until it ends, if ever.
+        await _cancel_all(running, cancel)
+
+
+async def _cancel_all(
+    running: list[tuple[asyncio.Future[T], Awaitable[T]]],
+    cancel: Callable[[Awaitable[T]], None],
+) -> None:
+    """Cancels every request of ``running`` still in flight and waits until each has ended."""
+    stopping = []
+    for task, aw in running:
+        if not task.done():
+            cancel(aw)
+            task.cancel()
+            stopping.append(task)
+    for task in stopping:
+        with contextlib.suppress(BaseException):
+            await task

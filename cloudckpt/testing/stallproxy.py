@@ -5,7 +5,9 @@ One request in ``every`` (by arrival order, after ``offset``) or every request
 and then neither forwards it nor answers, with the connection left open,
 as a wedged load balancer or a dead storage node does. Only the client's own
 deadline ends it. Held requests are released (their connections closed) when
-the proxy stops.
+the proxy stops, or end when the client closes their connection:
+``open_stalled()`` counts the held requests whose client still holds the
+connection open (a client that cancels a losing hedge closes it).
 
 With ``forward_first`` the request is forwarded first, so it takes effect
 upstream, and only the answer never comes.
@@ -16,6 +18,7 @@ Not part of the public API.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +31,8 @@ class StallStats:
     requests: int = 0
     #: (method, path with query) of every held request, in arrival order.
     stalled: list[tuple[str, str]] = field(default_factory=list)
+    #: Held requests whose client closed the connection (it gave up on them).
+    abandoned: int = 0
 
 
 class StallProxy(LoopbackProxy):
@@ -53,6 +58,12 @@ class StallProxy(LoopbackProxy):
         self.stats = StallStats()
         self._lock = threading.Lock()
         self._release: asyncio.Event | None = None
+        self._open = 0
+
+    def open_stalled(self) -> int:
+        """Held requests whose client connection is still open (a request slot, a socket)."""
+        with self._lock:
+            return self._open
 
     def _choose(self, method: str, path: str) -> bool:
         with self._lock:
@@ -74,8 +85,27 @@ class StallProxy(LoopbackProxy):
             await self._pass_through(request, body)
         if self._release is None:
             self._release = asyncio.Event()
-        await self._release.wait()  # set only when the proxy stops
-        request.transport.close()
+        with self._lock:
+            self._open += 1
+        try:
+            # Until the proxy stops, or the client closes the connection.
+            while not self._release.is_set():
+                transport = request.transport
+                if transport is None or transport.is_closing():
+                    with self._lock:
+                        self.stats.abandoned += 1
+                    raise ConnectionResetError("the client closed a stalled request")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._release.wait(), 0.05)
+        except asyncio.CancelledError:  # aiohttp cancels a handler whose client went away
+            with self._lock:
+                self.stats.abandoned += 1
+            raise
+        finally:
+            with self._lock:
+                self._open -= 1
+        if request.transport is not None:
+            request.transport.close()
         raise ConnectionResetError("stalled request released at shutdown")
 
     def stop(self) -> None:

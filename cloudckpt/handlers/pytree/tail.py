@@ -76,6 +76,33 @@ def _cancel(aw: Any) -> None:
         cancel()
 
 
+def _cancelling(make: Callable[[], Awaitable[Any]]) -> Callable[[], Awaitable[Any]]:
+    """``make()`` awaited so that cancelling the wait cancels it at its source.
+
+    A hedge's loser is cancelled as soon as the winner lands (``hedged``). A
+    tensorstore future or write that ``make`` returns (a kvstore read or
+    write: packs) is then cancelled with its own ``cancel()`` (awaiting a
+    plain future passes the cancellation on too), so tensorstore drops the
+    request instead of sending it again once its stall bound cuts the
+    transfer. tensorstore 0.1.x cannot abort a transfer in flight (its curl
+    transport has no cancellation), so the stalled connection stays open until
+    that cut (``Deadlines.floor_s``). A zarr chunk write or array read awaited
+    inside ``make`` runs on as tensorstore's cache writeback or read, which it
+    sends once more after the cut: the same bytes to or from the same
+    per-attempt key, one request (tests/test_hedge_cancel.py).
+    """
+
+    async def run() -> Any:
+        aw = make()
+        try:
+            return await aw
+        except asyncio.CancelledError:
+            _cancel(aw)
+            raise
+
+    return run
+
+
 async def hedge(
     start: Callable[[], Awaitable[Any]],
     again: Callable[[], Awaitable[Any]],
@@ -92,11 +119,12 @@ async def hedge(
     if deadlines is None or not deadlines.hedge:
         return await timed(seen, nbytes, start)
     since = time.monotonic()
+    # The loser is cancelled as soon as the winner lands (``hedged``), down to its future.
+    first, second = _cancelling(start), _cancelling(again)
     return await hedged(
-        lambda: timed(seen, nbytes, start),
+        lambda: timed(seen, nbytes, first),
         lambda: deadlines.hedge_delay_s(nbytes, seen, since),
-        _cancel,
-        lambda: timed(seen, nbytes, again),
+        again=lambda: timed(seen, nbytes, second),
         what=f"{seen.kind if seen is not None else 'request'} of {nbytes} bytes",
     )
 
