@@ -29,7 +29,7 @@ from __future__ import annotations
 import abc
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
@@ -55,6 +55,10 @@ T = TypeVar("T")
 #: judged together, so that an operation made once per save (the commit
 #: marker) is bounded by the answer times of the others, not by the floor.
 BACKEND_REQUESTS = "backend"
+
+#: The kind of the data writes a backend makes straight from caller buffers
+#: (:meth:`Backend.put_buffers`): large, and judged apart from the small requests.
+DIRECT_WRITES = "direct write"
 
 #: Object metadata key holding the token that identifies one put_if_absent call.
 CREATE_TOKEN_KEY = "cloudckpt-create-token"
@@ -131,6 +135,11 @@ class Backend(abc.ABC):
         """Whether writes and deletes are allowed (False when opened ``read_only``)."""
         return not self.read_only
 
+    @property
+    def supports_put_buffers(self) -> bool:
+        """Whether :meth:`put_buffers` writes objects straight from caller buffers (S3)."""
+        return False
+
     def default_temporary_path_class(self) -> type[atomicity.TemporaryPath]:
         """The atomicity strategy this store's capabilities call for."""
         return atomicity.default_temporary_path_class(self)
@@ -195,6 +204,20 @@ class Backend(abc.ABC):
         """Writes an object, replacing any existing one."""
         self._check_writable("write", path)
         await self._retrying("put", path, lambda: self._put(path, data), nbytes=len(data))
+
+    async def put_buffers(
+        self,
+        path: str,
+        buffers: Sequence[memoryview],
+        *,
+        hedge: bool = False,
+        kind: str = DIRECT_WRITES,
+    ) -> None:
+        """Writes ``buffers``, joined, as the object ``path``, without copying them first.
+
+        Only where :attr:`supports_put_buffers`; see the S3 backend's.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no direct buffer writes")
 
     async def put_if_absent(self, path: str, data: bytes) -> bool:
         """Creates an object only if none exists; returns whether this call created it.
@@ -364,20 +387,22 @@ class Backend(abc.ABC):
         nbytes: int = 0,
         hedge: bool = False,
         bounded_inside: bool = False,
+        kind: str = BACKEND_REQUESTS,
     ) -> T:
         """Runs ``fn`` under the retry policy, each attempt within its deadline.
 
         ``nbytes`` sizes the deadline (and the hedge delay of a ``hedge``d,
-        idempotent read whose size is known; 0 when it is not). An operation
+        idempotent request whose size is known; 0 when it is not). An operation
         made of several requests (listing pages, deletions) bounds each of
-        them itself with :meth:`_bounded` (``bounded_inside``).
+        them itself with :meth:`_bounded` (``bounded_inside``). ``kind``: the
+        :meth:`latencies` its answer times join and are judged by.
         """
         deadlines = self.deadlines
         attempt = fn
         if deadlines is not None and not bounded_inside:
 
             def attempt() -> Awaitable[T]:  # each attempt its own deadline (and hedge)
-                return self._bounded(op, path, fn, nbytes, hedge=hedge)
+                return self._bounded(op, path, fn, nbytes, hedge=hedge, kind=kind)
 
         try:
             return await self.retry_policy.call(op, attempt, self.stats, lambda: self.url(path))
@@ -402,15 +427,18 @@ class Backend(abc.ABC):
         nbytes: int = 0,
         *,
         hedge: bool = False,
+        kind: str = BACKEND_REQUESTS,
     ) -> T:
         """One request of a multi-request operation, within its own deadline.
 
-        ``hedge``: an idempotent read (a listing page), hedged when slow.
+        ``hedge``: an idempotent request (a listing page, a data write of the
+        same bytes to the same key), hedged when slow; ``kind`` as in
+        :meth:`_retrying`.
         """
         deadlines = self.deadlines
         if deadlines is None:
             return await fn()
-        seen = self.latencies(BACKEND_REQUESTS)
+        seen = self.latencies(kind)
 
         def one() -> Awaitable[T]:
             return timed(seen, nbytes, fn)

@@ -4,7 +4,9 @@ Configuration follows the AWS conventions, explicit options first:
 endpoint from ``endpoint_url`` or ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL``;
 region from ``region`` or ``AWS_REGION``/``AWS_DEFAULT_REGION``; credentials
 from the AWS chain (environment, shared files / ``profile``, instance roles).
-Conditional creation is a real ``If-None-Match: *`` PUT.
+Conditional creation is a real ``If-None-Match: *`` PUT. Data objects can
+also be written straight from the caller's buffers (``put_buffers``: SigV4
+over UNSIGNED-PAYLOAD with a CRC32C the store checks; see ``s3put``).
 
 tensorstore receives the same endpoint and region in its ``s3`` kvstore spec,
 and the credential *source* cloudckpt resolved (``aws_credentials``:
@@ -19,14 +21,19 @@ the environment or a profile.
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import functools
+import inspect
 import os
+import weakref
+from collections.abc import Sequence
 from typing import Any
 
 from atomicity import ObjectInfo, Versioned
+from cloudckpt.storage import s3put
 from cloudckpt.storage._fsspec import FsspecObjectBackend, _mtime
-from cloudckpt.storage.base import CREATE_TOKEN_KEY, BucketSettings
+from cloudckpt.storage.base import CREATE_TOKEN_KEY, DIRECT_WRITES, BucketSettings
 from cloudckpt.storage.deadline import Deadlines
 from cloudckpt.storage.retry import RetryPolicy, error_code_of, http_status_of
 
@@ -110,6 +117,10 @@ class S3Backend(FsspecObjectBackend):
         #: "" when the chain found none.
         self._credential_method: str | None = None
         self.request_timeout_s = request_timeout_s
+        #: The direct-write channel's aiohttp session, one per event loop (see ``put_buffers``).
+        self._sessions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def kvstore_spec(self, path: str) -> dict[str, Any]:
         bucket, _, key = path.partition("/")
@@ -195,6 +206,96 @@ class S3Backend(FsspecObjectBackend):
         creator = getattr(fs, "_s3creator", None)
         if creator is not None and hasattr(creator, "__aexit__"):
             await creator.__aexit__(None, None, None)
+
+    async def aclose(self) -> None:
+        session = self._sessions.pop(asyncio.get_running_loop(), None)
+        if session is not None:
+            await session.close()
+        await super().aclose()
+
+    # ---------------------------------------------------------------- direct writes
+    @property
+    def supports_put_buffers(self) -> bool:
+        """Whether ``put_buffers`` may be used: writable, and the store's region is known.
+
+        The signature names the region, and S3 refuses one signed for another;
+        with neither an endpoint nor a region configured (AWS, its default
+        region assumed) writes stay on tensorstore, which finds the bucket's
+        region itself.
+        """
+        return self.supports_writes and (self.endpoint_url is not None or self.region is not None)
+
+    async def put_buffers(
+        self,
+        path: str,
+        buffers: Sequence[memoryview],
+        *,
+        hedge: bool = False,
+        kind: str = DIRECT_WRITES,
+    ) -> None:
+        """Writes the buffers, joined, as the object ``path``: one PUT, no copy of the bytes.
+
+        ``buffers`` are flat byte views (C-contiguous) that must not change
+        until this returns. The request is signed with the backend's
+        credentials (the AWS chain, as every other request) over
+        UNSIGNED-PAYLOAD and carries the body's ``x-amz-checksum-crc32c``,
+        which the store verifies (:mod:`cloudckpt.storage.s3put`). Bounded,
+        retried and, with ``hedge``, hedged (a second PUT of the same bytes to
+        the same key: only for keys no other writer uses, such as a save
+        attempt's data objects) as every backend request is; ``kind`` names the
+        :meth:`latencies` it is judged by. Errors as ``put``'s.
+        """
+        self._check_writable("write", path)
+        views = [memoryview(b) for b in buffers]
+        nbytes = sum(v.nbytes for v in views)
+        checksum = await s3put.body_checksum(views)
+        bucket, key = self._split(path)
+        where = self.url(path)
+
+        async def attempt() -> None:
+            url, credentials, region = await self._direct_target(bucket, key, path)
+            headers = s3put.sign(url, {"x-amz-checksum-crc32c": checksum}, credentials, region)
+            try:
+                await s3put.put(self._session(), url, views, headers, where)
+            except s3put.S3PutError as exc:
+                if exc.status == 404:  # an upload can only miss its bucket
+                    raise self._no_bucket(path) from None
+                raise
+
+        await self._retrying("put", path, attempt, nbytes=nbytes, hedge=hedge, kind=kind)
+
+    def _session(self) -> Any:
+        loop = asyncio.get_running_loop()
+        session = self._sessions.get(loop)
+        if session is None or session.closed:
+            session = self._sessions[loop] = s3put.new_session()
+        return session
+
+    async def _direct_target(self, bucket: str, key: str, path: str) -> tuple[str, Any, str]:
+        """The URL of ``bucket/key``, the credentials to sign with (None: anonymous), the region.
+
+        The same endpoint, region and credentials as s3fs's client (which
+        resolved them from the options and the AWS chain); credentials are
+        read per request, so refreshed ones are used once they are.
+        """
+        fs = await self._fs()
+        meta = fs.s3.meta
+        endpoint = self.endpoint_url or meta.endpoint_url
+        region = self.region or meta.region_name or "us-east-1"
+        virtual = self.endpoint_url is None and s3put.dns_compatible(bucket)
+        url = s3put.object_url(endpoint, bucket, key, virtual_host=virtual)
+        if self.anon:
+            return url, None, region
+        found = await fs.session.get_credentials()
+        if found is None:
+            raise PermissionError(
+                f"cannot write {self.url(path)}: no credentials found in the AWS credential "
+                "chain; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile or a role"
+            )
+        frozen = found.get_frozen_credentials()
+        if inspect.isawaitable(frozen):  # aiobotocore's refreshable credentials
+            frozen = await frozen
+        return url, frozen, region
 
     def _not_found_says(self, exc: BaseException) -> str | None:
         code = error_code_of(exc)
