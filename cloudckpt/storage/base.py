@@ -212,6 +212,7 @@ class Backend(abc.ABC):
         *,
         hedge: bool = False,
         kind: str = DIRECT_WRITES,
+        crc32c: int | None = None,
     ) -> None:
         """Writes ``buffers``, joined, as the object ``path``, without copying them first.
 

@@ -232,11 +232,13 @@ class S3Backend(FsspecObjectBackend):
         *,
         hedge: bool = False,
         kind: str = DIRECT_WRITES,
+        crc32c: int | None = None,
     ) -> None:
         """Writes the buffers, joined, as the object ``path``: one PUT, no copy of the bytes.
 
         ``buffers`` are flat byte views (C-contiguous) that must not change
-        until this returns. The request is signed with the backend's
+        until this returns; ``crc32c``, the crc32c of their bytes joined where
+        the caller has it (computed here otherwise). The request is signed with the backend's
         credentials (the AWS chain, as every other request) over
         UNSIGNED-PAYLOAD and carries the body's ``x-amz-checksum-crc32c``,
         which the store verifies (:mod:`cloudckpt.storage.s3put`). Bounded,
@@ -248,7 +250,9 @@ class S3Backend(FsspecObjectBackend):
         self._check_writable("write", path)
         views = [memoryview(b) for b in buffers]
         nbytes = sum(v.nbytes for v in views)
-        checksum = await s3put.body_checksum(views)
+        checksum = s3put.checksum_header(
+            await s3put.body_crc32c(views) if crc32c is None else crc32c
+        )
         bucket, key = self._split(path)
         where = self.url(path)
 

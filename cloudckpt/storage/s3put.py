@@ -28,6 +28,7 @@ import asyncio
 import base64
 import functools
 import re
+import urllib.request
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -107,19 +108,24 @@ class BufferPayload(Payload):
                 await writer.write(piece)
 
 
-def crc32c_header(buffers: Sequence[memoryview]) -> str:
-    """The ``x-amz-checksum-crc32c`` value of the buffers joined: base64 of the big-endian crc."""
+def crc32c_of(buffers: Sequence[memoryview]) -> int:
+    """The crc32c of the buffers joined."""
     value = 0
     for view in buffers:
         value = crc32c.crc32c(view, value=value)
+    return value
+
+
+def checksum_header(value: int) -> str:
+    """The ``x-amz-checksum-crc32c`` value of a crc32c: base64 of its 4 big-endian bytes."""
     return base64.b64encode(value.to_bytes(4, "big")).decode()
 
 
-async def body_checksum(buffers: Sequence[memoryview]) -> str:
-    """:func:`crc32c_header`, off the event loop for large bodies (crc32c releases the GIL)."""
+async def body_crc32c(buffers: Sequence[memoryview]) -> int:
+    """:func:`crc32c_of`, off the event loop for large bodies (crc32c releases the GIL)."""
     if sum(b.nbytes for b in buffers) < _THREAD_CRC_BYTES:
-        return crc32c_header(buffers)
-    return await asyncio.to_thread(crc32c_header, buffers)
+        return crc32c_of(buffers)
+    return await asyncio.to_thread(crc32c_of, buffers)
 
 
 def object_url(endpoint: str, bucket: str, key: str, *, virtual_host: bool) -> str:
@@ -172,6 +178,19 @@ def _unsigned_payload_config() -> Any:
     return Config(s3={"payload_signing_enabled": False})
 
 
+def proxy_for(url: yarl.URL) -> str | None:
+    """The proxy the environment names for ``url`` (``HTTPS_PROXY``, ``NO_PROXY``, ...), if any.
+
+    As botocore and tensorstore's curl do. Not aiohttp's ``trust_env``: that
+    would also take a ``~/.netrc`` login for the host in place of the signature.
+    """
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(url.scheme)
+    if not proxy or urllib.request.proxy_bypass(url.host or ""):
+        return None
+    return proxy
+
+
 def new_session() -> aiohttp.ClientSession:
     """A session for this channel, bound to the running loop: :data:`CONNECTIONS` connections."""
     connector = aiohttp.TCPConnector(limit=CONNECTIONS, limit_per_host=CONNECTIONS)
@@ -200,11 +219,13 @@ async def put(
     """
     # Sent exactly as signed: yarl would otherwise resolve ``..`` segments and
     # decode escapes such as ``%41``, and the store would see another key.
+    target = yarl.URL(url, encoded=True)
     async with session.put(
-        yarl.URL(url, encoded=True),
+        target,
         data=BufferPayload(buffers),
         headers=headers,
         allow_redirects=False,
+        proxy=proxy_for(target),
     ) as response:
         if response.status < 300:
             await response.read()

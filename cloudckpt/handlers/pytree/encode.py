@@ -73,10 +73,11 @@ def chunk_positions(index: layout.Index, chunk: tuple[int, ...]) -> Iterator[tup
 
 @dataclass
 class Encoded:
-    """One chunk object as buffers to send joined; ``staged`` bytes of it were copied."""
+    """One chunk object as buffers to send joined, and their crc32c; ``staged`` bytes were copied."""
 
     buffers: list[memoryview]
     staged: int
+    crc32c: int
 
     @property
     def nbytes(self) -> int:
@@ -115,6 +116,7 @@ def encode_chunk(
     at = 0
     crcs = np.empty((len(pieces), layout.CRC_BYTES), np.uint8)
     buffers: list[memoryview] = []
+    whole = 0  # the object's crc32c so far (the store checks it on upload)
     for piece, crc in zip(pieces, crcs, strict=True):
         if piece.flags.c_contiguous:
             flat = _bytes_of(piece)
@@ -122,7 +124,11 @@ def encode_chunk(
             flat = staging[at : at + piece.nbytes]
             np.copyto(flat.view(piece.dtype).reshape(piece.shape), piece)
             at += piece.nbytes
-        crc[:] = np.frombuffer(_crc_le(flat), np.uint8)
+        own = crc32c.crc32c(memoryview(flat))
+        # The first piece's crc is the object's so far; later ones take a second pass.
+        whole = own if not buffers else crc32c.crc32c(memoryview(flat), value=whole)
+        crc[:] = np.frombuffer(own.to_bytes(layout.CRC_BYTES, "little"), np.uint8)
+        whole = crc32c.crc32c(memoryview(crc), value=whole)
         buffers += [memoryview(flat), memoryview(crc)]
     if inner != chunk:
         piece_bytes = math.prod(inner) * data.dtype.itemsize + layout.CRC_BYTES
@@ -133,7 +139,8 @@ def encode_chunk(
         shard_index[: table.nbytes] = table.reshape(-1).view(np.uint8)
         shard_index[table.nbytes :] = np.frombuffer(_crc_le(shard_index[: table.nbytes]), np.uint8)
         buffers.append(memoryview(shard_index))
-    return Encoded(buffers, staging.nbytes)
+        whole = crc32c.crc32c(memoryview(shard_index), value=whole)
+    return Encoded(buffers, staging.nbytes, whole)
 
 
 def _chunk_view(

@@ -124,6 +124,7 @@ async def write_plan(
                     (array / "/".join(["c", *map(str, position)])).path,
                     encoded.buffers,
                     hedge=True,
+                    crc32c=encoded.crc32c,
                 )
 
         await asyncio.gather(*(one(p) for p in encode.chunk_positions(index, chunk)))
