@@ -266,7 +266,8 @@ class S3Backend(FsspecObjectBackend):
                     raise self._no_bucket(path) from None
                 raise
 
-        await self._retrying("put", path, attempt, nbytes=nbytes, hedge=hedge, kind=kind)
+        # Named "write" in errors and counts, as the data writes of the tensorstore channel.
+        await self._retrying("write", path, attempt, nbytes=nbytes, hedge=hedge, kind=kind)
 
     def _session(self) -> Any:
         loop = asyncio.get_running_loop()
