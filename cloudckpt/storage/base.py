@@ -29,7 +29,7 @@ from __future__ import annotations
 import abc
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
@@ -55,10 +55,6 @@ T = TypeVar("T")
 #: judged together, so that an operation made once per save (the commit
 #: marker) is bounded by the answer times of the others, not by the floor.
 BACKEND_REQUESTS = "backend"
-
-#: The kind of the data writes a backend makes straight from caller buffers
-#: (:meth:`Backend.put_buffers`): large, and judged apart from the small requests.
-DIRECT_WRITES = "direct write"
 
 #: Object metadata key holding the token that identifies one put_if_absent call.
 CREATE_TOKEN_KEY = "cloudckpt-create-token"
@@ -137,7 +133,7 @@ class Backend(abc.ABC):
 
     @property
     def supports_put_buffers(self) -> bool:
-        """Whether :meth:`put_buffers` writes objects straight from caller buffers (S3)."""
+        """Whether ``put_buffers`` writes objects straight from caller buffers (S3's)."""
         return False
 
     def default_temporary_path_class(self) -> type[atomicity.TemporaryPath]:
@@ -204,21 +200,6 @@ class Backend(abc.ABC):
         """Writes an object, replacing any existing one."""
         self._check_writable("write", path)
         await self._retrying("put", path, lambda: self._put(path, data), nbytes=len(data))
-
-    async def put_buffers(
-        self,
-        path: str,
-        buffers: Sequence[memoryview],
-        *,
-        hedge: bool = False,
-        kind: str = DIRECT_WRITES,
-        crc32c: int | None = None,
-    ) -> None:
-        """Writes ``buffers``, joined, as the object ``path``, without copying them first.
-
-        Only where :attr:`supports_put_buffers`; see the S3 backend's.
-        """
-        raise NotImplementedError(f"{type(self).__name__} has no direct buffer writes")
 
     async def put_if_absent(self, path: str, data: bytes) -> bool:
         """Creates an object only if none exists; returns whether this call created it.

@@ -21,19 +21,16 @@ the environment or a profile.
 
 from __future__ import annotations
 
-import asyncio
 import email.utils
 import functools
-import inspect
 import os
-import weakref
 from collections.abc import Sequence
 from typing import Any
 
 from atomicity import ObjectInfo, Versioned
 from cloudckpt.storage import s3put
 from cloudckpt.storage._fsspec import FsspecObjectBackend, _mtime
-from cloudckpt.storage.base import CREATE_TOKEN_KEY, DIRECT_WRITES, BucketSettings
+from cloudckpt.storage.base import CREATE_TOKEN_KEY, BucketSettings
 from cloudckpt.storage.deadline import Deadlines
 from cloudckpt.storage.retry import RetryPolicy, error_code_of, http_status_of
 
@@ -117,10 +114,8 @@ class S3Backend(FsspecObjectBackend):
         #: "" when the chain found none.
         self._credential_method: str | None = None
         self.request_timeout_s = request_timeout_s
-        #: The direct-write channel's aiohttp session, one per event loop (see ``put_buffers``).
-        self._sessions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = (
-            weakref.WeakKeyDictionary()
-        )
+        #: The aiohttp sessions of ``put_buffers``, one per event loop.
+        self._direct = s3put.Sessions()
 
     def kvstore_spec(self, path: str) -> dict[str, Any]:
         bucket, _, key = path.partition("/")
@@ -208,9 +203,7 @@ class S3Backend(FsspecObjectBackend):
             await creator.__aexit__(None, None, None)
 
     async def aclose(self) -> None:
-        session = self._sessions.pop(asyncio.get_running_loop(), None)
-        if session is not None:
-            await session.close()
+        await self._direct.aclose()
         await super().aclose()
 
     # ---------------------------------------------------------------- direct writes
@@ -231,76 +224,45 @@ class S3Backend(FsspecObjectBackend):
         buffers: Sequence[memoryview],
         *,
         hedge: bool = False,
-        kind: str = DIRECT_WRITES,
         crc32c: int | None = None,
     ) -> None:
         """Writes the buffers, joined, as the object ``path``: one PUT, no copy of the bytes.
 
         ``buffers`` are flat byte views (C-contiguous) that must not change
         until this returns; ``crc32c``, the crc32c of their bytes joined where
-        the caller has it (computed here otherwise). The request is signed with the backend's
-        credentials (the AWS chain, as every other request) over
-        UNSIGNED-PAYLOAD and carries the body's ``x-amz-checksum-crc32c``,
+        the caller has it (computed here otherwise). Signed with the
+        backend's endpoint, region and credentials (as s3fs resolved them)
+        over UNSIGNED-PAYLOAD, with the body's ``x-amz-checksum-crc32c``,
         which the store verifies (:mod:`cloudckpt.storage.s3put`). Bounded,
         retried and, with ``hedge``, hedged (a second PUT of the same bytes to
         the same key: only for keys no other writer uses, such as a save
-        attempt's data objects) as every backend request is; ``kind`` names the
-        :meth:`latencies` it is judged by. Errors as ``put``'s.
+        attempt's data objects) as every backend request is, judged by the
+        answer times of direct writes (``latencies(s3put.DIRECT_WRITES)``).
+        Errors as ``put``'s.
         """
         self._check_writable("write", path)
         views = [memoryview(b) for b in buffers]
         nbytes = sum(v.nbytes for v in views)
-        checksum = s3put.checksum_header(
-            await s3put.body_crc32c(views) if crc32c is None else crc32c
-        )
+        value = await s3put.body_crc32c(views) if crc32c is None else crc32c
+        checksum = {"x-amz-checksum-crc32c": s3put.checksum_header(value)}
         bucket, key = self._split(path)
-        where = self.url(path)
 
         async def attempt() -> None:
-            url, credentials, region = await self._direct_target(bucket, key, path)
-            headers = s3put.sign(url, {"x-amz-checksum-crc32c": checksum}, credentials, region)
+            url, credentials, region = await s3put.target(
+                await self._fs(), self.endpoint_url, self.region, bucket, key, self.anon
+            )
+            headers = s3put.sign(url, checksum, credentials, region)
             try:
-                await s3put.put(self._session(), url, views, headers, where)
+                await s3put.put(self._direct.session(), url, views, headers, self.url(path))
             except s3put.S3PutError as exc:
                 if exc.status == 404:  # an upload can only miss its bucket
                     raise self._no_bucket(path) from None
                 raise
 
         # Named "write" in errors and counts, as the data writes of the tensorstore channel.
-        await self._retrying("write", path, attempt, nbytes=nbytes, hedge=hedge, kind=kind)
-
-    def _session(self) -> Any:
-        loop = asyncio.get_running_loop()
-        session = self._sessions.get(loop)
-        if session is None or session.closed:
-            session = self._sessions[loop] = s3put.new_session()
-        return session
-
-    async def _direct_target(self, bucket: str, key: str, path: str) -> tuple[str, Any, str]:
-        """The URL of ``bucket/key``, the credentials to sign with (None: anonymous), the region.
-
-        The same endpoint, region and credentials as s3fs's client (which
-        resolved them from the options and the AWS chain); credentials are
-        read per request, so refreshed ones are used once they are.
-        """
-        fs = await self._fs()
-        meta = fs.s3.meta
-        endpoint = self.endpoint_url or meta.endpoint_url
-        region = self.region or meta.region_name or "us-east-1"
-        virtual = self.endpoint_url is None and s3put.dns_compatible(bucket)
-        url = s3put.object_url(endpoint, bucket, key, virtual_host=virtual)
-        if self.anon:
-            return url, None, region
-        found = await fs.session.get_credentials()
-        if found is None:
-            raise PermissionError(
-                f"cannot write {self.url(path)}: no credentials found in the AWS credential "
-                "chain; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile or a role"
-            )
-        frozen = found.get_frozen_credentials()
-        if inspect.isawaitable(frozen):  # aiobotocore's refreshable credentials
-            frozen = await frozen
-        return url, frozen, region
+        await self._retrying(
+            "write", path, attempt, nbytes=nbytes, hedge=hedge, kind=s3put.DIRECT_WRITES
+        )
 
     def _not_found_says(self, exc: BaseException) -> str | None:
         code = error_code_of(exc)

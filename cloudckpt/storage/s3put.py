@@ -27,8 +27,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
+import inspect
 import re
 import urllib.request
+import weakref
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -41,6 +43,8 @@ from aiohttp.payload import Payload
 
 from cloudckpt.storage.redact import redact
 
+#: The kind (``Backend.latencies``) direct writes are judged by, apart from small requests.
+DIRECT_WRITES = "direct write"
 #: Requests in flight per event loop: the raw channel's and tensorstore's concurrency.
 CONNECTIONS = 64
 #: Bytes handed to the transport at once: what a PUT holds beyond the caller's buffers.
@@ -85,7 +89,8 @@ class BufferPayload(Payload):
         views = [b if b.format == "B" and b.ndim == 1 else b.cast("B") for b in buffers]
         super().__init__(views, content_type="application/octet-stream")
         self._views = views
-        self._size = sum(v.nbytes for v in views)
+        self._total = sum(v.nbytes for v in views)
+        self._size = self._total
 
     def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
         raise TypeError("a checkpoint object's body is binary")
@@ -96,7 +101,7 @@ class BufferPayload(Payload):
     async def write_with_length(
         self, writer: AbstractStreamWriter, content_length: int | None
     ) -> None:
-        left = self._size if content_length is None else min(content_length, self._size)
+        left = self._total if content_length is None else min(content_length, self._total)
         for view in self._views:
             for at in range(0, view.nbytes, SLICE_BYTES):
                 if left <= 0:
@@ -189,6 +194,58 @@ def proxy_for(url: yarl.URL) -> str | None:
     if not proxy or urllib.request.proxy_bypass(url.host or ""):
         return None
     return proxy
+
+
+class Sessions:
+    """One backend's sessions of this channel, one per event loop (a session belongs to its loop)."""
+
+    def __init__(self) -> None:
+        self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def session(self) -> aiohttp.ClientSession:
+        """The running loop's session, opened on first use."""
+        loop = asyncio.get_running_loop()
+        session = self._by_loop.get(loop)
+        if session is None or session.closed:
+            session = self._by_loop[loop] = new_session()
+        return session  # type: ignore[no-any-return]
+
+    async def aclose(self) -> None:
+        """Closes the running loop's session, if it has one."""
+        session = self._by_loop.pop(asyncio.get_running_loop(), None)
+        if session is not None:
+            await session.close()
+
+
+async def target(
+    fs: Any, endpoint_url: str | None, region: str | None, bucket: str, key: str, anonymous: bool
+) -> tuple[str, Any, str]:
+    """The URL of ``bucket/key``, the credentials to sign with (None: anonymous), the region.
+
+    ``fs`` is the backend's s3fs client: the same endpoint, region and
+    credentials as every other request (resolved from the options and the
+    AWS chain). Credentials are read per request, so refreshed ones are used
+    as soon as botocore has them.
+    """
+    meta = fs.s3.meta
+    endpoint = endpoint_url or meta.endpoint_url
+    signing_region = region or meta.region_name or "us-east-1"
+    virtual = endpoint_url is None and dns_compatible(bucket)
+    url = object_url(endpoint, bucket, key, virtual_host=virtual)
+    if anonymous:
+        return url, None, signing_region
+    found = await fs.session.get_credentials()
+    if found is None:
+        raise PermissionError(
+            f"cannot write s3://{bucket}/{key}: no credentials found in the AWS credential "
+            "chain; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile or a role"
+        )
+    frozen = found.get_frozen_credentials()
+    if inspect.isawaitable(frozen):  # aiobotocore's credentials
+        frozen = await frozen
+    return url, frozen, signing_region
 
 
 def new_session() -> aiohttp.ClientSession:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable
-from typing import Any
+from collections.abc import Awaitable, Sequence
+from typing import Any, Protocol, cast
 
 import jax
 import numpy as np
@@ -25,6 +25,19 @@ from cloudckpt.handlers.pytree.budget import ByteBudget
 from cloudckpt.handlers.pytree.plan import Region, SavePlan
 from cloudckpt.handlers.pytree.read import ts_open
 from cloudckpt.storage.path import StoragePath
+
+
+class _DirectWrites(Protocol):
+    """A backend whose ``supports_put_buffers`` is True (``S3Backend.put_buffers``)."""
+
+    async def put_buffers(
+        self,
+        path: str,
+        buffers: Sequence[memoryview],
+        *,
+        hedge: bool = False,
+        crc32c: int | None = None,
+    ) -> None: ...
 
 
 async def write_plan(
@@ -112,6 +125,7 @@ async def write_plan(
         inner = encode.inner_shape(meta)
         staged = encode.staged_bytes(index, data, chunk, inner)
         array = directory / plan.leaves_json[leaf]["storage"]["key"]
+        put_buffers = cast(_DirectWrites, backend).put_buffers
 
         async def one(position: tuple[int, ...]) -> None:
             async with budget.hold(staged) if staged else contextlib.nullcontext(), slots:
@@ -120,7 +134,7 @@ async def write_plan(
                 )
                 # Under this attempt's own prefix: a hedge writes the same bytes
                 # to the same key, whichever lands last.
-                await backend.put_buffers(
+                await put_buffers(
                     (array / "/".join(["c", *map(str, position)])).path,
                     encoded.buffers,
                     hedge=True,
@@ -189,9 +203,11 @@ async def _write_packs(
     if direct:
         # Sent from the buffers they were copied into: no second copy. Under
         # this attempt's own prefix, so a hedge writes the same bytes to the same key.
+        put_buffers = cast(_DirectWrites, backend).put_buffers
+
         async def put(name: str, buf: np.ndarray) -> None:
             async with slots:
-                await backend.put_buffers((directory / name).path, [memoryview(buf)], hedge=True)
+                await put_buffers((directory / name).path, [memoryview(buf)], hedge=True)
 
         await asyncio.gather(*(put(name, buf) for name, buf in packs.items()))
         return
