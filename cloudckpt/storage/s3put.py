@@ -139,8 +139,7 @@ def object_url(endpoint: str, bucket: str, key: str, *, virtual_host: bool) -> s
     Path style (``endpoint/bucket/key``) for S3-compatible endpoints, which is
     what they serve; virtual-hosted (``bucket.host/key``) for AWS, as botocore
     addresses a DNS-compatible bucket. The key is a literal string: ``?``,
-    ``#``, ``..`` and ``//`` in it are sent encoded or as they are, never
-    interpreted.
+    ``#``, ``%`` and the like are sent encoded, never interpreted.
     """
     parts = urlsplit(endpoint.rstrip("/"))
     encoded = quote(key, safe="/~")
@@ -276,13 +275,13 @@ async def put(
     """
     # Sent exactly as signed: yarl would otherwise resolve ``..`` segments and
     # decode escapes such as ``%41``, and the store would see another key.
-    target = yarl.URL(url, encoded=True)
+    address = yarl.URL(url, encoded=True)
     async with session.put(
-        target,
+        address,
         data=BufferPayload(buffers),
         headers=headers,
         allow_redirects=False,
-        proxy=proxy_for(target),
+        proxy=proxy_for(address),
     ) as response:
         if response.status < 300:
             await response.read()
