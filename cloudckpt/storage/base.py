@@ -131,6 +131,11 @@ class Backend(abc.ABC):
         """Whether writes and deletes are allowed (False when opened ``read_only``)."""
         return not self.read_only
 
+    @property
+    def supports_put_buffers(self) -> bool:
+        """Whether ``put_buffers`` writes objects straight from caller buffers (S3's)."""
+        return False
+
     def default_temporary_path_class(self) -> type[atomicity.TemporaryPath]:
         """The atomicity strategy this store's capabilities call for."""
         return atomicity.default_temporary_path_class(self)
@@ -364,20 +369,22 @@ class Backend(abc.ABC):
         nbytes: int = 0,
         hedge: bool = False,
         bounded_inside: bool = False,
+        kind: str = BACKEND_REQUESTS,
     ) -> T:
         """Runs ``fn`` under the retry policy, each attempt within its deadline.
 
         ``nbytes`` sizes the deadline (and the hedge delay of a ``hedge``d,
-        idempotent read whose size is known; 0 when it is not). An operation
+        idempotent request whose size is known; 0 when it is not). An operation
         made of several requests (listing pages, deletions) bounds each of
-        them itself with :meth:`_bounded` (``bounded_inside``).
+        them itself with :meth:`_bounded` (``bounded_inside``). ``kind``: the
+        :meth:`latencies` its answer times join and are judged by.
         """
         deadlines = self.deadlines
         attempt = fn
         if deadlines is not None and not bounded_inside:
 
             def attempt() -> Awaitable[T]:  # each attempt its own deadline (and hedge)
-                return self._bounded(op, path, fn, nbytes, hedge=hedge)
+                return self._bounded(op, path, fn, nbytes, hedge=hedge, kind=kind)
 
         try:
             return await self.retry_policy.call(op, attempt, self.stats, lambda: self.url(path))
@@ -402,15 +409,18 @@ class Backend(abc.ABC):
         nbytes: int = 0,
         *,
         hedge: bool = False,
+        kind: str = BACKEND_REQUESTS,
     ) -> T:
         """One request of a multi-request operation, within its own deadline.
 
-        ``hedge``: an idempotent read (a listing page), hedged when slow.
+        ``hedge``: an idempotent request (a listing page, a data write of the
+        same bytes to the same key), hedged when slow; ``kind`` as in
+        :meth:`_retrying`.
         """
         deadlines = self.deadlines
         if deadlines is None:
             return await fn()
-        seen = self.latencies(BACKEND_REQUESTS)
+        seen = self.latencies(kind)
 
         def one() -> Awaitable[T]:
             return timed(seen, nbytes, fn)

@@ -1,11 +1,18 @@
-"""The commit phase of a save: tensorstore writes of the planned regions and packs."""
+"""The commit phase of a save: writes of the planned regions and packs.
+
+Where the backend writes caller buffers directly (S3's ``put_buffers``),
+chunk objects wholly inside a region are encoded here
+(:mod:`cloudckpt.handlers.pytree.encode`) and packs are sent as they lie in
+memory; everything else (partial chunks, other backends) goes through
+tensorstore. Either way the zarr metadata is created through tensorstore.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable
-from typing import Any
+from collections.abc import Awaitable, Sequence
+from typing import Any, Protocol, cast
 
 import jax
 import numpy as np
@@ -13,11 +20,24 @@ import tensorstore as ts
 
 from cloudckpt.format import layout
 from cloudckpt.format.pytree import write_pytree
-from cloudckpt.handlers.pytree import tail
+from cloudckpt.handlers.pytree import encode, tail
 from cloudckpt.handlers.pytree.budget import ByteBudget
 from cloudckpt.handlers.pytree.plan import Region, SavePlan
 from cloudckpt.handlers.pytree.read import ts_open
 from cloudckpt.storage.path import StoragePath
+
+
+class _DirectWrites(Protocol):
+    """A backend whose ``supports_put_buffers`` is True (``S3Backend.put_buffers``)."""
+
+    async def put_buffers(
+        self,
+        path: str,
+        buffers: Sequence[memoryview],
+        *,
+        hedge: bool = False,
+        crc32c: int | None = None,
+    ) -> None: ...
 
 
 async def write_plan(
@@ -35,6 +55,7 @@ async def write_plan(
     # cache a second write of a chunk would join the stalled one's writeback.
     hedge_context = tail.hedge_context(context)
     primary = jax.process_index() == primary_host
+    direct = backend.supports_put_buffers
     budget = ByteBudget(max_inflight_bytes)
     stores: dict[tuple[int, bool], asyncio.Future[Any]] = {}
     deadlines = backend.deadlines
@@ -73,6 +94,10 @@ async def write_plan(
         stored = np.dtype(plan.zarr_specs[region.leaf]["data_type"])
         if data.dtype != stored:
             data = data.view(stored)
+        if direct and encode.covers_whole_chunks(region.index, plan.zarr_specs[region.leaf]):
+            await write_chunks(region.leaf, region.index, data)
+            region.data = None
+            return
         target = layout.index_slices(region.index)
 
         async def write(hedge: bool) -> None:
@@ -90,6 +115,33 @@ async def write_plan(
                 tail.raise_if_stalled(exc, where(region.leaf), "write")
                 raise
         region.data = None  # free the host copy as soon as it is stored
+
+    async def write_chunks(leaf: int, index: layout.Index, data: np.ndarray) -> None:
+        # Each chunk object is encoded when it has a request slot, and only the
+        # pieces not lying contiguously in ``data`` are copied (``staged``, held
+        # in the budget until its PUT is answered).
+        meta = plan.zarr_specs[leaf]
+        chunk = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
+        inner = encode.inner_shape(meta)
+        staged = encode.staged_bytes(index, data, chunk, inner)
+        array = directory / plan.leaves_json[leaf]["storage"]["key"]
+        put_buffers = cast(_DirectWrites, backend).put_buffers
+
+        async def one(position: tuple[int, ...]) -> None:
+            async with budget.hold(staged) if staged else contextlib.nullcontext(), slots:
+                encoded = await asyncio.to_thread(
+                    encode.encode_chunk, data, index, position, chunk, inner
+                )
+                # Under this attempt's own prefix: a hedge writes the same bytes
+                # to the same key, whichever lands last.
+                await put_buffers(
+                    (array / "/".join(["c", *map(str, position)])).path,
+                    encoded.buffers,
+                    hedge=True,
+                    crc32c=encoded.crc32c,
+                )
+
+        await asyncio.gather(*(one(p) for p in encode.chunk_positions(index, chunk)))
 
     async def create_metadata(leaf: int) -> None:
         # ``zarr.json`` is created (conditionally: it must not exist yet); a
@@ -113,7 +165,7 @@ async def write_plan(
 
     # Packs first: the largest objects, and written with peers still to come
     # (a hedge is judged by the requests that start after it).
-    tasks: list[Awaitable[None]] = [_write_packs(directory, plan, context, slots)]
+    tasks: list[Awaitable[None]] = [_write_packs(directory, plan, context, slots, direct)]
     tasks += [write_region(r) for r in plan.regions]
     if primary:
         tasks += [create_metadata(leaf) for leaf in plan.zarr_specs]
@@ -134,6 +186,7 @@ async def _write_packs(
     plan: SavePlan,
     context: ts.Context,
     slots: contextlib.AbstractAsyncContextManager[Any],
+    direct: bool,
 ) -> None:
     if not plan.packs:
         return
@@ -145,9 +198,20 @@ async def _write_packs(
             data.flags.writeable = False
             end = e.offset + e.nbytes
             buffer[end : end + layout.CRC_BYTES] = np.frombuffer(layout.entry_crc(data), np.uint8)
-    kvstore = await ts.KvStore.open(directory.kvstore_spec(), context=context)
     packs, plan.packs = plan.packs, {}
     backend = directory.backend
+    if direct:
+        # Sent from the buffers they were copied into: no second copy. Under
+        # this attempt's own prefix, so a hedge writes the same bytes to the same key.
+        put_buffers = cast(_DirectWrites, backend).put_buffers
+
+        async def put(name: str, buf: np.ndarray) -> None:
+            async with slots:
+                await put_buffers((directory / name).path, [memoryview(buf)], hedge=True)
+
+        await asyncio.gather(*(put(name, buf) for name, buf in packs.items()))
+        return
+    kvstore = await ts.KvStore.open(directory.kvstore_spec(), context=context)
     written = backend.latencies(tail.WRITES)
 
     async def write(name: str, data: bytes) -> None:
