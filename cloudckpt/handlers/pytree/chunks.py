@@ -41,6 +41,7 @@ from cloudckpt.errors import CorruptCheckpointError
 from cloudckpt.format import layout
 from cloudckpt.format.pytree import ZarrStorage
 from cloudckpt.handlers.pytree.budget import ByteBudget
+from cloudckpt.handlers.pytree.scatter import Scatter, supports
 from cloudckpt.storage.path import StoragePath
 
 #: Largest single ranged read: bounds the temporary each in-flight run costs.
@@ -172,10 +173,11 @@ async def read_into(
                 tally,
             )
             locate(index, where, wanted)
-        # Inner chunks landing whole in one contiguous stretch of a destination are
-        # read straight into it; only the rest go through temporaries.
+        # Inner chunks are read straight into their destinations (whole into one
+        # contiguous stretch, or scattered as they arrive); only inner chunks of rank 3
+        # and more cut between destinations go through temporaries.
         slots = list(wanted.values())
-        targets = {id(slot): _target(slot) for slot in slots}
+        targets = {id(slot): _destination(slot) for slot in slots}
         direct = [slot for slot in slots if targets[id(slot)] is not None]
         spare = [slot for slot in slots if targets[id(slot)] is None]
         await asyncio.gather(
@@ -196,7 +198,7 @@ async def read_into(
         order = [wanted[w] for w in itertools.product(*(range(r) for r in ratio))]
         for j, slot in enumerate(order):
             slot.offset, slot.nbytes = j * piece, piece
-        targets = {id(slot): _target(slot) for slot in order}
+        targets = {id(slot): _destination(slot) for slot in order}
         spare = [slot for slot in order if targets[id(slot)] is None]
         index = np.empty(index_bytes, np.uint8)
         async with scratch.hold(len(spare) * piece):
@@ -208,7 +210,7 @@ async def read_into(
                 if target is None:
                     iov.append(memoryview(blobs[id(slot)]))
                 else:
-                    iov += [memoryview(_flat_bytes(target)), memoryview(crc)]
+                    iov += [_into(target), memoryview(crc)]
             iov.append(memoryview(index))
             await _read_direct(direct_io, where, 0, object_bytes, iov, tally)
             _check_crc(index, where, object_bytes - index_bytes)
@@ -218,21 +220,30 @@ async def read_into(
                 return index
 
             def verify() -> None:
-                for slot, crc in zip(order, crcs, strict=True):
-                    target = targets[id(slot)]
-                    if target is None:
-                        _place(blobs[id(slot)], slot.offset, [slot], where)
-                    elif crc32c.crc32c(memoryview(_flat_bytes(target))) != int.from_bytes(
-                        crc.tobytes(), "little"
-                    ):
-                        raise CorruptCheckpointError(
-                            f"checksum mismatch in {where} bytes {slot.offset}-"
-                            f"{slot.offset + slot.nbytes}: the chunk data is corrupt, "
-                            "restore another step"
-                        )
+                for slot in spare:
+                    _place(blobs[id(slot)], slot.offset, [slot], where)
+                _verify(where, order, targets, crcs)
 
-            await asyncio.to_thread(verify)
+            await _run_verify(verify, order, targets)
         return None
+
+    def _destination(slot: _Inner) -> np.ndarray | Scatter | None:
+        """Where ``slot``'s data is read to: one contiguous stretch, a scatter, or a temporary."""
+        target = _target(slot)
+        if target is not None or not supports(inner):
+            return target
+        parts = []
+        box = tuple((o, o + i) for o, i in zip(slot.origin, inner, strict=True))
+        for k in slot.regions:
+            overlap = layout.overlap(box, indices[k])
+            if overlap is None:
+                continue
+            dst = tuple(
+                slice(a - s, b - s) for (a, b), (s, _) in zip(overlap, indices[k], strict=True)
+            )
+            within = tuple((a - o, b - o) for (a, b), o in zip(overlap, slot.origin, strict=True))
+            parts.append((buffers[k][dst], within if len(within) == 2 else (within[0], (0, 1))))
+        return Scatter(inner, storage.stored, parts)
 
     def _target(slot: _Inner) -> np.ndarray | None:
         """The destination stretch ``slot`` fills whole and contiguously, if there is one."""
@@ -249,22 +260,11 @@ async def read_into(
     async def read_direct(where: StoragePath, run: list[_Inner], targets: dict[int, Any]) -> None:
         start, end = run[0].offset, run[-1].offset + run[-1].nbytes
         crcs = np.empty((len(run), layout.CRC_BYTES), np.uint8)
-        iov: list[memoryview] = []
+        iov: list[Any] = []
         for slot, crc in zip(run, crcs, strict=True):
-            iov += [memoryview(_flat_bytes(targets[id(slot)])), memoryview(crc)]
+            iov += [_into(targets[id(slot)]), memoryview(crc)]
         await _read_direct(direct_io, where, start, end, iov, tally)
-
-        def verify() -> None:
-            for slot, crc in zip(run, crcs, strict=True):
-                data = memoryview(_flat_bytes(targets[id(slot)]))
-                if crc32c.crc32c(data) != int.from_bytes(crc.tobytes(), "little"):
-                    raise CorruptCheckpointError(
-                        f"checksum mismatch in {where} bytes {slot.offset}-"
-                        f"{slot.offset + slot.nbytes}: the chunk data is corrupt, "
-                        "restore another step"
-                    )
-
-        await asyncio.to_thread(verify)
+        await _run_verify(lambda: _verify(where, run, targets, crcs), run, targets)
 
     async def one_run(where: StoragePath, run: list[_Inner]) -> None:
         start, end = run[0].offset, run[-1].offset + run[-1].nbytes
@@ -343,6 +343,43 @@ def _check_crc(piece: Any, where: StoragePath, offset: int) -> None:
             f"checksum mismatch in {where} bytes {offset}-{offset + len(view)}: "
             "the chunk data is corrupt, restore another step"
         )
+
+
+def _into(target: np.ndarray | Scatter) -> Any:
+    """What a read is handed for ``target``: a flat byte view, or the scatter itself (a sink)."""
+    return target if isinstance(target, Scatter) else memoryview(_flat_bytes(target))
+
+
+def _verify(where: StoragePath, slots: list[_Inner], targets: dict[int, Any], crcs: Any) -> None:
+    """Checks each read-in slot against its stored crc32c (``crcs``, a row per slot).
+
+    A contiguous destination is checksummed where it lies; a scatter has
+    computed its crc32c as the bytes went by. Slots read to temporaries
+    (no target) were checked when placed.
+    """
+    for slot, crc in zip(slots, crcs, strict=True):
+        target = targets[id(slot)]
+        if target is None:
+            continue
+        stored = int.from_bytes(crc.tobytes(), "little")
+        if isinstance(target, Scatter):
+            good = target.written == target.nbytes and target.crc == stored
+        else:
+            good = crc32c.crc32c(memoryview(_flat_bytes(target))) == stored
+        if not good:
+            raise CorruptCheckpointError(
+                f"checksum mismatch in {where} bytes {slot.offset}-"
+                f"{slot.offset + slot.nbytes}: the chunk data is corrupt, "
+                "restore another step"
+            )
+
+
+async def _run_verify(verify: Any, slots: list[_Inner], targets: dict[int, Any]) -> None:
+    """Runs ``verify`` off the event loop where it has checksums to compute, else inline."""
+    if all(isinstance(targets[id(slot)], Scatter) for slot in slots):
+        verify()  # comparisons only: no thread hand-off
+    else:
+        await asyncio.to_thread(verify)
 
 
 def _flat_bytes(array: np.ndarray) -> np.ndarray:
