@@ -49,6 +49,22 @@ def payloads(sizes: Sequence[int], seed: int = 0) -> list[bytes]:
     return out
 
 
+def light_payloads(sizes: Sequence[int], seed: int = 0) -> list[bytes]:
+    """Random payloads of the given sizes that share memory: one per distinct size.
+
+    Each object of a size carries the same random bytes (a prefix of one random
+    buffer of the largest size): the stores copy every object on its own, so
+    the channel moves the same bytes as with :func:`payloads`, while the
+    client holds a few objects' worth instead of the whole tree twice (the
+    buffer and its slices), which a 4 GiB tree cannot spare beside its restores.
+    """
+    if not sizes:
+        return []
+    blob = np.random.default_rng(seed).bytes(max(sizes))
+    by_size: dict[int, bytes] = {}
+    return [by_size.setdefault(size, blob[:size]) for size in sizes]
+
+
 # ------------------------------------------------------------------------------------ file
 def _write_file(path: str, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)

@@ -196,7 +196,7 @@ def test_a_scatter_places_pieces_of_any_size_and_starts_over_at_zero() -> None:
 
 
 def test_file_read_into_feeds_a_sink_larger_than_its_bounce_buffer(tmp_path: Any) -> None:
-    """A 9 MiB inner chunk through the file system's bounce buffer (4 MiB at a time)."""
+    """A 9 MiB inner chunk through the file system's bounce buffer (1 MiB at a time)."""
     chunk = rng.standard_normal((1152, 2048)).astype(np.float32)
     path = tmp_path / "obj"
     path.write_bytes(b"x" * 10 + chunk.tobytes() + b"tail")

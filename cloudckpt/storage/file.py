@@ -197,7 +197,7 @@ def _get(path: str, byte_range: tuple[int, int] | None) -> bytes | None:
 
 
 #: The bounce buffer a sink's bytes pass through (per read: bounded, whatever the sink's size).
-_BOUNCE_BYTES = 4 << 20
+_BOUNCE_BYTES = 1 << 20
 #: preadv(2) takes at most IOV_MAX (1024 on Linux) buffers per call.
 _IOV_MAX = 1024
 
