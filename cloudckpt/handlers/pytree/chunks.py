@@ -11,7 +11,12 @@ chunk's crc32c checked with the hardware ``crc32c`` package (several GB/s)
 and its overlap copied once into the caller's destination buffers. Where the
 backend has ``read_into`` (the file system's preadv, GCS's streamed ranged
 GET), inner chunks that land whole in a contiguous stretch of a destination
-are read straight into it: no temporary and no extra copy. A chunk object
+are read straight into it: no temporary and no extra copy. Inner chunks cut
+between destinations (a restore onto another mesh), or landing in a strided
+stretch of one, are scattered into place as their bytes arrive, crc32c
+computed on the way (:mod:`cloudckpt.handlers.pytree.scatter`, rank 1 and 2);
+only cut inner chunks of higher rank go through a temporary, within the
+``scratch`` budget. A chunk object
 needed whole is read with one request, index included, in the layout
 cloudckpt's writer gives it (inner chunks back to back, in C order); the
 index, crc-checked, must confirm that layout, or the object is read again by
