@@ -218,3 +218,29 @@ def test_file_read_into_feeds_a_sink_larger_than_its_bounce_buffer(tmp_path: Any
     assert bytes(head) == b"x" * 10 and bytes(tail) == b"tail"
     np.testing.assert_array_equal(top, chunk[:, :1000])
     np.testing.assert_array_equal(bottom, chunk[:, 1000:])
+
+
+def test_pieces_handed_over_are_placed_in_order_and_failures_kept() -> None:
+    """``write_later`` (a streamed body's pieces, placed by the scatter thread)."""
+    import crc32c
+
+    chunk = rng.standard_normal((64, 8)).astype(np.float32)
+    data = memoryview(chunk.tobytes())
+    out = np.zeros((64, 8), np.float32)
+
+    async def go() -> None:
+        sink = Scatter((64, 8), np.dtype(np.float32), [(out, ((0, 64), (0, 8)))])
+        for a in range(0, 1000, 100):  # a first attempt, cut short
+            sink.write_later(a, data[a : a + 100])
+        sink.write(0, data[:999])  # a retry: waits for those, then starts over
+        sink.write_later(999, data[999:])
+        await sink.settled()
+        assert sink.failed is None and sink.written == len(data)
+        assert sink.crc == crc32c.crc32c(data)
+        np.testing.assert_array_equal(out, chunk)
+        sink.write_later(8, data[8:16])  # out of order: kept, raised by settled()
+        with pytest.raises(ValueError, match="out of order"):
+            await sink.settled()
+        assert isinstance(sink.failed, ValueError)
+
+    asyncio.run(go())

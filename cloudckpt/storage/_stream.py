@@ -26,6 +26,11 @@ class Sink(Protocol):
     def write(self, pos: int, data: memoryview) -> None: ...
 
 
+# A sink may also have ``write_later(pos, data)``: the same, possibly done later by another
+# thread, with ``data`` that stays valid (a streamed body's immutable bytes). Its owner
+# waits for those writes before reading the result.
+
+
 #: One element of a read's destination.
 Buffer = memoryview | Sink
 
@@ -67,6 +72,8 @@ async def fill_from_stream(stream: Any, buffers: list[Buffer], skip: int) -> int
             n = min(len(piece), current.nbytes - pos)
             if isinstance(current, memoryview):
                 current[pos : pos + n] = piece[:n]
+            elif hasattr(current, "write_later"):
+                current.write_later(pos, piece[:n])  # the body's bytes stay valid: handed over
             else:
                 current.write(pos, piece[:n])
             piece, pos, placed = piece[n:], pos + n, placed + n

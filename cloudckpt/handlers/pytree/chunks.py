@@ -32,6 +32,7 @@ naming the object.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import math
 from collections import Counter
@@ -217,7 +218,10 @@ async def read_into(
                 else:
                     iov += [_into(target), memoryview(crc)]
             iov.append(memoryview(index))
-            await _read_direct(direct_io, where, 0, object_bytes, iov, tally)
+            try:
+                await _read_direct(direct_io, where, 0, object_bytes, iov, tally)
+            finally:
+                await _settle(order, targets)  # nothing lands after this (nor on a re-read)
             _check_crc(index, where, object_bytes - index_bytes)
             table = np.frombuffer(index, "<u8", count=2 * n_inner).reshape(n_inner, 2)
             canonical = np.arange(n_inner, dtype=np.uint64) * piece
@@ -268,7 +272,10 @@ async def read_into(
         iov: list[Any] = []
         for slot, crc in zip(run, crcs, strict=True):
             iov += [_into(targets[id(slot)]), memoryview(crc)]
-        await _read_direct(direct_io, where, start, end, iov, tally)
+        try:
+            await _read_direct(direct_io, where, start, end, iov, tally)
+        finally:
+            await _settle(run, targets)
         await _run_verify(lambda: _verify(where, run, targets, crcs), run, targets)
 
     async def one_run(where: StoragePath, run: list[_Inner]) -> None:
@@ -368,7 +375,8 @@ def _verify(where: StoragePath, slots: list[_Inner], targets: dict[int, Any], cr
             continue
         stored = int.from_bytes(crc.tobytes(), "little")
         if isinstance(target, Scatter):
-            good = target.written == target.nbytes and target.crc == stored
+            good = target.failed is None and target.written == target.nbytes
+            good = good and target.crc == stored
         else:
             good = crc32c.crc32c(memoryview(_flat_bytes(target))) == stored
         if not good:
@@ -377,6 +385,19 @@ def _verify(where: StoragePath, slots: list[_Inner], targets: dict[int, Any], cr
                 f"{slot.offset + slot.nbytes}: the chunk data is corrupt, "
                 "restore another step"
             )
+
+
+async def _settle(slots: list[_Inner], targets: dict[int, Any]) -> None:
+    """Waits until the scatters among ``targets`` have placed every piece handed over.
+
+    Their failures are kept for ``_verify`` (which then refuses the slot); here
+    only the waiting matters: no byte of a finished (or failed) read lands later.
+    """
+    for slot in slots:
+        target = targets[id(slot)]
+        if isinstance(target, Scatter):
+            with contextlib.suppress(Exception):
+                await asyncio.shield(target.settled())
 
 
 async def _run_verify(verify: Any, slots: list[_Inner], targets: dict[int, Any]) -> None:

@@ -17,10 +17,26 @@ rows of its last axis); higher ranks keep the temporary (see ``supports``).
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import crc32c
 import numpy as np
+
+#: One thread places the bytes handed over with ``write_later``: in order (a queue),
+#: beside the event loop that receives them, which then only hands pieces over.
+_worker: ThreadPoolExecutor | None = None
+_worker_lock = threading.Lock()
+
+
+def _executor() -> ThreadPoolExecutor:
+    global _worker
+    with _worker_lock:
+        if _worker is None:
+            _worker = ThreadPoolExecutor(1, thread_name_prefix="cloudckpt-scatter")
+        return _worker
 
 
 def supports(inner: Sequence[int]) -> bool:
@@ -63,9 +79,53 @@ class Scatter:
         self.written = 0
         self._carry = np.empty(self.row_bytes, np.uint8)
         self._carried = 0
+        self._last: Future[None] | None = None  # the last piece handed to the worker
+        self._error: BaseException | None = None
+
+    def write_later(self, pos: int, data: memoryview) -> None:
+        """``write``, done by the scatter thread; ``data`` must stay valid (immutable bytes).
+
+        A streamed body's pieces are handed over this way so that the copies and
+        the crc32c run beside the event loop instead of on it. ``settled`` waits
+        for them (and raises what went wrong).
+        """
+        self._last = _executor().submit(self._write_queued, pos, data)
+
+    def _write_queued(self, pos: int, data: memoryview) -> None:
+        if self._error is None:
+            try:
+                self._write_now(pos, data)
+            except BaseException as exc:  # reported by settled(), in order
+                self._error = exc
+
+    @property
+    def failed(self) -> BaseException | None:
+        """What went wrong placing a piece handed over, if anything."""
+        return self._error
+
+    async def settled(self) -> None:
+        """Waits until every piece handed over has been placed; raises the first failure."""
+        if self._last is not None:
+            await asyncio.wrap_future(self._last)
+        if self._error is not None:
+            raise self._error
 
     def write(self, pos: int, data: memoryview) -> None:
-        """Places bytes ``pos:pos+len(data)`` of the inner chunk (in order; 0 starts over)."""
+        """Places bytes ``pos:pos+len(data)`` of the inner chunk (in order; 0 starts over).
+
+        Waits for pieces handed over with ``write_later`` first (a retried read
+        starts over after them).
+        """
+        if self._last is not None:
+            self._last.result()
+            self._last = None
+        if pos == 0:
+            self._error = None
+        if self._error is not None:
+            raise self._error
+        self._write_now(pos, data)
+
+    def _write_now(self, pos: int, data: memoryview) -> None:
         if pos == 0 and self.written:
             self.crc, self.written, self._carried = 0, 0, 0
         if pos != self.written or pos + len(data) > self.nbytes:
