@@ -98,7 +98,9 @@ def file_put_get(directory: str, data: Sequence[bytes]) -> RawResult:
 
 
 # -------------------------------------------------------------------------------------- s3
-async def _s3_put_get(endpoint: str, bucket: str, prefix: str, data: Sequence[bytes]) -> RawResult:
+async def _s3_put_get(
+    endpoint: str, bucket: str, prefix: str, data: Sequence[bytes], keep: bool = False
+) -> RawResult:
     from aiobotocore.config import AioConfig
     from aiobotocore.session import get_session
 
@@ -112,11 +114,16 @@ async def _s3_put_get(endpoint: str, bucket: str, prefix: str, data: Sequence[by
             async with gate:
                 await client.put_object(Bucket=bucket, Key=key, Body=body)
 
+        kept: list[bytes] = []
+
         async def get(key: str) -> int:
             async with gate:
                 response = await client.get_object(Bucket=bucket, Key=key)
                 async with response["Body"] as stream:
-                    return len(await stream.read())
+                    body = await stream.read()
+                if keep:
+                    kept.append(body)
+                return len(body)
 
         start = time.perf_counter()
         await asyncio.gather(*(put(k, d) for k, d in zip(keys, data, strict=True)))
@@ -124,6 +131,7 @@ async def _s3_put_get(endpoint: str, bucket: str, prefix: str, data: Sequence[by
         start = time.perf_counter()
         got = sum(await asyncio.gather(*(get(k) for k in keys)))
         get_s = time.perf_counter() - start
+        kept.clear()
         for i in range(0, len(keys), 1000):
             await client.delete_objects(
                 Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]]}
@@ -132,12 +140,17 @@ async def _s3_put_get(endpoint: str, bucket: str, prefix: str, data: Sequence[by
     return RawResult(put_s, get_s, len(data), got)
 
 
-def s3_put_get(endpoint: str, bucket: str, prefix: str, data: Sequence[bytes]) -> RawResult:
-    return asyncio.run(_s3_put_get(endpoint, bucket, prefix, data))
+def s3_put_get(
+    endpoint: str, bucket: str, prefix: str, data: Sequence[bytes], keep: bool = False
+) -> RawResult:
+    """``keep``: every body stays alive until all are read, as a restore keeps its arrays."""
+    return asyncio.run(_s3_put_get(endpoint, bucket, prefix, data, keep))
 
 
 # ------------------------------------------------------------------------------------- gcs
-async def _gcs_put_get(endpoint: str, bucket: str, prefix: str, data: Sequence[bytes]) -> RawResult:
+async def _gcs_put_get(
+    endpoint: str, bucket: str, prefix: str, data: Sequence[bytes], keep: bool = False
+) -> RawResult:
     from gcsfs.core import GCSFileSystem  # not the experimental class: no 60 s HNS probe
 
     fs = GCSFileSystem(
@@ -152,9 +165,14 @@ async def _gcs_put_get(endpoint: str, bucket: str, prefix: str, data: Sequence[b
             async with gate:
                 await fs._pipe_file(path, body)
 
+        kept: list[bytes] = []
+
         async def get(path: str) -> int:
             async with gate:
-                return len(await fs._cat_file(path))
+                body = await fs._cat_file(path)
+            if keep:
+                kept.append(body)
+            return len(body)
 
         start = time.perf_counter()
         await asyncio.gather(*(put(p, d) for p, d in zip(paths, data, strict=True)))
@@ -162,6 +180,7 @@ async def _gcs_put_get(endpoint: str, bucket: str, prefix: str, data: Sequence[b
         start = time.perf_counter()
         got = sum(await asyncio.gather(*(get(p) for p in paths)))
         get_s = time.perf_counter() - start
+        kept.clear()
         await fs._rm(paths)
     finally:
         if fs.session is not None and not fs.session.closed:
@@ -170,8 +189,11 @@ async def _gcs_put_get(endpoint: str, bucket: str, prefix: str, data: Sequence[b
     return RawResult(put_s, get_s, len(data), got)
 
 
-def gcs_put_get(endpoint: str, bucket: str, prefix: str, data: Sequence[bytes]) -> RawResult:
-    return asyncio.run(_gcs_put_get(endpoint, bucket, prefix, data))
+def gcs_put_get(
+    endpoint: str, bucket: str, prefix: str, data: Sequence[bytes], keep: bool = False
+) -> RawResult:
+    """``keep``: every body stays alive until all are read, as a restore keeps its arrays."""
+    return asyncio.run(_gcs_put_get(endpoint, bucket, prefix, data, keep))
 
 
 def _check(got: int, data: Sequence[bytes]) -> None:
