@@ -218,10 +218,9 @@ async def read_into(
                 else:
                     iov += [_into(target), memoryview(crc)]
             iov.append(memoryview(index))
-            try:
-                await _read_direct(direct_io, where, 0, object_bytes, iov, tally)
-            finally:
-                await _settle(order, targets)  # nothing lands after this (nor on a re-read)
+            await _settled_read(
+                _read_direct(direct_io, where, 0, object_bytes, iov, tally), order, targets
+            )  # nothing lands after this (nor on a re-read by the index)
             _check_crc(index, where, object_bytes - index_bytes)
             table = np.frombuffer(index, "<u8", count=2 * n_inner).reshape(n_inner, 2)
             canonical = np.arange(n_inner, dtype=np.uint64) * piece
@@ -272,10 +271,7 @@ async def read_into(
         iov: list[Any] = []
         for slot, crc in zip(run, crcs, strict=True):
             iov += [_into(targets[id(slot)]), memoryview(crc)]
-        try:
-            await _read_direct(direct_io, where, start, end, iov, tally)
-        finally:
-            await _settle(run, targets)
+        await _settled_read(_read_direct(direct_io, where, start, end, iov, tally), run, targets)
         await _run_verify(lambda: _verify(where, run, targets, crcs), run, targets)
 
     async def one_run(where: StoragePath, run: list[_Inner]) -> None:
@@ -305,10 +301,10 @@ async def read_into(
                 )
                 buffers[k][dst] = data[src]
 
-    await _all([one_object(pos, wanted) for pos, wanted in needed.items()])
+    await all_or_cancel([one_object(pos, wanted) for pos, wanted in needed.items()])
 
 
-async def _all(coros: list[Any]) -> None:
+async def all_or_cancel(coros: list[Any]) -> None:
     """Runs ``coros`` concurrently; on the first error cancels the rest, awaits them, raises.
 
     A corrupt object ends the restore at once, and no sibling read is left
@@ -317,6 +313,8 @@ async def _all(coros: list[Any]) -> None:
     tasks = [asyncio.ensure_future(c) for c in coros]
     try:
         await asyncio.gather(*tasks)
+    except GeneratorExit:
+        raise  # the loop is closing this coroutine: nothing can be scheduled or awaited
     except BaseException:
         for task in tasks:
             task.cancel()
@@ -385,6 +383,18 @@ def _verify(where: StoragePath, slots: list[_Inner], targets: dict[int, Any], cr
                 f"{slot.offset + slot.nbytes}: the chunk data is corrupt, "
                 "restore another step"
             )
+
+
+async def _settled_read(read: Any, slots: list[_Inner], targets: dict[int, Any]) -> None:
+    """Awaits ``read``, then (also when it fails) the scatters it fed: no byte lands later."""
+    try:
+        await read
+    except GeneratorExit:
+        raise  # the loop is closing this coroutine: nothing can be awaited
+    except BaseException:
+        await _settle(slots, targets)
+        raise
+    await _settle(slots, targets)
 
 
 async def _settle(slots: list[_Inner], targets: dict[int, Any]) -> None:
