@@ -405,9 +405,10 @@ async def _settle(slots: list[_Inner], targets: dict[int, Any]) -> None:
     """
     for slot in slots:
         target = targets[id(slot)]
-        if isinstance(target, Scatter):
+        last = target.pending if isinstance(target, Scatter) else None
+        if last is not None:  # a future, not a coroutine: nothing left unawaited if cancelled
             with contextlib.suppress(Exception):
-                await asyncio.shield(target.settled())
+                await asyncio.shield(asyncio.wrap_future(last))
 
 
 async def _run_verify(verify: Any, slots: list[_Inner], targets: dict[int, Any]) -> None:

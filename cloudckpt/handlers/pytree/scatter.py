@@ -99,6 +99,11 @@ class Scatter:
                 self._error = exc
 
     @property
+    def pending(self) -> Future[None] | None:
+        """The last piece handed over (done once every earlier one is), or None."""
+        return self._last
+
+    @property
     def failed(self) -> BaseException | None:
         """What went wrong placing a piece handed over, if anything."""
         return self._error
