@@ -9,7 +9,10 @@ limits the reads in flight), a :class:`Scatter` is handed to the backend's
 of the body, as it arrives, is copied into place a block of whole rows at a
 time, and the crc32c is computed over the same piece while it is still in
 the cache. Only a partial row (at most one row's bytes) is held between
-pieces.
+pieces. A streamed GCS body's pieces (immutable bytes) are handed to one
+scatter thread (``write_later``), so the copies and checksums run beside the
+event loop; the reader waits for them before it verifies or reads again. The
+file system's reads, already on worker threads, place them at once (``write``).
 
 Arrays of one or two dimensions are placed this way (the inner chunk seen as
 rows of its last axis); higher ranks keep the temporary (see ``supports``).
