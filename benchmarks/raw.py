@@ -49,6 +49,22 @@ def payloads(sizes: Sequence[int], seed: int = 0) -> list[bytes]:
     return out
 
 
+def light_payloads(sizes: Sequence[int], seed: int = 0) -> list[bytes]:
+    """Random payloads of the given sizes that share memory: one per distinct size.
+
+    Each object of a size carries the same random bytes (a prefix of one random
+    buffer of the largest size): the stores copy every object on its own, so
+    the channel moves the same bytes as with :func:`payloads`, while the
+    client holds a few objects' worth instead of the whole tree twice (the
+    buffer and its slices), which a 4 GiB tree cannot spare beside its restores.
+    """
+    if not sizes:
+        return []
+    blob = np.random.default_rng(seed).bytes(max(sizes))
+    by_size: dict[int, bytes] = {}
+    return [by_size.setdefault(size, blob[:size]) for size in sizes]
+
+
 # ------------------------------------------------------------------------------------ file
 def _write_file(path: str, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -82,7 +98,9 @@ def file_put_get(directory: str, data: Sequence[bytes]) -> RawResult:
 
 
 # -------------------------------------------------------------------------------------- s3
-async def _s3_put_get(endpoint: str, bucket: str, prefix: str, data: Sequence[bytes]) -> RawResult:
+async def _s3_put_get(
+    endpoint: str, bucket: str, prefix: str, data: Sequence[bytes], keep: bool = False
+) -> RawResult:
     from aiobotocore.config import AioConfig
     from aiobotocore.session import get_session
 
@@ -96,11 +114,16 @@ async def _s3_put_get(endpoint: str, bucket: str, prefix: str, data: Sequence[by
             async with gate:
                 await client.put_object(Bucket=bucket, Key=key, Body=body)
 
+        kept: list[bytes] = []
+
         async def get(key: str) -> int:
             async with gate:
                 response = await client.get_object(Bucket=bucket, Key=key)
                 async with response["Body"] as stream:
-                    return len(await stream.read())
+                    body = await stream.read()
+                if keep:
+                    kept.append(body)
+                return len(body)
 
         start = time.perf_counter()
         await asyncio.gather(*(put(k, d) for k, d in zip(keys, data, strict=True)))
@@ -108,6 +131,7 @@ async def _s3_put_get(endpoint: str, bucket: str, prefix: str, data: Sequence[by
         start = time.perf_counter()
         got = sum(await asyncio.gather(*(get(k) for k in keys)))
         get_s = time.perf_counter() - start
+        kept.clear()
         for i in range(0, len(keys), 1000):
             await client.delete_objects(
                 Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]]}
@@ -116,12 +140,17 @@ async def _s3_put_get(endpoint: str, bucket: str, prefix: str, data: Sequence[by
     return RawResult(put_s, get_s, len(data), got)
 
 
-def s3_put_get(endpoint: str, bucket: str, prefix: str, data: Sequence[bytes]) -> RawResult:
-    return asyncio.run(_s3_put_get(endpoint, bucket, prefix, data))
+def s3_put_get(
+    endpoint: str, bucket: str, prefix: str, data: Sequence[bytes], keep: bool = False
+) -> RawResult:
+    """``keep``: every body stays alive until all are read, as a restore keeps its arrays."""
+    return asyncio.run(_s3_put_get(endpoint, bucket, prefix, data, keep))
 
 
 # ------------------------------------------------------------------------------------- gcs
-async def _gcs_put_get(endpoint: str, bucket: str, prefix: str, data: Sequence[bytes]) -> RawResult:
+async def _gcs_put_get(
+    endpoint: str, bucket: str, prefix: str, data: Sequence[bytes], keep: bool = False
+) -> RawResult:
     from gcsfs.core import GCSFileSystem  # not the experimental class: no 60 s HNS probe
 
     fs = GCSFileSystem(
@@ -136,9 +165,14 @@ async def _gcs_put_get(endpoint: str, bucket: str, prefix: str, data: Sequence[b
             async with gate:
                 await fs._pipe_file(path, body)
 
+        kept: list[bytes] = []
+
         async def get(path: str) -> int:
             async with gate:
-                return len(await fs._cat_file(path))
+                body = await fs._cat_file(path)
+            if keep:
+                kept.append(body)
+            return len(body)
 
         start = time.perf_counter()
         await asyncio.gather(*(put(p, d) for p, d in zip(paths, data, strict=True)))
@@ -146,6 +180,7 @@ async def _gcs_put_get(endpoint: str, bucket: str, prefix: str, data: Sequence[b
         start = time.perf_counter()
         got = sum(await asyncio.gather(*(get(p) for p in paths)))
         get_s = time.perf_counter() - start
+        kept.clear()
         await fs._rm(paths)
     finally:
         if fs.session is not None and not fs.session.closed:
@@ -154,8 +189,11 @@ async def _gcs_put_get(endpoint: str, bucket: str, prefix: str, data: Sequence[b
     return RawResult(put_s, get_s, len(data), got)
 
 
-def gcs_put_get(endpoint: str, bucket: str, prefix: str, data: Sequence[bytes]) -> RawResult:
-    return asyncio.run(_gcs_put_get(endpoint, bucket, prefix, data))
+def gcs_put_get(
+    endpoint: str, bucket: str, prefix: str, data: Sequence[bytes], keep: bool = False
+) -> RawResult:
+    """``keep``: every body stays alive until all are read, as a restore keeps its arrays."""
+    return asyncio.run(_gcs_put_get(endpoint, bucket, prefix, data, keep))
 
 
 def _check(got: int, data: Sequence[bytes]) -> None:

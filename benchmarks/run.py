@@ -126,7 +126,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
         "--phases-size-mib",
         type=float,
         help="tree size of the restore_phases scenario (default "
-        f"{defaults.phases_size_mib:g}; 4096 for the issue's large form, about 10 GiB of RAM)",
+        f"{defaults.phases_size_mib:g}; 4096 for the issue's large form, about 12 GiB of RAM with Orbax)",
     )
     p.add_argument(
         "--phases-reps",

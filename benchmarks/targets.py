@@ -33,7 +33,7 @@ class Target:
     name: str
     root: str  # cloudckpt URL root: a directory, s3://bucket/prefix or gs://bucket/prefix
     orbax_root: str | None
-    raw_put_get: Callable[[str, Sequence[bytes]], raw.RawResult]  # (sub-prefix, payloads)
+    raw_put_get: Callable[..., raw.RawResult]  # (sub-prefix, payloads, keep=False on stores)
     endpoint: str | None = None  # the object store's endpoint (None for the file system)
 
     def fresh(self, what: str) -> str:
@@ -110,7 +110,9 @@ def make_targets(names: Sequence[str], workdir: str, servers: Any | None) -> lis
                     "s3",
                     f"s3://{BUCKET}/cc",
                     None,
-                    lambda sub, data, _e=endpoint: raw.s3_put_get(_e, BUCKET, f"raw/{sub}", data),
+                    lambda sub, data, _e=endpoint, **kw: raw.s3_put_get(
+                        _e, BUCKET, f"raw/{sub}", data, **kw
+                    ),
                     endpoint,
                 )
             )
@@ -121,7 +123,9 @@ def make_targets(names: Sequence[str], workdir: str, servers: Any | None) -> lis
                     "gcs",
                     f"gs://{BUCKET}/cc",
                     f"gs://{BUCKET}/orbax",
-                    lambda sub, data, _e=endpoint: raw.gcs_put_get(_e, BUCKET, f"raw/{sub}", data),
+                    lambda sub, data, _e=endpoint, **kw: raw.gcs_put_get(
+                        _e, BUCKET, f"raw/{sub}", data, **kw
+                    ),
                     endpoint,
                 )
             )

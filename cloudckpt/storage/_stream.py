@@ -1,11 +1,54 @@
-"""Response bodies streamed straight into the caller's buffers (restores' ranged reads)."""
+"""Response bodies streamed straight into the caller's buffers (restores' ranged reads).
+
+A read's destination is a list of flat byte views or of :class:`Sink` objects:
+a sink takes the bytes of its stretch in order, as they arrive, for a
+destination that is not one flat buffer (an inner chunk shared by two arrays,
+each holding a strided part of it). The file system's ``read_into`` feeds
+sinks through a small bounce buffer, GCS's from the response body.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 
-async def fill_from_stream(stream: Any, buffers: list[memoryview], skip: int) -> int:
+@runtime_checkable
+class Sink(Protocol):
+    """Takes ``nbytes`` bytes in order: ``write(pos, data)`` places bytes ``pos:pos+len(data)``.
+
+    A write at ``pos == 0`` after others starts over (a retried read resends
+    the stretch from its first byte); any other write continues where the
+    last one stopped. ``data`` is only valid during the call.
+    """
+
+    nbytes: int
+
+    def write(self, pos: int, data: memoryview) -> None: ...
+
+
+# A sink may also have ``write_later(pos, data)``: the same, possibly done later by another
+# thread, with ``data`` that stays valid (a streamed body's immutable bytes). Its owner
+# waits for those writes before reading the result.
+
+
+#: One element of a read's destination.
+Buffer = memoryview | Sink
+
+
+def place(buffers: list[Buffer], data: memoryview) -> None:
+    """Copies ``data`` (at most the buffers' total) into ``buffers`` in order."""
+    at = 0
+    for b in buffers:
+        n = max(0, min(b.nbytes, len(data) - at))
+        if n:
+            if isinstance(b, memoryview):
+                b[:n] = data[at : at + n]
+            else:
+                b.write(0, data[at : at + n])
+        at += b.nbytes
+
+
+async def fill_from_stream(stream: Any, buffers: list[Buffer], skip: int) -> int:
     """Copies an aiohttp body, less its first ``skip`` bytes, into ``buffers``; bytes placed.
 
     Stops when the buffers are full (the rest of the body is not read) or the
@@ -15,6 +58,8 @@ async def fill_from_stream(stream: Any, buffers: list[memoryview], skip: int) ->
     views = iter(buffers)
     current = next(views, None)
     pos = 0
+    while current is not None and current.nbytes == 0:
+        current = next(views, None)
     while current is not None:
         data = await stream.readany()
         if not data:
@@ -25,7 +70,12 @@ async def fill_from_stream(stream: Any, buffers: list[memoryview], skip: int) ->
             piece, skip = piece[dropped:], skip - dropped
         while piece and current is not None:
             n = min(len(piece), current.nbytes - pos)
-            current[pos : pos + n] = piece[:n]
+            if isinstance(current, memoryview):
+                current[pos : pos + n] = piece[:n]
+            elif hasattr(current, "write_later"):
+                current.write_later(pos, piece[:n])  # the body's bytes stay valid: handed over
+            else:
+                current.write(pos, piece[:n])
             piece, pos, placed = piece[n:], pos + n, placed + n
             if pos == current.nbytes:
                 current, pos = next(views, None), 0

@@ -25,6 +25,7 @@ import uuid
 from typing import Any
 
 from atomicity import ObjectInfo, Versioned
+from cloudckpt.storage._stream import Buffer, Sink
 from cloudckpt.storage.base import Backend
 
 _PARTIAL = ".cloudckpt-partial-"
@@ -195,11 +196,18 @@ def _get(path: str, byte_range: tuple[int, int] | None) -> bytes | None:
         return f.read(end - start)
 
 
-def _read_into(path: str, offset: int, buffers: list[memoryview]) -> int | None:
+#: The bounce buffer a sink's bytes pass through (per read: bounded, whatever the sink's size).
+_BOUNCE_BYTES = 1 << 20
+#: preadv(2) takes at most IOV_MAX (1024 on Linux) buffers per call.
+_IOV_MAX = 1024
+
+
+def _read_into(path: str, offset: int, buffers: list[Buffer]) -> int | None:
     """preadv(2) of ``path`` from ``offset`` into ``buffers``; bytes read, None if absent.
 
-    The kernel copies straight into the caller's buffers (no temporary), and the
-    sequential hint lets read-ahead run ahead of the next call.
+    The kernel copies straight into the caller's flat buffers (no temporary),
+    and the sequential hint lets read-ahead run ahead of the next call. A
+    sink's bytes go through a bounce buffer of at most ``_BOUNCE_BYTES``.
     """
     fd = _open_object(path)
     if fd is None:
@@ -211,14 +219,60 @@ def _read_into(path: str, offset: int, buffers: list[memoryview]) -> int | None:
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, offset, want, os.POSIX_FADV_SEQUENTIAL)
         done = 0
-        while done < want:
-            n = os.preadv(fd, _after(buffers, done), offset + done)
-            if n == 0:
+        bounce: memoryview | None = None
+        for group in _groups(buffers):
+            if isinstance(group, list):
+                size = sum(b.nbytes for b in group)
+                got = _preadv_all(fd, group, offset + done)
+            else:
+                size = group.nbytes
+                if bounce is None:
+                    bounce = memoryview(bytearray(min(_BOUNCE_BYTES, size)))
+                got = _read_sink(fd, group, offset + done, bounce)
+            done += got
+            if got < size:
                 break  # end of file: the caller reports the object as truncated
-            done += n
         return done
     finally:
         os.close(fd)
+
+
+def _groups(buffers: list[Buffer]) -> list[list[memoryview] | Sink]:
+    """``buffers`` as runs of flat views (one preadv each) and single sinks."""
+    out: list[list[memoryview] | Sink] = []
+    for b in buffers:
+        if isinstance(b, memoryview):
+            if out and isinstance(out[-1], list):
+                out[-1].append(b)
+            else:
+                out.append([b])
+        else:
+            out.append(b)
+    return out
+
+
+def _preadv_all(fd: int, buffers: list[memoryview], offset: int) -> int:
+    """Fills ``buffers`` from ``offset`` (fewer bytes only at the end of the file)."""
+    want = sum(b.nbytes for b in buffers)
+    done = 0
+    while done < want:
+        n = os.preadv(fd, _after(buffers, done)[:_IOV_MAX], offset + done)
+        if n == 0:
+            break
+        done += n
+    return done
+
+
+def _read_sink(fd: int, sink: Sink, offset: int, bounce: memoryview) -> int:
+    """Feeds ``sink`` its bytes from ``offset``, a bounce buffer at a time."""
+    done = 0
+    while done < sink.nbytes:
+        n = os.preadv(fd, [bounce[: min(len(bounce), sink.nbytes - done)]], offset + done)
+        if n == 0:
+            break
+        sink.write(done, bounce[:n])
+        done += n
+    return done
 
 
 def _after(buffers: list[memoryview], skip: int) -> list[memoryview]:
@@ -387,8 +441,8 @@ class FileBackend(Backend):
     def supports_conditional_delete(self) -> bool:
         return True
 
-    async def read_into(self, path: str, offset: int, buffers: list[memoryview]) -> int | None:
-        """Reads ``path`` from ``offset`` straight into ``buffers`` (flat byte views).
+    async def read_into(self, path: str, offset: int, buffers: list[Buffer]) -> int | None:
+        """Reads ``path`` from ``offset`` straight into ``buffers`` (flat byte views or sinks).
 
         Returns the bytes read (fewer than the buffers hold at the end of the
         file), or None when there is no such regular file. Restores use it to

@@ -36,7 +36,7 @@ from gcsfs.retry import validate_response
 
 from atomicity import ObjectInfo, Versioned
 from cloudckpt.storage._fsspec import FsspecObjectBackend, _mtime
-from cloudckpt.storage._stream import fill_from_stream
+from cloudckpt.storage._stream import Buffer, fill_from_stream, place
 from cloudckpt.storage.base import CREATE_TOKEN_KEY, BucketSettings
 from cloudckpt.storage.deadline import Deadlines
 from cloudckpt.storage.retry import RetryPolicy
@@ -118,7 +118,7 @@ class _SingleAttemptGCSFileSystem(_CoreGCSFileSystem):
                 _raise_for(response, contents, path, args)
             return response.status, response.headers, response.request_info, contents
 
-    async def _read_range_into(self, path: str, offset: int, buffers: list[memoryview]) -> int:
+    async def _read_range_into(self, path: str, offset: int, buffers: list[Buffer]) -> int:
         """One ranged media GET of ``path`` streamed into ``buffers``; the bytes placed.
 
         The body goes from aiohttp's receive buffers straight into the caller's
@@ -355,8 +355,8 @@ class GCSBackend(FsspecObjectBackend):
     async def _now(self, path: str) -> float:
         return await _gcs_now(self, path)
 
-    async def read_into(self, path: str, offset: int, buffers: list[memoryview]) -> int | None:
-        """Reads ``path`` from ``offset`` straight into ``buffers`` (flat byte views).
+    async def read_into(self, path: str, offset: int, buffers: list[Buffer]) -> int | None:
+        """Reads ``path`` from ``offset`` straight into ``buffers`` (flat byte views or sinks).
 
         One ranged GET whose body is copied into the buffers as it arrives (no
         temporary object): restores place chunk data in the arrays handed to
@@ -388,11 +388,7 @@ class GCSBackend(FsspecObjectBackend):
                 raise missing_bucket from None
             return None
         if own is not None:
-            at = 0
-            for b in buffers:
-                n = max(0, min(b.nbytes, got - at))
-                b[:n] = memoryview(own)[at : at + n]
-                at += b.nbytes
+            place(buffers, memoryview(own)[:got])
         return got
 
     async def _created_with_token(self, path: str, token: str) -> bool:

@@ -11,7 +11,12 @@ chunk's crc32c checked with the hardware ``crc32c`` package (several GB/s)
 and its overlap copied once into the caller's destination buffers. Where the
 backend has ``read_into`` (the file system's preadv, GCS's streamed ranged
 GET), inner chunks that land whole in a contiguous stretch of a destination
-are read straight into it: no temporary and no extra copy. A chunk object
+are read straight into it: no temporary and no extra copy. Inner chunks cut
+between destinations (a restore onto another mesh), or landing in a strided
+stretch of one, are scattered into place as their bytes arrive, crc32c
+computed on the way (:mod:`cloudckpt.handlers.pytree.scatter`, rank 1 and 2);
+only cut inner chunks of higher rank go through a temporary, within the
+``scratch`` budget. A chunk object
 needed whole is read with one request, index included, in the layout
 cloudckpt's writer gives it (inner chunks back to back, in C order); the
 index, crc-checked, must confirm that layout, or the object is read again by
@@ -27,6 +32,7 @@ naming the object.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import math
 from collections import Counter
@@ -41,6 +47,7 @@ from cloudckpt.errors import CorruptCheckpointError
 from cloudckpt.format import layout
 from cloudckpt.format.pytree import ZarrStorage
 from cloudckpt.handlers.pytree.budget import ByteBudget
+from cloudckpt.handlers.pytree.scatter import Scatter, supports
 from cloudckpt.storage.path import StoragePath
 
 #: Largest single ranged read: bounds the temporary each in-flight run costs.
@@ -172,10 +179,11 @@ async def read_into(
                 tally,
             )
             locate(index, where, wanted)
-        # Inner chunks landing whole in one contiguous stretch of a destination are
-        # read straight into it; only the rest go through temporaries.
+        # Inner chunks are read straight into their destinations (whole into one
+        # contiguous stretch, or scattered as they arrive); only inner chunks of rank 3
+        # and more cut between destinations go through temporaries.
         slots = list(wanted.values())
-        targets = {id(slot): _target(slot) for slot in slots}
+        targets = {id(slot): _destination(slot) for slot in slots}
         direct = [slot for slot in slots if targets[id(slot)] is not None]
         spare = [slot for slot in slots if targets[id(slot)] is None]
         await asyncio.gather(
@@ -196,7 +204,7 @@ async def read_into(
         order = [wanted[w] for w in itertools.product(*(range(r) for r in ratio))]
         for j, slot in enumerate(order):
             slot.offset, slot.nbytes = j * piece, piece
-        targets = {id(slot): _target(slot) for slot in order}
+        targets = {id(slot): _destination(slot) for slot in order}
         spare = [slot for slot in order if targets[id(slot)] is None]
         index = np.empty(index_bytes, np.uint8)
         async with scratch.hold(len(spare) * piece):
@@ -208,9 +216,11 @@ async def read_into(
                 if target is None:
                     iov.append(memoryview(blobs[id(slot)]))
                 else:
-                    iov += [memoryview(_flat_bytes(target)), memoryview(crc)]
+                    iov += [_into(target), memoryview(crc)]
             iov.append(memoryview(index))
-            await _read_direct(direct_io, where, 0, object_bytes, iov, tally)
+            await _settled_read(
+                _read_direct(direct_io, where, 0, object_bytes, iov, tally), order, targets
+            )  # nothing lands after this (nor on a re-read by the index)
             _check_crc(index, where, object_bytes - index_bytes)
             table = np.frombuffer(index, "<u8", count=2 * n_inner).reshape(n_inner, 2)
             canonical = np.arange(n_inner, dtype=np.uint64) * piece
@@ -218,21 +228,30 @@ async def read_into(
                 return index
 
             def verify() -> None:
-                for slot, crc in zip(order, crcs, strict=True):
-                    target = targets[id(slot)]
-                    if target is None:
-                        _place(blobs[id(slot)], slot.offset, [slot], where)
-                    elif crc32c.crc32c(memoryview(_flat_bytes(target))) != int.from_bytes(
-                        crc.tobytes(), "little"
-                    ):
-                        raise CorruptCheckpointError(
-                            f"checksum mismatch in {where} bytes {slot.offset}-"
-                            f"{slot.offset + slot.nbytes}: the chunk data is corrupt, "
-                            "restore another step"
-                        )
+                for slot in spare:
+                    _place(blobs[id(slot)], slot.offset, [slot], where)
+                _verify(where, order, targets, crcs)
 
-            await asyncio.to_thread(verify)
+            await _run_verify(verify, order, targets)
         return None
+
+    def _destination(slot: _Inner) -> np.ndarray | Scatter | None:
+        """Where ``slot``'s data is read to: one contiguous stretch, a scatter, or a temporary."""
+        target = _target(slot)
+        if target is not None or not supports(inner):
+            return target
+        parts = []
+        box = tuple((o, o + i) for o, i in zip(slot.origin, inner, strict=True))
+        for k in slot.regions:
+            overlap = layout.overlap(box, indices[k])
+            if overlap is None:
+                continue
+            dst = tuple(
+                slice(a - s, b - s) for (a, b), (s, _) in zip(overlap, indices[k], strict=True)
+            )
+            within = tuple((a - o, b - o) for (a, b), o in zip(overlap, slot.origin, strict=True))
+            parts.append((buffers[k][dst], within if len(within) == 2 else (within[0], (0, 1))))
+        return Scatter(inner, storage.stored, parts)
 
     def _target(slot: _Inner) -> np.ndarray | None:
         """The destination stretch ``slot`` fills whole and contiguously, if there is one."""
@@ -249,22 +268,11 @@ async def read_into(
     async def read_direct(where: StoragePath, run: list[_Inner], targets: dict[int, Any]) -> None:
         start, end = run[0].offset, run[-1].offset + run[-1].nbytes
         crcs = np.empty((len(run), layout.CRC_BYTES), np.uint8)
-        iov: list[memoryview] = []
+        iov: list[Any] = []
         for slot, crc in zip(run, crcs, strict=True):
-            iov += [memoryview(_flat_bytes(targets[id(slot)])), memoryview(crc)]
-        await _read_direct(direct_io, where, start, end, iov, tally)
-
-        def verify() -> None:
-            for slot, crc in zip(run, crcs, strict=True):
-                data = memoryview(_flat_bytes(targets[id(slot)]))
-                if crc32c.crc32c(data) != int.from_bytes(crc.tobytes(), "little"):
-                    raise CorruptCheckpointError(
-                        f"checksum mismatch in {where} bytes {slot.offset}-"
-                        f"{slot.offset + slot.nbytes}: the chunk data is corrupt, "
-                        "restore another step"
-                    )
-
-        await asyncio.to_thread(verify)
+            iov += [_into(targets[id(slot)]), memoryview(crc)]
+        await _settled_read(_read_direct(direct_io, where, start, end, iov, tally), run, targets)
+        await _run_verify(lambda: _verify(where, run, targets, crcs), run, targets)
 
     async def one_run(where: StoragePath, run: list[_Inner]) -> None:
         start, end = run[0].offset, run[-1].offset + run[-1].nbytes
@@ -293,10 +301,10 @@ async def read_into(
                 )
                 buffers[k][dst] = data[src]
 
-    await _all([one_object(pos, wanted) for pos, wanted in needed.items()])
+    await all_or_cancel([one_object(pos, wanted) for pos, wanted in needed.items()])
 
 
-async def _all(coros: list[Any]) -> None:
+async def all_or_cancel(coros: list[Any]) -> None:
     """Runs ``coros`` concurrently; on the first error cancels the rest, awaits them, raises.
 
     A corrupt object ends the restore at once, and no sibling read is left
@@ -305,6 +313,8 @@ async def _all(coros: list[Any]) -> None:
     tasks = [asyncio.ensure_future(c) for c in coros]
     try:
         await asyncio.gather(*tasks)
+    except GeneratorExit:
+        raise  # the loop is closing this coroutine: nothing can be scheduled or awaited
     except BaseException:
         for task in tasks:
             task.cancel()
@@ -343,6 +353,70 @@ def _check_crc(piece: Any, where: StoragePath, offset: int) -> None:
             f"checksum mismatch in {where} bytes {offset}-{offset + len(view)}: "
             "the chunk data is corrupt, restore another step"
         )
+
+
+def _into(target: np.ndarray | Scatter) -> Any:
+    """What a read is handed for ``target``: a flat byte view, or the scatter itself (a sink)."""
+    return target if isinstance(target, Scatter) else memoryview(_flat_bytes(target))
+
+
+def _verify(where: StoragePath, slots: list[_Inner], targets: dict[int, Any], crcs: Any) -> None:
+    """Checks each read-in slot against its stored crc32c (``crcs``, a row per slot).
+
+    A contiguous destination is checksummed where it lies; a scatter has
+    computed its crc32c as the bytes went by. Slots read to temporaries
+    (no target) were checked when placed.
+    """
+    for slot, crc in zip(slots, crcs, strict=True):
+        target = targets[id(slot)]
+        if target is None:
+            continue
+        stored = int.from_bytes(crc.tobytes(), "little")
+        if isinstance(target, Scatter):
+            good = target.failed is None and target.written == target.nbytes
+            good = good and target.crc == stored
+        else:
+            good = crc32c.crc32c(memoryview(_flat_bytes(target))) == stored
+        if not good:
+            raise CorruptCheckpointError(
+                f"checksum mismatch in {where} bytes {slot.offset}-"
+                f"{slot.offset + slot.nbytes}: the chunk data is corrupt, "
+                "restore another step"
+            )
+
+
+async def _settled_read(read: Any, slots: list[_Inner], targets: dict[int, Any]) -> None:
+    """Awaits ``read``, then (also when it fails) the scatters it fed: no byte lands later."""
+    try:
+        await read
+    except GeneratorExit:
+        raise  # the loop is closing this coroutine: nothing can be awaited
+    except BaseException:
+        await _settle(slots, targets)
+        raise
+    await _settle(slots, targets)
+
+
+async def _settle(slots: list[_Inner], targets: dict[int, Any]) -> None:
+    """Waits until the scatters among ``targets`` have placed every piece handed over.
+
+    Their failures are kept for ``_verify`` (which then refuses the slot); here
+    only the waiting matters: no byte of a finished (or failed) read lands later.
+    """
+    for slot in slots:
+        target = targets[id(slot)]
+        last = target.pending if isinstance(target, Scatter) else None
+        if last is not None:  # a future, not a coroutine: nothing left unawaited if cancelled
+            with contextlib.suppress(Exception):
+                await asyncio.shield(asyncio.wrap_future(last))
+
+
+async def _run_verify(verify: Any, slots: list[_Inner], targets: dict[int, Any]) -> None:
+    """Runs ``verify`` off the event loop where it has checksums to compute, else inline."""
+    if all(isinstance(targets[id(slot)], Scatter) for slot in slots):
+        verify()  # comparisons only: no thread hand-off
+    else:
+        await asyncio.to_thread(verify)
 
 
 def _flat_bytes(array: np.ndarray) -> np.ndarray:

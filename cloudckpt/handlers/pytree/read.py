@@ -359,7 +359,8 @@ class Reader:
             for k, buffer in zip(members, buffers, strict=True):
                 out[k] = buffer if buffer.dtype == dtype else buffer.view(dtype)
 
-        await asyncio.gather(*(read_group(members, nbytes) for members, nbytes in groups))
+        # A failing group cancels the others: nothing of this leaf is left running.
+        await chunks.all_or_cancel([read_group(members, nbytes) for members, nbytes in groups])
         pieces = [piece for piece in out if piece is not None]
         assert len(pieces) == len(out)  # every region was read or is empty
         return pieces

@@ -1,0 +1,173 @@
+"""One inner chunk's bytes placed, as they arrive, into the strided parts of several arrays.
+
+A restore onto another mesh cuts inner chunks: a saved (3264, 512) inner
+chunk may feed two destination arrays 256 columns each, neither part
+contiguous in the chunk's bytes. Instead of reading the chunk into a
+temporary and copying the parts out (one extra copy, and a byte budget that
+limits the reads in flight), a :class:`Scatter` is handed to the backend's
+``read_into`` as a sink (:class:`cloudckpt.storage._stream.Sink`): each piece
+of the body, as it arrives, is copied into place a block of whole rows at a
+time, and the crc32c is computed over the same piece while it is still in
+the cache. Only a partial row (at most one row's bytes) is held between
+pieces. A streamed GCS body's pieces (immutable bytes) are handed to one
+scatter thread (``write_later``), so the copies and checksums run beside the
+event loop; the reader waits for them before it verifies or reads again. The
+file system's reads, already on worker threads, place them at once (``write``).
+
+Arrays of one or two dimensions are placed this way (the inner chunk seen as
+rows of its last axis); higher ranks keep the temporary (see ``supports``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import crc32c
+import numpy as np
+
+#: One thread places the bytes handed over with ``write_later``: in order (a queue),
+#: beside the event loop that receives them, which then only hands pieces over.
+_worker: ThreadPoolExecutor | None = None
+_worker_lock = threading.Lock()
+
+
+def _executor() -> ThreadPoolExecutor:
+    global _worker
+    with _worker_lock:
+        if _worker is None:
+            _worker = ThreadPoolExecutor(1, thread_name_prefix="cloudckpt-scatter")
+        return _worker
+
+
+def supports(inner: Sequence[int]) -> bool:
+    """Whether inner chunks of this shape can be scattered (rank 1 or 2)."""
+    return len(inner) in (1, 2)
+
+
+class Scatter:
+    """A sink placing one inner chunk's bytes (C order) into the parts of it arrays want.
+
+    ``parts`` pairs a destination view (any strides; the stored dtype) with
+    the box of the inner chunk it receives, as ``((row0, row1), (col0, col1))``
+    in the chunk's own 2-D coordinates (rank 1: rows of one element).
+    ``crc`` is the crc32c of every byte written, in order; ``written`` how
+    many there were. The caller compares them with the stored crc32c.
+    """
+
+    def __init__(
+        self,
+        inner: Sequence[int],
+        dtype: np.dtype,
+        parts: list[tuple[np.ndarray, tuple[tuple[int, int], tuple[int, int]]]],
+    ) -> None:
+        if not supports(inner):
+            raise ValueError(f"only rank 1 and 2 inner chunks are scattered, not {tuple(inner)}")
+        self.rows, self.cols = (inner[0], 1) if len(inner) == 1 else (inner[0], inner[1])
+        self.dtype = np.dtype(dtype)
+        self.row_bytes = self.cols * self.dtype.itemsize
+        self.nbytes = self.rows * self.row_bytes
+        self._parts = []
+        for view, ((r0, r1), (c0, c1)) in parts:
+            # Rank 2: the view as it is; rank 1: a contiguous slice seen as a column (a view).
+            view2d = view if view.ndim == 2 else view.reshape(-1, 1)
+            if view2d.shape != (r1 - r0, c1 - c0):
+                raise ValueError(
+                    f"a destination of shape {view.shape} for rows {r0}-{r1}, columns {c0}-{c1}"
+                )
+            self._parts.append((view2d, r0, r1, c0, c1))
+        self.crc = 0
+        self.written = 0
+        self._carry = np.empty(self.row_bytes, np.uint8)
+        self._carried = 0
+        self._last: Future[None] | None = None  # the last piece handed to the worker
+        self._error: BaseException | None = None
+
+    def write_later(self, pos: int, data: memoryview) -> None:
+        """``write``, done by the scatter thread; ``data`` must stay valid (immutable bytes).
+
+        A streamed body's pieces are handed over this way so that the copies and
+        the crc32c run beside the event loop instead of on it. ``settled`` waits
+        for them (and raises what went wrong).
+        """
+        self._last = _executor().submit(self._write_queued, pos, data)
+
+    def _write_queued(self, pos: int, data: memoryview) -> None:
+        if self._error is None:
+            try:
+                self._write_now(pos, data)
+            except BaseException as exc:  # reported by settled(), in order
+                self._error = exc
+
+    @property
+    def pending(self) -> Future[None] | None:
+        """The last piece handed over (done once every earlier one is), or None."""
+        return self._last
+
+    @property
+    def failed(self) -> BaseException | None:
+        """What went wrong placing a piece handed over, if anything."""
+        return self._error
+
+    async def settled(self) -> None:
+        """Waits until every piece handed over has been placed; raises the first failure."""
+        if self._last is not None:
+            await asyncio.wrap_future(self._last)
+        if self._error is not None:
+            raise self._error
+
+    def write(self, pos: int, data: memoryview) -> None:
+        """Places bytes ``pos:pos+len(data)`` of the inner chunk (in order; 0 starts over).
+
+        Waits for pieces handed over with ``write_later`` first (a retried read
+        starts over after them).
+        """
+        if self._last is not None:
+            self._last.result()
+            self._last = None
+        if pos == 0:
+            self._error = None
+        if self._error is not None:
+            raise self._error
+        self._write_now(pos, data)
+
+    def _write_now(self, pos: int, data: memoryview) -> None:
+        if pos == 0 and self.written:
+            self.crc, self.written, self._carried = 0, 0, 0
+        if pos != self.written or pos + len(data) > self.nbytes:
+            raise ValueError(
+                f"bytes {pos}-{pos + len(data)} of a {self.nbytes}-byte inner chunk written "
+                f"out of order (next is byte {self.written})"
+            )
+        self.crc = crc32c.crc32c(data, self.crc)
+        self.written += len(data)
+        src = np.frombuffer(data, np.uint8)
+        row = (pos - self._carried) // self.row_bytes  # the row the carry belongs to
+        if self._carried:
+            take = min(self.row_bytes - self._carried, src.size)
+            self._carry[self._carried : self._carried + take] = src[:take]
+            self._carried += take
+            src = src[take:]
+            if self._carried < self.row_bytes:
+                return
+            self._rows(row, self._carry)
+            self._carried = 0
+            row += 1
+        whole = src.size // self.row_bytes
+        if whole:
+            self._rows(row, src[: whole * self.row_bytes])
+        rest = src.size - whole * self.row_bytes
+        if rest:
+            self._carry[:rest] = src[whole * self.row_bytes :]
+            self._carried = rest
+
+    def _rows(self, first: int, flat: np.ndarray) -> None:
+        """Copies whole rows ``first:first + n`` (``flat``: their bytes) into every part."""
+        block = flat.view(self.dtype).reshape(-1, self.cols)
+        last = first + block.shape[0]
+        for view, r0, r1, c0, c1 in self._parts:
+            a, b = max(first, r0), min(last, r1)
+            if a < b:
+                view[a - r0 : b - r0] = block[a - first : b - first, c0:c1]
