@@ -31,6 +31,7 @@ import cloudckpt as cc
 from cloudckpt.engine.loop import LoopThread
 from cloudckpt.storage import get_backend, split_url
 from cloudckpt.storage.base import Backend
+from cloudckpt.storage.deadline import Deadlines
 from cloudckpt.storage.path import StoragePath
 from cloudckpt.testing.cloudproxy import CloudProxy
 from cloudckpt.testing.servers import LocalServers
@@ -38,6 +39,8 @@ from cloudckpt.tools import inspect as _inspect
 
 from .backend_harness import FAST_RETRY
 from .helpers import BUCKET, unique
+
+STATIC = Deadlines(hedge=False, cut_min_s=60)
 
 STEPS = (1, 2, 3, 4)
 LIVE_STEP = 5  # claimed by this (live) process, never committed
@@ -72,7 +75,9 @@ def _counted(
     assert servers is not None
     upstream = servers.s3.endpoint if kind == "s3" else servers.gcs.endpoint
     with CloudProxy(upstream, flavor=kind, page_size=PAGE) as proxy:
-        options = {"endpoint_url": proxy.endpoint, "retry": FAST_RETRY}
+        # Counts of requests, so none is hedged or cut and resent: on a loaded
+        # machine the adaptive bounds once added 4 to a clean-up scan of GCS.
+        options = {"endpoint_url": proxy.endpoint, "retry": FAST_RETRY, "deadlines": STATIC}
         backend = get_backend("s3" if kind == "s3" else "gs", **options)
         scheme = "s3" if kind == "s3" else "gs"
         yield (
