@@ -19,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import cloudckpt as cc
+from cloudckpt.storage.deadline import Deadlines
 from cloudckpt.testing.faultproxy import FaultProxy
 from cloudckpt.testing.servers import LocalServers
 
@@ -43,7 +44,11 @@ def test_each_chunk_object_is_fetched_once_per_restore(servers: LocalServers) ->
     with FaultProxy(servers.s3.endpoint, fault_rate=0.0) as proxy:
         url = f"s3://{BUCKET}/{unique('requests')}"
         handler = cc.StandardCheckpointHandler(inner_chunk_bytes=256 << 10)  # 8 inner each
-        options = {"endpoint_url": proxy.endpoint}
+        # Counts of requests: none hedged or cut and resent, however loaded the machine.
+        options = {
+            "endpoint_url": proxy.endpoint,
+            "deadlines": Deadlines(hedge=False, cut_min_s=60),
+        }
         with cc.Checkpointer(handler, storage_options=options) as ckptr:
             ckptr.save(url, args=cc.args.StandardSave({"x": jax.device_put(value, saved_sharding)}))
             targets = {
