@@ -23,6 +23,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import cloudckpt as cc
+from cloudckpt.storage.deadline import Deadlines
 from cloudckpt.storage.gcs import GCSBackend
 from cloudckpt.testing.faultproxy import FaultProxy
 from cloudckpt.testing.servers import LocalServers
@@ -117,7 +118,11 @@ def test_a_whole_chunk_object_is_one_get(servers: LocalServers, tmp_path: Any) -
         chunk_objects = _chunk_objects(url)
     # The same checkpoint read through a proxy that logs every request.
     with FaultProxy(servers.gcs.endpoint, fault_rate=0.0, flavor="gcs") as proxy:
-        options = {"endpoint_url": proxy.endpoint}
+        # Counts of requests: none hedged or cut and resent, however loaded the machine.
+        options = {
+            "endpoint_url": proxy.endpoint,
+            "deadlines": Deadlines(hedge=False, cut_min_s=60),
+        }
         with cc.Checkpointer(cc.StandardCheckpointHandler(), storage_options=options) as ckptr:
             proxy.stats.log.clear()
             _restore_all(ckptr, url, NamedSharding(_mesh(SAVED), P("data", "model")))
