@@ -240,6 +240,13 @@ def scenario_fault(result: dict[str, Any]) -> None:
     result["steps"] = mngr.all_steps()
 
 
+def scenario_leave(result: dict[str, Any]) -> None:
+    """Only what every job does before leaving: a key-value exchange and a collective."""
+    from jax.experimental import multihost_utils
+
+    result["agreed"] = int(multihost_utils.broadcast_one_to_all(np.int32(7 + SPEC["process_id"])))
+
+
 def scenario_late(result: dict[str, Any]) -> None:
     """Every process meets once; process 1 arrives ``late_s`` after the others."""
     import asyncio
@@ -281,6 +288,7 @@ def main(spec: dict[str, Any]) -> None:
         "restore": scenario_restore,
         "fault": scenario_fault,
         "late": scenario_late,
+        "leave": scenario_leave,
     }
     scenarios[spec["scenario"]](result)
     emit("RESULT", json.dumps(result, default=str))
