@@ -187,3 +187,17 @@ def test_a_flipped_byte_is_refused_and_names_the_object(where: str, servers: Loc
             with pytest.raises(cc.CorruptCheckpointError, match="checksum mismatch") as info:
                 _restore(ckptr, url, NamedSharding(_mesh(mesh), P("data", "model")))
             assert victim.split("/", 1)[1] in str(info.value)
+
+
+def test_direct_reads_need_a_known_region_as_direct_writes_do(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With neither an endpoint nor a region (AWS, default region assumed) reads stay on tensorstore.
+
+    The signature names the region; tensorstore finds a bucket's region itself.
+    """
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    assert not S3Backend().supports_read_into
+    assert S3Backend(region="eu-west-3").supports_read_into
+    assert S3Backend(endpoint_url="http://127.0.0.1:1", read_only=True).supports_read_into
