@@ -186,7 +186,7 @@ def _check_loser(proxy: StallProxy, pick: FirstOf, channel: str) -> None:
         ("gcs", "restore", {"GET"}, "/arrays/7/c/", "aiohttp"),  # the direct chunk reader
         ("gcs", "save", {"POST"}, "/packs/", "tensorstore"),
         ("s3", "save", {"PUT"}, "/arrays/7/c/", "zarr"),
-        ("s3", "restore", {"GET"}, "/arrays/7/c/", "zarr"),
+        ("s3", "restore", {"GET"}, "/arrays/7/c/", "aiohttp"),  # the direct chunk reader
     ],
     ids=["gcs-chunk-read", "gcs-pack-write", "s3-chunk-write", "s3-chunk-read"],
 )

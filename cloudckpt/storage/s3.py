@@ -6,7 +6,8 @@ region from ``region`` or ``AWS_REGION``/``AWS_DEFAULT_REGION``; credentials
 from the AWS chain (environment, shared files / ``profile``, instance roles).
 Conditional creation is a real ``If-None-Match: *`` PUT. Data objects can
 also be written straight from the caller's buffers (``put_buffers``: SigV4
-over UNSIGNED-PAYLOAD with a CRC32C the store checks; see ``s3put``).
+over UNSIGNED-PAYLOAD with a CRC32C the store checks; see ``s3put``) and read
+straight into them (``read_into``: ranged GETs on the same channel; ``s3get``).
 
 tensorstore receives the same endpoint and region in its ``s3`` kvstore spec,
 and the credential *source* cloudckpt resolved (``aws_credentials``:
@@ -28,8 +29,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from atomicity import ObjectInfo, Versioned
-from cloudckpt.storage import s3put
+from cloudckpt.storage import s3get, s3put
 from cloudckpt.storage._fsspec import FsspecObjectBackend, _mtime
+from cloudckpt.storage._stream import Buffer
 from cloudckpt.storage.base import CREATE_TOKEN_KEY, BucketSettings
 from cloudckpt.storage.deadline import Deadlines
 from cloudckpt.storage.retry import RetryPolicy, error_code_of, http_status_of
@@ -263,6 +265,22 @@ class S3Backend(FsspecObjectBackend):
         await self._retrying(
             "write", path, attempt, nbytes=nbytes, hedge=hedge, kind=s3put.DIRECT_WRITES
         )
+
+    # ---------------------------------------------------------------- direct reads
+    @property
+    def supports_read_into(self) -> bool:
+        """Whether ``read_into`` may be used: the region is known (as for ``put_buffers``)."""
+        return self.endpoint_url is not None or self.region is not None
+
+    async def read_into(self, path: str, offset: int, buffers: list[Buffer]) -> int | None:
+        """Reads ``path`` from ``offset`` straight into ``buffers`` (flat byte views or sinks).
+
+        One ranged GET streamed into the buffers; the bytes placed (fewer when
+        the object ends first), None when it does not exist. Contract and
+        errors as ``GCSBackend.read_into``'s; see :func:`s3get.read_into`.
+        Only where ``supports_read_into``.
+        """
+        return await s3get.read_into(self, path, offset, buffers)
 
     def _not_found_says(self, exc: BaseException) -> str | None:
         code = error_code_of(exc)

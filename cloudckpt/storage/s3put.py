@@ -153,8 +153,10 @@ def dns_compatible(bucket: str) -> bool:
     return re.fullmatch(r"[a-z0-9][a-z0-9-]{1,61}[a-z0-9]", bucket) is not None
 
 
-def sign(url: str, headers: dict[str, str], credentials: Any, region: str) -> dict[str, str]:
-    """``headers`` plus SigV4's (``Authorization``, ``X-Amz-Date``, session token) for a PUT.
+def sign(
+    url: str, headers: dict[str, str], credentials: Any, region: str, method: str = "PUT"
+) -> dict[str, str]:
+    """``headers`` plus SigV4's (``Authorization``, ``X-Amz-Date``, session token) for ``method``.
 
     ``credentials``: botocore's frozen credentials (``access_key``,
     ``secret_key``, ``token``), or None for an anonymous request. The body is
@@ -165,7 +167,7 @@ def sign(url: str, headers: dict[str, str], credentials: Any, region: str) -> di
     from botocore.auth import S3SigV4Auth
     from botocore.awsrequest import AWSRequest
 
-    request = AWSRequest(method="PUT", url=url, headers=dict(headers))
+    request = AWSRequest(method=method, url=url, headers=dict(headers))
     request.context["client_config"] = _unsigned_payload_config()
     S3SigV4Auth(credentials, "s3", region).add_auth(request)
     return dict(request.headers.items())
@@ -219,7 +221,13 @@ class Sessions:
 
 
 async def target(
-    fs: Any, endpoint_url: str | None, region: str | None, bucket: str, key: str, anonymous: bool
+    fs: Any,
+    endpoint_url: str | None,
+    region: str | None,
+    bucket: str,
+    key: str,
+    anonymous: bool,
+    op: str = "write",
 ) -> tuple[str, Any, str]:
     """The URL of ``bucket/key``, the credentials to sign with (None: anonymous), the region.
 
@@ -238,7 +246,7 @@ async def target(
     found = await fs.session.get_credentials()
     if found is None:
         raise PermissionError(
-            f"cannot write s3://{bucket}/{key}: no credentials found in the AWS credential "
+            f"cannot {op} s3://{bucket}/{key}: no credentials found in the AWS credential "
             "chain; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile or a role"
         )
     frozen = found.get_frozen_credentials()
@@ -286,16 +294,28 @@ async def put(
         if response.status < 300:
             await response.read()
             return
-        body = await response.content.read(_ERROR_BODY_BYTES)
-        text = body.decode("utf-8", "replace")
-        code_match, message_match = _CODE.search(text), _MESSAGE.search(text)
-        code = code_match.group(1) if code_match else None
-        message = message_match.group(1).strip() if message_match else ""
-        what = redact(
-            f"PUT {where}: HTTP {response.status}"
-            + (f" {code}" if code else "")
-            + (f": {message}" if message else "")
-        )
+        what, code = await error_of(response, "PUT", where)
         if code == "BadDigest":
             raise ConnectionError(f"{what} (the bytes were damaged on the way; sent again)")
         raise S3PutError(what, response.status, code, response.headers.get("Retry-After"))
+
+
+async def error_of(
+    response: aiohttp.ClientResponse, method: str, where: str
+) -> tuple[str, str | None]:
+    """An error answer's redacted description (method, object, status, S3 code and message), its code.
+
+    Only the ``<Code>`` and ``<Message>`` of the body are kept: the rest (and
+    every header) may echo what was signed.
+    """
+    body = await response.content.read(_ERROR_BODY_BYTES)
+    text = body.decode("utf-8", "replace")
+    code_match, message_match = _CODE.search(text), _MESSAGE.search(text)
+    code = code_match.group(1) if code_match else None
+    message = message_match.group(1).strip() if message_match else ""
+    what = redact(
+        f"{method} {where}: HTTP {response.status}"
+        + (f" {code}" if code else "")
+        + (f": {message}" if message else "")
+    )
+    return what, code

@@ -61,8 +61,14 @@ _MISSING = 2**64 - 1  # a shard index entry of an absent inner chunk
 
 
 def supported(directory: StoragePath, storage: ZarrStorage) -> bool:
-    """Whether this module reads ``storage`` under ``directory``: our layout, a ``read_into``."""
-    return hasattr(directory.backend, "read_into") and handles(storage)
+    """Whether this module reads ``storage`` under ``directory``: our layout, a ``read_into``.
+
+    A backend whose ``read_into`` depends on its configuration (S3's, on a
+    known region) says so with ``supports_read_into``.
+    """
+    backend = directory.backend
+    usable = getattr(backend, "supports_read_into", True)
+    return hasattr(backend, "read_into") and usable and handles(storage)
 
 
 def handles(storage: ZarrStorage) -> bool:
