@@ -304,15 +304,16 @@ async def read_into(
     await all_or_cancel([one_object(pos, wanted) for pos, wanted in needed.items()])
 
 
-async def all_or_cancel(coros: list[Any]) -> None:
-    """Runs ``coros`` concurrently; on the first error cancels the rest, awaits them, raises.
+async def all_or_cancel(coros: list[Any]) -> list[Any]:
+    """Runs ``coros`` concurrently, returns their results; on the first error cancels the rest,
+    awaits them, raises.
 
     A corrupt object ends the restore at once, and no sibling read is left
     running (or starting a thread) after the caller's event loop has moved on.
     """
     tasks = [asyncio.ensure_future(c) for c in coros]
     try:
-        await asyncio.gather(*tasks)
+        return list(await asyncio.gather(*tasks))
     except GeneratorExit:
         raise  # the loop is closing this coroutine: nothing can be scheduled or awaited
     except BaseException:
