@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 from typing import Any
 
 import jax
@@ -35,8 +36,10 @@ from .helpers import BUCKET, unique
 from .test_direct_chunks import _chunk_objects, _rewrite, _url
 
 rng = np.random.default_rng(1818)
-#: Eight 256 KiB leaves saved on a 4x2 mesh: 64 chunk objects, each cut on other meshes.
-LEAVES = {f"w{i}": rng.standard_normal((256, 256)).astype(np.float32) for i in range(8)}
+#: Seven 256 KiB matrices and a cube saved on a 4x2 mesh: 64 chunk objects, cut elsewhere.
+LEAVES = {f"w{i}": rng.standard_normal((256, 256)).astype(np.float32) for i in range(7)}
+#: Rank 3: its inner chunks are scattered too, a plane (the last two axes) at a time.
+LEAVES["cube"] = rng.standard_normal((32, 16, 128)).astype(np.float32)
 #: 16 KiB inner chunks (a few per object, several streamed pieces each).
 INNER = 16 << 10
 
@@ -56,18 +59,21 @@ def _save(url: str) -> cc.Checkpointer:
     return ckptr
 
 
-def _restore(ckptr: cc.Checkpointer, url: str, mesh: Mesh, spec: P) -> dict[str, Any]:
+def _restore(ckptr: cc.Checkpointer, url: str, mesh: Mesh, specs: tuple[P, P]) -> dict[str, Any]:
+    """Restores every leaf onto ``mesh``: matrices as ``specs[0]``, the cube as ``specs[1]``."""
     target = {
-        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=NamedSharding(mesh, spec))
+        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=NamedSharding(mesh, specs[v.ndim == 3]))
         for k, v in LEAVES.items()
     }
     return ckptr.restore(url, args=cc.args.StandardRestore(target))
 
 
+#: Target meshes and specs (matrices, cube): each cuts the saved inner chunks.
 TARGETS = {
-    "2x4": ((2, 4), P("data", "model")),
-    "transposed": ((4, 2), P("model", "data")),
-    "columns": ((8, 1), P("model", "data")),
+    "2x4": ((2, 4), (P("data", "model"), P("data", "model"))),
+    "transposed": ((4, 2), (P("model", "data"), P("model", "data"))),
+    "columns": ((8, 1), (P("model", "data"), P("model", "data"))),
+    "last-axis": ((4, 2), (P("model", "data"), P(None, "model", "data"))),
 }
 
 
@@ -170,3 +176,33 @@ def test_a_failed_scatter_leaves_no_other_scatter_placing_bytes(
         if sink.written == sink.nbytes and sink.failed is None:
             assert left.tobytes() == np.ascontiguousarray(chunk[:, : cols // 2]).tobytes()
             assert right.tobytes() == np.ascontiguousarray(chunk[:, cols // 2 :]).tobytes()
+
+
+@pytest.mark.parametrize("shape", [(6, 5, 8), (3, 4, 5, 6)], ids=["rank3", "rank4"])
+def test_a_scatter_of_any_rank_places_pieces_into_strided_boxes(shape: tuple[int, ...]) -> None:
+    """An inner chunk of rank 3 or 4, cut along every axis into destinations inside bigger
+    arrays (strided views), fed in pieces that cut rows and elements anywhere."""
+    import crc32c
+
+    chunk = rng.standard_normal(shape).astype(np.float32)
+    data = memoryview(chunk.tobytes())
+    # Every axis cut in two at a point of its own: 2**rank boxes.
+    cuts = [[(0, n // 2 + 1), (n // 2 + 1, n)] for n in shape]
+    boxes = list(itertools.product(*cuts))
+    homes = [np.zeros(tuple(b - a + 2 for a, b in box), np.float32) for box in boxes]
+    inside = [tuple(slice(1, 1 + b - a) for a, b in box) for box in boxes]
+    views = [home[at] for home, at in zip(homes, inside, strict=True)]
+    for pieces in ([len(data)], [1, 3, 37, 500], list(range(7, len(data), 61))):
+        for home in homes:
+            home[...] = 0
+        sink = Scatter(shape, np.dtype(np.float32), list(zip(views, boxes, strict=True)))
+        sink.write(0, data[:100])  # a first attempt, cut short: starts over below
+        bounds = sorted({0, *(p for p in pieces if p < len(data)), len(data)})
+        for a, b in itertools.pairwise(bounds):
+            sink.write(a, data[a:b])
+        assert sink.written == len(data) and sink.crc == crc32c.crc32c(data)
+        for home, view, box in zip(homes, views, boxes, strict=True):
+            assert view.tobytes() == chunk[tuple(slice(a, b) for a, b in box)].tobytes(), box
+            outside = np.ones(home.shape, bool)
+            outside[tuple(slice(1, 1 + b - a) for a, b in box)] = False
+            assert not home[outside].any(), box  # nothing lands outside its box

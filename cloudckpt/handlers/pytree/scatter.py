@@ -16,14 +16,17 @@ with a bounded backlog (a reader waits for ``room``). The reader waits for a
 scatter's pieces before it verifies or reads again. The file system's reads,
 already on worker threads, place them at once (``write``).
 
-Arrays of one or two dimensions are placed this way (the inner chunk seen as
-rows of its last axis); higher ranks keep the temporary (see ``supports``).
+Arrays of any rank but 0 are placed this way: the inner chunk is seen as
+rows of its last axis, and each block of whole rows is copied with numpy,
+one plane (the last two axes) at a time, into every destination it
+overlaps (see ``supports``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import threading
 from collections import deque
@@ -98,41 +101,46 @@ _pool = _Pool()
 
 
 def supports(inner: Sequence[int]) -> bool:
-    """Whether inner chunks of this shape can be scattered (rank 1 or 2)."""
-    return len(inner) in (1, 2)
+    """Whether inner chunks of this shape can be scattered (any rank but 0)."""
+    return len(inner) >= 1
 
 
 class Scatter:
     """A sink placing one inner chunk's bytes (C order) into the parts of it arrays want.
 
     ``parts`` pairs a destination view (any strides; the stored dtype) with
-    the box of the inner chunk it receives, as ``((row0, row1), (col0, col1))``
-    in the chunk's own 2-D coordinates (rank 1: rows of one element).
-    ``crc`` is the crc32c of every byte written, in order; ``written`` how
-    many there were. The caller compares them with the stored crc32c.
+    the box of the inner chunk it receives, a ``(start, stop)`` per axis in the
+    chunk's own coordinates (rank 1: ``((row0, row1), (0, 1))``, rows of one
+    element). ``crc`` is the crc32c of every byte written, in order;
+    ``written`` how many there were. The caller compares them with the stored crc32c.
     """
 
     def __init__(
         self,
         inner: Sequence[int],
         dtype: np.dtype,
-        parts: list[tuple[np.ndarray, tuple[tuple[int, int], tuple[int, int]]]],
+        parts: list[tuple[np.ndarray, tuple[tuple[int, int], ...]]],
     ) -> None:
         if not supports(inner):
-            raise ValueError(f"only rank 1 and 2 inner chunks are scattered, not {tuple(inner)}")
-        self.rows, self.cols = (inner[0], 1) if len(inner) == 1 else (inner[0], inner[1])
+            raise ValueError(f"a rank 0 inner chunk is not scattered: {tuple(inner)}")
+        shape = (inner[0], 1) if len(inner) == 1 else tuple(inner)
+        # Rows of the last axis, grouped in planes of the last two axes (one copy per
+        # plane and destination); ``leading`` are the axes before them.
+        self._leading, self._plane, self.cols = shape[:-2], shape[-2], shape[-1]
+        self.rows = math.prod(shape[:-1])
         self.dtype = np.dtype(dtype)
         self.row_bytes = self.cols * self.dtype.itemsize
         self.nbytes = self.rows * self.row_bytes
         self._parts = []
-        for view, ((r0, r1), (c0, c1)) in parts:
-            # Rank 2: the view as it is; rank 1: a contiguous slice seen as a column (a view).
-            view2d = view if view.ndim == 2 else view.reshape(-1, 1)
-            if view2d.shape != (r1 - r0, c1 - c0):
+        for view, box in parts:
+            # Rank 1: a contiguous slice seen as a column (a view); otherwise the view itself.
+            view_nd = view.reshape(-1, 1) if view.ndim == 1 else view
+            if len(box) != len(shape) or view_nd.shape != tuple(b - a for a, b in box):
                 raise ValueError(
-                    f"a destination of shape {view.shape} for rows {r0}-{r1}, columns {c0}-{c1}"
+                    f"a destination of shape {view.shape} for the box {box} of an inner "
+                    f"chunk of shape {tuple(inner)}"
                 )
-            self._parts.append((view2d, r0, r1, c0, c1))
+            self._parts.append((view_nd, box[:-2], *box[-2], *box[-1]))
         self.crc = 0
         self.written = 0
         self._carry = np.empty(self.row_bytes, np.uint8)
@@ -254,8 +262,26 @@ class Scatter:
     def _rows(self, first: int, flat: np.ndarray) -> None:
         """Copies whole rows ``first:first + n`` (``flat``: their bytes) into every part."""
         block = flat.view(self.dtype).reshape(-1, self.cols)
-        last = first + block.shape[0]
-        for view, r0, r1, c0, c1 in self._parts:
-            a, b = max(first, r0), min(last, r1)
-            if a < b:
-                view[a - r0 : b - r0] = block[a - first : b - first, c0:c1]
+        row, end = first, first + block.shape[0]
+        while row < end:  # one plane at a time (rank 1 and 2: one plane in all)
+            plane, r = divmod(row, self._plane)
+            stop = min(end, row - r + self._plane)
+            rows = block[row - first : stop - first]
+            at = _unravel(plane, self._leading)
+            for view, lead, r0, r1, c0, c1 in self._parts:
+                if not all(a <= x < b for x, (a, b) in zip(at, lead, strict=True)):
+                    continue
+                a, b = max(r, r0), min(r + rows.shape[0], r1)
+                if a < b:
+                    where = tuple(x - a0 for x, (a0, _) in zip(at, lead, strict=True))
+                    view[where][a - r0 : b - r0] = rows[a - r : b - r, c0:c1]
+            row = stop
+
+
+def _unravel(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The C-order coordinates of element ``flat`` of ``shape`` (() for a shape of ())."""
+    out = []
+    for n in reversed(shape):
+        flat, x = divmod(flat, n)
+        out.append(x)
+    return tuple(reversed(out))
