@@ -5,8 +5,7 @@ object) between several destination arrays, or into a strided stretch of
 one, the direct chunk reader hands the backend a scatter
 (cloudckpt/handlers/pytree/scatter.py) instead of reading the chunk into a
 temporary: the bytes are placed as they arrive, and their crc32c is
-computed on the way. Rank 1 and 2 arrays go this way; rank 3 and more keep
-the temporary. Each geometry below is chosen so that one of those paths
+computed on the way (arrays of any rank but 0). Each geometry below is chosen so that one of those paths
 carries the data, on the file system (preadv, a bounce buffer for sinks)
 and on GCS (streamed ranged GETs, fake-gcs-server): values must be
 bit-exact, and a flipped byte in a cut inner chunk must still be refused.
@@ -38,7 +37,7 @@ MATRICES = {
     "f32": rng.standard_normal((512, 256)).astype(np.float32),
     "bf16": rng.standard_normal((256, 512)).astype(ml_dtypes.bfloat16),
 }
-#: Rank 3: inner chunks cut between destinations go through a temporary.
+#: Rank 3: inner chunks cut between destinations are scattered a plane at a time.
 CUBE = rng.standard_normal((16, 32, 64)).astype(np.float32)
 #: Rank 1 on 4 shards, restored onto 6 regions of 1,024: chunks cut mid-way.
 VECTOR = rng.standard_normal(6144).astype(np.float32)
@@ -137,7 +136,7 @@ def _flip(at: Any) -> Any:
         ("f32", "2x4", "data"),  # inner chunks cut by columns: scattered
         ("f32", "2x4", "crc"),  # the stored crc32c of a scattered inner chunk
         ("bf16", "columns", "data"),  # cut into 8 destinations
-        ("cube", "2x4", "data"),  # rank 3, cut: through a temporary
+        ("cube", "2x4", "data"),  # rank 3, cut: scattered a plane at a time
     ],
 )
 def test_a_flipped_byte_in_a_cut_inner_chunk_is_refused(

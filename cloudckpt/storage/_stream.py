@@ -28,7 +28,8 @@ class Sink(Protocol):
 
 # A sink may also have ``write_later(pos, data)``: the same, possibly done later by another
 # thread, with ``data`` that stays valid (a streamed body's immutable bytes). Its owner
-# waits for those writes before reading the result.
+# waits for those writes before reading the result. Where it also has ``async room()``,
+# a reader awaits it before each hand-over (the sink's backlog is bounded).
 
 
 #: One element of a read's destination.
@@ -73,6 +74,9 @@ async def fill_from_stream(stream: Any, buffers: list[Buffer], skip: int) -> int
             if isinstance(current, memoryview):
                 current[pos : pos + n] = piece[:n]
             elif hasattr(current, "write_later"):
+                room = getattr(current, "room", None)
+                if room is not None:
+                    await room()  # a bounded backlog: the body waits in the socket instead
                 current.write_later(pos, piece[:n])  # the body's bytes stay valid: handed over
             else:
                 current.write(pos, piece[:n])

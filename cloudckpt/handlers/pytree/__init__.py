@@ -15,7 +15,6 @@ processes is read by one of them and shared over the interconnect
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import logging
 from collections.abc import Awaitable, Sequence
@@ -30,6 +29,7 @@ from cloudckpt.format.pytree import METADATA_NAME, PytreeDocument
 from cloudckpt.format.step import PYTREE_TYPESTR
 from cloudckpt.handlers.args import CheckpointArgs
 from cloudckpt.handlers.base import AsyncCheckpointHandler, save_attempt
+from cloudckpt.handlers.pytree import chunks
 from cloudckpt.handlers.pytree.budget import ByteBudget
 from cloudckpt.handlers.pytree.match import match_targets
 from cloudckpt.handlers.pytree.plan import PlanOptions, plan_save
@@ -170,7 +170,9 @@ class StandardCheckpointHandler(AsyncCheckpointHandler):
             await reader.prefetch_packed(
                 (i, reader.regions_for(i, None)) for i in range(len(saved))
             )
-            values = await asyncio.gather(*(reader.leaf_to_host(i) for i in range(len(saved))))
+            # A failing leaf cancels the others: nothing of this restore runs (or places
+            # bytes) after it has raised.
+            values = await chunks.all_or_cancel([reader.leaf_to_host(i) for i in range(len(saved))])
             return rebuild(document.skeleton, list(values))
         by_path = {leaf.path: i for i, leaf in enumerate(saved)}
         targets, _ = flatten(args.target)
@@ -186,7 +188,7 @@ class StandardCheckpointHandler(AsyncCheckpointHandler):
         active = not self._members or len(self._members) == jax.process_count()
         shared = SharedReads(reader, plan.reads, enabled=args.share_reads and active)
         await reader.prefetch_packed((i, shared.regions_for(i, t)) for i, t in plan.reads)
-        results = await asyncio.gather(*(shared.leaf_like(i, t) for i, t in plan.reads))
+        results = await chunks.all_or_cancel([shared.leaf_like(i, t) for i, t in plan.reads])
         values = {path: value for (path, _), value in zip(plan.paths, results, strict=True)}
         values.update(plan.untouched)
         return unflatten_like(args.target, values)

@@ -14,9 +14,9 @@ GET), inner chunks that land whole in a contiguous stretch of a destination
 are read straight into it: no temporary and no extra copy. Inner chunks cut
 between destinations (a restore onto another mesh), or landing in a strided
 stretch of one, are scattered into place as their bytes arrive, crc32c
-computed on the way (:mod:`cloudckpt.handlers.pytree.scatter`, rank 1 and 2);
-only cut inner chunks of higher rank go through a temporary, within the
-``scratch`` budget. A chunk object
+computed on the way (:mod:`cloudckpt.handlers.pytree.scatter`, any rank but
+0); only what a scatter cannot take (rank 0) goes through a temporary, within
+the ``scratch`` budget. A chunk object
 needed whole is read with one request, index included, in the layout
 cloudckpt's writer gives it (inner chunks back to back, in C order); the
 index, crc-checked, must confirm that layout, or the object is read again by
@@ -186,8 +186,8 @@ async def read_into(
             )
             locate(index, where, wanted)
         # Inner chunks are read straight into their destinations (whole into one
-        # contiguous stretch, or scattered as they arrive); only inner chunks of rank 3
-        # and more cut between destinations go through temporaries.
+        # contiguous stretch, or scattered as they arrive); only what no scatter takes
+        # (rank 0) goes through temporaries.
         slots = list(wanted.values())
         targets = {id(slot): _destination(slot) for slot in slots}
         direct = [slot for slot in slots if targets[id(slot)] is not None]
@@ -256,7 +256,7 @@ async def read_into(
                 slice(a - s, b - s) for (a, b), (s, _) in zip(overlap, indices[k], strict=True)
             )
             within = tuple((a - o, b - o) for (a, b), o in zip(overlap, slot.origin, strict=True))
-            parts.append((buffers[k][dst], within if len(within) == 2 else (within[0], (0, 1))))
+            parts.append((buffers[k][dst], within if len(within) >= 2 else (within[0], (0, 1))))
         return Scatter(inner, storage.stored, parts)
 
     def _target(slot: _Inner) -> np.ndarray | None:
@@ -310,15 +310,16 @@ async def read_into(
     await all_or_cancel([one_object(pos, wanted) for pos, wanted in needed.items()])
 
 
-async def all_or_cancel(coros: list[Any]) -> None:
-    """Runs ``coros`` concurrently; on the first error cancels the rest, awaits them, raises.
+async def all_or_cancel(coros: list[Any]) -> list[Any]:
+    """Runs ``coros`` concurrently, returns their results; on the first error cancels the rest,
+    awaits them, raises.
 
     A corrupt object ends the restore at once, and no sibling read is left
     running (or starting a thread) after the caller's event loop has moved on.
     """
     tasks = [asyncio.ensure_future(c) for c in coros]
     try:
-        await asyncio.gather(*tasks)
+        return list(await asyncio.gather(*tasks))
     except GeneratorExit:
         raise  # the loop is closing this coroutine: nothing can be scheduled or awaited
     except BaseException:

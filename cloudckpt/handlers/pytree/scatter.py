@@ -9,102 +9,197 @@ limits the reads in flight), a :class:`Scatter` is handed to the backend's
 of the body, as it arrives, is copied into place a block of whole rows at a
 time, and the crc32c is computed over the same piece while it is still in
 the cache. Only a partial row (at most one row's bytes) is held between
-pieces. A streamed GCS body's pieces (immutable bytes) are handed to one
-scatter thread (``write_later``), so the copies and checksums run beside the
-event loop; the reader waits for them before it verifies or reads again. The
-file system's reads, already on worker threads, place them at once (``write``).
+pieces. A streamed GCS body's pieces (immutable bytes) are handed to a few
+placing threads (``write_later``), so the copies and checksums run beside the
+event loop: each scatter's pieces in order, different scatters in parallel,
+with a bounded backlog (a reader waits for ``room``). The reader waits for a
+scatter's pieces before it verifies or reads again. The file system's reads,
+already on worker threads, place them at once (``write``).
 
-Arrays of one or two dimensions are placed this way (the inner chunk seen as
-rows of its last axis); higher ranks keep the temporary (see ``supports``).
+Arrays of any rank but 0 are placed this way: the inner chunk is seen as
+rows of its last axis, and each block of whole rows is copied with numpy,
+one plane (the last two axes) at a time, into every destination it
+overlaps (see ``supports``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import math
+import os
 import threading
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import crc32c
 import numpy as np
 
-#: One thread places the bytes handed over with ``write_later``: in order (a queue),
-#: beside the event loop that receives them, which then only hands pieces over.
-_worker: ThreadPoolExecutor | None = None
-_worker_lock = threading.Lock()
+#: Threads placing the pieces handed over with ``write_later``: different scatters (inner
+#: chunks of different reads) are placed in parallel, each scatter's pieces in order by
+#: one thread at a time. crc32c and numpy's copies release the GIL; more threads than
+#: cores would only queue.
+THREADS = max(1, min(8, os.cpu_count() or 1))
+#: Bytes handed over and not yet placed, over all scatters of the process: a reader
+#: past it waits (``room``) before handing over more, so a slow placement pauses the
+#: reads (their sockets) instead of growing a queue.
+QUEUED_BYTES = 32 * 1024 * 1024
+#: A scatter's thread gives its place to the others after placing this many bytes.
+_TURN_BYTES = 1024 * 1024
 
 
-def _executor() -> ThreadPoolExecutor:
-    global _worker
-    with _worker_lock:
-        if _worker is None:
-            _worker = ThreadPoolExecutor(1, thread_name_prefix="cloudckpt-scatter")
-        return _worker
+class _Pool:
+    """The placing threads and the bytes waiting for them (shared by every scatter)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._executor: ThreadPoolExecutor | None = None
+        self._queued = 0
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(THREADS, thread_name_prefix="cloudckpt-scatter")
+            executor = self._executor
+        executor.submit(fn)
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self._queued += n
+
+    def release(self, n: int) -> None:
+        """``n`` bytes were placed (or dropped): wakes the readers waiting for room."""
+        with self._lock:
+            self._queued -= n
+            if self._queued >= QUEUED_BYTES or not self._waiters:
+                return
+            waiters, self._waiters = self._waiters, []
+        for loop, waiter in waiters:
+            with contextlib.suppress(RuntimeError):  # its loop has closed: nobody waits
+                loop.call_soon_threadsafe(_wake, waiter)
+
+    async def room(self) -> None:
+        """Returns once fewer than ``QUEUED_BYTES`` bytes wait to be placed."""
+        loop = asyncio.get_running_loop()
+        while True:
+            with self._lock:
+                if self._queued < QUEUED_BYTES:
+                    return
+                waiter = loop.create_future()
+                self._waiters.append((loop, waiter))
+            await waiter
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+_pool = _Pool()
 
 
 def supports(inner: Sequence[int]) -> bool:
-    """Whether inner chunks of this shape can be scattered (rank 1 or 2)."""
-    return len(inner) in (1, 2)
+    """Whether inner chunks of this shape can be scattered (any rank but 0)."""
+    return len(inner) >= 1
 
 
 class Scatter:
     """A sink placing one inner chunk's bytes (C order) into the parts of it arrays want.
 
     ``parts`` pairs a destination view (any strides; the stored dtype) with
-    the box of the inner chunk it receives, as ``((row0, row1), (col0, col1))``
-    in the chunk's own 2-D coordinates (rank 1: rows of one element).
-    ``crc`` is the crc32c of every byte written, in order; ``written`` how
-    many there were. The caller compares them with the stored crc32c.
+    the box of the inner chunk it receives, a ``(start, stop)`` per axis in the
+    chunk's own coordinates (rank 1: ``((row0, row1), (0, 1))``, rows of one
+    element). ``crc`` is the crc32c of every byte written, in order;
+    ``written`` how many there were. The caller compares them with the stored crc32c.
     """
 
     def __init__(
         self,
         inner: Sequence[int],
         dtype: np.dtype,
-        parts: list[tuple[np.ndarray, tuple[tuple[int, int], tuple[int, int]]]],
+        parts: list[tuple[np.ndarray, tuple[tuple[int, int], ...]]],
     ) -> None:
         if not supports(inner):
-            raise ValueError(f"only rank 1 and 2 inner chunks are scattered, not {tuple(inner)}")
-        self.rows, self.cols = (inner[0], 1) if len(inner) == 1 else (inner[0], inner[1])
+            raise ValueError(f"a rank 0 inner chunk is not scattered: {tuple(inner)}")
+        shape = (inner[0], 1) if len(inner) == 1 else tuple(inner)
+        # Rows of the last axis, grouped in planes of the last two axes (one copy per
+        # plane and destination); ``leading`` are the axes before them.
+        self._leading, self._plane, self.cols = shape[:-2], shape[-2], shape[-1]
+        self.rows = math.prod(shape[:-1])
         self.dtype = np.dtype(dtype)
         self.row_bytes = self.cols * self.dtype.itemsize
         self.nbytes = self.rows * self.row_bytes
         self._parts = []
-        for view, ((r0, r1), (c0, c1)) in parts:
-            # Rank 2: the view as it is; rank 1: a contiguous slice seen as a column (a view).
-            view2d = view if view.ndim == 2 else view.reshape(-1, 1)
-            if view2d.shape != (r1 - r0, c1 - c0):
+        for view, box in parts:
+            # Rank 1: a contiguous slice seen as a column (a view); otherwise the view itself.
+            view_nd = view.reshape(-1, 1) if view.ndim == 1 else view
+            if len(box) != len(shape) or view_nd.shape != tuple(b - a for a, b in box):
                 raise ValueError(
-                    f"a destination of shape {view.shape} for rows {r0}-{r1}, columns {c0}-{c1}"
+                    f"a destination of shape {view.shape} for the box {box} of an inner "
+                    f"chunk of shape {tuple(inner)}"
                 )
-            self._parts.append((view2d, r0, r1, c0, c1))
+            self._parts.append((view_nd, box[:-2], *box[-2], *box[-1]))
         self.crc = 0
         self.written = 0
         self._carry = np.empty(self.row_bytes, np.uint8)
         self._carried = 0
-        self._last: Future[None] | None = None  # the last piece handed to the worker
         self._error: BaseException | None = None
+        # Pieces handed over and not yet placed, and the future of the thread placing
+        # them (None while none is): one thread at a time, so they are placed in order.
+        self._lock = threading.Lock()
+        self._queue: deque[tuple[int, memoryview]] = deque()
+        self._drained: Future[None] | None = None
+
+    async def room(self) -> None:
+        """Waits until a piece may be handed over: the placing threads' backlog is bounded."""
+        await _pool.room()
 
     def write_later(self, pos: int, data: memoryview) -> None:
-        """``write``, done by the scatter thread; ``data`` must stay valid (immutable bytes).
+        """``write``, done by a placing thread; ``data`` must stay valid (immutable bytes).
 
         A streamed body's pieces are handed over this way so that the copies and
-        the crc32c run beside the event loop instead of on it. ``settled`` waits
-        for them (and raises what went wrong).
+        the crc32c run beside the event loop instead of on it, several scatters
+        at once. Never blocks: a reader awaits ``room`` first to stay within the
+        bounded backlog. ``settled`` waits for the pieces (and raises what went wrong).
         """
-        self._last = _executor().submit(self._write_queued, pos, data)
+        with self._lock:
+            self._queue.append((pos, data))
+            _pool.add(len(data))
+            if self._drained is not None:
+                return  # the thread placing this scatter's pieces takes it in turn
+            self._drained = Future()
+            self._drained.set_running_or_notify_cancel()  # a waiter's cancel can't cancel it
+        _pool.submit(self._drain)
 
-    def _write_queued(self, pos: int, data: memoryview) -> None:
-        if self._error is None:
+    def _drain(self) -> None:
+        """Places the pieces handed over, in order, until none is left (or its turn ends)."""
+        placed = 0
+        while True:
+            with self._lock:
+                if not self._queue:
+                    done, self._drained = self._drained, None
+                    break
+                if placed >= _TURN_BYTES:  # let other scatters' pieces in, then go on
+                    _pool.submit(self._drain)
+                    return
+                pos, data = self._queue.popleft()
             try:
-                self._write_now(pos, data)
+                if self._error is None:
+                    self._write_now(pos, data)
             except BaseException as exc:  # reported by settled(), in order
                 self._error = exc
+            finally:
+                _pool.release(len(data))
+            placed += len(data)
+        if done is not None:
+            done.set_result(None)
 
     @property
     def pending(self) -> Future[None] | None:
-        """The last piece handed over (done once every earlier one is), or None."""
-        return self._last
+        """Done once every piece handed over so far is placed; None when none waits."""
+        return self._drained
 
     @property
     def failed(self) -> BaseException | None:
@@ -113,8 +208,9 @@ class Scatter:
 
     async def settled(self) -> None:
         """Waits until every piece handed over has been placed; raises the first failure."""
-        if self._last is not None:
-            await asyncio.wrap_future(self._last)
+        drained = self._drained
+        if drained is not None:
+            await asyncio.shield(asyncio.wrap_future(drained))
         if self._error is not None:
             raise self._error
 
@@ -124,9 +220,9 @@ class Scatter:
         Waits for pieces handed over with ``write_later`` first (a retried read
         starts over after them).
         """
-        if self._last is not None:
-            self._last.result()
-            self._last = None
+        drained = self._drained
+        if drained is not None:
+            drained.result()
         if pos == 0:
             self._error = None
         if self._error is not None:
@@ -166,8 +262,26 @@ class Scatter:
     def _rows(self, first: int, flat: np.ndarray) -> None:
         """Copies whole rows ``first:first + n`` (``flat``: their bytes) into every part."""
         block = flat.view(self.dtype).reshape(-1, self.cols)
-        last = first + block.shape[0]
-        for view, r0, r1, c0, c1 in self._parts:
-            a, b = max(first, r0), min(last, r1)
-            if a < b:
-                view[a - r0 : b - r0] = block[a - first : b - first, c0:c1]
+        row, end = first, first + block.shape[0]
+        while row < end:  # one plane at a time (rank 1 and 2: one plane in all)
+            plane, r = divmod(row, self._plane)
+            stop = min(end, row - r + self._plane)
+            rows = block[row - first : stop - first]
+            at = _unravel(plane, self._leading)
+            for view, lead, r0, r1, c0, c1 in self._parts:
+                if not all(a <= x < b for x, (a, b) in zip(at, lead, strict=True)):
+                    continue
+                a, b = max(r, r0), min(r + rows.shape[0], r1)
+                if a < b:
+                    where = tuple(x - a0 for x, (a0, _) in zip(at, lead, strict=True))
+                    view[where][a - r0 : b - r0] = rows[a - r : b - r, c0:c1]
+            row = stop
+
+
+def _unravel(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The C-order coordinates of element ``flat`` of ``shape`` (() for a shape of ())."""
+    out = []
+    for n in reversed(shape):
+        flat, x = divmod(flat, n)
+        out.append(x)
+    return tuple(reversed(out))
