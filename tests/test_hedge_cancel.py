@@ -185,10 +185,11 @@ def _check_loser(proxy: StallProxy, pick: FirstOf, channel: str) -> None:
     [
         ("gcs", "restore", {"GET"}, "/arrays/7/c/", "aiohttp"),  # the direct chunk reader
         ("gcs", "save", {"POST"}, "/packs/", "tensorstore"),
-        ("s3", "save", {"PUT"}, "/arrays/7/c/", "zarr"),
+        ("gcs", "save", {"POST"}, "/arrays/7/c/", "zarr"),  # tensorstore's chunk writeback
+        ("s3", "save", {"PUT"}, "/arrays/7/c/", "aiohttp"),  # direct chunk writes
         ("s3", "restore", {"GET"}, "/arrays/7/c/", "aiohttp"),  # the direct chunk reader
     ],
-    ids=["gcs-chunk-read", "gcs-pack-write", "s3-chunk-write", "s3-chunk-read"],
+    ids=["gcs-chunk-read", "gcs-pack-write", "gcs-chunk-write", "s3-chunk-write", "s3-chunk-read"],
 )
 def test_the_stalled_loser_of_a_hedge_is_stopped_when_the_hedge_wins(
     kind: str, phase: str, methods: set[str], marker: str, channel: str, servers: LocalServers

@@ -86,3 +86,28 @@ async def fill_from_stream(stream: Any, buffers: list[Buffer], skip: int) -> int
                 while current is not None and current.nbytes == 0:
                     current = next(views, None)
     return placed
+
+
+async def fill_from_range(
+    response: Any, buffers: list[Buffer], offset: int, where: str, store: str
+) -> int:
+    """Places the body of a ranged GET from ``offset`` (answered 200 or 206) into ``buffers``.
+
+    A store that ignored the range answers 200 with the whole object: its first
+    ``offset`` bytes are skipped. A 206 must say it starts at ``offset``;
+    anything else is refused (naming ``where``, never a URL) before a byte is placed.
+    """
+    want = sum(b.nbytes for b in buffers)
+    skip = 0
+    if response.status == 200:
+        skip = offset
+    elif response.status == 206:
+        got = response.headers.get("Content-Range", "")
+        if not got.startswith(f"bytes {offset}-"):
+            raise OSError(
+                f"{store} answered a read of bytes {offset}-{offset + want - 1} of {where} "
+                f"with Content-Range {got[:100]!r}; not reading it"
+            )
+    else:
+        raise OSError(f"{store} answered a ranged GET of {where} with {response.status}")
+    return await fill_from_stream(response.content, buffers, skip)

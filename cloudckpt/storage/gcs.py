@@ -36,7 +36,7 @@ from gcsfs.retry import validate_response
 
 from atomicity import ObjectInfo, Versioned
 from cloudckpt.storage._fsspec import FsspecObjectBackend, _mtime
-from cloudckpt.storage._stream import Buffer, fill_from_stream, place
+from cloudckpt.storage._stream import Buffer, fill_from_range, place
 from cloudckpt.storage.base import CREATE_TOKEN_KEY, BucketSettings
 from cloudckpt.storage.deadline import Deadlines
 from cloudckpt.storage.retry import RetryPolicy
@@ -135,19 +135,7 @@ class _SingleAttemptGCSFileSystem(_CoreGCSFileSystem):
                 return 0
             if response.status >= 400:
                 _raise_for(response, await response.read(), path, ())
-            skip = 0
-            if response.status == 200:  # a server that ignored the range sends it all
-                skip = offset
-            elif response.status == 206:
-                got = response.headers.get("Content-Range", "")
-                if not got.startswith(f"bytes {offset}-"):
-                    raise OSError(
-                        f"GCS answered a read of bytes {offset}-{offset + want - 1} of "
-                        f"gs://{path} with Content-Range {got!r}; not reading it"
-                    )
-            else:
-                raise OSError(f"GCS answered a media read of gs://{path} with {response.status}")
-            return await fill_from_stream(response.content, buffers, skip)
+            return await fill_from_range(response, buffers, offset, f"gs://{path}", "GCS")
 
     def split_path(self, path: str) -> tuple[str, str, None]:
         # A key is a literal string: never read ``#generation`` or

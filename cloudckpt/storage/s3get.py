@@ -21,7 +21,7 @@ import aiohttp
 import yarl
 
 from cloudckpt.storage import s3put
-from cloudckpt.storage._stream import Buffer, fill_from_stream, place
+from cloudckpt.storage._stream import Buffer, fill_from_range, place
 from cloudckpt.storage.s3put import S3PutError, error_of, proxy_for
 
 if TYPE_CHECKING:
@@ -51,7 +51,6 @@ async def get_into(
     :class:`S3GetError` on an error answer; ``where`` names the object in it
     (``s3://bucket/key``), the URL is never repeated.
     """
-    want = sum(b.nbytes for b in buffers)
     # Sent exactly as signed (see s3put.put).
     address = yarl.URL(url, encoded=True)
     async with session.get(
@@ -63,19 +62,7 @@ async def get_into(
         if response.status >= 300:
             what, code = await error_of(response, "GET", where)
             raise S3GetError(what, response.status, code, response.headers.get("Retry-After"))
-        skip = 0
-        if response.status == 200:  # a store that ignored the range sends it all
-            skip = offset
-        elif response.status == 206:
-            got = response.headers.get("Content-Range", "")
-            if not got.startswith(f"bytes {offset}-"):
-                raise OSError(
-                    f"S3 answered a read of bytes {offset}-{offset + want - 1} of {where} "
-                    f"with Content-Range {got[:100]!r}; not reading it"
-                )
-        else:
-            raise OSError(f"S3 answered a ranged GET of {where} with {response.status}")
-        return await fill_from_stream(response.content, buffers, skip)
+        return await fill_from_range(response, buffers, offset, where, "S3")
 
 
 def range_header(offset: int, nbytes: int) -> dict[str, str]:
