@@ -18,10 +18,12 @@ import asyncio
 import datetime as dt
 import re
 import weakref
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from atomicity import ObjectInfo
-from cloudckpt.storage.base import Backend
+from cloudckpt.storage._stream import Buffer, place
+from cloudckpt.storage.base import BACKEND_REQUESTS, Backend
 from cloudckpt.storage.deadline import DEFAULT_DEADLINES, Deadlines
 from cloudckpt.storage.retry import RetryPolicy, error_code_of, http_status_of
 
@@ -96,6 +98,46 @@ class FsspecObjectBackend(Backend):
     def _not_found_says(self, exc: BaseException) -> str | None:
         """What a 404 says is missing: ``"bucket"``, ``"object"``, or None when it does not say."""
         return None
+
+    async def _ranged_read_into(
+        self,
+        path: str,
+        buffers: list[Buffer],
+        request: Callable[[list[Buffer]], Awaitable[int]],
+        kind: str = BACKEND_REQUESTS,
+    ) -> int | None:
+        """``read_into``'s shared part: ``request(into)`` GETs the range into ``into``.
+
+        Retried and hedged (named ``read``). Only the first request writes into
+        ``buffers``; a hedge or a retry reads into memory of its own, copied in
+        once it has won (by then every other request of the read is stopped).
+        None when the object is missing; a missing bucket raises, naming it.
+        """
+        want = sum(b.nbytes for b in buffers)
+        if want == 0:
+            return 0 if await self.exists(path) else None
+        first = True
+
+        async def attempt() -> tuple[int, bytearray | None]:
+            nonlocal first
+            if first:
+                first = False
+                return await request(buffers), None
+            own = bytearray(want)
+            return await request([memoryview(own)]), own
+
+        try:
+            got, own = await self._retrying(
+                "read", path, attempt, nbytes=want, hedge=True, kind=kind
+            )
+        except FileNotFoundError as exc:
+            missing_bucket = await self._missing(path, exc)
+            if missing_bucket is not None:
+                raise missing_bucket from None
+            return None
+        if own is not None:
+            place(buffers, memoryview(own)[:got])
+        return got
 
     async def _missing(self, path: str, exc: BaseException) -> FileNotFoundError | None:
         """None when only the object at ``path`` is missing; the error to raise when its bucket is.

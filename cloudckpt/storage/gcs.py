@@ -36,7 +36,7 @@ from gcsfs.retry import validate_response
 
 from atomicity import ObjectInfo, Versioned
 from cloudckpt.storage._fsspec import FsspecObjectBackend, _mtime
-from cloudckpt.storage._stream import Buffer, fill_from_range, place
+from cloudckpt.storage._stream import Buffer, fill_from_range
 from cloudckpt.storage.base import CREATE_TOKEN_KEY, BucketSettings
 from cloudckpt.storage.deadline import Deadlines
 from cloudckpt.storage.retry import RetryPolicy
@@ -354,30 +354,10 @@ class GCSBackend(FsspecObjectBackend):
         ``buffers``; a hedge or a retry reads into memory of its own, copied in
         once it has won (by then every other request of the read is stopped).
         """
-        want = sum(b.nbytes for b in buffers)
-        if want == 0:
-            return 0 if await self.exists(path) else None
         fs = await self._fs()
-        first = True
-
-        async def attempt() -> tuple[int, bytearray | None]:
-            nonlocal first
-            if first:
-                first = False
-                return await fs._read_range_into(path, offset, buffers), None
-            own = bytearray(want)
-            return await fs._read_range_into(path, offset, [memoryview(own)]), own
-
-        try:
-            got, own = await self._retrying("read", path, attempt, nbytes=want, hedge=True)
-        except FileNotFoundError as exc:
-            missing_bucket = await self._missing(path, exc)
-            if missing_bucket is not None:
-                raise missing_bucket from None
-            return None
-        if own is not None:
-            place(buffers, memoryview(own)[:got])
-        return got
+        return await self._ranged_read_into(
+            path, buffers, lambda into: fs._read_range_into(path, offset, into)
+        )
 
     async def _created_with_token(self, path: str, token: str) -> bool:
         info = await self._info(path)

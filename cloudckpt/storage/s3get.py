@@ -21,7 +21,7 @@ import aiohttp
 import yarl
 
 from cloudckpt.storage import s3put
-from cloudckpt.storage._stream import Buffer, fill_from_range, place
+from cloudckpt.storage._stream import Buffer, fill_from_range
 from cloudckpt.storage.s3put import S3PutError, error_of, proxy_for
 
 if TYPE_CHECKING:
@@ -88,11 +88,8 @@ async def read_into(
     once it has won (by then every other request of the read is stopped).
     """
     want = sum(b.nbytes for b in buffers)
-    if want == 0:
-        return 0 if await backend.exists(path) else None
     bucket, key = backend._split(path)
     where = backend.url(path)
-    first = True
 
     async def request(into: list[Buffer]) -> int:
         url, credentials, region = await s3put.target(
@@ -114,23 +111,4 @@ async def read_into(
                 raise missing from None
             raise
 
-    async def attempt() -> tuple[int, bytearray | None]:
-        nonlocal first
-        if first:
-            first = False
-            return await request(buffers), None
-        own = bytearray(want)
-        return await request([memoryview(own)]), own
-
-    try:
-        got, own = await backend._retrying(
-            "read", path, attempt, nbytes=want, hedge=True, kind=DIRECT_READS
-        )
-    except FileNotFoundError as exc:
-        missing_bucket = await backend._missing(path, exc)
-        if missing_bucket is not None:
-            raise missing_bucket from None
-        return None
-    if own is not None:
-        place(buffers, memoryview(own)[:got])
-    return got
+    return await backend._ranged_read_into(path, buffers, request, DIRECT_READS)
