@@ -14,10 +14,9 @@ from __future__ import annotations
 import json
 import sys
 
-import jax
 import numpy as np
 
-from tests.stall_worker import checkpointer, make_tree
+from tests.stall_worker import checkpointer, make_tree, target_of
 
 
 def _pause(event: dict[str, object]) -> None:
@@ -29,14 +28,7 @@ def main(url: str, floor_s: float) -> dict[str, object]:
     import cloudckpt as cc
 
     tree = make_tree()
-    target = jax.tree.map(
-        lambda x: (
-            jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
-            if isinstance(x, jax.Array)
-            else x
-        ),
-        tree,
-    )
+    target = target_of(tree)
     ckpt = checkpointer(floor_s)
     try:
         ckpt.save(url, args=cc.args.StandardSave(tree))

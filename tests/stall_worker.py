@@ -39,6 +39,18 @@ def make_tree() -> dict[str, object]:
     return tree
 
 
+def target_of(tree: dict[str, object]) -> dict[str, object]:
+    """What a restore of ``tree`` asks for: each array's shape, dtype and sharding."""
+    return jax.tree.map(
+        lambda x: (
+            jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+            if isinstance(x, jax.Array)
+            else x
+        ),
+        tree,
+    )
+
+
 def checkpointer(floor_s: float) -> cc.Checkpointer:
     hedge_floor_s = float(sys.argv[4]) if len(sys.argv) > 4 else floor_s / 4
     deadlines = cc.storage.Deadlines(
@@ -57,14 +69,7 @@ def checkpointer(floor_s: float) -> cc.Checkpointer:
 
 def main(url: str, floor_s: float) -> dict[str, object]:
     tree = make_tree()
-    target = jax.tree.map(
-        lambda x: (
-            jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
-            if isinstance(x, jax.Array)
-            else x
-        ),
-        tree,
-    )
+    target = target_of(tree)
     ckpt = checkpointer(floor_s)
     try:
         start = time.monotonic()

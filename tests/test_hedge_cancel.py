@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import time
@@ -44,7 +43,7 @@ from cloudckpt.testing.servers import LocalServers
 from cloudckpt.testing.stallproxy import StallProxy
 
 from .helpers import BUCKET, unique
-from .test_stragglers import ROOT, _upstream
+from .test_stragglers import ROOT, _upstream, worker_env
 
 #: The static bounds where cloudckpt's own requests are stalled: long, so that only an
 #: adaptive hedge answers the held request and only a cancellation closes it in time.
@@ -86,17 +85,7 @@ class Worker:
     def __init__(
         self, kind: str, servers: LocalServers, proxy: StallProxy, url: str, floor_s: float
     ) -> None:
-        env = dict(os.environ)
-        for name in list(env):
-            if name.startswith("TENSORSTORE_CURL_"):
-                del env[name]  # the worker's own deadlines set them
-        env["PYTHONPATH"] = str(ROOT)
-        if kind == "s3":
-            env["AWS_ENDPOINT_URL"] = proxy.endpoint
-            env.pop("AWS_ENDPOINT_URL_S3", None)
-        else:
-            env["STORAGE_EMULATOR_HOST"] = proxy.endpoint
-            env["TENSORSTORE_GCS_HTTP_URL"] = proxy.endpoint
+        env = worker_env(kind, proxy.endpoint)
         args = [url, str(floor_s), "1", str(floor_s)]  # one attempt: no retry answers for it
         self.process = subprocess.Popen(
             [sys.executable, "-m", "tests.hedge_cancel_worker", *args],

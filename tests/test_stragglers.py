@@ -33,6 +33,22 @@ ROOT = Path(__file__).resolve().parent.parent
 FLOOR_S = 1.0
 
 
+def worker_env(kind: str, endpoint: str) -> dict[str, str]:
+    """The environment of a worker process whose every request of ``kind`` goes to ``endpoint``."""
+    env = dict(os.environ)
+    for name in list(env):
+        if name.startswith("TENSORSTORE_CURL_"):
+            del env[name]  # the worker's own deadlines set them
+    env["PYTHONPATH"] = str(ROOT)
+    if kind == "s3":
+        env["AWS_ENDPOINT_URL"] = endpoint
+        env.pop("AWS_ENDPOINT_URL_S3", None)
+    else:
+        env["STORAGE_EMULATOR_HOST"] = endpoint
+        env["TENSORSTORE_GCS_HTTP_URL"] = endpoint
+    return env
+
+
 def _run_worker(
     kind: str,
     servers: LocalServers,
@@ -42,17 +58,7 @@ def _run_worker(
     floor_s: float = FLOOR_S,
     hedge_floor_s: float = FLOOR_S / 4,
 ) -> tuple[int, dict[str, object]]:
-    env = dict(os.environ)
-    for name in list(env):
-        if name.startswith("TENSORSTORE_CURL_"):
-            del env[name]  # the worker's own deadlines set them
-    env["PYTHONPATH"] = str(ROOT)
-    if kind == "s3":
-        env["AWS_ENDPOINT_URL"] = proxy.endpoint
-        env.pop("AWS_ENDPOINT_URL_S3", None)
-    else:
-        env["STORAGE_EMULATOR_HOST"] = proxy.endpoint
-        env["TENSORSTORE_GCS_HTTP_URL"] = proxy.endpoint
+    env = worker_env(kind, proxy.endpoint)
     done = subprocess.run(
         [
             sys.executable,
