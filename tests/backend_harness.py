@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import numpy as np
 import pytest
 
 from cloudckpt import storage as backends
@@ -77,3 +78,24 @@ def make_store(kind: str, request: pytest.FixtureRequest, tmp_path: Any) -> Stor
 
 ALL_KINDS = ["memory", "file", "s3", "gcs"]
 OBJECT_KINDS = ["s3", "gcs"]
+
+
+async def check_read_into(backend: Any, path: str) -> None:
+    """``read_into``'s contract on a backend that has it; ``path`` must not exist yet."""
+    data = np.random.default_rng(0).bytes(300_000)
+    await backend.put(path, data)
+    a, empty, b = bytearray(10), bytearray(0), bytearray(200_000)
+    got = await backend.read_into(path, 1000, [memoryview(a), memoryview(empty), memoryview(b)])
+    assert got == 200_010
+    assert bytes(a) == data[1000:1010]
+    assert bytes(b) == data[1010:201_010]
+    # Past the end: fewer bytes, and what there is lands in place.
+    tail = bytearray(1000)
+    assert await backend.read_into(path, 299_500, [memoryview(tail)]) == 500
+    assert bytes(tail[:500]) == data[299_500:]
+    assert await backend.read_into(path, 300_000, [memoryview(bytearray(8))]) == 0
+    assert await backend.read_into(path, 400_000, [memoryview(bytearray(8))]) == 0
+    # Zero length: 0 for an object that exists, None for one that does not.
+    assert await backend.read_into(path, 5, [memoryview(bytearray(0))]) == 0
+    assert await backend.read_into(path + "-absent", 0, [memoryview(bytearray(0))]) is None
+    assert await backend.read_into(path + "-absent", 0, [memoryview(bytearray(8))]) is None

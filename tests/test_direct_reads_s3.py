@@ -26,7 +26,7 @@ from cloudckpt.storage.s3 import S3Backend
 from cloudckpt.testing.faultproxy import FaultProxy
 from cloudckpt.testing.servers import LocalServers
 
-from .backend_harness import FAST_RETRY, s3fs_client
+from .backend_harness import FAST_RETRY, check_read_into, s3fs_client
 from .helpers import BUCKET, unique
 from .test_direct_chunks import SAVED, VALUES, _chunk_objects, _mesh, _restore, _rewrite
 
@@ -40,28 +40,10 @@ def _s3(endpoint: str) -> S3Backend:
 def test_read_into_places_bytes_from_an_offset(servers: LocalServers) -> None:
     backend = _s3(servers.s3.endpoint)
     path = f"{BUCKET}/{unique('readinto')}/odd ?#[key]=@+/x%41"
-    data = np.random.default_rng(0).bytes(300_000)
 
     async def go() -> None:
         try:
-            await backend.put(path, data)
-            a, empty, b = bytearray(10), bytearray(0), bytearray(200_000)
-            got = await backend.read_into(
-                path, 1000, [memoryview(a), memoryview(empty), memoryview(b)]
-            )
-            assert got == 200_010
-            assert bytes(a) == data[1000:1010]
-            assert bytes(b) == data[1010:201_010]
-            # Past the end: fewer bytes, and what there is lands in place.
-            tail = bytearray(1000)
-            assert await backend.read_into(path, 299_500, [memoryview(tail)]) == 500
-            assert bytes(tail[:500]) == data[299_500:]
-            assert await backend.read_into(path, 300_000, [memoryview(bytearray(8))]) == 0
-            assert await backend.read_into(path, 400_000, [memoryview(bytearray(8))]) == 0
-            # Zero length: 0 for an object that exists, None for one that does not.
-            assert await backend.read_into(path, 5, [memoryview(bytearray(0))]) == 0
-            assert await backend.read_into(path + "-absent", 0, [memoryview(bytearray(0))]) is None
-            assert await backend.read_into(path + "-absent", 0, [memoryview(bytearray(8))]) is None
+            await check_read_into(backend, path)
         finally:
             await backend.aclose()
 
