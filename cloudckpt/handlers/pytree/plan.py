@@ -20,7 +20,7 @@ import numpy as np
 
 from cloudckpt.format.layout import Index, PackEntry, normalize_index
 from cloudckpt.handlers.pytree import keys, layout
-from cloudckpt.handlers.pytree.host import little_endian
+from cloudckpt.handlers.pytree.host import little_endian, prefault
 from cloudckpt.handlers.pytree.placement import LeafSpec, PlanOptions, plan_layout
 from cloudckpt.handlers.pytree.tree import flatten
 
@@ -77,7 +77,10 @@ def _host_copy(value: Any) -> np.ndarray:
     host = _host_view(value)
     if isinstance(value, jax.Array) and not _on_cpu(value):
         return host  # already a fresh buffer from the transfer
-    return host.copy()
+    copy = np.empty(host.shape, host.dtype)
+    prefault([copy])  # new memory: mapped in one call, not page fault by page fault
+    np.copyto(copy, host)
+    return copy
 
 
 _DTYPE_NAMES: dict[np.dtype, str] = {}
@@ -191,6 +194,7 @@ def plan_save(tree: Any, opts: PlanOptions) -> SavePlan:
     plan.pack_entries = decided.pack_entries
     slots = {(e.leaf, e.index): e for e in decided.pack_entries}
     plan.packs = {obj: np.empty(size, np.uint8) for obj, size in decided.pack_sizes.items()}
+    prefault(list(plan.packs.values()))
     pending_copies: list[tuple[int, Index, Any, bool]] = []
     for spec in specs:
         own = decided.own.get(spec.leaf)
