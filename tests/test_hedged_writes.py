@@ -201,3 +201,60 @@ def test_the_attempt_deadline_adapts_with_the_floor_as_its_cap() -> None:
 def test_bad_adaptive_settings_are_refused_naming_them(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         Deadlines(**kwargs)
+
+
+def test_each_attempt_after_a_cut_gets_a_longer_deadline() -> None:
+    d = Deadlines(floor_s=20, min_rate_bps=1 << 20, cut_factor=10, cut_min_s=0.5, min_samples=2)
+    seen = Latencies("list")
+    for _ in range(3):
+        seen.observe(0, 0.01)
+    assert d.attempt_s(0, seen) == 0.5
+    assert d.attempt_s(0, seen, cuts=1) == 2.0  # x cut_growth (4) per earlier cut
+    assert d.attempt_s(0, seen, cuts=2) == 8.0
+    assert d.attempt_s(0, seen, cuts=3) == 20.0  # the static bound stays the cap
+    assert d.attempt_s(0, seen, cuts=10_000) == 20.0
+    assert Deadlines(cut_growth=1).attempt_s(0, seen, cuts=5) == Deadlines().attempt_s(0, seen)
+    with pytest.raises(ValueError, match="cut_growth"):
+        Deadlines(cut_growth=0.5)
+
+
+@pytest.mark.parametrize("kind", ["s3", "gcs"])
+def test_a_listing_slower_than_every_adaptive_cut_is_answered_on_a_later_attempt(
+    kind: str, servers: LocalServers
+) -> None:
+    """Found by ``make bench`` (listing, 5 x 10,000 objects on fake-gcs-server).
+
+    Small writes teach the backend that requests answer in milliseconds, so an
+    attempt is cut at ``cut_min_s``; a delimiter listing of a large prefix takes
+    longer every time (the proxy holds each one 0.8 s here, as a server scanning
+    many objects would). Cut at the same deadline on every attempt, the listing
+    failed after the whole retry budget; each attempt after a cut now waits
+    ``cut_growth`` times longer, and the second one is answered.
+    """
+    from cloudckpt.testing.faultproxy import FaultProxy
+
+    prefix = f"{BUCKET}/{unique('slowlist')}"
+    held_s = 0.8
+
+    def delay(method: str, path_qs: str, headers: object, body: bytes) -> float:
+        return held_s if method == "GET" and "delimiter" in path_qs else 0.0
+
+    deadlines = Deadlines(cut_min_s=0.3, min_samples=3, hedge=False)
+    retry = RetryPolicy(max_attempts=4, initial_backoff_s=0.01, max_backoff_s=0.05)
+    proxy = FaultProxy(_upstream(kind, servers), fault_rate=0.0, flavor=kind, delay=delay)
+    with proxy:
+        backend = _backend(kind, proxy.endpoint, deadlines, retry)
+
+        async def run() -> list[str]:
+            try:
+                for i in range(6):  # answered in milliseconds: the deadlines adapt to them
+                    await backend.put(f"{prefix}/{i}/x", b"x")
+                return await backend.list_children(prefix)
+            finally:
+                await backend.aclose()
+
+        names = asyncio.run(run())
+    assert names == [str(i) for i in range(6)]
+    assert backend.stats.total_retries() == 1  # cut once at 0.3 s, answered within 1.2 s
+    listings = [p for m, p in proxy.stats.log if m == "GET" and "delimiter" in p]
+    assert len(listings) == 2, listings

@@ -42,6 +42,7 @@ from cloudckpt.storage.deadline import (
     Latencies,
     RequestStalled,
     configure_tensorstore,
+    earlier_cuts,
     hedged,
     process_index,
     timed,
@@ -380,11 +381,22 @@ class Backend(abc.ABC):
         :meth:`latencies` its answer times join and are judged by.
         """
         deadlines = self.deadlines
-        attempt = fn
-        if deadlines is not None and not bounded_inside:
+        cuts = 0
 
-            def attempt() -> Awaitable[T]:  # each attempt its own deadline (and hedge)
-                return self._bounded(op, path, fn, nbytes, hedge=hedge, kind=kind)
+        async def attempt() -> T:
+            # Each attempt its own deadline (and hedge), longer after each one that was cut.
+            nonlocal cuts
+            token = earlier_cuts.set(cuts)
+            try:
+                if deadlines is None or bounded_inside:
+                    return await fn()
+                return await self._bounded(op, path, fn, nbytes, hedge=hedge, kind=kind)
+            except Exception as exc:
+                if _stalled(exc):
+                    cuts += 1
+                raise
+            finally:
+                earlier_cuts.reset(token)
 
         try:
             return await self.retry_policy.call(op, attempt, self.stats, lambda: self.url(path))
@@ -437,7 +449,9 @@ class Backend(abc.ABC):
                 )
 
         return await within(
-            deadlines.attempt_s(nbytes, seen), lambda: f"{op} {self.url(path)}", attempt
+            deadlines.attempt_s(nbytes, seen, earlier_cuts.get()),
+            lambda: f"{op} {self.url(path)}",
+            attempt,
         )
 
     def _translate(self, exc: Exception, op: str, path: str) -> Exception:

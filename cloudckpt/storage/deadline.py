@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import os
 import statistics
@@ -89,6 +90,11 @@ class Deadlines:
         cut_factor: Once answer times are known, an attempt is cut after this
             many times the typical time (and retried).
         cut_min_s: The shortest adaptive deadline of an attempt.
+        cut_growth: Each attempt of a request after one that was cut gets this
+            many times the previous adaptive deadline (still capped by the
+            static bound): a request that is slow every time, not stalled (a
+            listing of a large prefix among small writes), is answered on a
+            later attempt instead of being cut on all of them.
         min_samples: Answers of a kind needed before its bounds adapt.
     """
 
@@ -101,6 +107,7 @@ class Deadlines:
     hedge_min_s: float = 0.5
     cut_factor: float = 10.0
     cut_min_s: float = 1.0
+    cut_growth: float = 4.0
     min_samples: int = 5
 
     def __post_init__(self) -> None:
@@ -119,6 +126,8 @@ class Deadlines:
                 "Deadlines needs hedge_factor >= 1, cut_factor >= 1 and min_samples >= 1, got "
                 f"{self.hedge_factor}, {self.cut_factor} and {self.min_samples}"
             )
+        if self.cut_growth < 1:
+            raise ValueError(f"Deadlines needs cut_growth >= 1, got {self.cut_growth}")
         if self.hedge_min_s < 0 or self.cut_min_s <= 0:
             raise ValueError(
                 f"Deadlines needs hedge_min_s >= 0 and cut_min_s > 0, got {self.hedge_min_s} "
@@ -133,13 +142,18 @@ class Deadlines:
         """How long a request of ``nbytes`` runs alone before it is hedged (static bound)."""
         return self.hedge_floor_s + max(nbytes, 0) / self.hedge_rate_bps
 
-    def attempt_s(self, nbytes: int, seen: Latencies | None) -> float:
-        """The deadline of one attempt: ``cut_factor`` x the typical time, capped by the floor."""
+    def attempt_s(self, nbytes: int, seen: Latencies | None, cuts: int = 0) -> float:
+        """The deadline of one attempt: ``cut_factor`` x the typical time, capped by the floor.
+
+        ``cuts``: how many earlier attempts of the same request were cut; each
+        multiplies the adaptive deadline by ``cut_growth``.
+        """
         static = self.request_s(nbytes)
         typical = seen.typical_s(nbytes, self.min_samples) if seen is not None else None
         if typical is None:
             return static
-        return min(static, max(self.cut_min_s, self.cut_factor * typical))
+        adaptive = max(self.cut_min_s, self.cut_factor * typical)
+        return min(static, adaptive * self.cut_growth ** min(max(cuts, 0), 64))
 
     def hedge_delay_s(self, nbytes: int, seen: Latencies | None, since: float) -> float:
         """How long a request that started at ``since`` runs alone before it is hedged.
@@ -305,6 +319,11 @@ async def within(deadline_s: float, what: Callable[[], str], fn: Callable[[], Aw
 
 class RequestStalled(TimeoutError):
     """One attempt of a request outlived its deadline (retried as transient)."""
+
+
+#: Attempts of the request being retried that were cut so far (set per attempt by the
+#: backends' retry loop, read where each request's deadline is sized).
+earlier_cuts: contextvars.ContextVar[int] = contextvars.ContextVar("earlier_cuts", default=0)
 
 
 async def hedged(
