@@ -40,12 +40,13 @@ from atomicity import ObjectInfo, Versioned
 from cloudckpt.storage.deadline import (
     Deadlines,
     Latencies,
-    RequestStalled,
     configure_tensorstore,
+    counting_cuts,
     earlier_cuts,
     hedged,
     process_index,
     timed,
+    was_cut,
     within,
 )
 from cloudckpt.storage.retry import DEFAULT_POLICY, RetryPolicy, RetryStats
@@ -381,27 +382,18 @@ class Backend(abc.ABC):
         :meth:`latencies` its answer times join and are judged by.
         """
         deadlines = self.deadlines
-        cuts = 0
+        attempt = fn
+        if deadlines is not None and not bounded_inside:
 
-        async def attempt() -> T:
-            # Each attempt its own deadline (and hedge), longer after each one that was cut.
-            nonlocal cuts
-            token = earlier_cuts.set(cuts)
-            try:
-                if deadlines is None or bounded_inside:
-                    return await fn()
-                return await self._bounded(op, path, fn, nbytes, hedge=hedge, kind=kind)
-            except Exception as exc:
-                if _stalled(exc):
-                    cuts += 1
-                raise
-            finally:
-                earlier_cuts.reset(token)
+            def attempt() -> Awaitable[T]:  # each attempt its own deadline (and hedge)
+                return self._bounded(op, path, fn, nbytes, hedge=hedge, kind=kind)
 
         try:
-            return await self.retry_policy.call(op, attempt, self.stats, lambda: self.url(path))
+            return await self.retry_policy.call(
+                op, counting_cuts(attempt), self.stats, lambda: self.url(path)
+            )
         except Exception as exc:
-            if deadlines is not None and _stalled(exc):
+            if deadlines is not None and was_cut(exc):
                 raise TimeoutError(
                     f"{op} {self.url(path)} on process {process_index()} stalled: no attempt "
                     f"answered within its deadline (at most {deadlines.request_s(nbytes):.1f}s "
@@ -507,15 +499,3 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     async def _delete_many(self, paths: list[str]) -> None: ...
-
-
-def _stalled(exc: BaseException) -> bool:
-    """Whether the last attempt behind ``exc`` ran out of its deadline."""
-    current: BaseException | None = exc
-    seen: set[int] = set()
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, RequestStalled):
-            return True
-        current = current.__cause__
-    return False

@@ -326,6 +326,42 @@ class RequestStalled(TimeoutError):
 earlier_cuts: contextvars.ContextVar[int] = contextvars.ContextVar("earlier_cuts", default=0)
 
 
+def was_cut(exc: BaseException) -> bool:
+    """Whether the attempt behind ``exc`` (or an error it caused) ran out of its deadline."""
+    current: BaseException | None = exc
+    seen: set[int] = set()
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, RequestStalled):
+            return True
+        current = current.__cause__
+    return False
+
+
+def counting_cuts(attempt: Callable[[], Awaitable[T]]) -> Callable[[], Awaitable[T]]:
+    """``attempt`` for a retry loop, each call run with :data:`earlier_cuts` set.
+
+    The value is how many earlier calls were cut (:func:`was_cut`); the
+    deadlines sized inside the call (and in the tasks it starts, which copy
+    the context) grow with it (``Deadlines.cut_growth``).
+    """
+    cuts = 0
+
+    async def run() -> T:
+        nonlocal cuts
+        token = earlier_cuts.set(cuts)
+        try:
+            return await attempt()
+        except Exception as exc:
+            if was_cut(exc):
+                cuts += 1
+            raise
+        finally:
+            earlier_cuts.reset(token)
+
+    return run
+
+
 async def hedged(
     start: Callable[[], Awaitable[T]],
     after_s: float | Callable[[], float],
