@@ -10,9 +10,12 @@ leaves, about 15% of its bytes, are replicated over the data axis, and so
 over the processes; the rest is sharded). Per backend, each group saves and
 restores the tree (onto the saved shardings) twice: with ``replica_parallel``
 (save) and ``share_reads`` (restore) on, the defaults, and with both off. Each
-process reports the data bytes it wrote and read, from tensorstore's own
-kvstore counters (chunks and packs; the JSON documents are not counted), and
-checks a few restored values per shard.
+process talks to the servers through a byte-counting proxy of its own
+(``cloudckpt.testing.faultproxy.ByteCountingProxy``), so every channel is
+counted: tensorstore's, the S3 direct writes and the direct chunk reads. It
+reports the body bytes of its requests and answers for data objects (array
+chunks and packs; ``zarr.json``, ``pytree.json`` and the other documents are
+not counted), and checks a few restored values per shard.
 
 The figures: ``max/mean`` of the bytes per process (1.0: every process moves
 an equal share) and ``total/tree`` (1.0: each byte crosses the bucket once).
@@ -108,7 +111,7 @@ def io_bytes(ctx: Context) -> dict[str, Any]:
     try:
         start = time.monotonic()
         for name, processes, devices in BYTES_TOPOLOGIES:  # start together: start-up overlaps
-            groups[name] = Group(name, processes, devices, size_mib)
+            groups[name] = Group(name, processes, devices, size_mib, count_bytes=True)
         for name, group in groups.items():
             ready = group.wait_ready()
             out["topologies"][name] = {

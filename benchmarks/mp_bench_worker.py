@@ -24,9 +24,11 @@ command a line from stdin and answers each with ``RESULT <json>`` (or
   "share_reads": bool}``: one save with that handler option, then one restore
   of it (onto the saved shardings) with that ``StandardRestore`` option, its
   values compared a few per shard; answers the data bytes this process wrote
-  and read (tensorstore's ``/tensorstore/kvstore/<driver>/bytes_written`` and
-  ``bytes_read`` counters before and after: zarr chunks and packs, not the
-  JSON documents);
+  and read: with ``count_bytes`` in SPEC, the body bytes of data objects
+  (zarr chunks and packs, not the JSON documents) through byte-counting
+  proxies of its own in front of both servers, every channel included;
+  otherwise tensorstore's ``/tensorstore/kvstore/<driver>/bytes_written`` and
+  ``bytes_read`` counters, which miss the direct S3 writes and chunk reads;
 * ``{"op": "quit"}``.
 """
 
@@ -195,6 +197,9 @@ class Worker:
         import tensorstore as ts
 
         def counted(which: str) -> int:
+            if _PROXIES:
+                totals = [p.totals(_is_data) for p in _PROXIES]
+                return sum(t[0] if which == "bytes_written" else t[1] for t in totals)
             metrics = ts.experimental_collect_matching_metrics("/tensorstore/kvstore/")
             return sum(
                 v.get("value", 0)
@@ -261,7 +266,37 @@ class Worker:
         }
 
 
+#: This process's byte-counting proxies (``count_bytes``), one per server.
+_PROXIES: list[Any] = []
+
+
+def _is_data(where: str) -> bool:
+    """Whether a request target (path and query, unquoted) addresses a data object.
+
+    Array chunks and packs (``.../arrays/<leaf>/c/...``, ``.../packs/...``;
+    GCS uploads name the object in the query), not ``zarr.json``, the other
+    documents or listings.
+    """
+    if "zarr.json" in where or "prefix=" in where or "list-type=" in where:
+        return False
+    return "/arrays/" in where or "/packs/" in where
+
+
+def _count_through_proxies() -> None:
+    """Points this process's clients at byte-counting proxies in front of both servers."""
+    from cloudckpt.testing.faultproxy import ByteCountingProxy
+
+    s3 = ByteCountingProxy(os.environ["AWS_ENDPOINT_URL"], "s3").start()
+    gcs = ByteCountingProxy(os.environ["STORAGE_EMULATOR_HOST"], "gcs").start()
+    _PROXIES.extend([s3, gcs])
+    os.environ["AWS_ENDPOINT_URL"] = s3.endpoint
+    os.environ["STORAGE_EMULATOR_HOST"] = gcs.endpoint
+    os.environ["TENSORSTORE_GCS_HTTP_URL"] = gcs.endpoint
+
+
 def main(spec: dict[str, Any]) -> None:
+    if spec.get("count_bytes"):
+        _count_through_proxies()
     import jax
 
     jax.config.update("jax_platforms", "cpu")

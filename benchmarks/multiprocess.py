@@ -134,7 +134,10 @@ class _Proc:
 class Group:
     """The processes of one topology, started together and driven in lock step."""
 
-    def __init__(self, name: str, processes: int, devices: int, size_mib: float) -> None:
+    def __init__(
+        self, name: str, processes: int, devices: int, size_mib: float, count_bytes: bool = False
+    ) -> None:
+        """``count_bytes``: each worker talks to the servers through its own byte-counting proxy."""
         from cloudckpt.testing.servers import free_port
 
         self.name = name
@@ -154,6 +157,7 @@ class Group:
                             "port": port,
                             "size_mib": size_mib,
                             "barrier_s": BARRIER_S,
+                            "count_bytes": count_bytes,
                         }
                     )
                 )

@@ -200,3 +200,38 @@ class FaultProxy(LoopbackProxy):
         code = "SlowDown" if status == 503 else "TooManyRequests"
         body = f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code><Message>injected fault</Message></Error>"
         return web.Response(status=status, text=body, content_type="application/xml")
+
+
+class ByteCountingProxy(LoopbackProxy):
+    """A pass-through proxy counting the body bytes of every request and answer.
+
+    ``sent[where]`` and ``received[where]`` are the request and answer body
+    bytes per request target (``where``: the path with its query, unquoted),
+    whichever client sent it (s3fs/gcsfs, tensorstore, cloudckpt's own
+    channels): what a process moved to and from the store, as its network saw it.
+    """
+
+    def __init__(self, upstream: str, flavor: str) -> None:
+        super().__init__(upstream, flavor)
+        self.sent: Counter[str] = Counter()
+        self.received: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    async def _handle(self, request):  # type: ignore[no-untyped-def]
+        from urllib.parse import unquote
+
+        body = await request.read()
+        status, headers, payload = await self._pass_through(request, body)
+        where = unquote(request.path_qs)
+        with self._lock:
+            self.sent[where] += len(body)
+            if request.method != "HEAD":
+                self.received[where] += len(payload)
+        return self._respond(request.method, status, headers, payload)
+
+    def totals(self, keep: Callable[[str], bool]) -> tuple[int, int]:
+        """(bytes sent, bytes received) of the request targets ``keep`` selects."""
+        with self._lock:
+            sent = sum(n for where, n in self.sent.items() if keep(where))
+            received = sum(n for where, n in self.received.items() if keep(where))
+        return sent, received
