@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import math
 import mmap
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -63,6 +64,9 @@ _libc: Any = None
 def _madvise() -> Any:
     global _libc
     if _libc is None:
+        if not sys.platform.startswith("linux"):  # the advice's number means nothing elsewhere
+            _libc = False
+            return _libc
         try:
             _libc = ctypes.CDLL(None, use_errno=True).madvise
             _libc.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
