@@ -63,6 +63,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from cloudckpt.storage.retry import chain
+
 T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
@@ -328,14 +330,7 @@ earlier_cuts: contextvars.ContextVar[int] = contextvars.ContextVar("earlier_cuts
 
 def was_cut(exc: BaseException) -> bool:
     """Whether the attempt behind ``exc`` (or an error it caused) ran out of its deadline."""
-    current: BaseException | None = exc
-    seen: set[int] = set()
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, RequestStalled):
-            return True
-        current = current.__cause__
-    return False
+    return any(isinstance(current, RequestStalled) for current in chain(exc, context=False))
 
 
 def counting_cuts(attempt: Callable[[], Awaitable[T]]) -> Callable[[], Awaitable[T]]:

@@ -39,21 +39,26 @@ TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 TRANSIENT_CODES = frozenset({"ConditionalRequestConflict", "SlowDown", "RequestTimeout"})
 
 
-def _chain(exc: BaseException) -> list[BaseException]:
-    """``exc`` and the exceptions it was raised from, outermost first."""
+def chain(exc: BaseException, *, context: bool = True) -> list[BaseException]:
+    """``exc`` and the exceptions it was raised from, outermost first (each once).
+
+    ``context``: also follow an exception raised while handling another
+    (``__context__``) where none was given as the cause; without it, only
+    explicit causes (``raise ... from``).
+    """
     out: list[BaseException] = []
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
         out.append(current)
-        current = current.__cause__ or current.__context__
+        current = current.__cause__ or (current.__context__ if context else None)
     return out
 
 
 def error_code_of(exc: BaseException) -> str | None:
     """The service's error code (S3 ``Error.Code``, GCS ``errors[0].reason``), if any."""
-    for current in _chain(exc):
+    for current in chain(exc):
         response = getattr(current, "response", None)
         if isinstance(response, dict):  # botocore ClientError
             code = (response.get("Error") or {}).get("Code")
@@ -67,7 +72,7 @@ def error_code_of(exc: BaseException) -> str | None:
 
 def retry_after_of(exc: BaseException) -> float | None:
     """Seconds the server asked to wait (a ``Retry-After`` header in seconds), if any."""
-    for current in _chain(exc):
+    for current in chain(exc):
         value = getattr(current, "retry_after", None)  # set by the GCS backend
         response = getattr(current, "response", None)
         if value is None and isinstance(response, dict):  # botocore ClientError
@@ -132,13 +137,8 @@ def is_transient(exc: BaseException) -> bool:
     """Whether another attempt of the same request may succeed."""
     if isinstance(exc, (FileNotFoundError, FileExistsError, PermissionError)):
         return False
-    current: BaseException | None = exc
-    seen: set[int] = set()
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, _TRANSIENT_TYPES):
-            return True
-        current = current.__cause__
+    if any(isinstance(current, _TRANSIENT_TYPES) for current in chain(exc, context=False)):
+        return True
     return http_status_of(exc) in TRANSIENT_STATUSES or error_code_of(exc) in TRANSIENT_CODES
 
 
