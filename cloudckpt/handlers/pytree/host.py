@@ -11,6 +11,7 @@ strides, negative strides) is handled by the copies each writer makes
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 import mmap
 import sys
@@ -58,22 +59,20 @@ _MADV_POPULATE_WRITE = 23
 #: Below this, a buffer's page faults cost less than a system call and a thread hop.
 PREFAULT_MIN_BYTES = 4 * 1024 * 1024
 _PAGE = mmap.PAGESIZE
-_libc: Any = None
 
 
+@functools.cache
 def _madvise() -> Any:
-    global _libc
-    if _libc is None:
-        if not sys.platform.startswith("linux"):  # the advice's number means nothing elsewhere
-            _libc = False
-            return _libc
-        try:
-            _libc = ctypes.CDLL(None, use_errno=True).madvise
-            _libc.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-            _libc.restype = ctypes.c_int
-        except (OSError, AttributeError):
-            _libc = False
-    return _libc
+    """libc's ``madvise``, on Linux only (other systems number their advice differently)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    madvise.restype = ctypes.c_int
+    return madvise
 
 
 def prefault(buffers: Sequence[np.ndarray]) -> None:
@@ -88,7 +87,7 @@ def prefault(buffers: Sequence[np.ndarray]) -> None:
     Releases the GIL (a foreign call), so it is meant for a worker thread.
     """
     madvise = _madvise()
-    if not madvise:
+    if madvise is None:
         return
     for buffer in buffers:
         if buffer.nbytes < PREFAULT_MIN_BYTES:
