@@ -39,12 +39,14 @@ from atomicity.paths import (
     revoke_by_rename,
 )
 from atomicity.removal import _delete_fenced
-from atomicity.store import ChildLister, Store, Versioned, join
+from atomicity.store import ChildLister, Store, Versioned, basename, join
 from atomicity.types import (
     ATTEMPT_ID,
     ATTEMPT_TAG,
+    DELETING_TAG,
     STEP_DOCUMENTS,
     attempt_of,
+    is_deletion_name,
     is_document,
     is_document_data,
     is_item_tagged,
@@ -312,6 +314,13 @@ async def settle(
     """
     if child.committed:
         return Settlement(False, "committed")
+    if store.supports_atomic_rename and is_deletion_name(basename(child.path)):
+        # A deletion cut short (maybe only emptied directories are left); no writer
+        # ever writes under such a name, so finishing it needs no judgement.
+        why = "an interrupted deletion, renamed away: its removal finished"
+        if not dry_run:
+            await revoke_by_rename(store, child.path)
+        return Settlement(True, why)
     claim, current = await read_versioned_claim(store, child.path)
     now = store_now if store_now is not None else await store.now(join(child.path, CLAIM_NAME))
     if claim is not None and current is not None and claim.state == COMMITTED:
@@ -484,7 +493,7 @@ async def delete_checkpoint(store: Store, path: str) -> None:
     """
     path = path.rstrip("/")
     if store.supports_atomic_rename:
-        doomed = f"{path}{TMP_INFIX}deleting-{uuid.uuid4().hex[:12]}"
+        doomed = f"{path}{TMP_INFIX}{DELETING_TAG}{uuid.uuid4().hex[:12]}"
         await store.rename(path, doomed)
         await store.delete_prefix(doomed)
         return

@@ -26,12 +26,14 @@ from atomicity.store import Store, Versioned, basename, join
 from atomicity.types import (
     ATTEMPT_TAG,
     CLAIM_NAME,
+    DELETING_TAG,
     MARKER_NAME,
     TMP_INFIX,
     TemporaryPath,
     attempt_dir,
     attempt_of,
     final_name_of,
+    is_deletion_name,
     is_temporary_name,
     marker_attempt,
     marker_bytes,
@@ -406,10 +408,10 @@ async def revoke_by_rename(store: Store, path: str, claim_version: str | None = 
     """
     path = path.rstrip("/")
     name = basename(path)
-    if is_temporary_name(name) and name.split(TMP_INFIX, 1)[1].startswith("deleting-"):
+    if is_deletion_name(name):
         doomed = path  # already renamed away by an earlier deletion
     else:
-        doomed = f"{final_name_of(path)}{TMP_INFIX}deleting-{uuid.uuid4().hex}"
+        doomed = f"{final_name_of(path)}{TMP_INFIX}{DELETING_TAG}{uuid.uuid4().hex}"
         try:
             if claim_version is None:
                 await store.rename(path, doomed)

@@ -48,6 +48,15 @@ def is_temporary_name(name: str) -> bool:
     return TMP_INFIX in name
 
 
+#: What follows ``TMP_INFIX`` in the name a deletion renames a step to (rename stores).
+DELETING_TAG = "deleting-"
+
+
+def is_deletion_name(name: str) -> bool:
+    """Whether ``name`` is a step a deletion renamed away: only its removal remains to do."""
+    return is_temporary_name(name) and name.split(TMP_INFIX, 1)[1].startswith(DELETING_TAG)
+
+
 class TemporaryPath(Protocol):
     """A strategy that makes a path visible only once it is complete."""
 

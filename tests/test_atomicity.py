@@ -206,6 +206,41 @@ class TestAtomicRename:
             loop.run(b.finalize())
         assert store.raw_get(store.path("8", "x")) == b"a"
 
+    @pytest.mark.parametrize("left", ["empty directories", "claim and data", "nothing"])
+    def test_a_deletion_cut_short_after_its_rename_is_finished_by_clean_up(
+        self, left: str, request: pytest.FixtureRequest, tmp_path, loop: LoopThread
+    ) -> None:
+        """Found by the crash campaign (a SIGKILL inside retention's delete).
+
+        A deletion renames the step to ``<step>.cloudckpt-tmp-deleting-<id>``, then
+        removes the tree. Killed part-way, the tree may hold only emptied
+        directories: no claim and no object, which clean-up used to take for
+        nothing to do, so the directory stayed, listed as uncommitted, for ever.
+        A directory left wholly empty is not listed at all.
+        """
+        store = make_store("file", request, tmp_path)
+        _save(store, loop, "9", {"state/a": b"1"})
+        _save(store, loop, "10", {"state/a": b"2"})
+        doomed = store.path("9" + atomicity.TMP_INFIX + "deleting-0123456789ab")
+        loop.run(store.backend.rename(store.path("9"), doomed))
+        on_disk = tmp_path / doomed
+        if left != "claim and data":
+            for f in sorted(on_disk.rglob("*"), reverse=True):  # what rmtree had removed
+                if f.is_file():
+                    f.unlink()
+        if left == "nothing":  # an empty directory, the last rmdir not done
+            for d in sorted(on_disk.rglob("*"), reverse=True):
+                d.rmdir()
+        assert on_disk.is_dir()
+        deleted = loop.run(atomicity.cleanup_uncommitted(store.backend, store.root))
+        if left == "nothing":
+            # An empty directory holds no object: never listed (as on an object store).
+            assert deleted == []
+        else:
+            assert deleted == [doomed]
+            assert not on_disk.exists()
+        assert [c.name for c in loop.run(atomicity.scan(store.backend, store.root))] == ["10"]
+
     def test_warns_on_store_without_rename(self, request: pytest.FixtureRequest, tmp_path) -> None:
         store = make_store("memory", request, tmp_path)
         with warnings.catch_warnings(record=True) as caught:
