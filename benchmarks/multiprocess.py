@@ -35,6 +35,7 @@ import os
 import queue
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
@@ -64,12 +65,15 @@ class _Proc:
 
     def __init__(self, spec: dict[str, Any]) -> None:
         self.process_id = spec["process_id"]
+        # stderr apart from the protocol lines: gloo and tensorstore write to it from
+        # their own threads and would glue text onto a READY or RESULT line.
+        self.errors = tempfile.TemporaryFile(mode="a+", encoding="utf-8", errors="replace")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "benchmarks.mp_bench_worker", json.dumps(spec)],
             cwd=REPO,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
+            stderr=self.errors,
             text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
@@ -112,7 +116,13 @@ class _Proc:
             + (detail or "")
             + "\n--- its last output ---\n"
             + "\n".join(self.tail)
+            + "\n--- its stderr ---\n"
+            + self._stderr()
         )
+
+    def _stderr(self, n: int = 40) -> str:
+        self.errors.seek(0)
+        return "\n".join(self.errors.read().splitlines()[-n:])
 
     def request_quit(self) -> None:
         with contextlib.suppress(OSError, ValueError):

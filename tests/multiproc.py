@@ -7,10 +7,11 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from cloudckpt.testing.servers import free_port
 
@@ -22,6 +23,8 @@ class Worker:
     process_id: int
     proc: subprocess.Popen[str]
     lines: list[str] = field(default_factory=list)
+    #: The process's stderr, kept apart from the stdout lines the tests parse.
+    errors: IO[str] | None = None
 
     def result(self) -> dict[str, Any] | None:
         for line in self.lines:
@@ -52,16 +55,39 @@ def launch(
             "urls": urls,
             **options,
         }
-        proc = subprocess.Popen(
-            [sys.executable, "-m", module, json.dumps(spec)],
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        workers.append(Worker(i, proc))
+        proc, errors = popen([sys.executable, "-m", module, json.dumps(spec)])
+        workers.append(Worker(i, proc, errors=errors))
     return workers
+
+
+def popen(argv: list[str]) -> tuple[subprocess.Popen[str], IO[str]]:
+    """Starts a worker whose stdout carries only its own lines, and its stderr file.
+
+    C++ libraries in the workers (gloo, tensorstore's logging) write to stderr
+    from their own threads at any time: sharing one pipe with stdout, their
+    text was glued onto protocol lines ("[Gloo] Rank RESULT {...}", or an
+    ``EVENT WRITING`` the parent never recognised, so it never sent its
+    signal). stderr goes to a temporary file in append mode instead, so the
+    parent can read it (``tail``) while the child writes.
+    """
+    errors = tempfile.TemporaryFile(mode="a+", encoding="utf-8", errors="replace")  # noqa: SIM115 (the worker's, for its lifetime)
+    proc = subprocess.Popen(
+        argv,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=errors,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    return proc, errors
+
+
+def stderr_of(errors: IO[str] | None, n: int = 40) -> str:
+    """The last ``n`` lines a worker wrote to stderr."""
+    if errors is None:
+        return ""
+    errors.seek(0)
+    return "\n".join(errors.read().splitlines()[-n:])
 
 
 def wait_for(worker: Worker, prefix: str, timeout: float = 120) -> str:
@@ -96,4 +122,5 @@ def kill(worker: Worker) -> None:
 
 
 def tail(worker: Worker, n: int = 40) -> str:
-    return "\n".join(worker.lines[-n:])
+    out = "\n".join(worker.lines[-n:])
+    return f"{out}\n--- stderr ---\n{stderr_of(worker.errors, n)}" if worker.errors else out

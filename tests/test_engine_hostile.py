@@ -5,10 +5,8 @@ Issue 11 items 10-13: each test fails on the engine as it was (198b6a8).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -20,42 +18,29 @@ from cloudckpt.testing.servers import LocalServers
 
 from . import mp_worker
 from .helpers import unique
-from .multiproc import REPO, finish, launch, tail
+from .multiproc import Worker, finish, launch, popen, tail, wait_for
 
 TOTAL_BYTES = sum(a.nbytes for a in mp_worker.expected_arrays().values())
 
 
-def _worker(scenario: str, root: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "tests.engine_worker", scenario, root],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+def _worker(scenario: str, root: str) -> Worker:
+    proc, errors = popen([sys.executable, "-m", "tests.engine_worker", scenario, root])
+    return Worker(0, proc, errors=errors)
 
 
-def _result(lines: list[str]) -> dict:
-    for line in lines:
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT ") :])
-    raise AssertionError("no RESULT line:\n" + "\n".join(lines[-40:]))
+def _result(worker: Worker) -> dict:
+    result = worker.result()
+    if result is None:
+        raise AssertionError("no RESULT line:\n" + tail(worker))
+    return result
 
 
 def test_ctrl_c_cancels_a_blocking_save_and_nothing_commits_later(tmp_path: Path) -> None:
     root = str(tmp_path / "run")
-    proc = _worker("interrupt", root)
-    assert proc.stdout is not None
-    lines = []
-    for line in proc.stdout:
-        lines.append(line.rstrip("\n"))
-        if line.startswith("EVENT WRITING"):
-            proc.send_signal(signal.SIGINT)
-            break
-    out, _ = proc.communicate(timeout=120)
-    lines += out.splitlines()
-    result = _result(lines)
+    worker = _worker("interrupt", root)
+    wait_for(worker, "EVENT WRITING")
+    worker.proc.send_signal(signal.SIGINT)
+    result = _result(finish([worker], timeout=120)[0])
     assert result["outcome"] == "KeyboardInterrupt", result
     assert result["committed_at_raise"] is False
     # The save had 3 s left when interrupted; 4 s later it must still not be committed,
@@ -65,9 +50,7 @@ def test_ctrl_c_cancels_a_blocking_save_and_nothing_commits_later(tmp_path: Path
 
 
 def test_a_checkpointer_used_in_a_forked_child_raises_instead_of_hanging(tmp_path: Path) -> None:
-    proc = _worker("fork", str(tmp_path / "run"))
-    out, _ = proc.communicate(timeout=120)
-    result = _result(out.splitlines())
+    result = _result(finish([_worker("fork", str(tmp_path / "run"))], timeout=120)[0])
     child = result["child"]
     assert child is not None and result["child_status"] == 0, result
     for use in ("save", "restore", "new_checkpointer", "new_manager"):

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -35,6 +34,7 @@ from cloudckpt.orbax import UnsupportedOrbaxLayoutError
 from cloudckpt.testing.servers import free_port
 
 from .backend_harness import StoreUnderTest, make_store
+from .multiproc import Worker, finish, popen, tail
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "orbax"
@@ -484,7 +484,7 @@ def test_two_processes_restore_an_orbax_step(
     store = make_store("s3", request, tmp_path)
     url = upload(store, "0.12.8", "composite_default")
     port = free_port()
-    procs = []
+    workers = []
     for i in range(2):
         spec = {
             "process_id": i,
@@ -495,25 +495,13 @@ def test_two_processes_restore_an_orbax_step(
             "step": 2,
             "fixtures": str(FIXTURES / "0.12.8"),
         }
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "tests.orbax_mp_worker", json.dumps(spec)],
-                cwd=REPO,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
+        proc, errors = popen([sys.executable, "-m", "tests.orbax_mp_worker", json.dumps(spec)])
+        workers.append(Worker(i, proc, errors=errors))
     results = []
-    for proc in procs:
-        try:
-            out, _ = proc.communicate(timeout=180)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, _ = proc.communicate()
-        lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
-        assert proc.returncode == 0 and lines, out[-3000:]
-        results.append(json.loads(lines[0][len("RESULT ") :]))
+    for worker in finish(workers, timeout=360):
+        result = worker.result()
+        assert worker.proc.returncode == 0 and result is not None, tail(worker, 60)
+        results.append(result)
     assert [r["steps"] for r in results] == [[1, 2], [1, 2]]
     # Each process read exactly the shards its own devices hold: together, every element once.
     assert sum(r["checked"] for r in results) == 8 * 12 + 16 * 4

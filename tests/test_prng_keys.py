@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,7 @@ from cloudckpt.format import jsonio as _jsonio
 from cloudckpt.testing.servers import LocalServers, free_port
 
 from .backend_harness import StoreUnderTest, make_store
-from .multiproc import REPO, Worker, finish, tail
+from .multiproc import Worker, finish, popen, tail
 
 IMPLS = {"threefry2x32": (2,), "rbg": (4,), "unsafe_rbg": (4,)}
 
@@ -228,39 +226,19 @@ def test_unknown_or_inconsistent_implementation_is_corruption(
             ckptr.metadata(str(url))
 
 
+def _keys_worker(i: int, port: int, url: str) -> Worker:
+    spec = {"process_id": i, "num_processes": 2, "devices": 4, "port": port, "url": url}
+    proc, errors = popen([sys.executable, "-m", "tests.mp_keys_worker", json.dumps(spec)])
+    return Worker(i, proc, errors=errors)
+
+
 def test_sharded_keys_from_two_processes(
     servers: LocalServers, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     """2 processes x 4 devices save key batches; each restores its shards onto another mesh."""
     store = make_store("s3", request, tmp_path)
     port = free_port()
-    workers = [
-        Worker(
-            i,
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "tests.mp_keys_worker",
-                    json.dumps(
-                        {
-                            "process_id": i,
-                            "num_processes": 2,
-                            "devices": 4,
-                            "port": port,
-                            "url": store.url("mp"),
-                        }
-                    ),
-                ],
-                cwd=REPO,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            ),
-        )
-        for i in range(2)
-    ]
+    workers = [_keys_worker(i, port, store.url("mp")) for i in range(2)]
     results = [w.result() for w in finish(workers)]
     for worker, result in zip(workers, results, strict=True):
         assert worker.proc.returncode == 0 and result is not None, tail(worker)
