@@ -19,11 +19,22 @@ import numpy as np
 import pytest
 
 from cloudckpt.handlers.pytree import host
-from cloudckpt.handlers.pytree.host import PREFAULT_MIN_BYTES, empty_aligned, prefault
+from cloudckpt.handlers.pytree.host import PREFAULT_MIN_BYTES, prefault
 
 _PAGE = mmap.PAGESIZE
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+
+
+def _fresh(shape: tuple[int, ...], dtype: np.dtype | type = np.uint8) -> np.ndarray:
+    """A buffer of new anonymous pages, none touched yet (its own mapping, kept alive by it).
+
+    Not ``np.empty``: in a process that has allocated and freed a lot, malloc may
+    hand back memory that is still mapped, and these tests need pages that are not.
+    """
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    return np.frombuffer(mmap.mmap(-1, nbytes), np.uint8).view(dtype).reshape(shape)
 
 
 def _resident(buffer: np.ndarray) -> float:
@@ -37,16 +48,16 @@ def _resident(buffer: np.ndarray) -> float:
 
 
 def test_a_fresh_buffer_is_mapped_by_one_call() -> None:
-    buffer = empty_aligned((64 << 20,), np.dtype(np.uint8))
+    buffer = _fresh((64 << 20,))
     before = _resident(buffer)
     prefault([buffer])
-    assert before < 0.5  # new memory: numpy's large allocations come from mmap
+    assert before < 0.5  # new pages, never touched
     assert _resident(buffer) == 1.0
 
 
 def test_small_buffers_are_left_to_their_faults() -> None:
-    small = empty_aligned((PREFAULT_MIN_BYTES // 2,), np.dtype(np.uint8))
-    big = empty_aligned((PREFAULT_MIN_BYTES * 2,), np.dtype(np.uint8))
+    small = _fresh((PREFAULT_MIN_BYTES // 2,))
+    big = _fresh((PREFAULT_MIN_BYTES * 2,))
     prefault([small, big])
     assert _resident(big) == 1.0
 
@@ -54,7 +65,7 @@ def test_small_buffers_are_left_to_their_faults() -> None:
 def test_contents_are_never_changed() -> None:
     rng = np.random.default_rng(14)
     data = rng.integers(0, 256, 32 << 20, dtype=np.uint8)
-    buffer = empty_aligned(data.shape, data.dtype)
+    buffer = _fresh(data.shape, data.dtype)
     buffer[: len(data) // 2] = data[: len(data) // 2]  # half filled, half fresh
     prefault([buffer])
     np.testing.assert_array_equal(buffer[: len(data) // 2], data[: len(data) // 2])
@@ -67,7 +78,7 @@ def test_a_fill_racing_the_prefault_keeps_every_byte() -> None:
     rng = np.random.default_rng(18)
     data = rng.integers(0, 256, 128 << 20, dtype=np.uint8)
     for _ in range(3):
-        buffer = empty_aligned(data.shape, data.dtype)
+        buffer = _fresh(data.shape, data.dtype)
         worker = threading.Thread(target=prefault, args=([buffer],))
         worker.start()
         for lo in range(0, len(data), 1 << 20):
@@ -77,7 +88,7 @@ def test_a_fill_racing_the_prefault_keeps_every_byte() -> None:
 
 
 def test_views_map_only_their_own_pages() -> None:
-    backing = empty_aligned((48 << 20,), np.dtype(np.uint8))
+    backing = _fresh((48 << 20,))
     view = backing[12345 : 12345 + (16 << 20)]  # unaligned both ends
     prefault([view])
     assert _resident(view) == 1.0
@@ -88,7 +99,7 @@ def test_a_kernel_without_the_advice_changes_nothing(monkeypatch: pytest.MonkeyP
     # Kernels before 5.14 answer EINVAL; the buffers then fault in as they are filled.
     monkeypatch.setattr(host, "_MADV_POPULATE_WRITE", 0x7FFF)
     data = np.arange(8 << 20, dtype=np.uint32)
-    buffers = [empty_aligned(data.shape, data.dtype) for _ in range(2)]
+    buffers = [_fresh(data.shape, data.dtype) for _ in range(2)]
     prefault(buffers)
     for buffer in buffers:
         buffer[...] = data
@@ -100,7 +111,7 @@ def test_other_systems_are_never_given_the_linux_advice(monkeypatch: pytest.Monk
     monkeypatch.setattr(host.sys, "platform", "darwin")
     host._madvise.cache_clear()  # looked up again, as on that system
     try:
-        buffer = empty_aligned((32 << 20,), np.dtype(np.uint8))
+        buffer = _fresh((32 << 20,))
         prefault([buffer])
         assert _resident(buffer) < 0.5
     finally:
