@@ -99,3 +99,33 @@ async def check_read_into(backend: Any, path: str) -> None:
     assert await backend.read_into(path, 5, [memoryview(bytearray(0))]) == 0
     assert await backend.read_into(path + "-absent", 0, [memoryview(bytearray(0))]) is None
     assert await backend.read_into(path + "-absent", 0, [memoryview(bytearray(8))]) is None
+    await _check_large_read_into(backend, path + "-large")
+
+
+async def _check_large_read_into(backend: Any, path: str) -> None:
+    """Bodies of 1 MiB and more, which the socket receives straight into the buffers."""
+    from cloudckpt.storage import _receive
+
+    data = np.random.default_rng(1).bytes(3 << 20)
+    await backend.put(path, data)
+    taken: list[int] = []
+    real = _receive.receive_into
+
+    async def counting(response: Any, buffers: Any, skip: int) -> int:
+        taken.append(response.content_length)
+        return await real(response, buffers, skip)
+
+    _receive.receive_into = counting  # type: ignore[assignment]
+    try:
+        # Chunk data and 4-byte crc32c, alternating, as the chunk reader asks for them.
+        sizes = [1 << 20, 4, (1 << 20) + 3, 4]
+        views = [memoryview(np.full(n, 0xAA, np.uint8)) for n in sizes]
+        assert await backend.read_into(path, 4321, views) == sum(sizes)
+        assert b"".join(bytes(v) for v in views) == data[4321 : 4321 + sum(sizes)]
+        tail = np.full(2 << 20, 0xAA, np.uint8)  # past the end: the bytes there are
+        assert await backend.read_into(path, (2 << 20) - 7, [memoryview(tail)]) == (1 << 20) + 7
+        assert tail[: (1 << 20) + 7].tobytes() == data[(2 << 20) - 7 :]
+        assert set(tail[(1 << 20) + 7 :].tolist()) == {0xAA}
+    finally:
+        _receive.receive_into = real  # type: ignore[assignment]
+    assert taken == [sum(sizes), (1 << 20) + 7]  # both through the direct receiver

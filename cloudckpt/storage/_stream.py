@@ -110,4 +110,8 @@ async def fill_from_range(
             )
     else:
         raise OSError(f"{store} answered a ranged GET of {where} with {response.status}")
+    from cloudckpt.storage import _receive  # it imports Buffer from here
+
+    if _receive.usable(response, buffers):
+        return await _receive.receive_into(response, buffers, skip)
     return await fill_from_stream(response.content, buffers, skip)

@@ -1,0 +1,190 @@
+"""A large response body received by the socket straight into the caller's memory.
+
+aiohttp hands a body over as ``bytes`` objects: the socket's ``recv`` makes
+one, its HTTP parser copies the body out of it into another, and the reader
+copies that into the destination, each with Python work per 64-256 KiB
+piece. On a restore that is most of the event loop's time, and the loop
+receives every byte. Here aiohttp still sends the request and parses the
+status and headers (its pool, proxies, TLS, timeouts, errors); once the body
+starts, the connection's transport is handed to an
+:class:`asyncio.BufferedProtocol` whose buffers are the destination itself,
+so the kernel (or the TLS layer) writes each byte once, where it belongs.
+
+Only bodies that are plain bytes on the wire qualify: a known
+``Content-Length``, no transfer or content coding, flat destinations (not
+sinks), at least :data:`MIN_BYTES`. The connection is closed afterwards
+(aiohttp's parser never saw the body end, so it is not put back in the pool).
+A body that ends before its ``Content-Length`` raises
+:class:`aiohttp.ClientPayloadError`, as aiohttp does, so it is retried the same
+way. Cancelled or failed, nothing more is written into the destination once
+the awaiting call has returned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+
+from cloudckpt.storage._stream import Buffer
+
+#: Bodies shorter than this go through aiohttp's reader: a new connection for the next
+#: request costs more than the copies saved.
+MIN_BYTES = 1 << 20
+#: Where bytes that are not placed go (a skipped prefix, the rest of a longer body).
+_DISCARD_BYTES = 1 << 16
+
+
+def usable(response: Any, buffers: list[Buffer]) -> bool:
+    """Whether the body of ``response`` can be received straight into ``buffers``."""
+    if not all(isinstance(b, memoryview) for b in buffers):
+        return False
+    if sum(b.nbytes for b in buffers) < MIN_BYTES:
+        return False
+    headers = response.headers
+    coding = headers.get("Content-Encoding", "identity").strip().lower()
+    if response.content_length is None or "Transfer-Encoding" in headers or coding != "identity":
+        return False
+    connection = response.connection
+    return (
+        connection is not None
+        and connection.transport is not None
+        and hasattr(connection.transport, "set_protocol")
+        and not connection.transport.is_closing()
+    )
+
+
+def _flat(buffers: list[Buffer]) -> list[memoryview]:
+    views = [b for b in buffers if isinstance(b, memoryview)]
+    if len(views) != len(buffers):
+        raise TypeError("the direct receiver fills flat buffers only (see usable)")
+    return views
+
+
+class _Receiver(asyncio.BufferedProtocol):
+    """Receives ``length`` body bytes: ``skip`` dropped, then the views filled in order."""
+
+    def __init__(
+        self,
+        transport: asyncio.Transport,
+        views: list[memoryview],
+        skip: int,
+        length: int,
+        done: asyncio.Future[None],
+    ) -> None:
+        self._transport = transport
+        self._views = [v for v in views if v.nbytes]
+        self._at = 0  # the view being filled
+        self._pos = 0  # bytes of it filled
+        self._skip = skip
+        self.left = length  # body bytes not received yet
+        self.placed = 0
+        self._done = done
+        self._discard = memoryview(bytearray(_DISCARD_BYTES))
+        self._stopped = False
+
+    @property
+    def full(self) -> bool:
+        return self._at >= len(self._views)
+
+    def take(self, data: memoryview) -> None:
+        """Places bytes aiohttp had already received (the start of the body)."""
+        while data and not self._stopped:
+            n = min(len(data), self.left)
+            if self._skip:
+                n = min(n, self._skip)
+            else:
+                view = self._views[self._at]
+                n = min(n, view.nbytes - self._pos)
+                view[self._pos : self._pos + n] = data[:n]
+            data = data[n:]
+            self._advance(n)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._stopped:  # a read before the transport noticed the pause: dropped
+            return self._discard
+        if self._skip:
+            return self._discard[: min(_DISCARD_BYTES, self._skip, self.left)]
+        view = self._views[self._at]
+        return view[self._pos : self._pos + min(view.nbytes - self._pos, self.left)]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if not self._stopped:
+            self._advance(nbytes)
+
+    def _advance(self, n: int) -> None:
+        self.left -= n
+        if self._skip:
+            self._skip -= n
+        else:
+            self._pos += n
+            self.placed += n
+            if self._pos == self._views[self._at].nbytes:
+                self._at, self._pos = self._at + 1, 0
+        if self.left <= 0 or (self.full and not self._skip):
+            self._finish()  # the body has ended, or the buffers are full
+
+    def _finish(self, exc: BaseException | None = None) -> None:
+        """Stops receiving: nothing more is written into the views from here on."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._transport.pause_reading()
+        if not self._done.done():
+            if exc is None:
+                self._done.set_result(None)
+            else:
+                self._done.set_exception(exc)
+
+    def stop(self) -> None:
+        self._finish()
+
+    def eof_received(self) -> bool:
+        self._ended()
+        return False  # the transport closes itself
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._ended(exc)
+
+    def _ended(self, exc: BaseException | None = None) -> None:
+        if self._stopped:
+            return
+        if self.left > 0:
+            error = aiohttp.ClientPayloadError(
+                f"Response payload is not completed: {self.left} bytes of the body missing"
+            )
+            if exc is not None:
+                error.__cause__ = exc
+            return self._finish(error)
+        self._finish()
+
+
+async def receive_into(response: Any, buffers: list[Buffer], skip: int) -> int:
+    """The body of ``response`` (``usable``), less its first ``skip`` bytes, into ``buffers``.
+
+    Returns the bytes placed: the buffers' total, or fewer when the body ends
+    first. Stops when the buffers are full; the rest of a longer body is not read.
+    """
+    views = [b if b.format == "B" and b.ndim == 1 else b.cast("B") for b in _flat(buffers)]
+    connection = response.connection
+    transport = connection.transport
+    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    receiver = _Receiver(transport, views, skip, response.content_length, done)
+    try:
+        # What aiohttp received with the headers (and has not handed over yet) comes first.
+        receiver.take(memoryview(response.content.read_nowait()))
+        if receiver.left <= 0:
+            receiver.stop()
+        if not done.done():
+            drop = getattr(connection.protocol, "_drop_timeout", None)
+            if drop is not None:
+                drop()  # its read timer would fire on a socket it no longer reads
+            transport.set_protocol(receiver)
+            transport.resume_reading()
+            await done
+        done.result()
+    finally:
+        receiver.stop()
+        response.close()  # aiohttp's parser never saw the body end: not reusable
+    return receiver.placed

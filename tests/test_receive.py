@@ -1,0 +1,314 @@
+"""Large ranged GET bodies received by the socket straight into the caller's buffers.
+
+``cloudckpt.storage._receive`` takes a connection's transport from aiohttp once
+the headers are in and lets the kernel (or TLS) write the body into the
+destination. These tests run a real HTTP server (aiohttp.web on 127.0.0.1,
+plain and TLS with a certificate made here) that answers as stores do and as
+they fail: a range honoured or ignored, a body cut short, one that stalls
+halfway, gzip and chunked answers (which must stay on aiohttp's reader). The
+GCS and S3 servers' own answers are checked in test_direct_chunks_gcs.py and
+test_direct_reads_s3.py (``check_read_into``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import gzip
+import ipaddress
+import ssl
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+import pytest
+from aiohttp import web
+
+from cloudckpt.storage import _receive
+from cloudckpt.storage._stream import fill_from_range
+
+DATA = np.random.default_rng(18).bytes(3 << 20)
+SENTINEL = 0xAA
+
+
+def _certificate(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (the server's) and its key."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+class Server:
+    """What the handler did, and a gate a stalling answer waits at."""
+
+    def __init__(self) -> None:
+        self.half_sent = asyncio.Event()
+        self.go_on = asyncio.Event()
+        self.rest_sent = asyncio.Event()
+
+
+def _range_of(request: web.Request) -> tuple[int, int]:
+    spec = request.headers["Range"].removeprefix("bytes=")
+    first, last = spec.split("-")
+    return int(first), min(int(last), len(DATA) - 1)
+
+
+def _app(server: Server) -> web.Application:
+    async def honour(request: web.Request) -> web.StreamResponse:
+        first, last = _range_of(request)
+        if first >= len(DATA):
+            return web.Response(status=416)
+        body = DATA[first : last + 1]
+        headers = {"Content-Range": f"bytes {first}-{last}/{len(DATA)}"}
+        return web.Response(status=206, body=body, headers=headers)
+
+    async def ignore(request: web.Request) -> web.StreamResponse:
+        return web.Response(status=200, body=DATA)
+
+    async def partial(request: web.Request, stall: bool) -> web.StreamResponse:
+        first, last = _range_of(request)
+        body = DATA[first : last + 1]
+        response = web.StreamResponse(
+            status=206, headers={"Content-Range": f"bytes {first}-{last}/{len(DATA)}"}
+        )
+        response.content_length = len(body)
+        await response.prepare(request)
+        await response.write(body[: len(body) // 2])
+        server.half_sent.set()
+        if not stall:
+            assert request.transport is not None
+            request.transport.close()  # the connection ends with half the body sent
+            return response
+        await server.go_on.wait()
+        try:
+            await response.write(body[len(body) // 2 :])
+            server.rest_sent.set()
+        except (ConnectionError, RuntimeError):
+            server.rest_sent.set()  # the client had gone: nothing more to send
+        return response
+
+    async def gzipped(request: web.Request) -> web.StreamResponse:
+        first, last = _range_of(request)
+        headers = {
+            "Content-Range": f"bytes {first}-{last}/{len(DATA)}",
+            "Content-Encoding": "gzip",
+        }
+        return web.Response(
+            status=206, body=gzip.compress(DATA[first : last + 1], 1), headers=headers
+        )
+
+    async def chunked(request: web.Request) -> web.StreamResponse:
+        first, last = _range_of(request)
+        response = web.StreamResponse(
+            status=206, headers={"Content-Range": f"bytes {first}-{last}/{len(DATA)}"}
+        )
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        body = DATA[first : last + 1]
+        for at in range(0, len(body), 1 << 18):
+            await response.write(body[at : at + (1 << 18)])
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/honour", honour)
+    app.router.add_get("/ignore", ignore)
+
+    async def cut(request: web.Request) -> web.StreamResponse:
+        return await partial(request, stall=False)
+
+    async def stall(request: web.Request) -> web.StreamResponse:
+        return await partial(request, stall=True)
+
+    app.router.add_get("/cut", cut)
+    app.router.add_get("/stall", stall)
+    app.router.add_get("/gzip", gzipped)
+    app.router.add_get("/chunked", chunked)
+    return app
+
+
+@asynccontextmanager
+async def _serving(
+    scheme: str, tmp_path: Path
+) -> AsyncIterator[tuple[Server, str, aiohttp.ClientSession]]:
+    server = Server()
+    runner = web.AppRunner(_app(server))
+    await runner.setup()
+    server_ssl = client_ssl = None
+    if scheme == "https":
+        cert, key = _certificate(tmp_path)
+        server_ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        server_ssl.load_cert_chain(cert, key)
+        client_ssl = ssl.create_default_context(cafile=str(cert))
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_ssl)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    connector = aiohttp.TCPConnector(ssl=client_ssl if client_ssl is not None else True)
+    session = aiohttp.ClientSession(connector=connector)
+    try:
+        yield server, f"{scheme}://127.0.0.1:{port}", session
+    finally:
+        await session.close()
+        await runner.cleanup()
+
+
+@pytest.fixture
+def received(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The body lengths the direct receiver took (the other answers went through aiohttp)."""
+    calls: list[int] = []
+    real = _receive.receive_into
+
+    async def counting(response: Any, buffers: Any, skip: int) -> int:
+        calls.append(response.content_length)
+        return await real(response, buffers, skip)
+
+    monkeypatch.setattr(_receive, "receive_into", counting)
+    return calls
+
+
+def _buffers(*sizes: int) -> list[bytearray]:
+    return [bytearray([SENTINEL]) * n for n in sizes]
+
+
+async def _get(
+    session: aiohttp.ClientSession, url: str, offset: int, buffers: list[bytearray]
+) -> int:
+    want = sum(len(b) for b in buffers)
+    headers = {"Range": f"bytes={offset}-{offset + want - 1}"}
+    async with session.get(url, headers=headers) as response:
+        return await fill_from_range(
+            response, [memoryview(b) for b in buffers], offset, "test://obj", "TEST"
+        )
+
+
+def _run(scheme: str, tmp_path: Path, test: Callable[..., Any]) -> None:
+    async def go() -> None:
+        async with _serving(scheme, tmp_path) as (server, base, session):
+            await test(server, base, session)
+
+    asyncio.run(go())
+
+
+SCHEMES = pytest.mark.parametrize("scheme", ["http", "https"])
+
+
+@SCHEMES
+def test_a_large_body_lands_in_place_across_many_buffers(
+    scheme: str, tmp_path: Path, received: list[int]
+) -> None:
+    async def test(server: Server, base: str, session: aiohttp.ClientSession) -> None:
+        # Chunk data and its 4-byte crc32c, alternating, as the chunk reader asks.
+        sizes = [1 << 20, 4, 12345, 4, (1 << 20) + 3, 0, 4]
+        buffers = _buffers(*sizes)
+        assert await _get(session, f"{base}/honour", 777, buffers) == sum(sizes)
+        assert b"".join(buffers) == DATA[777 : 777 + sum(sizes)]
+        # The same session goes on working: the taken connection was closed, not pooled.
+        again = _buffers(2 << 20)
+        assert await _get(session, f"{base}/honour", 0, again) == 2 << 20
+        assert bytes(again[0]) == DATA[: 2 << 20]
+        small = _buffers(1000)
+        assert await _get(session, f"{base}/honour", 5, small) == 1000
+        assert bytes(small[0]) == DATA[5:1005]
+
+    _run(scheme, tmp_path, test)
+    assert len(received) == 2  # the two large bodies; the small one went through aiohttp
+
+
+@SCHEMES
+def test_a_store_that_ignores_the_range_has_its_prefix_skipped(
+    scheme: str, tmp_path: Path, received: list[int]
+) -> None:
+    async def test(server: Server, base: str, session: aiohttp.ClientSession) -> None:
+        (buffer,) = _buffers(1 << 20)
+        assert await _get(session, f"{base}/ignore", 1_500_000, [buffer]) == 1 << 20
+        assert bytes(buffer) == DATA[1_500_000 : 1_500_000 + (1 << 20)]
+        # Past the end of the object: the bytes there are, fewer than asked for.
+        (tail,) = _buffers(1 << 20)
+        offset = len(DATA) - 5000
+        assert await _get(session, f"{base}/ignore", offset, [tail]) == 5000
+        assert bytes(tail[:5000]) == DATA[offset:]
+        assert set(tail[5000:]) == {SENTINEL}
+
+    _run(scheme, tmp_path, test)
+    assert received == [len(DATA), len(DATA)]
+
+
+@SCHEMES
+def test_a_body_cut_short_raises_as_aiohttp_does(
+    scheme: str, tmp_path: Path, received: list[int]
+) -> None:
+    async def test(server: Server, base: str, session: aiohttp.ClientSession) -> None:
+        with pytest.raises(aiohttp.ClientPayloadError, match="not completed"):
+            await _get(session, f"{base}/cut", 0, _buffers(2 << 20))
+
+    _run(scheme, tmp_path, test)
+    assert received == [2 << 20]
+
+
+@SCHEMES
+def test_nothing_lands_after_the_read_is_cancelled(
+    scheme: str, tmp_path: Path, received: list[int]
+) -> None:
+    # A hedge that lost, or a deadline: the caller's buffers are someone else's from then on.
+    async def test(server: Server, base: str, session: aiohttp.ClientSession) -> None:
+        (buffer,) = _buffers(2 << 20)
+        read = asyncio.ensure_future(_get(session, f"{base}/stall", 0, [buffer]))
+        await server.half_sent.wait()
+        await asyncio.sleep(0.2)  # the first half arrives
+        assert not read.done()
+        read.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await read
+        server.go_on.set()
+        await server.rest_sent.wait()
+        await asyncio.sleep(0.2)
+        assert set(buffer[1 << 20 :]) == {SENTINEL}
+        assert bytes(buffer[: 1 << 19]) == DATA[: 1 << 19]  # the half that came did land
+
+    _run(scheme, tmp_path, test)
+    assert received == [2 << 20]
+
+
+@pytest.mark.parametrize("path", ["gzip", "chunked"])
+def test_coded_bodies_stay_on_aiohttps_reader(
+    path: str, tmp_path: Path, received: list[int]
+) -> None:
+    async def test(server: Server, base: str, session: aiohttp.ClientSession) -> None:
+        buffers = _buffers(1 << 20, 4, 1 << 20)
+        assert await _get(session, f"{base}/{path}", 99, buffers) == (2 << 20) + 4
+        assert b"".join(buffers) == DATA[99 : 99 + (2 << 20) + 4]
+
+    _run("http", tmp_path, test)
+    assert received == []
