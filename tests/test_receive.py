@@ -312,3 +312,88 @@ def test_coded_bodies_stay_on_aiohttps_reader(
 
     _run("http", tmp_path, test)
     assert received == []
+
+
+class _SlowSink:
+    """A sink whose placing is held up: crowded after its first piece until let go."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes
+        self.pieces: list[tuple[int, bytes]] = []
+        self.let_go = asyncio.Event()
+
+    def write(self, pos: int, data: memoryview) -> None:
+        raise AssertionError("a streamed body's pieces are handed over with write_later")
+
+    def write_later(self, pos: int, data: memoryview) -> None:
+        self.pieces.append((pos, bytes(data)))
+
+    def crowded(self) -> bool:
+        return not self.let_go.is_set()
+
+    async def room(self) -> None:
+        await self.let_go.wait()
+
+
+@SCHEMES
+def test_a_sink_gets_whole_pieces_and_a_crowded_one_stops_the_socket(
+    scheme: str, tmp_path: Path, received: list[int]
+) -> None:
+    async def test(server: Server, base: str, session: aiohttp.ClientSession) -> None:
+        sink = _SlowSink(2 << 20)
+        (crc,) = _buffers(4)
+        want = (2 << 20) + 4
+        headers = {"Range": f"bytes=100-{100 + want - 1}"}
+        async with session.get(f"{base}/honour", headers=headers) as response:
+            read = asyncio.ensure_future(
+                fill_from_range(response, [sink, memoryview(crc)], 100, "test://obj", "TEST")
+            )
+            await asyncio.sleep(0.3)
+            held = len(sink.pieces)
+            assert not read.done()  # nothing read past the first piece while it is crowded
+            assert 1 <= held <= 2 and sum(len(p) for _, p in sink.pieces) <= (1 << 20) + (1 << 16)
+            sink.let_go.set()
+            assert await read == want
+        assert b"".join(p for _, p in sink.pieces) == DATA[100 : 100 + (2 << 20)]
+        assert [pos for pos, _ in sink.pieces] == list(
+            np.cumsum([0] + [len(p) for _, p in sink.pieces[:-1]])
+        )
+        assert bytes(crc) == DATA[100 + (2 << 20) : 100 + want]
+
+    _run(scheme, tmp_path, test)
+    assert received == [(2 << 20) + 4]
+
+
+def test_an_inner_chunk_cut_between_two_arrays_is_scattered_as_received(
+    tmp_path: Path, received: list[int]
+) -> None:
+    import crc32c
+
+    from cloudckpt.handlers.pytree.scatter import Scatter
+
+    values = np.frombuffer(DATA[: 2 << 20], np.float32).reshape(512, 1024)
+
+    async def test(server: Server, base: str, session: aiohttp.ClientSession) -> None:
+        left = np.full((512, 512), -1.0, np.float32)
+        right = np.full((512, 512), -1.0, np.float32)
+        sink = Scatter(
+            (512, 1024),
+            np.dtype(np.float32),
+            [(left, ((0, 512), (0, 512))), (right, ((0, 512), (512, 1024)))],
+        )
+        (crc,) = _buffers(4)
+        assert await _get_into(session, f"{base}/honour", [sink, memoryview(crc)]) == (2 << 20) + 4
+        await sink.settled()
+        np.testing.assert_array_equal(left, values[:, :512])
+        np.testing.assert_array_equal(right, values[:, 512:])
+        assert sink.written == 2 << 20 and sink.crc == crc32c.crc32c(DATA[: 2 << 20])
+        assert bytes(crc) == DATA[2 << 20 : (2 << 20) + 4]
+
+    _run("http", tmp_path, test)
+    assert received == [(2 << 20) + 4]
+
+
+async def _get_into(session: aiohttp.ClientSession, url: str, buffers: list[Any]) -> int:
+    want = sum(b.nbytes for b in buffers)
+    async with session.get(url, headers={"Range": f"bytes=0-{want - 1}"}) as response:
+        return await fill_from_range(response, buffers, 0, "test://obj", "TEST")

@@ -26,19 +26,22 @@ import asyncio
 from typing import Any
 
 import aiohttp
+import numpy as np
 
 from cloudckpt.storage._stream import Buffer
 
 #: Bodies shorter than this go through aiohttp's reader: a new connection for the next
 #: request costs more than the copies saved.
 MIN_BYTES = 1 << 20
+#: Pieces a sink's bytes are received in (new memory each, handed over whole).
+PIECE_BYTES = 1 << 20
 #: Where bytes that are not placed go (a skipped prefix, the rest of a longer body).
 _DISCARD_BYTES = 1 << 16
 
 
 def usable(response: Any, buffers: list[Buffer]) -> bool:
     """Whether the body of ``response`` can be received straight into ``buffers``."""
-    if not all(isinstance(b, memoryview) for b in buffers):
+    if not all(isinstance(b, memoryview) or hasattr(b, "write_later") for b in buffers):
         return False
     if sum(b.nbytes for b in buffers) < MIN_BYTES:
         return False
@@ -55,20 +58,25 @@ def usable(response: Any, buffers: list[Buffer]) -> bool:
     )
 
 
-def _flat(buffers: list[Buffer]) -> list[memoryview]:
-    views = [b for b in buffers if isinstance(b, memoryview)]
-    if len(views) != len(buffers):
-        raise TypeError("the direct receiver fills flat buffers only (see usable)")
-    return views
+def _flat(buffer: Buffer) -> Buffer:
+    if isinstance(buffer, memoryview) and (buffer.format != "B" or buffer.ndim != 1):
+        return buffer.cast("B")
+    return buffer
 
 
 class _Receiver(asyncio.BufferedProtocol):
-    """Receives ``length`` body bytes: ``skip`` dropped, then the views filled in order."""
+    """Receives ``length`` body bytes: ``skip`` dropped, then the views filled in order.
+
+    A sink (``write_later``) is filled through pieces of up to ``PIECE_BYTES``
+    of new memory, each handed over whole once received (a placing thread
+    copies it into place); past its backlog bound (``crowded``) the socket is
+    not read until it has ``room``.
+    """
 
     def __init__(
         self,
         transport: asyncio.Transport,
-        views: list[memoryview],
+        views: list[Buffer],
         skip: int,
         length: int,
         done: asyncio.Future[None],
@@ -83,6 +91,9 @@ class _Receiver(asyncio.BufferedProtocol):
         self._done = done
         self._discard = memoryview(bytearray(_DISCARD_BYTES))
         self._stopped = False
+        self._piece: memoryview | None = None  # a sink's piece being received
+        self._filled = 0  # bytes of it received
+        self._waiting: asyncio.Task[None] | None = None  # for a crowded sink's room
 
     @property
     def full(self) -> bool:
@@ -97,7 +108,10 @@ class _Receiver(asyncio.BufferedProtocol):
             else:
                 view = self._views[self._at]
                 n = min(n, view.nbytes - self._pos)
-                view[self._pos : self._pos + n] = data[:n]
+                if isinstance(view, memoryview):
+                    view[self._pos : self._pos + n] = data[:n]
+                else:
+                    self._hand(view, memoryview(bytes(data[:n])))
             data = data[n:]
             self._advance(n)
 
@@ -107,11 +121,42 @@ class _Receiver(asyncio.BufferedProtocol):
         if self._skip:
             return self._discard[: min(_DISCARD_BYTES, self._skip, self.left)]
         view = self._views[self._at]
-        return view[self._pos : self._pos + min(view.nbytes - self._pos, self.left)]
+        n = min(view.nbytes - self._pos, self.left)
+        if isinstance(view, memoryview):
+            return view[self._pos : self._pos + n]
+        if self._piece is None:
+            self._piece, self._filled = memoryview(np.empty(min(n, PIECE_BYTES), np.uint8)), 0
+        return self._piece[self._filled :]
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self._stopped:
+            return
+        if self._skip or self._piece is None:
+            return self._advance(nbytes)
+        self._filled += nbytes
+        self.left -= nbytes
+        if self._filled == self._piece.nbytes:
+            piece, self._piece = self._piece, None
+            self.left += piece.nbytes  # counted again by _advance
+            self._hand(self._views[self._at], piece)
+            self._advance(piece.nbytes)
+        elif self.left <= 0:
+            self._finish()
+
+    def _hand(self, sink: Any, piece: memoryview) -> None:
+        """Gives a sink its next piece; past its backlog bound, stops reading until it has room."""
+        sink.write_later(self._pos, piece)
+        crowded = getattr(sink, "crowded", None)
+        if crowded is not None and crowded():
+            self._transport.pause_reading()
+            if self._waiting is None:
+                self._waiting = asyncio.ensure_future(self._room(sink))
+
+    async def _room(self, sink: Any) -> None:
+        await sink.room()
+        self._waiting = None
         if not self._stopped:
-            self._advance(nbytes)
+            self._transport.resume_reading()
 
     def _advance(self, n: int) -> None:
         self.left -= n
@@ -131,11 +176,18 @@ class _Receiver(asyncio.BufferedProtocol):
             return
         self._stopped = True
         self._transport.pause_reading()
+        if self._waiting is not None:
+            self._waiting.cancel()
         if not self._done.done():
             if exc is None:
                 self._done.set_result(None)
             else:
                 self._done.set_exception(exc)
+
+    def start(self) -> None:
+        """Reads the socket, unless a crowded sink is waiting for room (it resumes it then)."""
+        if self._waiting is None:
+            self._transport.resume_reading()
 
     def stop(self) -> None:
         self._finish()
@@ -166,7 +218,7 @@ async def receive_into(response: Any, buffers: list[Buffer], skip: int) -> int:
     Returns the bytes placed: the buffers' total, or fewer when the body ends
     first. Stops when the buffers are full; the rest of a longer body is not read.
     """
-    views = [b if b.format == "B" and b.ndim == 1 else b.cast("B") for b in _flat(buffers)]
+    views = [_flat(b) for b in buffers]
     connection = response.connection
     transport = connection.transport
     done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -181,7 +233,7 @@ async def receive_into(response: Any, buffers: list[Buffer], skip: int) -> int:
             if drop is not None:
                 drop()  # its read timer would fire on a socket it no longer reads
             transport.set_protocol(receiver)
-            transport.resume_reading()
+            receiver.start()
             await done
         done.result()
     finally:

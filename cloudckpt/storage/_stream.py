@@ -29,7 +29,8 @@ class Sink(Protocol):
 # A sink may also have ``write_later(pos, data)``: the same, possibly done later by another
 # thread, with ``data`` that stays valid (a streamed body's immutable bytes). Its owner
 # waits for those writes before reading the result. Where it also has ``async room()``,
-# a reader awaits it before each hand-over (the sink's backlog is bounded).
+# a reader awaits it before each hand-over (the sink's backlog is bounded); a reader
+# that cannot await (a protocol) asks ``crowded()`` after each and then awaits ``room``.
 
 
 #: One element of a read's destination.

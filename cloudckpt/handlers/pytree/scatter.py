@@ -80,6 +80,11 @@ class _Pool:
             with contextlib.suppress(RuntimeError):  # its loop has closed: nobody waits
                 loop.call_soon_threadsafe(_wake, waiter)
 
+    def crowded(self) -> bool:
+        """Whether ``QUEUED_BYTES`` or more wait to be placed (``room`` would wait)."""
+        with self._lock:
+            return self._queued >= QUEUED_BYTES
+
     async def room(self) -> None:
         """Returns once fewer than ``QUEUED_BYTES`` bytes wait to be placed."""
         loop = asyncio.get_running_loop()
@@ -155,6 +160,10 @@ class Scatter:
     async def room(self) -> None:
         """Waits until a piece may be handed over: the placing threads' backlog is bounded."""
         await _pool.room()
+
+    def crowded(self) -> bool:
+        """Whether ``room`` would wait (for a reader that cannot await: a protocol)."""
+        return _pool.crowded()
 
     def write_later(self, pos: int, data: memoryview) -> None:
         """``write``, done by a placing thread; ``data`` must stay valid (immutable bytes).
