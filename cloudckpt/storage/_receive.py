@@ -11,8 +11,9 @@ starts, the connection's transport is handed to an
 so the kernel (or the TLS layer) writes each byte once, where it belongs.
 
 Only bodies that are plain bytes on the wire qualify: a known
-``Content-Length``, no transfer or content coding, flat destinations (not
-sinks), at least :data:`MIN_BYTES`. The connection is closed afterwards
+``Content-Length``, no transfer or content coding, destinations that are flat
+views or sinks that take pieces later (``write_later``), at least
+:data:`MIN_BYTES`. The connection is closed afterwards
 (aiohttp's parser never saw the body end, so it is not put back in the pool).
 A body that ends before its ``Content-Length`` raises
 :class:`aiohttp.ClientPayloadError`, as aiohttp does, so it is retried the same
@@ -35,7 +36,7 @@ from cloudckpt.storage._stream import Buffer
 MIN_BYTES = 1 << 20
 #: Pieces a sink's bytes are received in (new memory each, handed over whole).
 PIECE_BYTES = 1 << 20
-#: Where bytes that are not placed go (a skipped prefix, the rest of a longer body).
+#: Where bytes that are not placed go (a skipped prefix; a read after the receiver stopped).
 _DISCARD_BYTES = 1 << 16
 
 
@@ -133,15 +134,13 @@ class _Receiver(asyncio.BufferedProtocol):
             return
         if self._skip or self._piece is None:
             return self._advance(nbytes)
+        # A piece is never longer than the body left (get_buffer): it is handed over,
+        # and counted, once whole.
         self._filled += nbytes
-        self.left -= nbytes
         if self._filled == self._piece.nbytes:
             piece, self._piece = self._piece, None
-            self.left += piece.nbytes  # counted again by _advance
             self._hand(self._views[self._at], piece)
             self._advance(piece.nbytes)
-        elif self.left <= 0:
-            self._finish()
 
     def _hand(self, sink: Any, piece: memoryview) -> None:
         """Gives a sink its next piece; past its backlog bound, stops reading until it has room."""
@@ -202,7 +201,7 @@ class _Receiver(asyncio.BufferedProtocol):
     def _ended(self, exc: BaseException | None = None) -> None:
         if self._stopped:
             return
-        if self.left > 0:
+        if self.left > 0:  # a piece received in part counts as missing: never handed over
             error = aiohttp.ClientPayloadError(
                 f"Response payload is not completed: {self.left} bytes of the body missing"
             )
