@@ -8,7 +8,9 @@ trusting the backend to report on itself.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -102,12 +104,11 @@ async def check_read_into(backend: Any, path: str) -> None:
     await _check_large_read_into(backend, path + "-large")
 
 
-async def _check_large_read_into(backend: Any, path: str) -> None:
-    """Bodies of 1 MiB and more, which the socket receives straight into the buffers."""
+@contextlib.contextmanager
+def direct_receives() -> Iterator[list[int]]:
+    """The body lengths ``cloudckpt.storage._receive`` takes while inside (the rest: aiohttp's)."""
     from cloudckpt.storage import _receive
 
-    data = np.random.default_rng(1).bytes(3 << 20)
-    await backend.put(path, data)
     taken: list[int] = []
     real = _receive.receive_into
 
@@ -117,6 +118,16 @@ async def _check_large_read_into(backend: Any, path: str) -> None:
 
     _receive.receive_into = counting  # type: ignore[assignment]
     try:
+        yield taken
+    finally:
+        _receive.receive_into = real  # type: ignore[assignment]
+
+
+async def _check_large_read_into(backend: Any, path: str) -> None:
+    """Bodies of 1 MiB and more, which the socket receives straight into the buffers."""
+    data = np.random.default_rng(1).bytes(3 << 20)
+    await backend.put(path, data)
+    with direct_receives() as taken:
         # Chunk data and 4-byte crc32c, alternating, as the chunk reader asks for them.
         sizes = [1 << 20, 4, (1 << 20) + 3, 4]
         views = [memoryview(np.full(n, 0xAA, np.uint8)) for n in sizes]
@@ -126,6 +137,4 @@ async def _check_large_read_into(backend: Any, path: str) -> None:
         assert await backend.read_into(path, (2 << 20) - 7, [memoryview(tail)]) == (1 << 20) + 7
         assert tail[: (1 << 20) + 7].tobytes() == data[(2 << 20) - 7 :]
         assert set(tail[(1 << 20) + 7 :].tolist()) == {0xAA}
-    finally:
-        _receive.receive_into = real  # type: ignore[assignment]
     assert taken == [sum(sizes), (1 << 20) + 7]  # both through the direct receiver

@@ -17,7 +17,7 @@ import datetime
 import gzip
 import ipaddress
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -27,8 +27,9 @@ import numpy as np
 import pytest
 from aiohttp import web
 
-from cloudckpt.storage import _receive
 from cloudckpt.storage._stream import fill_from_range
+
+from .backend_harness import direct_receives
 
 DATA = np.random.default_rng(18).bytes(3 << 20)
 SENTINEL = 0xAA
@@ -185,17 +186,10 @@ async def _serving(
 
 
 @pytest.fixture
-def received(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+def received() -> Iterator[list[int]]:
     """The body lengths the direct receiver took (the other answers went through aiohttp)."""
-    calls: list[int] = []
-    real = _receive.receive_into
-
-    async def counting(response: Any, buffers: Any, skip: int) -> int:
-        calls.append(response.content_length)
-        return await real(response, buffers, skip)
-
-    monkeypatch.setattr(_receive, "receive_into", counting)
-    return calls
+    with direct_receives() as calls:
+        yield calls
 
 
 def _buffers(*sizes: int) -> list[bytearray]:
