@@ -14,13 +14,12 @@ from __future__ import annotations
 import ctypes
 import mmap
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from cloudckpt.handlers.pytree import host
-from cloudckpt.handlers.pytree.host import PREFAULT_MIN_BYTES, empty_aligned, prefault, small_pages
+from cloudckpt.handlers.pytree.host import PREFAULT_MIN_BYTES, prefault
 
 _PAGE = mmap.PAGESIZE
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -117,72 +116,3 @@ def test_other_systems_are_never_given_the_linux_advice(monkeypatch: pytest.Monk
         assert _resident(buffer) < 0.5
     finally:
         host._madvise.cache_clear()  # the next caller looks libc up again
-
-
-# ------------------------------------------------------------------ small pages
-# numpy advises MADV_HUGEPAGE on arrays of 4 MiB or more; on these VMs huge pages of
-# fresh memory cost 2-5x more to map (see host.small_pages), so buffers that are
-# filled once and handed over ask for small pages instead. The kernel shows the
-# advice per mapping in /proc/self/smaps: "hg" (huge pages asked for), "nh" (refused).
-_THP = Path("/sys/kernel/mm/transparent_hugepage/enabled").exists()
-
-
-def _vm_flags(buffer: np.ndarray) -> list[set[str]]:
-    """The VmFlags of every mapping that holds a whole page of ``buffer``."""
-    first = -(-buffer.ctypes.data // _PAGE) * _PAGE
-    last = (buffer.ctypes.data + buffer.nbytes) // _PAGE * _PAGE
-    found: list[set[str]] = []
-    lo = hi = 0
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        head = line.split()[0]
-        if "-" in head and not head.endswith(":"):
-            lo, hi = (int(x, 16) for x in head.split("-"))
-        elif head == "VmFlags:" and lo < last and hi > first:
-            found.append(set(line.split()[1:]))
-    assert found, "no mapping holds the buffer"
-    return found
-
-
-def _advise_huge(buffer: np.ndarray) -> None:
-    first = -(-buffer.ctypes.data // _PAGE) * _PAGE
-    last = (buffer.ctypes.data + buffer.nbytes) // _PAGE * _PAGE
-    _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    assert _libc.madvise(first, last - first, 14) == 0, ctypes.get_errno()  # MADV_HUGEPAGE
-
-
-@pytest.mark.parametrize("nbytes", [PREFAULT_MIN_BYTES, 64 << 20])
-def test_restore_buffers_ask_for_small_pages(nbytes: int) -> None:
-    buffer = empty_aligned((nbytes // 4,), np.dtype(np.float32))
-    assert buffer.ctypes.data % host.BUFFER_ALIGNMENT == 0
-    if _THP:
-        assert all("nh" in f and "hg" not in f for f in _vm_flags(buffer))
-
-
-def test_prefault_maps_small_pages_where_huge_ones_were_asked_for() -> None:
-    # As a save's device-to-host copy: numpy's buffer, huge pages advised, then prefault.
-    buffer = _fresh((32 << 20,))
-    if _THP:
-        _advise_huge(buffer)
-        assert all("hg" in f for f in _vm_flags(buffer))
-    prefault([buffer])
-    assert _resident(buffer) == 1.0
-    if _THP:
-        assert all("nh" in f and "hg" not in f for f in _vm_flags(buffer))
-
-
-def test_small_buffers_keep_their_advice() -> None:
-    buffer = _fresh((PREFAULT_MIN_BYTES // 2,))
-    if _THP:
-        _advise_huge(buffer)
-    small_pages(buffer)
-    prefault([buffer])
-    if _THP:
-        assert all("hg" in f for f in _vm_flags(buffer))
-
-
-def test_the_small_page_advice_keeps_every_byte() -> None:
-    data = np.random.default_rng(15).integers(0, 256, 16 << 20, dtype=np.uint8)
-    buffer = _fresh(data.shape, data.dtype)
-    buffer[...] = data
-    small_pages(buffer)
-    np.testing.assert_array_equal(buffer, data)

@@ -50,15 +50,12 @@ def empty_aligned(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     dtype = np.dtype(dtype)
     nbytes = math.prod(shape) * dtype.itemsize
     raw = np.empty(nbytes + BUFFER_ALIGNMENT, np.uint8)
-    small_pages(raw)  # before any byte lands: reads may start filling it before prefault
     start = -raw.ctypes.data % BUFFER_ALIGNMENT
     return raw[start : start + nbytes].view(dtype).reshape(shape)
 
 
 #: ``madvise`` advice that maps a range writable without touching it (Linux 5.14+).
 _MADV_POPULATE_WRITE = 23
-#: ``madvise`` advice: no transparent huge pages in a range (Linux 2.6.38+).
-_MADV_NOHUGEPAGE = 15
 #: Below this, a buffer's page faults cost less than a system call and a thread hop.
 PREFAULT_MIN_BYTES = 4 * 1024 * 1024
 _PAGE = mmap.PAGESIZE
@@ -95,36 +92,8 @@ def prefault(buffers: Sequence[np.ndarray]) -> None:
     for buffer in buffers:
         if buffer.nbytes < PREFAULT_MIN_BYTES:
             continue
-        small_pages(buffer)
-        first, last = _whole_pages(buffer)
+        start = buffer.ctypes.data
+        first = -(-start // _PAGE) * _PAGE
+        last = (start + buffer.nbytes) // _PAGE * _PAGE
         if last > first and madvise(first, last - first, _MADV_POPULATE_WRITE) != 0:
             return  # unsupported here: the first refusal says so for all of them
-
-
-def small_pages(buffer: np.ndarray) -> None:
-    """Asks for the whole pages of a fresh ``buffer`` to be mapped as small (4 KiB) pages.
-
-    numpy asks for transparent huge pages on every array of 4 MiB or more
-    (``MADV_HUGEPAGE``). Where the kernel then maps a 2 MiB page per fault
-    (``defrag=madvise``, the default), a fault with no free huge page compacts
-    memory before it returns, and on VMs that hand freed memory back to their
-    host, as these are, a huge page costs more to map than its 512 small ones:
-    measured here, 1 GiB of fresh buffers mapped with ``MADV_POPULATE_WRITE``
-    after 6 s idle took 0.92-1.78 s with huge pages, 0.31-0.50 s without; a
-    1 GiB restore 3 s after the last one, 1.25 -> 0.92 s onto another mesh,
-    1.01 -> 0.77 s onto the same one (medians of 6, in turns). Buffers below
-    ``PREFAULT_MIN_BYTES`` (numpy's threshold too) are left alone. Only advice:
-    contents are untouched, and where it is unknown nothing changes.
-    """
-    madvise = _madvise()
-    if madvise is None or buffer.nbytes < PREFAULT_MIN_BYTES:
-        return
-    first, last = _whole_pages(buffer)
-    if last > first:
-        madvise(first, last - first, _MADV_NOHUGEPAGE)
-
-
-def _whole_pages(buffer: np.ndarray) -> tuple[int, int]:
-    """The start and end addresses of the whole pages inside ``buffer``."""
-    start = buffer.ctypes.data
-    return -(-start // _PAGE) * _PAGE, (start + buffer.nbytes) // _PAGE * _PAGE
