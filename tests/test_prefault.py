@@ -7,19 +7,32 @@ their host) filling new memory fault by fault cost 0.75 s per GiB against
 ``mincore``, that :func:`prefault` does map a fresh buffer's pages, that it
 never changes a byte (it runs while reads fill the same buffer), and that a
 kernel refusing the advice leaves everything as it was.
+
+Each step of the mapping also picks a page size (``host.PageSizes``): huge
+pages where they map faster (memory freed a moment ago), small ones where
+they do not (memory handed back to the hypervisor). The advice is read back
+from ``/proc/self/smaps`` ("hg" asked for huge pages, "nh" refused them).
 """
 
 from __future__ import annotations
 
 import ctypes
+import itertools
 import mmap
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from cloudckpt.handlers.pytree import host
-from cloudckpt.handlers.pytree.host import PREFAULT_MIN_BYTES, prefault
+from cloudckpt.handlers.pytree.host import (
+    PREFAULT_EXPLORE,
+    PREFAULT_MIN_BYTES,
+    PREFAULT_STEP,
+    PageSizes,
+    prefault,
+)
 
 _PAGE = mmap.PAGESIZE
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -116,3 +129,135 @@ def test_other_systems_are_never_given_the_linux_advice(monkeypatch: pytest.Monk
         assert _resident(buffer) < 0.5
     finally:
         host._madvise.cache_clear()  # the next caller looks libc up again
+
+
+# ------------------------------------------------------------------ page sizes
+_HUGE = 2 << 20
+_THP = Path("/sys/kernel/mm/transparent_hugepage/enabled").exists()
+
+
+def _private(nbytes: int) -> np.ndarray:
+    """Fresh private anonymous memory, as malloc hands a large array (``_fresh`` is shared)."""
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    return np.frombuffer(mmap.mmap(-1, nbytes, flags=flags), np.uint8)
+
+
+def _aligned(nbytes: int, offset: int = 0) -> np.ndarray:
+    """``nbytes`` of fresh memory starting ``offset`` bytes past a step's boundary."""
+    backing = _private(nbytes + offset + PREFAULT_STEP)
+    start = -backing.ctypes.data % PREFAULT_STEP + offset
+    return backing[start : start + nbytes]
+
+
+def _advice(buffer: np.ndarray) -> dict[str, int]:
+    """Bytes of ``buffer`` advised huge pages ("hg"), small ones ("nh"), or neither."""
+    first, last = buffer.ctypes.data, buffer.ctypes.data + buffer.nbytes
+    out = {"hg": 0, "nh": 0, "none": 0}
+    lo = hi = 0
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+        elif head == "VmFlags:" and lo < last and hi > first:
+            flags = set(line.split()[1:])
+            key = "hg" if "hg" in flags else "nh" if "nh" in flags else "none"
+            out[key] += min(hi, last) - max(lo, first)
+    assert sum(out.values()) == buffer.nbytes
+    return out
+
+
+class _Costs(PageSizes):
+    """Page sizes that find huge pages ``ratio`` times as dear as small ones, whatever the clock says."""
+
+    def __init__(self, ratio: float, watch: list[np.ndarray] | None = None) -> None:
+        super().__init__()
+        self.ratio = ratio
+        self.tried: list[bool] = []
+        self.watch = watch or []
+        self.seen: list[dict[str, int]] = []  # the watched buffers' advice at the third step
+
+    def record(self, huge: bool, seconds: float, nbytes: int) -> None:
+        self.tried.append(huge)
+        if len(self.tried) == 3:
+            self.seen = [_advice(b) for b in self.watch]
+        super().record(huge, nbytes * 1e-10 * (self.ratio if huge else 1.0), nbytes)
+
+
+def test_each_size_is_measured_then_the_faster_is_used_and_the_other_retried() -> None:
+    pages = PageSizes()
+    assert pages.pick() is True  # huge first (numpy's own advice), then small
+    pages.record(True, 3.0, 1)
+    assert pages.pick() is False
+    pages.record(False, 1.0, 1)
+    picks = [pages.pick() for _ in range(3 * PREFAULT_EXPLORE)]
+    assert picks.count(True) == 3  # the slower size retried once per PREFAULT_EXPLORE steps
+    assert all(p is False for k, p in enumerate(picks, 3) if k % PREFAULT_EXPLORE)
+    pages.record(True, 0.5, 1)  # huge pages got cheaper (memory freed a moment ago)
+    assert pages.best() is True and pages.pick() is True
+
+
+def test_steps_cover_every_whole_page_once_cut_on_step_boundaries() -> None:
+    buffer = _aligned(5 * PREFAULT_STEP + 12345, offset=_PAGE + 99)
+    steps = host._steps([buffer])
+    first = -(-buffer.ctypes.data // _PAGE) * _PAGE
+    last = (buffer.ctypes.data + buffer.nbytes) // _PAGE * _PAGE
+    assert steps[0][0] == first and steps[-1][1] == last
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(steps))
+    assert all(lo % PREFAULT_STEP == 0 for lo, _ in steps[1:])
+    assert all(hi - lo <= PREFAULT_STEP for lo, hi in steps)
+    assert host._merged(steps) == [(first, last)]
+
+
+@pytest.mark.parametrize("ratio", [4.0, 0.25])
+def test_the_rest_of_the_buffers_is_advised_the_faster_size(ratio: float) -> None:
+    buffers = [_aligned(8 * PREFAULT_STEP) for _ in range(3)]
+    pages = _Costs(ratio, watch=buffers)
+    prefault(buffers, pages)
+    huge_faster = ratio < 1
+    assert pages.tried[:2] == [True, False]  # both measured on the first two steps
+    explored = sum(1 for t in pages.tried[2:] if t != huge_faster)
+    assert explored == len(pages.tried) // PREFAULT_EXPLORE
+    for b in buffers:
+        assert _resident(b) == 1.0
+    if not _THP:  # a kernel without huge pages shows no size advice: nothing more to read
+        return
+    got = [_advice(b) for b in buffers]
+    steps_of = {True: "hg", False: "nh"}
+    # Every step has the faster size but the slower one's first measure and its retries.
+    assert explored >= 1 and len(pages.tried) == 24
+    assert sum(g[steps_of[huge_faster]] for g in got) == (24 - 1 - explored) * PREFAULT_STEP
+    assert sum(g[steps_of[not huge_faster]] for g in got) == (1 + explored) * PREFAULT_STEP
+    # As soon as both were measured, every step not yet mapped was advised the faster
+    # size: bytes that land before the prefault gets there fault that size too.
+    assert sum(g[steps_of[huge_faster]] for g in pages.seen) == 23 * PREFAULT_STEP
+
+
+def test_ragged_ends_are_mapped_but_not_measured() -> None:
+    # A buffer that neither starts nor ends on a huge page: its first and last steps fault
+    # small pages whatever the advice, so they must not teach anything about huge ones.
+    buffer = _aligned(2 * PREFAULT_STEP + 3 * _PAGE, offset=5 * _PAGE)
+    pages = _Costs(4.0)
+    prefault([buffer], pages)
+    assert len(host._steps([buffer])) == 3 and len(pages.tried) == 1
+    assert _resident(buffer) == 1.0
+
+
+def test_both_sizes_are_timed_on_real_memory() -> None:
+    pages = PageSizes()
+    buffer = _aligned(4 * PREFAULT_STEP)
+    prefault([buffer], pages)
+    assert pages.cost[True] is not None and pages.cost[True] > 0
+    assert pages.cost[False] is not None and pages.cost[False] > 0
+    assert _resident(buffer) == 1.0
+
+
+def test_a_kernel_without_huge_pages_still_maps(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Kernels built without transparent huge pages refuse the size advice (EINVAL).
+    monkeypatch.setattr(host, "_MADV_HUGEPAGE", 0x7FFE)
+    monkeypatch.setattr(host, "_MADV_NOHUGEPAGE", 0x7FFD)
+    data = np.random.default_rng(16).integers(0, 256, 3 * PREFAULT_STEP, dtype=np.uint8)
+    buffer = _aligned(data.nbytes)
+    prefault([buffer])
+    assert _resident(buffer) == 1.0
+    buffer[...] = data
+    np.testing.assert_array_equal(buffer, data)
