@@ -78,7 +78,7 @@ def _host_copy(value: Any) -> np.ndarray:
     if isinstance(value, jax.Array) and not _on_cpu(value):
         return host  # already a fresh buffer from the transfer
     copy = np.empty(host.shape, host.dtype)
-    prefault([copy])  # new memory: mapped in one call, not page fault by page fault
+    prefault([copy])  # new memory: mapped ahead, with the faster page size, not fault by fault
     np.copyto(copy, host)
     return copy
 
