@@ -238,6 +238,13 @@ class GCSBackend(FsspecObjectBackend):
         return _SingleAttemptGCSFileSystem(**kwargs)
 
     async def _start(self, fs: Any) -> None:
+        # gcsfs closes a session still open when its filesystem is collected, on the
+        # loop the filesystem knows; an asynchronous one knows none, and gcsfs then
+        # closes it on whatever loop runs at that moment (fsspec's IO thread, the
+        # collector's), which aiohttp refuses inside a finalizer ("attached to a
+        # different loop"). Told its own loop, gcsfs closes it there while that loop
+        # runs, and shuts its sockets at once when it does not.
+        fs._loop = asyncio.get_running_loop()
         await fs._set_session()
         method = getattr(getattr(fs, "credentials", None), "method", None)
         self.credential_description = f"{method or 'default'} (gcsfs)"
