@@ -261,3 +261,31 @@ def test_a_kernel_without_huge_pages_still_maps(monkeypatch: pytest.MonkeyPatch)
     assert _resident(buffer) == 1.0
     buffer[...] = data
     np.testing.assert_array_equal(buffer, data)
+
+
+def test_a_save_measures_the_page_sizes_once_for_all_its_copies(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # A save copies each region to the host in turn, on the path that blocks training;
+    # measured per copy, half of every two-step copy went on the slower page size.
+    import cloudckpt as cc
+    from cloudckpt.handlers.pytree import plan
+
+    made: list[_Costs] = []
+
+    def recording() -> _Costs:
+        made.append(_Costs(4.0))
+        return made[-1]
+
+    monkeypatch.setattr(plan, "PageSizes", recording)
+    tree = {f"w{k}": np.full(3 * PREFAULT_STEP // 4, k, np.float32) for k in range(4)}
+    with cc.Checkpointer(cc.StandardCheckpointHandler()) as ckpt:
+        ckpt.save(str(tmp_path / "c"), args=cc.args.StandardSave(tree))
+        back = ckpt.restore(str(tmp_path / "c"), args=cc.args.StandardRestore(tree))
+    for k in range(4):
+        np.testing.assert_array_equal(np.asarray(back[f"w{k}"]), tree[f"w{k}"])
+    assert len(made) == 1  # one measure for the whole save
+    tried = made[0].tried
+    assert len(tried) >= 4 * 2  # every copy's whole steps were measured with it
+    assert tried[:2] == [True, False]
+    assert tried[2:].count(True) == len(tried) // PREFAULT_EXPLORE  # no probe per copy

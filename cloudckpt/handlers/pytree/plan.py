@@ -20,7 +20,7 @@ import numpy as np
 
 from cloudckpt.format.layout import Index, PackEntry, normalize_index
 from cloudckpt.handlers.pytree import keys, layout
-from cloudckpt.handlers.pytree.host import little_endian, prefault
+from cloudckpt.handlers.pytree.host import PageSizes, little_endian, prefault
 from cloudckpt.handlers.pytree.placement import LeafSpec, PlanOptions, plan_layout
 from cloudckpt.handlers.pytree.tree import flatten
 
@@ -72,13 +72,17 @@ def _host_view(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-def _host_copy(value: Any) -> np.ndarray:
-    """A host copy the caller cannot change afterwards (CPU arrays alias device memory)."""
+def _host_copy(value: Any, pages: PageSizes | None = None) -> np.ndarray:
+    """A host copy the caller cannot change afterwards (CPU arrays alias device memory).
+
+    ``pages``: what the save's earlier copies measured of the page sizes (a
+    save's copies come one at a time, each too short to measure both anew).
+    """
     host = _host_view(value)
     if isinstance(value, jax.Array) and not _on_cpu(value):
         return host  # already a fresh buffer from the transfer
     copy = np.empty(host.shape, host.dtype)
-    prefault([copy])  # new memory: mapped ahead, with the faster page size, not fault by fault
+    prefault([copy], pages)  # new memory: mapped ahead, with the faster page size
     np.copyto(copy, host)
     return copy
 
@@ -194,7 +198,10 @@ def plan_save(tree: Any, opts: PlanOptions) -> SavePlan:
     plan.pack_entries = decided.pack_entries
     slots = {(e.leaf, e.index): e for e in decided.pack_entries}
     plan.packs = {obj: np.empty(size, np.uint8) for obj, size in decided.pack_sizes.items()}
-    prefault(list(plan.packs.values()))
+    # One measure of the page sizes for all of this save's new memory, packs and copies:
+    # measured per copy, half of every short copy would go on the slower size.
+    pages = PageSizes()
+    prefault(list(plan.packs.values()), pages)
     pending_copies: list[tuple[int, Index, Any, bool]] = []
     for spec in specs:
         own = decided.own.get(spec.leaf)
@@ -216,7 +223,7 @@ def plan_save(tree: Any, opts: PlanOptions) -> SavePlan:
             host = np.ascontiguousarray(_host_view(source)).reshape(-1).view(np.uint8)
             plan.packs[e.obj][e.offset : e.offset + e.nbytes] = host
         else:
-            plan.regions.append(Region(leaf_id, index, _host_copy(source)))
+            plan.regions.append(Region(leaf_id, index, _host_copy(source, pages)))
     return plan
 
 
