@@ -21,6 +21,13 @@ it has a path) and dropped; then, per repetition (``--phases-reps``, default
   and an extra host copy cost here), and Orbax's restore of the same tree
   onto both meshes.
 
+Each timed restore (ours and Orbax's, both meshes) also records the CPU the
+whole process spent in it (user and system seconds, ``getrusage``) and its
+minor page faults. On these VMs, new memory is the cost that varies most from
+run to run, and it is paid in the kernel: a run much slower than its
+neighbours whose user time is level and whose system time doubled lost its
+time there (mapping the restore's new memory), not in the library's code.
+
 File reads see the same page cache on both sides of each comparison:
 ``--file-cache warm`` (default) reads the files once, untimed, before each
 timed read; ``cold`` evicts them first (``posix_fadvise(DONTNEED)``). Every
@@ -41,6 +48,7 @@ import ctypes
 import gc
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -327,6 +335,8 @@ def run_backend(ctx: Context, target: Target, size_mib: float) -> dict[str, Any]
     keys = (*keys, "raw_get_kept", "crc32c", "memcpy")
     times: dict[str, list[float]] = {k: [] for k in (*keys, "orbax", "orbax_resharded")}
     requests: dict[str, Any] = {}
+    # Per timed restore: the process's user and system CPU seconds, and its minor faults.
+    cpu: dict[str, dict[str, list[float]]] = {}
     specs = tree.model_specs(size_mib)
     abstract = tree.abstract_from_specs(specs, ctx.mesh)
     # The same tree onto another mesh: 2x4 instead of 4x2, so most regions cut chunks.
@@ -382,9 +392,15 @@ def run_backend(ctx: Context, target: Target, size_mib: float) -> dict[str, Any]
         def timed_restore(which: str, saver: Any, where: str, into: Any, files: list[str]) -> None:
             prepare(files)
             _release()
+            before = resource.getrusage(resource.RUSAGE_SELF)
             start = time.perf_counter()
             restored = saver.restore(where, into)
             times[which].append(time.perf_counter() - start)
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            used = cpu.setdefault(which, {"user_s": [], "sys_s": [], "minor_faults": []})
+            used["user_s"].append(round(after.ru_utime - before.ru_utime, 3))
+            used["sys_s"].append(round(after.ru_stime - before.ru_stime, 3))
+            used["minor_faults"].append(after.ru_minflt - before.ru_minflt)
             del restored
             _release()
 
@@ -468,6 +484,7 @@ def run_backend(ctx: Context, target: Target, size_mib: float) -> dict[str, Any]
         },
         "phase_sum_s": sum(med[k] for k in PHASES),
         "requests": requests,
+        "cpu": cpu,
         "ratios": {k: [round(x, 3) for x in v] for k, v in ratios.items()},
         "restore_vs_raw_get": ratio(med["restore"], med["raw_get"]),
         "resharded_vs_raw_get": ratio(med["resharded"], med["raw_get"]),

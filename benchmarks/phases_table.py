@@ -27,6 +27,23 @@ def table_lines(result: dict[str, Any]) -> list[str]:
         # Every repetition's ratio, so the worst run shows beside the median.
         return lambda r: "/".join(f"{x:.2f}" for x in r["ratios"].get(key, [])) or "-"
 
+    # The process's CPU in each timed restore: a slow run whose user time held and whose
+    # system time doubled paid for new memory (see benchmarks/phases.py), not for its code.
+    def cpu(which: str) -> Any:
+        def cell(r: dict[str, Any]) -> str:
+            used = r.get("cpu", {}).get(which, {})
+            pairs = zip(used.get("user_s", []), used.get("sys_s", []), strict=True)
+            return "/".join(f"{u:.2f}+{s:.2f}" for u, s in pairs) or "-"
+
+        return cell
+
+    def faults(which: str) -> Any:
+        def cell(r: dict[str, Any]) -> str:
+            values = r.get("cpu", {}).get(which, {}).get("minor_faults", [])
+            return "/".join(f"{x / 1000:.0f}" for x in values) or "-"
+
+        return cell
+
     def base(r: dict[str, Any]) -> str:
         return "fromfile" if "restore/fromfile" in r["ratios"] else "raw_get"
 
@@ -61,6 +78,12 @@ def table_lines(result: dict[str, Any]) -> list[str]:
     row("each run: restore / np.fromfile, freed", runs("restore/fromfile_freed"))
     row("each run: restore / Orbax", runs("restore/orbax"))
     row("each run: 2x4 restore / Orbax 2x4", runs("resharded/orbax"))
+    row("each run: CPU s user+system, restore", cpu("restore"))
+    row("each run: CPU s user+system, 2x4", cpu("resharded"))
+    row("each run: CPU s user+system, Orbax", cpu("orbax"))
+    row("each run: CPU s user+system, Orbax 2x4", cpu("orbax_resharded"))
+    row("each run: minor faults k, restore", faults("restore"))
+    row("each run: minor faults k, 2x4", faults("resharded"))
     row("page cache (file)", lambda r: str(r.get("cache", "-")))
     row("objects (raw GETs)", lambda r: str(r["requests"].get("objects", "-")))
     row("direct chunk reads (requests)", lambda r: str(r["requests"].get("direct_reads", "-")))
