@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Awaitable, Sequence
@@ -46,6 +47,9 @@ class SlowSave(cc.CheckpointArgs):
 
 def scenario_interrupt(root: str) -> dict[str, Any]:
     """A blocking save interrupted by SIGINT (sent by the parent at EVENT WRITING)."""
+    # Ctrl-C as an interactive Python gets it: a process started from a background job
+    # or nohup inherits SIGINT ignored, and Python then installs no KeyboardInterrupt.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     step = f"{root}/1"
     ck = cc.Checkpointer(cc.CompositeCheckpointHandler())
     outcome = "returned"
