@@ -72,7 +72,7 @@ def _host_view(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-def _host_copy(value: Any, pages: PageSizes | None = None) -> np.ndarray:
+def _host_copy(value: Any, pages: PageSizes) -> np.ndarray:
     """A host copy the caller cannot change afterwards (CPU arrays alias device memory).
 
     ``pages``: what the save's earlier copies measured of the page sizes (a
