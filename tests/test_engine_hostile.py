@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import threading
 from pathlib import Path
 
@@ -18,13 +17,13 @@ from cloudckpt.testing.servers import LocalServers
 
 from . import mp_worker
 from .helpers import unique
-from .multiproc import Worker, finish, launch, popen, tail, wait_for
+from .multiproc import Worker, finish, launch, popen, tail, wait_for, worker_argv
 
 TOTAL_BYTES = sum(a.nbytes for a in mp_worker.expected_arrays().values())
 
 
 def _worker(scenario: str, root: str) -> Worker:
-    proc, errors = popen([sys.executable, "-m", "tests.engine_worker", scenario, root])
+    proc, errors = popen(worker_argv("tests.engine_worker", scenario, root))
     return Worker(0, proc, errors=errors)
 
 

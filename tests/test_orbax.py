@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ from cloudckpt.orbax import UnsupportedOrbaxLayoutError
 from cloudckpt.testing.servers import free_port
 
 from .backend_harness import StoreUnderTest, make_store
-from .multiproc import Worker, finish, popen, tail
+from .multiproc import Worker, finish, popen, tail, worker_argv
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "orbax"
@@ -495,7 +494,7 @@ def test_two_processes_restore_an_orbax_step(
             "step": 2,
             "fixtures": str(FIXTURES / "0.12.8"),
         }
-        proc, errors = popen([sys.executable, "-m", "tests.orbax_mp_worker", json.dumps(spec)])
+        proc, errors = popen(worker_argv("tests.orbax_mp_worker", json.dumps(spec)))
         workers.append(Worker(i, proc, errors=errors))
     results = []
     for worker in finish(workers, timeout=360):

@@ -1,0 +1,23 @@
+"""The multi-process harness parses workers' protocol lines whatever native code prints.
+
+gloo writes "[Gloo] Rank 0 is connected..." to fd 1 from C++ while a worker
+prints its RESULT line; CI once read "{...}[Gloo] Rank 0 is connected..." as
+the RESULT and failed tests/test_leave_job.py.
+"""
+
+from __future__ import annotations
+
+from . import noisy_worker
+from .multiproc import Worker, finish, popen, stderr_of, wait_for, worker_argv
+
+
+def test_native_writes_to_fd_1_never_reach_the_protocol_lines() -> None:
+    proc, errors = popen(worker_argv("tests.noisy_worker"))
+    worker = Worker(0, proc, errors=errors)
+    assert wait_for(worker, "EVENT STARTED", timeout=60) == "EVENT STARTED\n"
+    finish([worker], timeout=60)
+    assert proc.returncode == 0, stderr_of(errors)
+    assert len(worker.lines) == 2 and worker.lines[1].startswith("RESULT "), worker.lines
+    assert worker.result() == {"ok": True, "pid": proc.pid}
+    noise = noisy_worker.NOISE.decode().strip()
+    assert stderr_of(errors, n=10_000).count(noise) == 201
