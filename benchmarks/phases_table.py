@@ -5,10 +5,17 @@ from __future__ import annotations
 from typing import Any
 
 
+def _missing(value: Any) -> bool:
+    # A ratio without its yardstick is NaN in a live result and null once written as JSON.
+    return value is None or (isinstance(value, float) and value != value)
+
+
 def _ms(value: Any) -> str:
-    if value is None or (isinstance(value, float) and value != value):
-        return "-"
-    return f"{value * 1000:.0f}"
+    return "-" if _missing(value) else f"{value * 1000:.0f}"
+
+
+def _x(value: Any) -> str:
+    return "-" if _missing(value) else f"{value:.2f}"
 
 
 def table_lines(result: dict[str, Any]) -> list[str]:
@@ -63,16 +70,14 @@ def table_lines(result: dict[str, Any]) -> list[str]:
     row("one memcpy of the bytes", t("memcpy"))
     row("Orbax restore", t("orbax"))
     row("Orbax restore onto a 2x4 mesh", t("orbax_resharded"))
-    row("restore / raw GET", lambda r: f"{r['restore_vs_raw_get']:.2f}")
-    row("restore / np.fromfile", lambda r: f"{r['restore_vs_fromfile']:.2f}")
-    row(
-        "restore / np.fromfile, freed",
-        lambda r: f"{r.get('restore_vs_fromfile_freed', float('nan')):.2f}",
-    )
-    row("restore / Orbax (median, worst)", lambda r: f"{r['restore_vs_orbax']:.2f}, "
-        f"{r['restore_vs_orbax_worst']:.2f}")  # fmt: skip
-    row("2x4: restore / Orbax (median, worst)", lambda r: f"{r['resharded_vs_orbax']:.2f}, "
-        f"{r['resharded_vs_orbax_worst']:.2f}")  # fmt: skip
+    row("restore / raw GET", lambda r: _x(r.get("restore_vs_raw_get")))
+    row("2x4 restore / raw GET", lambda r: _x(r.get("resharded_vs_raw_get")))
+    row("restore / np.fromfile", lambda r: _x(r.get("restore_vs_fromfile")))
+    row("restore / np.fromfile, freed", lambda r: _x(r.get("restore_vs_fromfile_freed")))
+    row("restore / Orbax (median, worst)", lambda r: f"{_x(r.get('restore_vs_orbax'))}, "
+        f"{_x(r.get('restore_vs_orbax_worst'))}")  # fmt: skip
+    row("2x4: restore / Orbax (median, worst)", lambda r: f"{_x(r.get('resharded_vs_orbax'))}, "
+        f"{_x(r.get('resharded_vs_orbax_worst'))}")  # fmt: skip
     row("each run: restore / yardstick", lambda r: runs(f"restore/{base(r)}")(r))
     row("each run: 2x4 restore / yardstick", lambda r: runs(f"resharded/{base(r)}")(r))
     row("each run: restore / np.fromfile, freed", runs("restore/fromfile_freed"))
