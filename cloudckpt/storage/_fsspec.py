@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from atomicity import ObjectInfo
-from cloudckpt.storage._stream import Buffer, place
+from cloudckpt.storage._stream import Buffer, held, place
 from cloudckpt.storage.base import BACKEND_REQUESTS, Backend
 from cloudckpt.storage.deadline import DEFAULT_DEADLINES, Deadlines
 from cloudckpt.storage.retry import RetryPolicy, error_code_of, http_status_of
@@ -128,7 +128,7 @@ class FsspecObjectBackend(Backend):
 
         try:
             got, own = await self._retrying(
-                "read", path, attempt, nbytes=want, hedge=True, kind=kind
+                "read", path, attempt, nbytes=want, hedge=True, kind=kind, held=held(buffers)
             )
         except FileNotFoundError as exc:
             missing_bucket = await self._missing(path, exc)

@@ -372,6 +372,7 @@ class Backend(abc.ABC):
         hedge: bool = False,
         bounded_inside: bool = False,
         kind: str = BACKEND_REQUESTS,
+        held: Callable[[], float] | None = None,
     ) -> T:
         """Runs ``fn`` under the retry policy, each attempt within its deadline.
 
@@ -379,14 +380,16 @@ class Backend(abc.ABC):
         idempotent request whose size is known; 0 when it is not). An operation
         made of several requests (listing pages, deletions) bounds each of
         them itself with :meth:`_bounded` (``bounded_inside``). ``kind``: the
-        :meth:`latencies` its answer times join and are judged by.
+        :meth:`latencies` its answer times join and are judged by. ``held``:
+        seconds so far (a running total) the request waited for its consumer,
+        which its deadline, hedge delay and recorded time leave out.
         """
         deadlines = self.deadlines
         attempt = fn
         if deadlines is not None and not bounded_inside:
 
             def attempt() -> Awaitable[T]:  # each attempt its own deadline (and hedge)
-                return self._bounded(op, path, fn, nbytes, hedge=hedge, kind=kind)
+                return self._bounded(op, path, fn, nbytes, hedge=hedge, kind=kind, held=held)
 
         try:
             return await self.retry_policy.call(
@@ -414,12 +417,15 @@ class Backend(abc.ABC):
         *,
         hedge: bool = False,
         kind: str = BACKEND_REQUESTS,
+        held: Callable[[], float] | None = None,
     ) -> T:
         """One request of a multi-request operation, within its own deadline.
 
         ``hedge``: an idempotent request (a listing page, a data write of the
-        same bytes to the same key), hedged when slow; ``kind`` as in
-        :meth:`_retrying`.
+        same bytes to the same key), hedged when slow; ``kind`` and ``held`` as
+        in :meth:`_retrying`. A read held back by its sinks (the restore placing
+        bytes slower than they arrive) is neither hedged nor cut for that time:
+        a second request would only add to the work that held it.
         """
         deadlines = self.deadlines
         if deadlines is None:
@@ -427,23 +433,25 @@ class Backend(abc.ABC):
         seen = self.latencies(kind)
 
         def one() -> Awaitable[T]:
-            return timed(seen, nbytes, fn)
+            return timed(seen, nbytes, fn, held)
 
         attempt: Callable[[], Awaitable[T]] = one
         if hedge and deadlines.hedge:
             since = time.monotonic()
+            before = held() if held is not None else 0.0
+
+            def delay() -> float:
+                waited = held() - before if held is not None else 0.0
+                return deadlines.hedge_delay_s(nbytes, seen, since) + waited
 
             def attempt() -> Awaitable[T]:
-                return hedged(
-                    one,
-                    lambda: deadlines.hedge_delay_s(nbytes, seen, since),
-                    what=f"{op} of {self.url(path)}",
-                )
+                return hedged(one, delay, what=f"{op} of {self.url(path)}")
 
         return await within(
             deadlines.attempt_s(nbytes, seen, earlier_cuts.get()),
             lambda: f"{op} {self.url(path)}",
             attempt,
+            held,
         )
 
     def _translate(self, exc: Exception, op: str, path: str) -> Exception:

@@ -233,17 +233,29 @@ class Latencies:
         return median_s * max(1.0, nbytes / median_bytes) if median_bytes > 0 else median_s
 
 
-async def timed(seen: Latencies | None, nbytes: int, fn: Callable[[], Awaitable[T]]) -> T:
-    """``await fn()``, its answer time recorded in ``seen`` when it succeeds."""
+async def timed(
+    seen: Latencies | None,
+    nbytes: int,
+    fn: Callable[[], Awaitable[T]],
+    held: Callable[[], float] | None = None,
+) -> T:
+    """``await fn()``, its answer time recorded in ``seen`` when it succeeds.
+
+    ``held``: seconds (a running total) the request spent waiting for its
+    consumer rather than the store (a sink's backlog); they are left out of
+    the time recorded.
+    """
     if seen is None:
         return await fn()
     start = time.monotonic()
+    before = held() if held is not None else 0.0
     seen.started()
     try:
         result = await fn()
     finally:
         seen.ended()
-    seen.observe(nbytes, time.monotonic() - start, start)
+    waited = held() - before if held is not None else 0.0
+    seen.observe(nbytes, time.monotonic() - start - waited, start)
     return result
 
 
@@ -307,16 +319,53 @@ def process_index() -> int:
         return 0
 
 
-async def within(deadline_s: float, what: Callable[[], str], fn: Callable[[], Awaitable[T]]) -> T:
-    """``fn()``, or :class:`RequestStalled` naming ``what()`` once ``deadline_s`` has passed."""
+async def within(
+    deadline_s: float,
+    what: Callable[[], str],
+    fn: Callable[[], Awaitable[T]],
+    held: Callable[[], float] | None = None,
+) -> T:
+    """``fn()``, or :class:`RequestStalled` naming ``what()`` once ``deadline_s`` has passed.
+
+    ``held`` (a running total of seconds the request waited for its consumer,
+    not the store) pushes the deadline back by as much: a read paused because
+    the restore cannot place its bytes yet has not stalled.
+    """
     scope = asyncio.timeout(deadline_s)
+    loop = asyncio.get_running_loop()
+    end, before = loop.time() + deadline_s, held() if held is not None else 0.0
+    pending: asyncio.TimerHandle | None = None
+
+    def push_back() -> None:
+        # Just before the deadline: move it by the time held so far, and look again
+        # just before the new one. Unheld, the deadline stands and expires.
+        nonlocal pending
+        assert held is not None
+        when = end + (held() - before)
+        if when > (scope.when() or 0) and not scope.expired():
+            scope.reschedule(when)
+            pending = loop.call_at(when - _LOOK_BEFORE_S, push_back)
+
+    if held is not None:
+        pending = loop.call_at(end - _LOOK_BEFORE_S, push_back)
     try:
         async with scope:
             return await fn()
     except TimeoutError as exc:
         if scope.expired():
-            raise RequestStalled(f"{what()}: no answer within {deadline_s:.1f}s") from exc
+            waited = held() - before if held is not None else 0.0
+            raise RequestStalled(
+                f"{what()}: no answer within {deadline_s:.1f}s"
+                + (f" (plus {waited:.1f}s its reader waited to place bytes)" if waited else "")
+            ) from exc
         raise
+    finally:
+        if pending is not None:
+            pending.cancel()
+
+
+#: How long before a deadline ``within`` moves it back by the time its request was held.
+_LOOK_BEFORE_S = 0.05
 
 
 class RequestStalled(TimeoutError):

@@ -29,6 +29,7 @@ import contextlib
 import math
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -118,6 +119,8 @@ class Scatter:
     chunk's own coordinates (rank 1: ``((row0, row1), (0, 1))``, rows of one
     element). ``crc`` is the crc32c of every byte written, in order;
     ``written`` how many there were. The caller compares them with the stored crc32c.
+    ``held_s`` is how long readers waited in ``room`` (the placement's time, not the
+    store's: a read's hedge and deadline clocks leave it out).
     """
 
     def __init__(
@@ -148,6 +151,8 @@ class Scatter:
             self._parts.append((view_nd, box[:-2], *box[-2], *box[-1]))
         self.crc = 0
         self.written = 0
+        self._held = 0.0  # seconds readers waited in room, up to the wait under way
+        self._held_since: float | None = None  # when the wait under way began
         self._carry = np.empty(self.row_bytes, np.uint8)
         self._carried = 0
         self._error: BaseException | None = None
@@ -159,7 +164,18 @@ class Scatter:
 
     async def room(self) -> None:
         """Waits until a piece may be handed over: the placing threads' backlog is bounded."""
-        await _pool.room()
+        self._held_since = time.monotonic()
+        try:
+            await _pool.room()
+        finally:
+            self._held += time.monotonic() - self._held_since
+            self._held_since = None
+
+    @property
+    def held_s(self) -> float:
+        """Seconds readers have waited in ``room`` so far, the wait under way included."""
+        since = self._held_since
+        return self._held + (time.monotonic() - since if since is not None else 0.0)
 
     def crowded(self) -> bool:
         """Whether ``room`` would wait (for a reader that cannot await: a protocol)."""
