@@ -445,7 +445,13 @@ class Backend(abc.ABC):
                 return deadlines.hedge_delay_s(nbytes, seen, since) + waited
 
             def attempt() -> Awaitable[T]:
-                return hedged(one, delay, what=f"{op} of {self.url(path)}")
+                return hedged(
+                    one,
+                    delay,
+                    what=f"{op} of {self.url(path)}",
+                    budget=lambda: seen.try_hedge(deadlines.hedge_share),
+                    settled=seen.hedge_done,
+                )
 
         return await within(
             deadlines.attempt_s(nbytes, seen, earlier_cuts.get()),

@@ -98,6 +98,11 @@ class Deadlines:
             listing of a large prefix among small writes), is answered on a
             later attempt instead of being cut on all of them.
         min_samples: Answers of a kind needed before its bounds adapt.
+        hedge_share: At most this share of a kind's requests in flight are
+            hedges at once (at least one). Hedges answer stragglers; when many
+            requests are slow together the channel or the client is, and a
+            second copy of each would double the load on it. A request past
+            its hedge delay waits for a free share (its deadline still stands).
     """
 
     floor_s: float = 20.0
@@ -111,6 +116,7 @@ class Deadlines:
     cut_min_s: float = 1.0
     cut_growth: float = 4.0
     min_samples: int = 5
+    hedge_share: float = 0.05
 
     def __post_init__(self) -> None:
         if self.floor_s <= 0 or self.min_rate_bps <= 0:
@@ -128,6 +134,8 @@ class Deadlines:
                 "Deadlines needs hedge_factor >= 1, cut_factor >= 1 and min_samples >= 1, got "
                 f"{self.hedge_factor}, {self.cut_factor} and {self.min_samples}"
             )
+        if not 0 < self.hedge_share <= 1:
+            raise ValueError(f"Deadlines needs 0 < hedge_share <= 1, got {self.hedge_share}")
         if self.cut_growth < 1:
             raise ValueError(f"Deadlines needs cut_growth >= 1, got {self.cut_growth}")
         if self.hedge_min_s < 0 or self.cut_min_s <= 0:
@@ -198,6 +206,8 @@ class Latencies:
         self._lock = threading.Lock()
         #: Requests of this kind started and not yet answered (or failed).
         self.in_flight = 0
+        #: Hedges of this kind sent and not yet settled (``try_hedge``).
+        self.hedging = 0
 
     def started(self) -> None:
         with self._lock:
@@ -206,6 +216,21 @@ class Latencies:
     def ended(self) -> None:
         with self._lock:
             self.in_flight -= 1
+
+    def try_hedge(self, share: float) -> bool:
+        """Takes a hedge slot if fewer than ``share`` of the requests in flight (min 1) hold one.
+
+        The caller gives it back with ``hedge_done`` once its hedge is settled.
+        """
+        with self._lock:
+            if self.hedging >= max(1, int(share * self.in_flight)):
+                return False
+            self.hedging += 1
+            return True
+
+    def hedge_done(self) -> None:
+        with self._lock:
+            self.hedging -= 1
 
     def observe(self, nbytes: int, seconds: float, start: float | None = None) -> None:
         """Records one answered request of ``nbytes`` that took ``seconds`` from ``start``."""
@@ -412,6 +437,8 @@ async def hedged(
     cancel: Callable[[Awaitable[T]], None] = lambda aw: None,
     again: Callable[[], Awaitable[T]] | None = None,
     what: str = "a request",
+    budget: Callable[[], bool] | None = None,
+    settled: Callable[[], None] | None = None,
 ) -> T:
     """The first successful answer of ``start()``, asked again if none came in ``after_s``.
 
@@ -419,7 +446,9 @@ async def hedged(
     idempotent: reads of the same bytes, or writes of the same bytes to the
     same key. ``after_s`` may be a function, re-read while the first request
     waits (an adaptive delay that shrinks as its peers answer). When both fail,
-    the first one's error is raised.
+    the first one's error is raised. ``budget``: asked once the delay has
+    passed, True to send the hedge now (then ``settled`` is called once it is
+    over), False to look again shortly (too many hedges in flight).
 
     No request outlives the call: once one answers, the other (the stalled
     loser) is stopped, with ``cancel`` on its awaitable (a tensorstore
@@ -431,13 +460,17 @@ async def hedged(
     first_aw = start()
     first = asyncio.ensure_future(first_aw)
     running = [(first, first_aw)]
+    slot = False
     try:
         began = time.monotonic()
         while True:
             wanted = delay()
             left = wanted - (time.monotonic() - began)
             if left <= 0:
-                break
+                if budget is None or budget():
+                    slot = budget is not None
+                    break
+                left = _BUDGET_LOOK_S  # every share is taken: look again shortly
             # An adaptive delay is re-read a few times per delay: often enough to follow it.
             wait = left if not callable(after_s) else min(left, max(0.05, wanted / 4))
             done, _ = await asyncio.wait({first}, timeout=wait)
@@ -457,7 +490,15 @@ async def hedged(
     finally:
         # The loser, or both when this wait itself is cancelled (an attempt's deadline cut
         # it): a request nobody awaits would hold its connection until it ends, if ever.
-        await _cancel_all(running, cancel)
+        try:
+            await _cancel_all(running, cancel)
+        finally:
+            if slot and settled is not None:
+                settled()
+
+
+#: How often a request past its hedge delay looks for a free hedge share.
+_BUDGET_LOOK_S = 0.05
 
 
 async def _cancel_all(
