@@ -448,6 +448,8 @@ class Backend(abc.ABC):
                 return hedged(
                     one,
                     delay,
+                    # The hedge reads into memory of its own: the sinks never hold it.
+                    again=lambda: timed(seen, nbytes, fn),
                     what=f"{op} of {self.url(path)}",
                     budget=lambda: seen.try_hedge(deadlines.hedge_share),
                     settled=seen.hedge_done,
