@@ -27,6 +27,7 @@ import pytest
 from cloudckpt.storage import Deadlines, RetryPolicy
 from cloudckpt.storage.base import BACKEND_REQUESTS
 from cloudckpt.storage.deadline import RequestStalled, within
+from cloudckpt.storage.held import HeldClock
 from cloudckpt.storage.s3get import DIRECT_READS
 from cloudckpt.testing.servers import LocalServers
 
@@ -47,8 +48,7 @@ class HeldSink:
         self.nbytes = nbytes
         self.got = bytearray(nbytes)
         self.rooms = 0
-        self._held = 0.0
-        self._since: float | None = None
+        self._held = HeldClock()
 
     def write(self, pos: int, data: memoryview) -> None:
         self.got[pos : pos + len(data)] = data
@@ -63,17 +63,12 @@ class HeldSink:
         if self.rooms >= HOLDS:
             return
         self.rooms += 1
-        self._since = time.monotonic()
-        try:
+        with self._held.waiting():
             await asyncio.sleep(HOLD_S)
-        finally:
-            self._held += time.monotonic() - self._since
-            self._since = None
 
     @property
     def held_s(self) -> float:
-        since = self._since
-        return self._held + (time.monotonic() - since if since is not None else 0.0)
+        return self._held.seconds
 
 
 @pytest.mark.parametrize("kind", ["s3", "gcs"])

@@ -22,9 +22,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from atomicity import ObjectInfo
-from cloudckpt.storage._stream import Buffer, held, place
+from cloudckpt.storage._stream import Buffer, place
 from cloudckpt.storage.base import BACKEND_REQUESTS, Backend
 from cloudckpt.storage.deadline import DEFAULT_DEADLINES, Deadlines
+from cloudckpt.storage.held import held
 from cloudckpt.storage.retry import RetryPolicy, error_code_of, http_status_of
 
 

@@ -9,7 +9,6 @@ sinks through a small bounce buffer, GCS's from the response body.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 
@@ -32,17 +31,10 @@ class Sink(Protocol):
 # waits for those writes before reading the result. Where it also has ``async room()``,
 # a reader awaits it before each hand-over (the sink's backlog is bounded); a reader
 # that cannot await (a protocol) asks ``crowded()`` after each and then awaits ``room``.
-# Such a sink counts the seconds its readers waited there in ``held_s``: the read's
+# Such a sink counts the seconds its readers waited there in ``held_s`` (a
+# :class:`cloudckpt.storage.held.HeldClock`'s ``seconds``): the read's
 # hedge and deadline clocks leave them out (``held``), as that time is the placement's,
 # not the store's.
-
-
-def held(buffers: list[Buffer]) -> Callable[[], float] | None:
-    """The seconds a read into ``buffers`` has waited for its sinks' room so far (None: no sink)."""
-    sinks = [b for b in buffers if not isinstance(b, memoryview) and hasattr(b, "held_s")]
-    if not sinks:
-        return None
-    return lambda: sum(s.held_s for s in sinks)
 
 
 #: One element of a read's destination.

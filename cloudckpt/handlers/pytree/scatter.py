@@ -29,13 +29,14 @@ import contextlib
 import math
 import os
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import crc32c
 import numpy as np
+
+from cloudckpt.storage.held import HeldClock
 
 #: Threads placing the pieces handed over with ``write_later``: different scatters (inner
 #: chunks of different reads) are placed in parallel, each scatter's pieces in order by
@@ -151,8 +152,7 @@ class Scatter:
             self._parts.append((view_nd, box[:-2], *box[-2], *box[-1]))
         self.crc = 0
         self.written = 0
-        self._held = 0.0  # seconds readers waited in room, up to the wait under way
-        self._held_since: float | None = None  # when the wait under way began
+        self._held = HeldClock()  # the time readers waited in room
         self._carry = np.empty(self.row_bytes, np.uint8)
         self._carried = 0
         self._error: BaseException | None = None
@@ -164,18 +164,13 @@ class Scatter:
 
     async def room(self) -> None:
         """Waits until a piece may be handed over: the placing threads' backlog is bounded."""
-        self._held_since = time.monotonic()
-        try:
+        with self._held.waiting():
             await _pool.room()
-        finally:
-            self._held += time.monotonic() - self._held_since
-            self._held_since = None
 
     @property
     def held_s(self) -> float:
         """Seconds readers have waited in ``room`` so far, the wait under way included."""
-        since = self._held_since
-        return self._held + (time.monotonic() - since if since is not None else 0.0)
+        return self._held.seconds
 
     def crowded(self) -> bool:
         """Whether ``room`` would wait (for a reader that cannot await: a protocol)."""
