@@ -55,33 +55,25 @@ def launch(
             "urls": urls,
             **options,
         }
-        proc, errors = popen(worker_argv(module, json.dumps(spec)))
+        proc, errors = popen(module, json.dumps(spec))
         workers.append(Worker(i, proc, errors=errors))
     return workers
 
 
-def worker_argv(module: str, *args: str) -> list[str]:
-    """The command that runs ``python -m module args`` with stdout for its own lines.
-
-    See tests/protocol_stdout.py: native code's writes to fd 1 go to stderr.
-    """
-    return [sys.executable, "-m", "tests.protocol_stdout", module, *args]
-
-
-def popen(argv: list[str]) -> tuple[subprocess.Popen[str], IO[str]]:
-    """Starts a worker (argv from ``worker_argv``) and its stderr file.
+def popen(module: str, *args: str) -> tuple[subprocess.Popen[str], IO[str]]:
+    """Starts ``python -m module args`` as a worker, and its stderr file.
 
     C++ libraries in the workers (gloo, tensorstore's logging) write from their
     own threads at any time, to stderr and to fd 1: on a shared pipe their
     text was glued onto protocol lines ("[Gloo] Rank RESULT {...}", or an
     ``EVENT WRITING`` the parent never recognised, so it never sent its
-    signal). ``worker_argv`` moves fd 1 onto stderr, and stderr goes to a
-    temporary file in append mode, so the parent can read it (``tail``) while
-    the child writes.
+    signal). The worker runs under tests/protocol_stdout.py, which moves fd 1
+    onto stderr, and stderr goes to a temporary file in append mode, so the
+    parent can read it (``tail``) while the child writes.
     """
     errors = tempfile.TemporaryFile(mode="a+", encoding="utf-8", errors="replace")  # noqa: SIM115 (the worker's, for its lifetime)
     proc = subprocess.Popen(
-        argv,
+        [sys.executable, "-m", "tests.protocol_stdout", module, *args],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=errors,

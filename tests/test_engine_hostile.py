@@ -17,13 +17,13 @@ from cloudckpt.testing.servers import LocalServers
 
 from . import mp_worker
 from .helpers import unique
-from .multiproc import Worker, finish, launch, popen, tail, wait_for, worker_argv
+from .multiproc import Worker, finish, launch, popen, tail, wait_for
 
 TOTAL_BYTES = sum(a.nbytes for a in mp_worker.expected_arrays().values())
 
 
 def _worker(scenario: str, root: str) -> Worker:
-    proc, errors = popen(worker_argv("tests.engine_worker", scenario, root))
+    proc, errors = popen("tests.engine_worker", scenario, root)
     return Worker(0, proc, errors=errors)
 
 

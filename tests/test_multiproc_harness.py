@@ -8,11 +8,11 @@ the RESULT and failed tests/test_leave_job.py.
 from __future__ import annotations
 
 from . import noisy_worker
-from .multiproc import Worker, finish, popen, stderr_of, wait_for, worker_argv
+from .multiproc import Worker, finish, popen, stderr_of, wait_for
 
 
 def test_native_writes_to_fd_1_never_reach_the_protocol_lines() -> None:
-    proc, errors = popen(worker_argv("tests.noisy_worker"))
+    proc, errors = popen("tests.noisy_worker")
     worker = Worker(0, proc, errors=errors)
     assert wait_for(worker, "EVENT STARTED", timeout=60) == "EVENT STARTED\n"
     finish([worker], timeout=60)

@@ -33,7 +33,7 @@ from cloudckpt.orbax import UnsupportedOrbaxLayoutError
 from cloudckpt.testing.servers import free_port
 
 from .backend_harness import StoreUnderTest, make_store
-from .multiproc import Worker, finish, popen, tail, worker_argv
+from .multiproc import Worker, finish, popen, tail
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "orbax"
@@ -494,7 +494,7 @@ def test_two_processes_restore_an_orbax_step(
             "step": 2,
             "fixtures": str(FIXTURES / "0.12.8"),
         }
-        proc, errors = popen(worker_argv("tests.orbax_mp_worker", json.dumps(spec)))
+        proc, errors = popen("tests.orbax_mp_worker", json.dumps(spec))
         workers.append(Worker(i, proc, errors=errors))
     results = []
     for worker in finish(workers, timeout=360):

@@ -20,7 +20,7 @@ from cloudckpt.format import jsonio as _jsonio
 from cloudckpt.testing.servers import LocalServers, free_port
 
 from .backend_harness import StoreUnderTest, make_store
-from .multiproc import Worker, finish, popen, tail, worker_argv
+from .multiproc import Worker, finish, popen, tail
 
 IMPLS = {"threefry2x32": (2,), "rbg": (4,), "unsafe_rbg": (4,)}
 
@@ -227,7 +227,7 @@ def test_unknown_or_inconsistent_implementation_is_corruption(
 
 def _keys_worker(i: int, port: int, url: str) -> Worker:
     spec = {"process_id": i, "num_processes": 2, "devices": 4, "port": port, "url": url}
-    proc, errors = popen(worker_argv("tests.mp_keys_worker", json.dumps(spec)))
+    proc, errors = popen("tests.mp_keys_worker", json.dumps(spec))
     return Worker(i, proc, errors=errors)
 
 
