@@ -35,8 +35,8 @@ async def _request(seen: Latencies, share: float, i: int, sent: list[int], peak:
         lambda: timed(seen, 1, slow),
         HEDGE_AFTER_S,
         again=again,
-        budget=lambda: seen.try_hedge(share),
-        settled=seen.hedge_done,
+        slots=seen,
+        share=share,
     )
 
 
@@ -71,8 +71,8 @@ def test_a_slot_is_given_back_when_the_hedged_wait_is_cancelled() -> None:
             hedged(
                 lambda: timed(seen, 1, stalled),
                 0.01,
-                budget=lambda: seen.try_hedge(0.05),
-                settled=seen.hedge_done,
+                slots=seen,
+                share=0.05,
             )
         )
         await asyncio.sleep(0.2)

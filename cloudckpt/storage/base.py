@@ -451,8 +451,8 @@ class Backend(abc.ABC):
                     # The hedge reads into memory of its own: the sinks never hold it.
                     again=lambda: timed(seen, nbytes, fn),
                     what=f"{op} of {self.url(path)}",
-                    budget=lambda: seen.try_hedge(deadlines.hedge_share),
-                    settled=seen.hedge_done,
+                    slots=seen,
+                    share=deadlines.hedge_share,
                 )
 
         return await within(

@@ -437,8 +437,8 @@ async def hedged(
     cancel: Callable[[Awaitable[T]], None] = lambda aw: None,
     again: Callable[[], Awaitable[T]] | None = None,
     what: str = "a request",
-    budget: Callable[[], bool] | None = None,
-    settled: Callable[[], None] | None = None,
+    slots: Latencies | None = None,
+    share: float = 1.0,
 ) -> T:
     """The first successful answer of ``start()``, asked again if none came in ``after_s``.
 
@@ -446,9 +446,9 @@ async def hedged(
     idempotent: reads of the same bytes, or writes of the same bytes to the
     same key. ``after_s`` may be a function, re-read while the first request
     waits (an adaptive delay that shrinks as its peers answer). When both fail,
-    the first one's error is raised. ``budget``: asked once the delay has
-    passed, True to send the hedge now (then ``settled`` is called once it is
-    over), False to look again shortly (too many hedges in flight).
+    the first one's error is raised. ``slots``: the requests of its kind,
+    whose hedges in flight stay within ``share`` of them (``try_hedge``);
+    past the delay with every share taken, it looks again shortly.
 
     No request outlives the call: once one answers, the other (the stalled
     loser) is stopped, with ``cancel`` on its awaitable (a tensorstore
@@ -467,8 +467,8 @@ async def hedged(
             wanted = delay()
             left = wanted - (time.monotonic() - began)
             if left <= 0:
-                if budget is None or budget():
-                    slot = budget is not None
+                if slots is None or slots.try_hedge(share):
+                    slot = slots is not None
                     break
                 left = _BUDGET_LOOK_S  # every share is taken: look again shortly
             # An adaptive delay is re-read a few times per delay: often enough to follow it.
@@ -493,8 +493,8 @@ async def hedged(
         try:
             await _cancel_all(running, cancel)
         finally:
-            if slot and settled is not None:
-                settled()
+            if slot and slots is not None:
+                slots.hedge_done()
 
 
 #: How often a request past its hedge delay looks for a free hedge share.

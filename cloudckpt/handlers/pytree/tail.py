@@ -126,8 +126,8 @@ async def hedge(
         lambda: deadlines.hedge_delay_s(nbytes, seen, since),
         again=lambda: timed(seen, nbytes, second),
         what=f"{seen.kind if seen is not None else 'request'} of {nbytes} bytes",
-        budget=(lambda: seen.try_hedge(deadlines.hedge_share)) if seen is not None else None,
-        settled=seen.hedge_done if seen is not None else None,
+        slots=seen,
+        share=deadlines.hedge_share,
     )
 
 
