@@ -21,7 +21,7 @@ import asyncio
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -82,13 +82,18 @@ def _read_file(path: str) -> int:
         return len(f.read())
 
 
-def file_put_get(directory: str, data: Sequence[bytes]) -> RawResult:
+def file_put_get(
+    directory: str, data: Sequence[bytes], settle: Callable[[], object] | None = None
+) -> RawResult:
+    """``settle``: called between the PUTs and the GETs, untimed (``benchmarks.settle``)."""
     os.makedirs(directory, exist_ok=True)
     paths = [os.path.join(directory, f"obj{i:05d}") for i in range(len(data))]
     with ThreadPoolExecutor(FILE_CONCURRENCY) as pool:
         start = time.perf_counter()
         list(pool.map(_write_file, paths, data))
         put_s = time.perf_counter() - start
+        if settle is not None:
+            settle()
         start = time.perf_counter()
         got = sum(pool.map(_read_file, paths))
         get_s = time.perf_counter() - start
@@ -99,7 +104,12 @@ def file_put_get(directory: str, data: Sequence[bytes]) -> RawResult:
 
 # -------------------------------------------------------------------------------------- s3
 async def _s3_put_get(
-    endpoint: str, bucket: str, prefix: str, data: Sequence[bytes], keep: bool = False
+    endpoint: str,
+    bucket: str,
+    prefix: str,
+    data: Sequence[bytes],
+    keep: bool = False,
+    settle: Callable[[], object] | None = None,
 ) -> RawResult:
     from aiobotocore.config import AioConfig
     from aiobotocore.session import get_session
@@ -128,6 +138,8 @@ async def _s3_put_get(
         start = time.perf_counter()
         await asyncio.gather(*(put(k, d) for k, d in zip(keys, data, strict=True)))
         put_s = time.perf_counter() - start
+        if settle is not None:
+            await asyncio.to_thread(settle)
         start = time.perf_counter()
         got = sum(await asyncio.gather(*(get(k) for k in keys)))
         get_s = time.perf_counter() - start
@@ -141,15 +153,28 @@ async def _s3_put_get(
 
 
 def s3_put_get(
-    endpoint: str, bucket: str, prefix: str, data: Sequence[bytes], keep: bool = False
+    endpoint: str,
+    bucket: str,
+    prefix: str,
+    data: Sequence[bytes],
+    keep: bool = False,
+    settle: Callable[[], object] | None = None,
 ) -> RawResult:
-    """``keep``: every body stays alive until all are read, as a restore keeps its arrays."""
-    return asyncio.run(_s3_put_get(endpoint, bucket, prefix, data, keep))
+    """``keep``: every body stays alive until all are read, as a restore keeps its arrays.
+
+    ``settle``: called between the PUTs and the GETs, untimed (``benchmarks.settle``).
+    """
+    return asyncio.run(_s3_put_get(endpoint, bucket, prefix, data, keep, settle))
 
 
 # ------------------------------------------------------------------------------------- gcs
 async def _gcs_put_get(
-    endpoint: str, bucket: str, prefix: str, data: Sequence[bytes], keep: bool = False
+    endpoint: str,
+    bucket: str,
+    prefix: str,
+    data: Sequence[bytes],
+    keep: bool = False,
+    settle: Callable[[], object] | None = None,
 ) -> RawResult:
     from gcsfs.core import GCSFileSystem  # not the experimental class: no 60 s HNS probe
 
@@ -177,6 +202,8 @@ async def _gcs_put_get(
         start = time.perf_counter()
         await asyncio.gather(*(put(p, d) for p, d in zip(paths, data, strict=True)))
         put_s = time.perf_counter() - start
+        if settle is not None:
+            await asyncio.to_thread(settle)
         start = time.perf_counter()
         got = sum(await asyncio.gather(*(get(p) for p in paths)))
         get_s = time.perf_counter() - start
@@ -190,10 +217,18 @@ async def _gcs_put_get(
 
 
 def gcs_put_get(
-    endpoint: str, bucket: str, prefix: str, data: Sequence[bytes], keep: bool = False
+    endpoint: str,
+    bucket: str,
+    prefix: str,
+    data: Sequence[bytes],
+    keep: bool = False,
+    settle: Callable[[], object] | None = None,
 ) -> RawResult:
-    """``keep``: every body stays alive until all are read, as a restore keeps its arrays."""
-    return asyncio.run(_gcs_put_get(endpoint, bucket, prefix, data, keep))
+    """``keep``: every body stays alive until all are read, as a restore keeps its arrays.
+
+    ``settle``: called between the PUTs and the GETs, untimed (``benchmarks.settle``).
+    """
+    return asyncio.run(_gcs_put_get(endpoint, bucket, prefix, data, keep, settle))
 
 
 def _check(got: int, data: Sequence[bytes]) -> None:
