@@ -33,14 +33,13 @@ File reads see the same page cache on both sides of each comparison:
 timed read; ``cold`` evicts them first (``posix_fadvise(DONTNEED)``). Every
 repetition's ratios are printed and kept, not only the medians.
 
-Every timed measurement (each replay, restore and Orbax restore, and each
-raw GET after its PUTs) starts once the machine is quiet
-(``benchmarks/settle.py``: dirty pages flushed, disks and CPUs idle), so none
-starts inside the writeback and discards of the raw channel's objects; the
-waits are kept as ``settle_s``. Orbax's restores are timed after both of
-ours, never first after the raw GET: measured at 4 GiB, a restore right after
-its bodies are freed is the slowest (new memory costs most then), so this
-order favours Orbax, if anything.
+Orbax's restores are timed after both of ours, never first after the raw
+GET. Measured at 4 GiB on GCS (nine repetitions), the restore timed right
+after the raw GET took 3.8-8.5 s where the handler restore, timed after the
+replay, took 3.2-4.3 s; a probe alternating the two showed the same slowdown
+on both after the raw channel's bodies were freed, with more system time: the
+first restore after them pays most for new memory. This order favours Orbax,
+if anything.
 
 Requests are counted from tensorstore's own metrics and from the direct
 chunk reader during a restore, beside the checkpoint's object count, which
@@ -69,7 +68,6 @@ import numpy as np
 from benchmarks import tree
 from benchmarks.common import Context, median, ratio, scenario
 from benchmarks.ops import CloudCkpt, Orbax
-from benchmarks.settle import settle
 from benchmarks.targets import Target, list_objects, remove
 from cloudckpt.storage import BackendCache
 
@@ -353,7 +351,6 @@ def run_backend(ctx: Context, target: Target, size_mib: float) -> dict[str, Any]
     other = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
     resharded = tree.abstract_from_specs(specs, other)
     cold = target.is_file and cfg.file_cache == "cold"
-    settled: list[float] = []  # seconds waited for a quiet machine before each timing
     stack = contextlib.ExitStack()
     try:
         state = tree.build(specs, ctx.mesh)  # random data, dropped once saved
@@ -374,13 +371,9 @@ def run_backend(ctx: Context, target: Target, size_mib: float) -> dict[str, Any]
         paths = [o.path for o in objects]
         orbax_paths = _files(orbax_url) if target.is_file and orbax_url else []
 
-        def quiet() -> None:
-            settled.append(round(settle(), 3))
-
         def prepare(which: list[str]) -> None:
             if target.is_file:
                 (_drop_cache if cold else _warm_cache)(which)
-            quiet()
 
         from benchmarks import raw
 
@@ -392,10 +385,8 @@ def run_backend(ctx: Context, target: Target, size_mib: float) -> dict[str, Any]
             payloads = raw.light_payloads(sizes, seed=rep)
             try:
                 if keep:
-                    return target.raw_put_get(
-                        f"phases{rep}k", payloads, keep=True, settle=quiet
-                    ).get_s
-                return target.raw_put_get(f"phases{rep}", payloads, settle=quiet).get_s
+                    return target.raw_put_get(f"phases{rep}k", payloads, keep=True).get_s
+                return target.raw_put_get(f"phases{rep}", payloads).get_s
             finally:
                 del payloads
                 _release()
@@ -512,7 +503,6 @@ def run_backend(ctx: Context, target: Target, size_mib: float) -> dict[str, Any]
         "resharded_vs_orbax": ratio(med["resharded"], med["orbax_resharded"]),
         "resharded_vs_orbax_worst": max(ratios["resharded/orbax"], default=float("nan")),
         "rss": rss,
-        "settle_s": settled,
     }
 
 

@@ -21,7 +21,7 @@ import asyncio
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -82,18 +82,13 @@ def _read_file(path: str) -> int:
         return len(f.read())
 
 
-def file_put_get(
-    directory: str, data: Sequence[bytes], settle: Callable[[], object] | None = None
-) -> RawResult:
-    """``settle``: called between the PUTs and the GETs, untimed (``benchmarks.settle``)."""
+def file_put_get(directory: str, data: Sequence[bytes]) -> RawResult:
     os.makedirs(directory, exist_ok=True)
     paths = [os.path.join(directory, f"obj{i:05d}") for i in range(len(data))]
     with ThreadPoolExecutor(FILE_CONCURRENCY) as pool:
         start = time.perf_counter()
         list(pool.map(_write_file, paths, data))
         put_s = time.perf_counter() - start
-        if settle is not None:
-            settle()
         start = time.perf_counter()
         got = sum(pool.map(_read_file, paths))
         get_s = time.perf_counter() - start
@@ -104,12 +99,7 @@ def file_put_get(
 
 # -------------------------------------------------------------------------------------- s3
 async def _s3_put_get(
-    endpoint: str,
-    bucket: str,
-    prefix: str,
-    data: Sequence[bytes],
-    keep: bool = False,
-    settle: Callable[[], object] | None = None,
+    endpoint: str, bucket: str, prefix: str, data: Sequence[bytes], keep: bool = False
 ) -> RawResult:
     from aiobotocore.config import AioConfig
     from aiobotocore.session import get_session
@@ -138,8 +128,6 @@ async def _s3_put_get(
         start = time.perf_counter()
         await asyncio.gather(*(put(k, d) for k, d in zip(keys, data, strict=True)))
         put_s = time.perf_counter() - start
-        if settle is not None:
-            await asyncio.to_thread(settle)
         start = time.perf_counter()
         got = sum(await asyncio.gather(*(get(k) for k in keys)))
         get_s = time.perf_counter() - start
@@ -153,28 +141,15 @@ async def _s3_put_get(
 
 
 def s3_put_get(
-    endpoint: str,
-    bucket: str,
-    prefix: str,
-    data: Sequence[bytes],
-    keep: bool = False,
-    settle: Callable[[], object] | None = None,
+    endpoint: str, bucket: str, prefix: str, data: Sequence[bytes], keep: bool = False
 ) -> RawResult:
-    """``keep``: every body stays alive until all are read, as a restore keeps its arrays.
-
-    ``settle``: called between the PUTs and the GETs, untimed (``benchmarks.settle``).
-    """
-    return asyncio.run(_s3_put_get(endpoint, bucket, prefix, data, keep, settle))
+    """``keep``: every body stays alive until all are read, as a restore keeps its arrays."""
+    return asyncio.run(_s3_put_get(endpoint, bucket, prefix, data, keep))
 
 
 # ------------------------------------------------------------------------------------- gcs
 async def _gcs_put_get(
-    endpoint: str,
-    bucket: str,
-    prefix: str,
-    data: Sequence[bytes],
-    keep: bool = False,
-    settle: Callable[[], object] | None = None,
+    endpoint: str, bucket: str, prefix: str, data: Sequence[bytes], keep: bool = False
 ) -> RawResult:
     from gcsfs.core import GCSFileSystem  # not the experimental class: no 60 s HNS probe
 
@@ -202,8 +177,6 @@ async def _gcs_put_get(
         start = time.perf_counter()
         await asyncio.gather(*(put(p, d) for p, d in zip(paths, data, strict=True)))
         put_s = time.perf_counter() - start
-        if settle is not None:
-            await asyncio.to_thread(settle)
         start = time.perf_counter()
         got = sum(await asyncio.gather(*(get(p) for p in paths)))
         get_s = time.perf_counter() - start
@@ -217,18 +190,10 @@ async def _gcs_put_get(
 
 
 def gcs_put_get(
-    endpoint: str,
-    bucket: str,
-    prefix: str,
-    data: Sequence[bytes],
-    keep: bool = False,
-    settle: Callable[[], object] | None = None,
+    endpoint: str, bucket: str, prefix: str, data: Sequence[bytes], keep: bool = False
 ) -> RawResult:
-    """``keep``: every body stays alive until all are read, as a restore keeps its arrays.
-
-    ``settle``: called between the PUTs and the GETs, untimed (``benchmarks.settle``).
-    """
-    return asyncio.run(_gcs_put_get(endpoint, bucket, prefix, data, keep, settle))
+    """``keep``: every body stays alive until all are read, as a restore keeps its arrays."""
+    return asyncio.run(_gcs_put_get(endpoint, bucket, prefix, data, keep))
 
 
 def _check(got: int, data: Sequence[bytes]) -> None:

@@ -100,9 +100,7 @@ def make_targets(names: Sequence[str], workdir: str, servers: Any | None) -> lis
                     "file",
                     root,
                     os.path.join(workdir, "orbax"),
-                    lambda sub, data, _r=root, **kw: raw.file_put_get(
-                        os.path.join(_r, sub), data, **kw
-                    ),
+                    lambda sub, data, _r=root: raw.file_put_get(os.path.join(_r, sub), data),
                 )
             )
         elif name == "s3":
