@@ -9,7 +9,7 @@ import time
 import pytest
 
 from cloudckpt.engine.loop import LoopThread
-from cloudckpt.storage.deadline import DEFAULT_DEADLINES, Deadlines
+from cloudckpt.storage.deadline import Deadlines
 from cloudckpt.storage.gcs import GCSBackend
 from cloudckpt.storage.retry import RetryPolicy, RetryStats, http_status_of, is_transient
 from cloudckpt.storage.s3 import S3Backend
@@ -22,8 +22,9 @@ from .helpers import BUCKET, unique
 
 
 def _backend(
-    kind: str, endpoint: str, retry: RetryPolicy, deadlines: Deadlines = DEFAULT_DEADLINES
+    kind: str, endpoint: str, retry: RetryPolicy, deadlines: Deadlines | None = None
 ) -> S3Backend | GCSBackend:
+    """A backend through ``endpoint``; ``deadlines`` None: the backend's own default."""
     if kind == "s3":
         return S3Backend(endpoint_url=endpoint, retry=retry, deadlines=deadlines)
     return GCSBackend(endpoint_url=endpoint, retry=retry, deadlines=deadlines)
