@@ -12,14 +12,14 @@ it has a path) and dropped; then, per repetition (``--phases-reps``, default
   crc32c and the copies into host buffers), and the assembly of the
   ``jax.Array`` leaves from those host buffers (``make_array_from_callback``:
   host-to-device transfer, a memcpy on CPU unless the buffer is aliased);
-* the handler's ``restore`` alone and the whole ``Checkpointer.restore``,
-  each timed right after its yardstick (``np.fromfile`` of the checkpoint's
-  own files on file, the raw concurrent GET of objects of the checkpoint's
-  sizes on object stores, ``raw.py``), and the same restore onto a 2x4 mesh
-  instead of the saved 4x2 (regions cut through chunk objects);
+* the handler's ``restore`` alone, then the yardstick (``np.fromfile`` of
+  the checkpoint's own files on file, the raw concurrent GET of objects of
+  the checkpoint's sizes on object stores, ``raw.py``), then the whole
+  ``Checkpointer.restore`` and the same restore onto a 2x4 mesh instead of
+  the saved 4x2 (regions cut through chunk objects), and Orbax's restore of
+  the same tree onto both meshes, the two libraries in alternating order;
 * one crc32c pass and one memcpy over the restored bytes (what a checksum
-  and an extra host copy cost here), and Orbax's restore of the same tree
-  onto both meshes.
+  and an extra host copy cost here).
 
 Each timed restore (ours and Orbax's, both meshes) also records the CPU the
 whole process spent in it (user and system seconds, ``getrusage``) and its
@@ -33,13 +33,15 @@ File reads see the same page cache on both sides of each comparison:
 timed read; ``cold`` evicts them first (``posix_fadvise(DONTNEED)``). Every
 repetition's ratios are printed and kept, not only the medians.
 
-Orbax's restores are timed after both of ours, never first after the raw
-GET. Measured at 4 GiB on GCS (nine repetitions), the restore timed right
-after the raw GET took 3.8-8.5 s where the handler restore, timed after the
-replay, took 3.2-4.3 s; a probe alternating the two showed the same slowdown
-on both after the raw channel's bodies were freed, with more system time: the
-first restore after them pays most for new memory. This order favours Orbax,
-if anything.
+Which library's pair of restores comes first after the yardstick alternates
+by repetition (cloudckpt's on even ones, Orbax's on odd ones; ``orbax_first``
+records it). Position matters on these VMs: measured at 4 GiB on GCS (nine
+repetitions), the restore timed right after the raw GET took 3.8-8.5 s where
+the handler restore, timed after the replay, took 3.2-4.3 s; a probe
+alternating the two showed the same slowdown on both after the raw channel's
+bodies were freed, with more system time: the first restore after them pays
+most for new memory. Always timing one library first would hand that cost to
+it in every repetition; alternating gives each library both positions.
 
 Requests are counted from tensorstore's own metrics and from the direct
 chunk reader during a restore, beside the checkpoint's object count, which
@@ -324,11 +326,12 @@ def _files(url: str) -> list[str]:
 def run_backend(ctx: Context, target: Target, size_mib: float) -> dict[str, Any]:
     """Saves a fresh random tree of ``size_mib`` MiB, then times restores beside yardsticks.
 
-    Per repetition the pairs compared are timed back to back, under the same
-    conditions: on file, ``np.fromfile`` and the restore each after the same
-    page-cache preparation (``--file-cache``: warm, both read once untimed
-    first; cold, both evicted first); on object stores, the raw GET and the
-    restore. Each repetition's ratios are kept, not only the medians.
+    Per repetition the restores compared are timed in one stretch after the
+    yardstick, under the same conditions: on file, ``np.fromfile`` and each
+    restore after the same page-cache preparation (``--file-cache``: warm, all
+    read once untimed first; cold, all evicted first); on object stores, the
+    raw GET, then the restores. The library timed first alternates. Each
+    repetition's ratios are kept, not only the medians.
     """
     import jax
     from jax.sharding import Mesh
@@ -345,6 +348,7 @@ def run_backend(ctx: Context, target: Target, size_mib: float) -> dict[str, Any]
     requests: dict[str, Any] = {}
     # Per timed restore: the process's user and system CPU seconds, and its minor faults.
     cpu: dict[str, dict[str, list[float]]] = {}
+    order: list[bool] = []  # per repetition: whether Orbax's restores were timed first
     specs = tree.model_specs(size_mib)
     abstract = tree.abstract_from_specs(specs, ctx.mesh)
     # The same tree onto another mesh: 2x4 instead of 4x2, so most regions cut chunks.
@@ -440,16 +444,27 @@ def run_backend(ctx: Context, target: Target, size_mib: float) -> dict[str, Any]
                 # freed at once (warm memory reused): the ratio is against the second.
                 times["raw_get_kept"].append(raw_get(rep, keep=True))
                 times["raw_get"].append(raw_get(rep))
+            # The two libraries take turns at the position right after the yardstick.
+            orbax_first = peer is not None and orbax_url is not None and rep % 2 == 1
+
+            def orbax_pair() -> None:
+                if peer is not None and orbax_url is not None:
+                    timed_restore("orbax", peer, orbax_url, abstract, orbax_paths)
+                    timed_restore("orbax_resharded", peer, orbax_url, resharded, orbax_paths)
+
+            if orbax_first:
+                orbax_pair()
             before = _ts_counters(_driver(target))
             timed_restore("restore", cc, url, abstract, paths)
             after = _ts_counters(_driver(target))
             timed_restore("resharded", cc, url, resharded, paths)
             after_reshard = _ts_counters(_driver(target))
+            if not orbax_first:
+                orbax_pair()
+            if peer is not None:
+                order.append(orbax_first)
             if target.is_file:
                 times["raw_get"].append(raw_get(rep))
-            if peer is not None and orbax_url is not None:
-                timed_restore("orbax", peer, orbax_url, abstract, orbax_paths)
-                timed_restore("orbax_resharded", peer, orbax_url, resharded, orbax_paths)
             if rep == 0:
                 requests = {
                     "resharded_reads": after_reshard.get("read", 0) - after.get("read", 0),
@@ -493,6 +508,7 @@ def run_backend(ctx: Context, target: Target, size_mib: float) -> dict[str, Any]
         "phase_sum_s": sum(med[k] for k in PHASES),
         "requests": requests,
         "cpu": cpu,
+        "orbax_first": order,
         "ratios": {k: [round(x, 3) for x in v] for k, v in ratios.items()},
         "restore_vs_raw_get": ratio(med["restore"], med["raw_get"]),
         "resharded_vs_raw_get": ratio(med["resharded"], med["raw_get"]),

@@ -83,6 +83,10 @@ def table_lines(result: dict[str, Any]) -> list[str]:
     row("each run: restore / np.fromfile, freed", runs("restore/fromfile_freed"))
     row("each run: restore / Orbax", runs("restore/orbax"))
     row("each run: 2x4 restore / Orbax 2x4", runs("resharded/orbax"))
+    row(
+        "each run: timed first after yardstick",
+        lambda r: "/".join("Orbax" if x else "ours" for x in r.get("orbax_first", [])) or "-",
+    )
     row("each run: CPU s user+system, restore", cpu("restore"))
     row("each run: CPU s user+system, 2x4", cpu("resharded"))
     row("each run: CPU s user+system, Orbax", cpu("orbax"))
