@@ -21,6 +21,7 @@ import asyncio
 import logging
 import os
 import time
+from typing import Any
 
 import pytest
 
@@ -53,8 +54,10 @@ class HeldSink:
     def write(self, pos: int, data: memoryview) -> None:
         self.got[pos : pos + len(data)] = data
 
-    def write_later(self, pos: int, data: memoryview) -> None:
+    def write_later(self, pos: int, data: memoryview, release: Any = None) -> None:
         self.write(pos, data)
+        if release is not None:
+            release()
 
     def crowded(self) -> bool:
         return self.rooms < HOLDS

@@ -317,8 +317,10 @@ class _SlowSink:
     def write(self, pos: int, data: memoryview) -> None:
         raise AssertionError("a streamed body's pieces are handed over with write_later")
 
-    def write_later(self, pos: int, data: memoryview) -> None:
+    def write_later(self, pos: int, data: memoryview, release: Any = None) -> None:
         self.pieces.append((pos, bytes(data)))
+        if release is not None:
+            release()
 
     def crowded(self) -> bool:
         return not self.let_go.is_set()
@@ -352,23 +354,29 @@ def test_a_sink_gets_whole_pieces_and_a_crowded_one_stops_the_socket(
     assert received == [(2 << 20) + 4]
 
 
+def _halves() -> tuple[Any, np.ndarray, np.ndarray]:
+    """A scatter of a (512, 1024) float32 inner chunk into its left and right halves."""
+    from cloudckpt.handlers.pytree.scatter import Scatter
+
+    left = np.full((512, 512), -1.0, np.float32)
+    right = np.full((512, 512), -1.0, np.float32)
+    sink = Scatter(
+        (512, 1024),
+        np.dtype(np.float32),
+        [(left, ((0, 512), (0, 512))), (right, ((0, 512), (512, 1024)))],
+    )
+    return sink, left, right
+
+
 def test_an_inner_chunk_cut_between_two_arrays_is_scattered_as_received(
     tmp_path: Path, received: list[int]
 ) -> None:
     import crc32c
 
-    from cloudckpt.handlers.pytree.scatter import Scatter
-
     values = np.frombuffer(DATA[: 2 << 20], np.float32).reshape(512, 1024)
 
     async def test(server: Server, base: str, session: aiohttp.ClientSession) -> None:
-        left = np.full((512, 512), -1.0, np.float32)
-        right = np.full((512, 512), -1.0, np.float32)
-        sink = Scatter(
-            (512, 1024),
-            np.dtype(np.float32),
-            [(left, ((0, 512), (0, 512))), (right, ((0, 512), (512, 1024)))],
-        )
+        sink, left, right = _halves()
         (crc,) = _buffers(4)
         assert await _get(session, f"{base}/honour", 0, [sink, crc]) == (2 << 20) + 4
         await sink.settled()
@@ -379,3 +387,49 @@ def test_an_inner_chunk_cut_between_two_arrays_is_scattered_as_received(
 
     _run("http", tmp_path, test)
     assert received == [(2 << 20) + 4]
+
+
+def test_pieces_placed_by_a_scatter_are_handed_back_and_carry_the_next_body(
+    tmp_path: Path, received: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scattered body's piece memory is reused once placed, not new memory per piece."""
+    from cloudckpt.storage import _receive
+
+    pieces = _receive._Pieces(_receive.KEEP_PIECES)
+    monkeypatch.setattr(_receive, "_pieces", pieces)
+    taken: list[int] = []  # the id of each piece buffer handed out
+    take = pieces.take
+    monkeypatch.setattr(pieces, "take", lambda: taken.append(id(p := take())) or p)
+
+    async def halves(session: aiohttp.ClientSession, url: str, offset: int) -> np.ndarray:
+        sink, left, right = _halves()
+        assert await _get(session, url, offset, [sink]) == 2 << 20
+        await sink.settled()
+        return np.concatenate([left, right], axis=1)
+
+    def expected(offset: int) -> np.ndarray:
+        return np.frombuffer(DATA[offset : offset + (2 << 20)], np.float32).reshape(512, 1024)
+
+    async def test(server: Server, base: str, session: aiohttp.ClientSession) -> None:
+        np.testing.assert_array_equal(await halves(session, f"{base}/honour", 0), expected(0))
+        first = set(taken)  # a piece placed before the next is taken is taken again
+        assert first and pieces.kept() == len(first)  # every piece came back once placed
+        taken.clear()
+        np.testing.assert_array_equal(await halves(session, f"{base}/honour", 4), expected(4))
+        assert taken and set(taken) <= first  # the second body landed in the first's pieces
+        assert pieces.kept() == len(first)
+
+    _run("http", tmp_path, test)
+    assert received == [2 << 20, 2 << 20]
+
+
+def test_pieces_kept_for_reuse_are_bounded() -> None:
+    from cloudckpt.storage import _receive
+
+    pieces = _receive._Pieces(2)
+    held = [pieces.take() for _ in range(3)]
+    assert len({id(p) for p in held}) == 3 and all(p.nbytes == _receive.PIECE_BYTES for p in held)
+    for p in held:
+        pieces.give(p)
+    assert pieces.kept() == 2  # the third is left to the garbage collector
+    assert id(pieces.take()) in {id(p) for p in held[:2]}

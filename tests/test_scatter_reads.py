@@ -219,6 +219,35 @@ def test_file_read_into_feeds_a_sink_larger_than_its_bounce_buffer(tmp_path: Any
     np.testing.assert_array_equal(bottom, chunk[:, 1000:])
 
 
+def test_a_piece_is_released_once_after_it_is_placed_or_dropped() -> None:
+    """``release`` comes after the piece's bytes are in place, once, and for dropped ones too."""
+    chunk = rng.standard_normal((64, 8)).astype(np.float32)
+    data = memoryview(chunk.tobytes())
+    out = np.zeros((64, 8), np.float32)
+    released: list[tuple[int, int]] = []  # (piece start, bytes the scatter had written then)
+
+    async def go() -> None:
+        sink = Scatter((64, 8), np.dtype(np.float32), [(out, ((0, 64), (0, 8)))])
+
+        def release(at: int) -> Any:
+            return lambda: released.append((at, sink.written))
+
+        for a in range(0, len(data), 256):
+            sink.write_later(a, data[a : a + 256], release(a))
+        await sink.settled()
+        np.testing.assert_array_equal(out, chunk)
+        assert [at for at, _ in released] == list(range(0, len(data), 256))
+        assert all(written == at + 256 for at, written in released)  # placed, then released
+        released.clear()
+        sink.write_later(8, data[8:16], release(8))  # out of order: fails, dropped
+        sink.write_later(16, data[16:24], release(16))  # after a failure: dropped
+        with pytest.raises(ValueError, match="out of order"):
+            await sink.settled()
+        assert sorted(at for at, _ in released) == [8, 16]
+
+    asyncio.run(go())
+
+
 def test_pieces_handed_over_are_placed_in_order_and_failures_kept() -> None:
     """``write_later`` (a streamed body's pieces, placed by the scatter thread)."""
     import crc32c

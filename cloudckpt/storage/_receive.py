@@ -24,6 +24,8 @@ the awaiting call has returned.
 from __future__ import annotations
 
 import asyncio
+import functools
+import threading
 from typing import Any
 
 import aiohttp
@@ -34,10 +36,50 @@ from cloudckpt.storage._stream import Buffer
 #: Bodies shorter than this go through aiohttp's reader: a new connection for the next
 #: request costs more than the copies saved.
 MIN_BYTES = 1 << 20
-#: Pieces a sink's bytes are received in (new memory each, handed over whole).
+#: Pieces a sink's bytes are received in (handed over whole, handed back once placed).
 PIECE_BYTES = 1 << 20
+#: Pieces handed back and kept for the next ones: the placing backlog's bound (32 MiB),
+#: so that a steady stream of pieces reuses the same memory.
+KEEP_PIECES = 32
 #: Where bytes that are not placed go (a skipped prefix; a read after the receiver stopped).
 _DISCARD_BYTES = 1 << 16
+
+
+class _Pieces:
+    """Piece memory handed back by sinks once placed, for the next pieces (thread-safe).
+
+    A placing thread holds a piece until it is copied into place, so new
+    memory per piece meant a heap that grew and shrank with the backlog: each
+    piece's pages faulted in again. Measured here, 1 GiB placed by the
+    scatter threads from fresh pieces took 130-205k page faults and 0.6-0.7
+    CPU-seconds; from pieces handed back, none and 0.34 s. At most
+    ``KEEP_PIECES`` are kept between restores.
+    """
+
+    def __init__(self, keep: int) -> None:
+        self._keep = keep
+        self._free: list[np.ndarray] = []
+        self._lock = threading.Lock()
+
+    def take(self) -> np.ndarray:
+        """A ``PIECE_BYTES`` buffer: one handed back, else new memory."""
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+        return np.empty(PIECE_BYTES, np.uint8)
+
+    def give(self, piece: np.ndarray) -> None:
+        """Takes ``piece`` back; its holder must not touch it any more."""
+        with self._lock:
+            if len(self._free) < self._keep:
+                self._free.append(piece)
+
+    def kept(self) -> int:
+        with self._lock:
+            return len(self._free)
+
+
+_pieces = _Pieces(KEEP_PIECES)
 
 
 def usable(response: Any, buffers: list[Buffer]) -> bool:
@@ -68,10 +110,10 @@ def _flat(buffer: Buffer) -> Buffer:
 class _Receiver(asyncio.BufferedProtocol):
     """Receives ``length`` body bytes: ``skip`` dropped, then the views filled in order.
 
-    A sink (``write_later``) is filled through pieces of up to ``PIECE_BYTES``
-    of new memory, each handed over whole once received (a placing thread
-    copies it into place); past its backlog bound (``crowded``) the socket is
-    not read until it has ``room``.
+    A sink (``write_later``) is filled through pieces of up to ``PIECE_BYTES``,
+    each handed over whole once received (a placing thread copies it into
+    place, then hands the memory back for later pieces: ``_Pieces``); past
+    its backlog bound (``crowded``) the socket is not read until it has ``room``.
     """
 
     def __init__(
@@ -93,6 +135,7 @@ class _Receiver(asyncio.BufferedProtocol):
         self._discard = memoryview(bytearray(_DISCARD_BYTES))
         self._stopped = False
         self._piece: memoryview | None = None  # a sink's piece being received
+        self._memory: np.ndarray | None = None  # the buffer that piece is a view of
         self._filled = 0  # bytes of it received
         self._waiting: asyncio.Task[None] | None = None  # for a crowded sink's room
 
@@ -126,7 +169,8 @@ class _Receiver(asyncio.BufferedProtocol):
         if isinstance(view, memoryview):
             return view[self._pos : self._pos + n]
         if self._piece is None:
-            self._piece, self._filled = memoryview(np.empty(min(n, PIECE_BYTES), np.uint8)), 0
+            self._memory = _pieces.take()
+            self._piece, self._filled = memoryview(self._memory)[: min(n, PIECE_BYTES)], 0
         return self._piece[self._filled :]
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -138,13 +182,20 @@ class _Receiver(asyncio.BufferedProtocol):
         # and counted, once whole.
         self._filled += nbytes
         if self._filled == self._piece.nbytes:
-            piece, self._piece = self._piece, None
-            self._hand(self._views[self._at], piece)
+            piece, memory, self._piece, self._memory = self._piece, self._memory, None, None
+            self._hand(self._views[self._at], piece, memory)
             self._advance(piece.nbytes)
 
-    def _hand(self, sink: Any, piece: memoryview) -> None:
-        """Gives a sink its next piece; past its backlog bound, stops reading until it has room."""
-        sink.write_later(self._pos, piece)
+    def _hand(self, sink: Any, piece: memoryview, memory: np.ndarray | None = None) -> None:
+        """Gives a sink its next piece; past its backlog bound, stops reading until it has room.
+
+        ``memory``, the piece's buffer where it is one of ``_pieces``, is handed
+        back by the sink once placed; never touched here again.
+        """
+        if memory is None:
+            sink.write_later(self._pos, piece)
+        else:
+            sink.write_later(self._pos, piece, functools.partial(_pieces.give, memory))
         crowded = getattr(sink, "crowded", None)
         if crowded is not None and crowded():
             self._transport.pause_reading()

@@ -26,8 +26,10 @@ class Sink(Protocol):
     def write(self, pos: int, data: memoryview) -> None: ...
 
 
-# A sink may also have ``write_later(pos, data)``: the same, possibly done later by another
-# thread, with ``data`` that stays valid (a streamed body's immutable bytes). Its owner
+# A sink may also have ``write_later(pos, data, release=None)``: the same, possibly done
+# later by another thread, with ``data`` that stays valid until placed (a streamed body's
+# immutable bytes, or a received piece whose ``release`` the sink calls once it has placed
+# or dropped it, so that its memory carries a later piece). Its owner
 # waits for those writes before reading the result. Where it also has ``async room()``,
 # a reader awaits it before each hand-over (the sink's backlog is bounded); a reader
 # that cannot await (a protocol) asks ``crowded()`` after each and then awaits ``room``.

@@ -159,7 +159,7 @@ class Scatter:
         # Pieces handed over and not yet placed, and the future of the thread placing
         # them (None while none is): one thread at a time, so they are placed in order.
         self._lock = threading.Lock()
-        self._queue: deque[tuple[int, memoryview]] = deque()
+        self._queue: deque[tuple[int, memoryview, Callable[[], None] | None]] = deque()
         self._drained: Future[None] | None = None
 
     async def room(self) -> None:
@@ -176,16 +176,20 @@ class Scatter:
         """Whether ``room`` would wait (for a reader that cannot await: a protocol)."""
         return _pool.crowded()
 
-    def write_later(self, pos: int, data: memoryview) -> None:
-        """``write``, done by a placing thread; ``data`` must stay valid (immutable bytes).
+    def write_later(
+        self, pos: int, data: memoryview, release: Callable[[], None] | None = None
+    ) -> None:
+        """``write``, done by a placing thread; ``data`` must stay valid until placed.
 
         A streamed body's pieces are handed over this way so that the copies and
         the crc32c run beside the event loop instead of on it, several scatters
         at once. Never blocks: a reader awaits ``room`` first to stay within the
         bounded backlog. ``settled`` waits for the pieces (and raises what went wrong).
+        ``release``, where given, is called once ``data`` is placed or dropped
+        (after a failure), never touched again: its memory may carry the next piece.
         """
         with self._lock:
-            self._queue.append((pos, data))
+            self._queue.append((pos, data, release))
             _pool.add(len(data))
             if self._drained is not None:
                 return  # the thread placing this scatter's pieces takes it in turn
@@ -204,7 +208,7 @@ class Scatter:
                 if placed >= _TURN_BYTES:  # let other scatters' pieces in, then go on
                     _pool.submit(self._drain)
                     return
-                pos, data = self._queue.popleft()
+                pos, data, release = self._queue.popleft()
             try:
                 if self._error is None:
                     self._write_now(pos, data)
@@ -212,6 +216,8 @@ class Scatter:
                 self._error = exc
             finally:
                 _pool.release(len(data))
+                if release is not None:
+                    release()
             placed += len(data)
         if done is not None:
             done.set_result(None)
