@@ -134,8 +134,7 @@ class _Receiver(asyncio.BufferedProtocol):
         self._done = done
         self._discard = memoryview(bytearray(_DISCARD_BYTES))
         self._stopped = False
-        self._piece: memoryview | None = None  # a sink's piece being received
-        self._memory: np.ndarray | None = None  # the buffer that piece is a view of
+        self._piece: memoryview | None = None  # a sink's piece being received (of _pieces)
         self._filled = 0  # bytes of it received
         self._waiting: asyncio.Task[None] | None = None  # for a crowded sink's room
 
@@ -169,8 +168,7 @@ class _Receiver(asyncio.BufferedProtocol):
         if isinstance(view, memoryview):
             return view[self._pos : self._pos + n]
         if self._piece is None:
-            self._memory = _pieces.take()
-            self._piece, self._filled = memoryview(self._memory)[: min(n, PIECE_BYTES)], 0
+            self._piece, self._filled = memoryview(_pieces.take())[: min(n, PIECE_BYTES)], 0
         return self._piece[self._filled :]
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -182,20 +180,18 @@ class _Receiver(asyncio.BufferedProtocol):
         # and counted, once whole.
         self._filled += nbytes
         if self._filled == self._piece.nbytes:
-            piece, memory, self._piece, self._memory = self._piece, self._memory, None, None
-            self._hand(self._views[self._at], piece, memory)
+            piece, self._piece = self._piece, None
+            # Its buffer (``piece.obj``) comes back to _pieces once placed.
+            self._hand(self._views[self._at], piece, functools.partial(_pieces.give, piece.obj))
             self._advance(piece.nbytes)
 
-    def _hand(self, sink: Any, piece: memoryview, memory: np.ndarray | None = None) -> None:
+    def _hand(self, sink: Any, piece: memoryview, release: Any = None) -> None:
         """Gives a sink its next piece; past its backlog bound, stops reading until it has room.
 
-        ``memory``, the piece's buffer where it is one of ``_pieces``, is handed
-        back by the sink once placed; never touched here again.
+        ``release`` (where given) the sink calls once the piece is placed; the
+        piece is never touched here again.
         """
-        if memory is None:
-            sink.write_later(self._pos, piece)
-        else:
-            sink.write_later(self._pos, piece, functools.partial(_pieces.give, memory))
+        sink.write_later(self._pos, piece, release)
         crowded = getattr(sink, "crowded", None)
         if crowded is not None and crowded():
             self._transport.pause_reading()
