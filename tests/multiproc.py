@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,17 +106,32 @@ def wait_for(worker: Worker, prefix: str, timeout: float = 120) -> str:
 
 
 def finish(workers: list[Worker], timeout: float = 180) -> list[Worker]:
-    """Waits for every worker to exit (killing stragglers) and collects their output."""
+    """Waits for every worker to exit (killing stragglers) and collects their output.
+
+    The rest of stdout is read through the text stream ``wait_for`` iterated,
+    so the lines it had already read ahead come first. ``communicate`` with a
+    timeout reads the pipe's descriptor itself: a ``RESULT`` printed right
+    after the awaited ``EVENT`` line, read ahead with it, was lost.
+    """
     deadline = time.monotonic() + timeout
     for w in workers:
+        assert w.proc.stdout is not None
+        rest: list[str] = []
+        reader = threading.Thread(target=_read_rest, args=(w.proc.stdout, rest))
+        reader.start()  # reads while the worker runs: a full pipe never blocks it
         try:
-            out, _ = w.proc.communicate(timeout=max(1, deadline - time.monotonic()))
+            w.proc.wait(timeout=max(1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             w.proc.kill()
-            out, _ = w.proc.communicate()
+            w.proc.wait()
             w.lines.append(f"<killed after {timeout:.0f}s: hung>")
-        w.lines.extend(out.splitlines())
+        reader.join()
+        w.lines.extend("".join(rest).splitlines())
     return workers
+
+
+def _read_rest(stream: IO[str], into: list[str]) -> None:
+    into.append(stream.read())
 
 
 def kill(worker: Worker) -> None:

@@ -7,6 +7,9 @@ the RESULT and failed tests/test_leave_job.py.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 from . import noisy_worker
 from .multiproc import Worker, finish, popen, stderr_of, wait_for
 
@@ -21,3 +24,17 @@ def test_native_writes_to_fd_1_never_reach_the_protocol_lines() -> None:
     assert worker.result() == {"ok": True, "pid": proc.pid}
     noise = noisy_worker.NOISE.decode().strip()
     assert stderr_of(errors, n=10_000).count(noise) == 201
+
+
+def test_lines_read_ahead_with_an_awaited_event_reach_finish() -> None:
+    # One write, so the pipe hands both lines over in one read: wait_for's
+    # text stream buffers the RESULT while it returns the EVENT. finish once
+    # read the pipe's descriptor itself and lost that RESULT (a flaky
+    # test_native_writes_to_fd_1... in make test).
+    script = "import sys; sys.stdout.write('EVENT STARTED\\nRESULT {\"ok\": true}\\n')"
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    worker = Worker(0, proc)
+    assert wait_for(worker, "EVENT STARTED", timeout=60) == "EVENT STARTED\n"
+    finish([worker], timeout=60)
+    assert proc.returncode == 0
+    assert worker.lines == ["EVENT STARTED", 'RESULT {"ok": true}']
