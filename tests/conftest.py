@@ -50,3 +50,14 @@ def loop() -> Iterator[LoopThread]:
 @pytest.fixture
 def file_root(tmp_path: Path) -> str:
     return str(tmp_path / "ckpt")
+
+
+@pytest.fixture(params=["inline", "threads"])
+def placement(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """How scatters place the pieces handed over: at once (hosts of two cores or fewer,
+    ``THREADS`` 0, as on CI) or by two placing threads (bigger hosts), both tested here.
+    """
+    from cloudckpt.handlers.pytree import scatter
+
+    monkeypatch.setattr(scatter, "THREADS", 0 if request.param == "inline" else 2)
+    return str(request.param)

@@ -3,9 +3,10 @@
 A restore onto another mesh hands streamed GCS bodies' pieces to a few
 placing threads (cloudckpt/handlers/pytree/scatter.py): each scatter's pieces
 in order, different scatters in parallel, and a reader waits for room once
-``QUEUED_BYTES`` wait to be placed. These tests restore trees of many leaves
+``QUEUED_BYTES`` wait to be placed; on hosts of two cores or fewer each piece
+is placed at once instead. These tests restore trees of many leaves
 (dozens of chunk objects read at once) onto other meshes, on the file system
-and on GCS (fake-gcs-server), with the default backlog and with a backlog
+and on GCS (fake-gcs-server), placed at once, with the default backlog and with a backlog
 so small that every reader waits for room: the values must be bit-exact, a
 flipped byte in one of the many cut chunks must be refused naming its
 object, and a read that fails must leave no other scatter placing bytes
@@ -77,9 +78,13 @@ TARGETS = {
 }
 
 
-@pytest.fixture(params=["default", "tiny"], ids=["backlog-default", "backlog-tiny"])
+@pytest.fixture(
+    params=["inline", "default", "tiny"], ids=["placed-inline", "backlog-default", "backlog-tiny"]
+)
 def backlog(request: Any, monkeypatch: pytest.MonkeyPatch) -> int:
-    """The placing threads' backlog: the default, or 8 KiB (every hand-over waits for room)."""
+    """Placed at once (no threads, no backlog), or by two placing threads with the default
+    backlog or one of 8 KiB (every hand-over waits for room)."""
+    monkeypatch.setattr(scatter, "THREADS", 0 if request.param == "inline" else 2)
     if request.param == "tiny":
         monkeypatch.setattr(scatter, "QUEUED_BYTES", 8 << 10)
     return scatter.QUEUED_BYTES
@@ -121,7 +126,7 @@ def test_a_flipped_byte_in_one_of_many_scattered_chunks_is_refused(
 
 
 def test_a_failed_scatter_leaves_no_other_scatter_placing_bytes(
-    servers: LocalServers, monkeypatch: pytest.MonkeyPatch
+    servers: LocalServers, monkeypatch: pytest.MonkeyPatch, placement: str
 ) -> None:
     """One object's scatter fails (a read-only destination) while 15 others stream in.
 

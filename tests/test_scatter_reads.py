@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 from typing import Any
 
 import jax
@@ -219,7 +220,7 @@ def test_file_read_into_feeds_a_sink_larger_than_its_bounce_buffer(tmp_path: Any
     np.testing.assert_array_equal(bottom, chunk[:, 1000:])
 
 
-def test_a_piece_is_released_once_after_it_is_placed_or_dropped() -> None:
+def test_a_piece_is_released_once_after_it_is_placed_or_dropped(placement: str) -> None:
     """``release`` comes after the piece's bytes are in place, once, and for dropped ones too."""
     chunk = rng.standard_normal((64, 8)).astype(np.float32)
     data = memoryview(chunk.tobytes())
@@ -248,7 +249,7 @@ def test_a_piece_is_released_once_after_it_is_placed_or_dropped() -> None:
     asyncio.run(go())
 
 
-def test_pieces_handed_over_are_placed_in_order_and_failures_kept() -> None:
+def test_pieces_handed_over_are_placed_in_order_and_failures_kept(placement: str) -> None:
     """``write_later`` (a streamed body's pieces, placed by the scatter thread)."""
     import crc32c
 
@@ -272,3 +273,30 @@ def test_pieces_handed_over_are_placed_in_order_and_failures_kept() -> None:
         assert isinstance(sink.failed, ValueError)
 
     asyncio.run(go())
+
+
+def test_placing_threads_only_on_hosts_of_more_than_two_cores() -> None:
+    from cloudckpt.handlers.pytree import scatter
+
+    assert [scatter.threads_for(n) for n in (1, 2, 3, 4, 8, 96)] == [0, 0, 3, 4, 8, 8]
+    here = scatter.threads_for(len(os.sched_getaffinity(0)))
+    assert here == scatter.THREADS  # the policy is what this process uses
+
+
+def test_placed_at_once_without_placing_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``THREADS`` 0: ``write_later`` has placed (and released) the piece when it returns."""
+    from cloudckpt.handlers.pytree import scatter
+
+    monkeypatch.setattr(scatter, "THREADS", 0)
+    chunk = rng.standard_normal((16, 8)).astype(np.float32)
+    out = np.zeros((16, 8), np.float32)
+    sink = Scatter((16, 8), np.dtype(np.float32), [(out, ((0, 16), (0, 8)))])
+    released: list[int] = []
+    data = memoryview(chunk.tobytes())
+    sink.write_later(0, data[:256], lambda: released.append(sink.written))
+    assert released == [256] and sink.pending is None and not sink.crowded()
+    np.testing.assert_array_equal(out[:8], chunk[:8])
+    sink.write_later(300, data[300:], lambda: released.append(-1))  # out of order: kept
+    assert released == [256, -1] and isinstance(sink.failed, ValueError)
+    with pytest.raises(ValueError, match="out of order"):
+        asyncio.run(sink.settled())

@@ -111,9 +111,10 @@ class _Receiver(asyncio.BufferedProtocol):
     """Receives ``length`` body bytes: ``skip`` dropped, then the views filled in order.
 
     A sink (``write_later``) is filled through pieces of up to ``PIECE_BYTES``,
-    each handed over whole once received (a placing thread copies it into
-    place, then hands the memory back for later pieces: ``_Pieces``); past
-    its backlog bound (``crowded``) the socket is not read until it has ``room``.
+    each handed over whole once received (a placing thread, or the sink at
+    once on a small host, copies it into place, then hands the memory back for
+    later pieces: ``_Pieces``); past its backlog bound (``crowded``) the socket
+    is not read until it has ``room``.
     """
 
     def __init__(
