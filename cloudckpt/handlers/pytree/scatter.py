@@ -62,10 +62,11 @@ def threads_for(cores: int) -> int:
 #: once, on the reader's thread. There the threads share the event loop's cores, and a
 #: piece read on another core than the one the socket wrote it on cost more CPU than the
 #: offload saved: on 2 cores, restoring 1 GiB from GCS onto another mesh took 0.90 CPU-s
-#: placed at once against 1.23 with two placing threads (medians of 7-8 interleaved
-#: repetitions, fake-gcs-server on the same host), and 0.98 s against 1.20 s of wall
-#: time. Placing at once, the event loop's thread spent about 0.7 CPU-s per GiB (about
-#: 1.5 GB/s): more than a two-vCPU cloud VM's network delivers.
+#: placed at once against 1.23 with two placing threads, 0.98 s against 1.20 s of wall
+#: time; in a second run 0.78 against 1.03 CPU-s, 0.85 s against 0.96 s (medians of 7-8
+#: interleaved repetitions, fake-gcs-server on the same host). Placing at once, the event
+#: loop's thread spent about 0.7 CPU-s per GiB (about 1.5 GB/s): more than a two-vCPU
+#: cloud VM's network delivers.
 THREADS = threads_for(_cores())
 #: Bytes handed over and not yet placed, over all scatters of the process: a reader
 #: past it waits (``room``) before handing over more, so a slow placement pauses the
