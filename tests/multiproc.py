@@ -114,11 +114,16 @@ def finish(workers: list[Worker], timeout: float = 180) -> list[Worker]:
     after the awaited ``EVENT`` line, read ahead with it, was lost.
     """
     deadline = time.monotonic() + timeout
+    # Every worker's output is read from now on, while any of them runs: a worker
+    # waiting on a full pipe would otherwise hold up the one waited for (a barrier).
+    readers: list[tuple[threading.Thread, list[str]]] = []
     for w in workers:
         assert w.proc.stdout is not None
         rest: list[str] = []
         reader = threading.Thread(target=_read_rest, args=(w.proc.stdout, rest))
-        reader.start()  # reads while the worker runs: a full pipe never blocks it
+        reader.start()
+        readers.append((reader, rest))
+    for w, (reader, rest) in zip(workers, readers, strict=True):
         try:
             w.proc.wait(timeout=max(1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:

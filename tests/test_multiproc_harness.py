@@ -38,3 +38,19 @@ def test_lines_read_ahead_with_an_awaited_event_reach_finish() -> None:
     finish([worker], timeout=60)
     assert proc.returncode == 0
     assert worker.lines == ["EVENT STARTED", 'RESULT {"ok": true}']
+
+
+def test_a_worker_with_a_full_pipe_does_not_hold_up_the_one_waited_for() -> None:
+    # The first worker exits only once the second has written 1 MiB (more than a
+    # pipe holds) and exited: finish() must read the second while waiting for the first.
+    second = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdout.write('x' * (1 << 20) + '\\nRESULT {}\\n')"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    status = f"/proc/{second.pid}/status"  # "State:\tZ": exited, not yet reaped by us
+    script = f"import time\nwhile 'State:\\tZ' not in open({status!r}).read(): time.sleep(0.05)"
+    first = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    workers = finish([Worker(0, first), Worker(1, second)], timeout=20)
+    assert [w.proc.returncode for w in workers] == [0, 0], workers[0].lines
+    assert workers[1].lines == ["x" * (1 << 20), "RESULT {}"]
