@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -186,7 +187,9 @@ class _Receiver(asyncio.BufferedProtocol):
             self._hand(self._views[self._at], piece, functools.partial(_pieces.give, piece.obj))
             self._advance(piece.nbytes)
 
-    def _hand(self, sink: Any, piece: memoryview, release: Any = None) -> None:
+    def _hand(
+        self, sink: Any, piece: memoryview, release: Callable[[], None] | None = None
+    ) -> None:
         """Gives a sink its next piece; past its backlog bound, stops reading until it has room.
 
         ``release`` (where given) the sink calls once the piece is placed; the
