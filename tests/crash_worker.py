@@ -4,7 +4,8 @@ Run as ``python -m tests.crash_worker URL FIRST_STEP PHASE``. It prints one
 line per event (``COPY n``, ``WRITES n``, ``FINALIZE n``, ``COMMITTED n``),
 flushed, so the parent can kill it at a chosen instant of a chosen save. The
 phase named on the command line is stretched by a sleep so that a kill lands
-inside it.
+inside it, in every save but the first: that one must commit, and stretching
+it only made each kill 3 s longer.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ import cloudckpt as cc  # noqa: E402
 
 #: The phase to stretch, set by main() from the command line.
 PHASE = ""
+#: The first step this worker saves (from the command line): it must commit, so its
+#: phases are never stretched; the parent kills a later save.
+FIRST = 0
 STRETCH_S = 3.0
 
 
@@ -42,7 +46,7 @@ class TracerHandler(cc.AsyncCheckpointHandler):
     ) -> list[Awaitable[None]]:
         assert isinstance(args, TraceSave)
         emit("COPY", args.step)
-        if PHASE == "copy":
+        if PHASE == "copy" and args.step > FIRST:
             time.sleep(STRETCH_S)
         return [self._write(directory, args.step)]
 
@@ -53,7 +57,7 @@ class TracerHandler(cc.AsyncCheckpointHandler):
     async def finalize(self, directory: cc.StoragePath) -> None:
         step = int((await directory.backend.get((directory / "step").path)) or b"-1")
         emit("FINALIZE", step)
-        if PHASE == "marker":
+        if PHASE == "marker" and step > FIRST:
             time.sleep(STRETCH_S)
 
     async def restore(
@@ -99,8 +103,9 @@ OPTIONS = {"max_to_keep": 2}
 
 
 def main(argv: list[str]) -> None:
-    global PHASE
+    global PHASE, FIRST
     url, first, PHASE = argv[0], int(argv[1]), argv[2]
+    FIRST = first
     mngr = cc.CheckpointManager(url, options=cc.CheckpointManagerOptions(**OPTIONS))
     latest = mngr.latest_step()
     for step in range(first, first + 1000):
