@@ -237,6 +237,36 @@ def _crc_and_copy(pieces: list[np.ndarray]) -> tuple[float, float]:
     return crc_s, copy_s
 
 
+def _proc_cpu_s(pid: int | None) -> float | None:
+    """User plus system CPU seconds of process ``pid`` so far (None: unknown, or gone)."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _machine_ticks() -> tuple[int, int, int] | None:
+    """The machine's CPU ticks so far (Linux ``/proc/stat``): all, idle (with iowait), steal."""
+    try:
+        with open("/proc/stat") as f:
+            values = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    steal = values[7] if len(values) > 7 else 0
+    return sum(values[:8]), values[3] + values[4], steal
+
+
+def _server_pid(ctx: Context, target: Target) -> int | None:
+    """The local server behind ``target`` (SeaweedFS, fake-gcs-server); None on file."""
+    if ctx.servers is None or target.is_file:
+        return None
+    return getattr(getattr(ctx.servers, target.name, None), "pid", None)
+
+
 def _ts_counters(driver: str) -> dict[str, int]:
     import tensorstore as ts
 
@@ -348,8 +378,11 @@ def run_backend(ctx: Context, target: Target, size_mib: float) -> dict[str, Any]
     keys = (*keys, "raw_get_kept", "crc32c", "memcpy")
     times: dict[str, list[float]] = {k: [] for k in (*keys, "orbax", "orbax_resharded")}
     requests: dict[str, Any] = {}
-    # Per timed restore: the process's user and system CPU seconds, and its minor faults.
+    # Per timed restore: the process's user and system CPU seconds, and its minor faults;
+    # the local server's CPU seconds, and the shares of the machine's CPU time that were idle
+    # and that the hypervisor took (steal), to tell a slow client from a slow server or host.
     cpu: dict[str, dict[str, list[float]]] = {}
+    server = _server_pid(ctx, target)
     order: list[bool] = []  # per repetition: whether Orbax's restores were timed first
     specs = tree.model_specs(size_mib)
     abstract = tree.abstract_from_specs(specs, ctx.mesh)
@@ -407,14 +440,22 @@ def run_backend(ctx: Context, target: Target, size_mib: float) -> dict[str, Any]
             prepare(files)
             _release()
             before = resource.getrusage(resource.RUSAGE_SELF)
+            server_before, ticks_before = _proc_cpu_s(server), _machine_ticks()
             start = time.perf_counter()
             restored = saver.restore(where, into)
             times[which].append(time.perf_counter() - start)
             after = resource.getrusage(resource.RUSAGE_SELF)
+            server_after, ticks_after = _proc_cpu_s(server), _machine_ticks()
             used = cpu.setdefault(which, {"user_s": [], "sys_s": [], "minor_faults": []})
             used["user_s"].append(round(after.ru_utime - before.ru_utime, 3))
             used["sys_s"].append(round(after.ru_stime - before.ru_stime, 3))
             used["minor_faults"].append(after.ru_minflt - before.ru_minflt)
+            if server_before is not None and server_after is not None:
+                used.setdefault("server_s", []).append(round(server_after - server_before, 3))
+            if ticks_before is not None and ticks_after is not None:
+                total, idle, steal = (b - a for a, b in zip(ticks_before, ticks_after, strict=True))
+                used.setdefault("idle_share", []).append(round(idle / total, 3) if total else 0.0)
+                used.setdefault("steal_share", []).append(round(steal / total, 3) if total else 0.0)
             del restored
             _release()
 

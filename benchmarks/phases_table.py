@@ -51,6 +51,13 @@ def table_lines(result: dict[str, Any]) -> list[str]:
 
         return cell
 
+    def each(which: str, key: str, fmt: str) -> Any:
+        def cell(r: dict[str, Any]) -> str:
+            values = r.get("cpu", {}).get(which, {}).get(key, [])
+            return "/".join(format(x, fmt) for x in values) or "-"
+
+        return cell
+
     def base(r: dict[str, Any]) -> str:
         return "fromfile" if "restore/fromfile" in r["ratios"] else "raw_get"
 
@@ -93,6 +100,11 @@ def table_lines(result: dict[str, Any]) -> list[str]:
     row("each run: CPU s user+system, Orbax 2x4", cpu("orbax_resharded"))
     row("each run: minor faults k, restore", faults("restore"))
     row("each run: minor faults k, 2x4", faults("resharded"))
+    # Who else had the cores: the local server (object stores), idle time, the hypervisor.
+    row("each run: server CPU s, restore", each("restore", "server_s", ".2f"))
+    row("each run: server CPU s, 2x4", each("resharded", "server_s", ".2f"))
+    row("each run: machine idle, 2x4", each("resharded", "idle_share", ".0%"))
+    row("each run: steal, 2x4", each("resharded", "steal_share", ".0%"))
     row("page cache (file)", lambda r: str(r.get("cache", "-")))
     row("objects (raw GETs)", lambda r: str(r["requests"].get("objects", "-")))
     row("direct chunk reads (requests)", lambda r: str(r["requests"].get("direct_reads", "-")))
