@@ -289,3 +289,34 @@ def test_a_save_measures_the_page_sizes_once_for_all_its_copies(
     assert len(tried) >= 4 * 2  # every copy's whole steps were measured with it
     assert tried[:2] == [True, False]
     assert tried[2:].count(True) == len(tried) // PREFAULT_EXPLORE  # no probe per copy
+
+
+def test_a_restore_measures_the_page_sizes_once_for_all_its_reads(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # A restore maps each read group's new buffers ahead of its reads; measured per group,
+    # every group put its first step on huge pages and its second on small ones.
+    import cloudckpt as cc
+    from cloudckpt.handlers.pytree import read
+
+    made: list[_Costs] = []
+
+    def recording() -> _Costs:
+        made.append(_Costs(4.0))
+        return made[-1]
+
+    monkeypatch.setattr(read, "PageSizes", recording)
+    # Four leaves of 32 MiB: a read group each, three whole steps each.
+    tree = {f"w{k}": np.full(PREFAULT_STEP, k, np.float32) for k in range(4)}
+    with cc.Checkpointer(cc.StandardCheckpointHandler()) as ckpt:
+        ckpt.save(str(tmp_path / "c"), args=cc.args.StandardSave(tree))
+        back = ckpt.restore(str(tmp_path / "c"), args=cc.args.StandardRestore(tree))
+    for k in range(4):
+        np.testing.assert_array_equal(np.asarray(back[f"w{k}"]), tree[f"w{k}"])
+    assert len(made) == 1  # one measure for the whole restore, shared by its read groups
+    tried = made[0].tried
+    assert len(tried) >= 4 * 2  # every group's whole steps were measured with it
+    # Huge pages (4x as dear here) went on the first steps (of the groups mapping at
+    # once, before any time was known), then only on the every-PREFAULT_EXPLORE retry.
+    assert False in tried
+    assert tried.count(True) <= 4 + len(tried) // PREFAULT_EXPLORE

@@ -97,7 +97,9 @@ class PageSizes:
     Which one a restore meets depends on how long ago memory was freed, so the
     choice is measured, not configured: each step is timed (thread CPU time, so
     other threads' turns do not count), the faster size is used, and every
-    ``PREFAULT_EXPLORE``-th step tries the other one again.
+    ``PREFAULT_EXPLORE``-th step tries the other one again. One measure may serve
+    several threads mapping at once (a restore's read groups): a count lost or a
+    time overwritten between them only moves the next retry of the slower size.
     """
 
     def __init__(self) -> None:

@@ -27,7 +27,7 @@ from cloudckpt.format import pytree as _document
 from cloudckpt.format.pytree import Leaf
 from cloudckpt.handlers.pytree import chunks, keys, tail
 from cloudckpt.handlers.pytree.budget import ByteBudget
-from cloudckpt.handlers.pytree.host import empty_aligned, prefault
+from cloudckpt.handlers.pytree.host import PageSizes, empty_aligned, prefault
 from cloudckpt.storage.path import StoragePath
 
 
@@ -131,6 +131,10 @@ class Reader:
         self._requests = asyncio.Semaphore(chunks.REQUESTS_IN_FLIGHT)
         #: Requests (and bytes asked for) of the direct chunk reads, for the benchmarks.
         self.direct_reads: Counter[str] = Counter()
+        # One measure of the page sizes for all of this restore's new memory: measured per
+        # read group, every group mapped its first step with huge pages and its second
+        # with small ones, whichever was slow at the time.
+        self._pages = PageSizes()
 
     def regions_for(self, leaf: int, target: Any) -> list[layout.Index]:
         """The regions of ``leaf`` this process reads for ``target`` (None: all of it)."""
@@ -310,7 +314,7 @@ class Reader:
                 buffers = [empty_aligned(shapes[k], storage.stored) for k in members]
                 # The pages are mapped by a worker while the first requests are in flight
                 # (host.prefault): fewer faults as the bodies land, contents untouched.
-                mapped = asyncio.ensure_future(asyncio.to_thread(prefault, buffers))
+                mapped = asyncio.ensure_future(asyncio.to_thread(prefault, buffers, self._pages))
                 try:
                     await chunks.read_into(
                         self.directory,
