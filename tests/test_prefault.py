@@ -21,6 +21,7 @@ import itertools
 import mmap
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -263,13 +264,14 @@ def test_a_kernel_without_huge_pages_still_maps(monkeypatch: pytest.MonkeyPatch)
     np.testing.assert_array_equal(buffer, data)
 
 
-def test_a_save_measures_the_page_sizes_once_for_all_its_copies(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    # A save copies each region to the host in turn, on the path that blocks training;
-    # measured per copy, half of every two-step copy went on the slower page size.
+def _measures_made(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, module: Any, elements: int
+) -> list[_Costs]:
+    """The page-size measures ``module`` made in a save and a restore of four leaves.
+
+    Each leaf holds ``elements`` float32 values; huge pages cost 4x small ones.
+    """
     import cloudckpt as cc
-    from cloudckpt.handlers.pytree import plan
 
     made: list[_Costs] = []
 
@@ -277,13 +279,24 @@ def test_a_save_measures_the_page_sizes_once_for_all_its_copies(
         made.append(_Costs(4.0))
         return made[-1]
 
-    monkeypatch.setattr(plan, "PageSizes", recording)
-    tree = {f"w{k}": np.full(3 * PREFAULT_STEP // 4, k, np.float32) for k in range(4)}
+    monkeypatch.setattr(module, "PageSizes", recording)
+    tree = {f"w{k}": np.full(elements, k, np.float32) for k in range(4)}
     with cc.Checkpointer(cc.StandardCheckpointHandler()) as ckpt:
         ckpt.save(str(tmp_path / "c"), args=cc.args.StandardSave(tree))
         back = ckpt.restore(str(tmp_path / "c"), args=cc.args.StandardRestore(tree))
     for k in range(4):
         np.testing.assert_array_equal(np.asarray(back[f"w{k}"]), tree[f"w{k}"])
+    return made
+
+
+def test_a_save_measures_the_page_sizes_once_for_all_its_copies(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # A save copies each region to the host in turn, on the path that blocks training;
+    # measured per copy, half of every two-step copy went on the slower page size.
+    from cloudckpt.handlers.pytree import plan
+
+    made = _measures_made(monkeypatch, tmp_path, plan, 3 * PREFAULT_STEP // 4)
     assert len(made) == 1  # one measure for the whole save
     tried = made[0].tried
     assert len(tried) >= 4 * 2  # every copy's whole steps were measured with it
@@ -296,23 +309,10 @@ def test_a_restore_measures_the_page_sizes_once_for_all_its_reads(
 ) -> None:
     # A restore maps each read group's new buffers ahead of its reads; measured per group,
     # every group put its first step on huge pages and its second on small ones.
-    import cloudckpt as cc
     from cloudckpt.handlers.pytree import read
 
-    made: list[_Costs] = []
-
-    def recording() -> _Costs:
-        made.append(_Costs(4.0))
-        return made[-1]
-
-    monkeypatch.setattr(read, "PageSizes", recording)
     # Four leaves of 32 MiB: a read group each, three whole steps each.
-    tree = {f"w{k}": np.full(PREFAULT_STEP, k, np.float32) for k in range(4)}
-    with cc.Checkpointer(cc.StandardCheckpointHandler()) as ckpt:
-        ckpt.save(str(tmp_path / "c"), args=cc.args.StandardSave(tree))
-        back = ckpt.restore(str(tmp_path / "c"), args=cc.args.StandardRestore(tree))
-    for k in range(4):
-        np.testing.assert_array_equal(np.asarray(back[f"w{k}"]), tree[f"w{k}"])
+    made = _measures_made(monkeypatch, tmp_path, read, PREFAULT_STEP)
     assert len(made) == 1  # one measure for the whole restore, shared by its read groups
     tried = made[0].tried
     assert len(tried) >= 4 * 2  # every group's whole steps were measured with it
