@@ -80,3 +80,4 @@ def test_the_table_shows_each_runs_server_cpu_idle_and_steal() -> None:
     assert rows["each run: server CPU s, 2x4"] == ["0.41/0.55", "-"]
     assert rows["each run: machine idle, 2x4"] == ["21%/30%", "-"]
     assert rows["each run: steal, 2x4"] == ["0%/4%", "-"]
+    assert rows["each run: minor faults k, 2x4"] == ["1/2", "0"]  # thousands
