@@ -13,4 +13,6 @@ extra is enough for :mod:`~cloudckpt.testing.servers`).
 * :mod:`cloudckpt.testing.cloudproxy`: a reverse proxy that answers as the
   real clouds do where the emulators do not (IAM, page caps, conflicts,
   throttling, ignored preconditions), with :mod:`cloudckpt.testing.cloudiam`.
+* :mod:`cloudckpt.testing.paceproxy`: a TCP relay that holds each connection's
+  downloads to a rate, as a single cloud stream is held.
 """
