@@ -4,8 +4,8 @@
 where they are asked to, a short object gives fewer bytes, a missing object
 None, a missing bucket an error. Restores on GCS then go through the direct
 chunk reader (cloudckpt/handlers/pytree/chunks.py): every crc32c checked, a
-whole chunk object read with one GET (counted at a proxy in front of the
-server), and an object whose inner chunks are not in the order cloudckpt
+whole chunk object of up to ``RUN_BYTES`` read with one GET (counted at a
+proxy in front of the server; tests/test_spans.py has larger ones), and an object whose inner chunks are not in the order cloudckpt
 writes them (another writer's, valid) read correctly by its index.
 """
 
