@@ -54,6 +54,11 @@ class Config:
     phases_reps: int = 5
     file_cache: str = "warm"
     listing_objects: int = 10000
+    #: The capped_streams scenario: an array saved as two objects, restored through a relay
+    #: holding each connection's downloads to ``capped_rate_mbs`` MB/s.
+    capped_size_mib: float = 256.0
+    capped_rate_mbs: float = 25.0
+    capped_reps: int = 3
     scenarios: list[str] = field(default_factory=list)
     workdir: str = ""
     quick: bool = False

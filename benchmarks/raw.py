@@ -18,6 +18,7 @@ the transfers; the objects are deleted afterwards, untimed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import time
@@ -200,3 +201,75 @@ def _check(got: int, data: Sequence[bytes]) -> None:
     expected = sum(len(d) for d in data)
     if got != expected:
         raise RuntimeError(f"raw channel read {got} bytes back, wrote {expected}")
+
+
+# ------------------------------------------------------------------ existing objects, ranged
+def ranges(size: int, span: int | None) -> list[tuple[int, int]]:
+    """``[start, end)`` ranges covering ``size`` bytes, each at most ``span`` (None: one)."""
+    if span is None or size <= span:
+        return [(0, size)]
+    return [(start, min(start + span, size)) for start in range(0, size, span)]
+
+
+async def _get_ranges(
+    kind: str, endpoint: str, objects: Sequence[tuple[str, int]], span: int | None
+) -> float:
+    """Seconds to GET ``objects`` ((bucket/key, size)), each in ranges of at most ``span``.
+
+    All ranges at once, at most ``OBJECT_STORE_CONCURRENCY`` in flight; the
+    bodies are kept until all are read, as a restore keeps its arrays.
+    """
+    gate = asyncio.Semaphore(OBJECT_STORE_CONCURRENCY)
+    kept: list[bytes] = []
+    jobs = [(path, a, b) for path, size in objects for a, b in ranges(size, span)]
+    async with contextlib.AsyncExitStack() as stack:
+        if kind == "s3":
+            from aiobotocore.config import AioConfig
+            from aiobotocore.session import get_session
+
+            config = AioConfig(max_pool_connections=OBJECT_STORE_CONCURRENCY)
+            client = await stack.enter_async_context(
+                get_session().create_client("s3", endpoint_url=endpoint, config=config)
+            )
+
+            async def fetch(path: str, a: int, b: int) -> bytes:
+                bucket, key = path.split("/", 1)
+                response = await client.get_object(
+                    Bucket=bucket, Key=key, Range=f"bytes={a}-{b - 1}"
+                )
+                async with response["Body"] as stream:
+                    return bytes(await stream.read())
+
+        else:
+            from gcsfs.core import GCSFileSystem
+
+            fs = GCSFileSystem(
+                asynchronous=True, endpoint_url=endpoint, token="anon", skip_instance_cache=True
+            )
+            await fs._set_session()
+            stack.push_async_callback(fs.session.close)
+
+            async def fetch(path: str, a: int, b: int) -> bytes:
+                return bytes(await fs._cat_file(path, start=a, end=b))
+
+        async def one(path: str, a: int, b: int) -> int:
+            async with gate:
+                body = await fetch(path, a, b)
+            kept.append(body)
+            return len(body)
+
+        start = time.perf_counter()
+        got = sum(await asyncio.gather(*(one(*job) for job in jobs)))
+        seconds = time.perf_counter() - start
+    kept.clear()
+    expected = sum(size for _, size in objects)
+    if got != expected:
+        raise RuntimeError(f"ranged GETs read {got} bytes of objects holding {expected}")
+    return seconds
+
+
+def get_ranges(
+    kind: str, endpoint: str, objects: Sequence[tuple[str, int]], span: int | None
+) -> float:
+    """``_get_ranges`` on a loop of its own (``kind``: ``s3`` or ``gcs``)."""
+    return asyncio.run(_get_ranges(kind, endpoint, objects, span))

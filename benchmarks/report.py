@@ -63,6 +63,14 @@ def summary(document: dict[str, Any]) -> dict[str, Any]:
                     "goal": goal,
                     "met": _ok(r[key], goal),
                 }
+    for backend, r in ((_get(document, "capped_streams") or {}).get("backends") or {}).items():
+        value, goal = r["restore_over_raw_ranged"], GOALS["restore_vs_raw"]
+        out[f"{backend}.capped_restore_vs_raw_ranged"] = {
+            "value": value,
+            "goal": goal,
+            "met": _ok(value, goal),
+        }
+        out[f"{backend}.capped_one_get_per_object_vs_restore"] = {"value": r["whole_over_restore"]}
     for key, m in (_get(document, "memory") or {}).items():
         goal = GOALS["memory_multiple"] if not key.endswith("_orbax") else None
         out[f"{key}.memory_multiple"] = {
@@ -367,7 +375,7 @@ def table(document: dict[str, Any]) -> str:
         )
     lines += _straggler_lines(_get(document, "stragglers"))
     # Issue 14's scenarios print their own rows.
-    from benchmarks import io_bytes, listing, protocol, scale_model
+    from benchmarks import capped, io_bytes, listing, protocol, scale_model
 
     if _get(document, "io_bytes"):
         lines += io_bytes.table_lines(document["results"]["io_bytes"])
@@ -377,6 +385,8 @@ def table(document: dict[str, Any]) -> str:
         lines += protocol.table_lines(document["results"]["protocol"])
     if _get(document, "scale_model"):
         lines += scale_model.table_lines(document["results"]["scale_model"])
+    if _get(document, "capped_streams"):
+        lines += capped.table_lines(document["results"]["capped_streams"])
     lines.append(
         f"\ntotal runtime {document['total_seconds']:.0f}s; scenarios: {document['scenario_seconds']}"
     )

@@ -34,6 +34,7 @@ jax.config.update("jax_platforms", "cpu")
 
 from benchmarks import (  # noqa: E402  (registers the scenarios)
     blocking,
+    capped,
     io_bytes,
     listing,
     memory,
@@ -53,6 +54,7 @@ from benchmarks.tree import make_mesh  # noqa: E402
 
 _ = (
     blocking,
+    capped,
     io_bytes,
     listing,
     memory,
@@ -146,6 +148,22 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
         help=f"tree size of the bytes-per-process scenario (default {defaults.io_bytes_size_mib:g})",
     )
     p.add_argument(
+        "--capped-size-mib",
+        type=float,
+        help=f"array size of the capped_streams scenario (default {defaults.capped_size_mib:g})",
+    )
+    p.add_argument(
+        "--capped-rate-mbs",
+        type=float,
+        help="MB/s each connection may download in the capped_streams scenario "
+        f"(default {defaults.capped_rate_mbs:g})",
+    )
+    p.add_argument(
+        "--capped-reps",
+        type=int,
+        help=f"repetitions of the capped_streams scenario (default {defaults.capped_reps})",
+    )
+    p.add_argument(
         "--straggler-floors",
         help="Deadlines.floor_s values of the stragglers scenario, comma-separated "
         "(default 2,20; 20 is the library's default)",
@@ -176,6 +194,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
             listing_objects=1000,
             phases_size_mib=16,
             phases_reps=1,
+            capped_size_mib=32,
+            capped_reps=1,
             quick=True,
         )
     if args.size_mib is not None:
@@ -215,6 +235,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
         cfg.listing_objects = args.listing_objects
     if args.io_bytes_size_mib is not None:
         cfg.io_bytes_size_mib = args.io_bytes_size_mib
+    if args.capped_size_mib is not None:
+        cfg.capped_size_mib = args.capped_size_mib
+    if args.capped_rate_mbs is not None:
+        cfg.capped_rate_mbs = args.capped_rate_mbs
+    if args.capped_reps is not None:
+        cfg.capped_reps = args.capped_reps
     if args.straggler_floors:
         cfg.straggler_floors_s = _floats(args.straggler_floors)
     wanted = (
@@ -230,7 +256,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
     if bad or not cfg.backends:
         p.error(f"--backends takes a subset of file,s3,gcs, got {args.backends!r}")
     if (
-        min(cfg.reps, cfg.scale_reps, cfg.small_reps, cfg.memory_reps, cfg.mp_reps, cfg.phases_reps)
+        min(
+            cfg.reps,
+            cfg.scale_reps,
+            cfg.small_reps,
+            cfg.memory_reps,
+            cfg.mp_reps,
+            cfg.phases_reps,
+            cfg.capped_reps,
+        )
         < 1
     ):
         p.error("repetitions must be at least 1")
