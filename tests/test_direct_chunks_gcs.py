@@ -23,6 +23,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import cloudckpt as cc
+from cloudckpt.handlers.pytree import chunks
 from cloudckpt.storage.deadline import Deadlines
 from cloudckpt.storage.gcs import GCSBackend
 from cloudckpt.testing.faultproxy import FaultProxy
@@ -171,11 +172,18 @@ def _reverse_inner_chunks(data: bytearray) -> bytes:
     return body + table + crc32c.crc32c(table).to_bytes(4, "little")
 
 
+@pytest.mark.parametrize("spans", [False, True], ids=["one_read", "spans"])
 @pytest.mark.parametrize("backend", ["file", "gs"])
 def test_inner_chunks_in_another_order_are_read_by_the_index(
-    backend: str, servers: LocalServers, tmp_path: Any
+    backend: str, spans: bool, servers: LocalServers, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A valid object not laid out as cloudckpt writes it (another zarr writer's) restores."""
+    """A valid object not laid out as cloudckpt writes it (another zarr writer's) restores.
+
+    Also when a whole object is read in spans of five inner chunks (tests/test_spans.py):
+    the index, in the last span, is checked once all have landed.
+    """
+    if spans:
+        monkeypatch.setattr(chunks, "RUN_BYTES", 5 * (INNER + 4))
     url = _url(backend, tmp_path)
     with _save_all(url) as ckptr:
         for victim in _chunk_objects(url):

@@ -6,8 +6,9 @@ object between inner chunks into ranged reads of at most ``RUN_BYTES`` and
 issues them together. Here ``RUN_BYTES`` is made small so that the test
 checkpoint's objects (16 inner chunks of 4 KiB each) are split: the ranges a
 proxy sees tile each object once and were all requested before the first was
-answered; values round-trip onto other meshes; a flipped byte in any span, a
-cut object and an object laid out in another order behave as with one read.
+answered; values round-trip onto other meshes; a flipped byte in any span and
+a cut object are refused as with one read (an object laid out in another
+order: tests/test_direct_chunks_gcs.py).
 The relay that stands for a capped stream in the ``capped_streams`` benchmark
 (cloudckpt/testing/paceproxy.py) is checked too: bytes intact, S3 signatures
 still valid, and no connection faster than its rate.
@@ -38,8 +39,8 @@ from cloudckpt.testing.paceproxy import PacedRelay
 from cloudckpt.testing.servers import LocalServers
 
 from .helpers import BUCKET, unique
-from .test_direct_chunks import SAVED, VALUES, _chunk_objects, _mesh, _rewrite, _url
-from .test_direct_chunks_gcs import INNER, _restore_all, _reverse_inner_chunks, _save_all
+from .test_direct_chunks import SAVED, VALUES, _mesh, _rewrite, _url
+from .test_direct_chunks_gcs import INNER, _restore_all, _save_all
 
 PIECE = INNER + 4  # an inner chunk and its crc32c
 #: Five inner chunks per span: a 16-chunk object is read in spans of 4.
@@ -181,24 +182,6 @@ def test_a_cut_object_read_in_spans_is_refused(servers: LocalServers, tmp_path: 
         with pytest.raises(cc.CorruptCheckpointError) as info:
             _restore_all(ckptr, url, NamedSharding(_mesh(SAVED), P("data", "model")))
         assert victim.split("/", 1)[1] in str(info.value)
-
-
-@pytest.mark.usefixtures("spans")
-@pytest.mark.parametrize("backend", ["file", "gs"])
-def test_an_object_in_another_order_read_in_spans_is_read_by_its_index(
-    backend: str, servers: LocalServers, tmp_path: Any
-) -> None:
-    url = _url(backend, tmp_path)
-    with _save_all(url) as ckptr:
-        for victim in _chunk_objects(url):
-            if backend == "file":
-                with open(victim, "rb") as f:
-                    data = bytearray(f.read())
-                with open(victim, "wb") as f:
-                    f.write(_reverse_inner_chunks(data))
-            else:
-                _rewrite(url, victim, _reverse_inner_chunks)
-        _restore_all(ckptr, url, NamedSharding(_mesh(SAVED), P("data", "model")))
 
 
 # ----------------------------------------------------------------------------- the relay
