@@ -8,7 +8,8 @@ checkpoint's objects (16 inner chunks of 4 KiB each) are split: the ranges a
 proxy sees tile each object once and were all requested before the first was
 answered; values round-trip onto other meshes; a flipped byte in any span and
 a cut object are refused as with one read (an object laid out in another
-order: tests/test_direct_chunks_gcs.py).
+order: tests/test_direct_chunks_gcs.py). Pack objects, read by runs of
+entries, are cut the same way.
 The relay that stands for a capped stream in the ``capped_streams`` benchmark
 (cloudckpt/testing/paceproxy.py) is checked too: bytes intact, S3 signatures
 still valid, and no connection faster than its rate.
@@ -182,6 +183,55 @@ def test_a_cut_object_read_in_spans_is_refused(servers: LocalServers, tmp_path: 
         with pytest.raises(cc.CorruptCheckpointError) as info:
             _restore_all(ckptr, url, NamedSharding(_mesh(SAVED), P("data", "model")))
         assert victim.split("/", 1)[1] in str(info.value)
+
+
+def test_a_large_pack_is_read_in_spans_at_once_each_byte_once(
+    servers: LocalServers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Packed leaves too: runs of entries are cut at ``RUN_BYTES`` and read together.
+
+    On S3, where tensorstore (which reads packs) takes its endpoint from the
+    spec, so that a proxy in front of the server sees every ranged GET.
+    """
+    entry = 256 * 4 + 4  # a 256-float leaf and its crc32c
+    monkeypatch.setattr(chunks, "RUN_BYTES", 10 * entry)
+    url = f"s3://{BUCKET}/{unique('packspans')}"
+    tree = {f"b{i:02d}": np.arange(256, dtype=np.float32) + i for i in range(40)}
+    with cc.Checkpointer(cc.StandardCheckpointHandler()) as ckptr:
+        ckptr.save(url, args=cc.args.StandardSave(tree))
+    hold_s = 1.0
+    log: list[tuple[str, str, float]] = []
+    lock = threading.Lock()
+
+    def hold(method: str, path: str, headers: Mapping[str, str], body: bytes) -> float:
+        if method == "GET" and "/packs/" in unquote(path):
+            with lock:
+                log.append(
+                    (unquote(path.split("?")[0]), headers.get("Range", ""), time.monotonic())
+                )
+            return hold_s
+        return 0.0
+
+    with FaultProxy(servers.s3.endpoint, fault_rate=0.0, flavor="s3", delay=hold) as proxy:
+        options = {
+            "endpoint_url": proxy.endpoint,
+            "deadlines": Deadlines(hedge=False, cut_min_s=60),
+        }
+        with cc.Checkpointer(cc.StandardCheckpointHandler(), storage_options=options) as ckptr:
+            out = ckptr.restore(url)
+    for k, v in tree.items():
+        np.testing.assert_array_equal(out[k], v, err_msg=k)
+    assert {path for path, _, _ in log} and len({path for path, _, _ in log}) == 1  # one pack
+    ranges = sorted(
+        (int(a), int(b) + 1, at)
+        for _, header, at in log
+        for a, b in [header.removeprefix("bytes=").split("-")]
+    )
+    assert [(a, b) for a, b, _ in ranges] == [
+        (k * 10 * entry, (k + 1) * 10 * entry) for k in range(4)
+    ]
+    arrivals = [at for _, _, at in ranges]
+    assert max(arrivals) - min(arrivals) < hold_s  # all requested before the first answer
 
 
 # ----------------------------------------------------------------------------- the relay

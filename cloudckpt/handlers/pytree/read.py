@@ -157,9 +157,12 @@ class Reader:
     async def prefetch_packed(self, requests: Any) -> None:
         """Reads the packed entries these (leaf, regions) need: one ranged read per run.
 
-        Entries of one object that lie back to back are fetched together, so a
-        full restore reads each pack once, while a partial one reads only the
-        entries it needs.
+        Entries of one object that lie back to back are fetched together, in
+        ranged reads of at most ``chunks.RUN_BYTES`` (an entry may be larger)
+        issued at once, so a full restore reads each pack once, over several
+        connections where it is large (a pack object may be ``max_object_bytes``,
+        and one cloud stream carries a fraction of a host's network), while a
+        partial one reads only the entries it needs.
         """
         wanted: dict[str, list[layout.PackEntry]] = {}
         for leaf, regions in requests:
@@ -179,7 +182,11 @@ class Reader:
             run = [entries[0]]
             for entry in entries[1:]:
                 last = run[-1]
-                if entry.offset == last.offset + last.nbytes + layout.CRC_BYTES:
+                end = entry.offset + entry.nbytes + layout.CRC_BYTES
+                if (
+                    entry.offset == last.offset + last.nbytes + layout.CRC_BYTES
+                    and end - run[0].offset <= chunks.RUN_BYTES
+                ):
                     run.append(entry)
                 else:
                     runs.append(run)
