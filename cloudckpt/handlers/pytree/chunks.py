@@ -16,15 +16,15 @@ between destinations (a restore onto another mesh), or landing in a strided
 stretch of one, are scattered into place as their bytes arrive, crc32c
 computed on the way (:mod:`cloudckpt.handlers.pytree.scatter`, any rank but
 0); only what a scatter cannot take (rank 0) goes through a temporary, within
-the ``scratch`` budget. A chunk object
-needed whole is read as the layout cloudckpt's writer gives it says (inner
-chunks back to back, in C order, the index last), before its index has been
-seen: one request up to ``RUN_BYTES``, a larger object in that many ranged
-reads at once, split between inner chunks (a single object-store stream
-carries a fraction of a host's network); the index, crc-checked, must confirm
-that layout, or the object is read again by its index. The reader uses this module only on such backends (see
-``Reader.regions``); any other layout (an Orbax array, another codec) stays
-on tensorstore's path.
+the ``scratch`` budget. A chunk object needed whole is read as the layout
+cloudckpt's writer gives it says (inner chunks back to back, in C order, the
+index last), before its index has been seen: one request up to
+``RUN_BYTES``, a larger object in that many ranged reads at once, split
+between inner chunks (a single object-store stream carries a fraction of a
+host's network); the index, crc-checked, must confirm that layout, or the
+object is read again by its index. The reader uses this module only on such
+backends (see ``Reader.regions``); any other layout (an Orbax array, another
+codec) stays on tensorstore's path.
 
 Every byte is verified: a mismatch, a missing or short object, or a shard
 index that points outside its object raises :class:`CorruptCheckpointError`
@@ -58,7 +58,8 @@ from cloudckpt.storage.path import StoragePath
 #: fraction of a host's network, and AWS's performance guide suggests ranged GETs of
 #: 8-16 MB. Measured here through a relay holding each connection to 25 MB/s (the
 #: ``capped_streams`` benchmark), restoring a 256 MiB array saved as two 128 MiB objects
-#: took 5.4 s with one GET per object, 0.63-0.74 s (GCS) and 0.92-1.15 s (S3) in spans.
+#: took 5.4 s with one GET per object, 0.58-0.84 s (GCS) and 0.92-1.15 s (S3) in spans
+#: (two runs, five repetitions).
 RUN_BYTES = 16 * 1024 * 1024
 #: Default bound on those reads in flight per restore (a few runs at once).
 SCRATCH_BYTES = 64 * 1024 * 1024
@@ -211,9 +212,10 @@ async def read_into(
         cloudckpt's writer stores inner chunks back to back in C order with the
         index last, so the object is read as that layout says before the index
         has been seen: in spans of whole inner chunks of at most ``RUN_BYTES``
-        (one span for most objects), read at once. Returns None when the index (crc-checked)
-        confirms that layout and every inner chunk verified; otherwise the
-        index, for the caller to read by (whatever was placed is overwritten).
+        (one span for most objects), read at once. Returns None when the index
+        (crc-checked) confirms that layout and every inner chunk verified;
+        otherwise the index, for the caller to read by (whatever was placed is
+        overwritten).
         """
         piece = inner_data + layout.CRC_BYTES
         order = [wanted[w] for w in itertools.product(*(range(r) for r in ratio))]
