@@ -38,8 +38,13 @@ from .test_stragglers import _upstream
 
 NBYTES = 4 * 1024 * 1024
 #: The reader waits this long in ``room`` before each of the first ``HOLDS`` pieces.
-HOLD_S = 0.3
+HOLD_S = 1.0
 HOLDS = 4
+#: The read's static bounds: hedged after HEDGE_S, cut after CUT_S. Both are well below the
+#: held time (4 s) and above the time a loaded CI host takes to start answering: at 0.2 s
+#: and 0.5 s, SeaweedFS once took 0.23 s to start, the read was hedged before any hold.
+HEDGE_S = 1.0
+CUT_S = 2.0
 
 
 class HeldSink:
@@ -80,9 +85,11 @@ def test_a_read_held_by_its_sink_is_neither_hedged_nor_cut(
 ) -> None:
     path = f"{BUCKET}/{unique('held')}/chunk"
     payload = os.urandom(NBYTES)
-    # With no answers known yet, the static bounds rule: hedged after 0.2 s, cut after 0.5 s;
-    # the sink holds the read for HOLDS * HOLD_S = 1.2 s.
-    deadlines = Deadlines(floor_s=0.5, min_rate_bps=1e12, hedge_floor_s=0.2, hedge_rate_bps=1e12)
+    # With no answers known yet, the static bounds rule: hedged after HEDGE_S, cut after
+    # CUT_S; the sink holds the read for HOLDS * HOLD_S, twice the cut.
+    deadlines = Deadlines(
+        floor_s=CUT_S, min_rate_bps=1e12, hedge_floor_s=HEDGE_S, hedge_rate_bps=1e12
+    )
     retry = RetryPolicy(max_attempts=3, initial_backoff_s=0.05, max_backoff_s=0.2)
     writer = _backend(kind, _upstream(kind, servers), Deadlines(), retry)
     backend = _backend(kind, _upstream(kind, servers), deadlines, retry)
