@@ -38,9 +38,9 @@ import contextlib
 import itertools
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import crc32c
 import numpy as np
@@ -67,6 +67,16 @@ SCRATCH_BYTES = 64 * 1024 * 1024
 #: a request waits for its turn before its deadline starts, not after.
 REQUESTS_IN_FLIGHT = 64
 _MISSING = 2**64 - 1  # a shard index entry of an absent inner chunk
+
+
+class _AtOffset(Protocol):
+    """Something read from an object at a byte offset (an inner chunk, a pack entry)."""
+
+    @property
+    def offset(self) -> int: ...
+
+
+T = TypeVar("T", bound=_AtOffset)
 
 
 def supported(directory: StoragePath, storage: ZarrStorage) -> bool:
@@ -202,8 +212,8 @@ async def read_into(
         direct = [slot for slot in slots if targets[id(slot)] is not None]
         spare = [slot for slot in slots if targets[id(slot)] is None]
         await asyncio.gather(
-            *(read_direct(where, run, targets) for run in _runs(direct, RUN_BYTES)),
-            *(one_run(where, run) for run in _runs(spare, RUN_BYTES)),
+            *(read_direct(where, run, targets) for run in runs(direct, RUN_BYTES, _slot_bytes)),
+            *(one_run(where, run) for run in runs(spare, RUN_BYTES, _slot_bytes)),
         )
 
     async def whole_object(where: StoragePath, wanted: dict[tuple[int, ...], _Inner]) -> Any:
@@ -464,17 +474,26 @@ def _spans(count: int, piece: int, limit: int) -> list[tuple[int, int]]:
     return [(count * k // n, count * (k + 1) // n) for k in range(n)]
 
 
-def _runs(slots: list[_Inner], limit: int) -> list[list[_Inner]]:
-    """``slots`` in runs of back-to-back pieces of at most ``limit`` bytes (one read each)."""
-    runs: list[list[_Inner]] = []
-    for slot in sorted(slots, key=lambda s: s.offset):
-        last = runs[-1] if runs else None
+def runs(items: Sequence[T], limit: int, size: Callable[[T], int]) -> list[list[T]]:
+    """``items`` (anything with an ``offset``; ``size(item)`` bytes from it) by offset, in
+    runs of back-to-back items of at most ``limit`` bytes: one ranged read each.
+
+    An item larger than ``limit`` is a run of its own. Inner chunks (their
+    ``nbytes`` include the crc32c) and pack entries (``nbytes`` plus it) both.
+    """
+    out: list[list[T]] = []
+    for item in sorted(items, key=lambda i: i.offset):
+        last = out[-1] if out else None
         if (
             last is not None
-            and slot.offset == last[-1].offset + last[-1].nbytes
-            and slot.offset + slot.nbytes - last[0].offset <= limit
+            and item.offset == last[-1].offset + size(last[-1])
+            and item.offset + size(item) - last[0].offset <= limit
         ):
-            last.append(slot)
+            last.append(item)
         else:
-            runs.append([slot])
-    return runs
+            out.append([item])
+    return out
+
+
+def _slot_bytes(slot: _Inner) -> int:
+    return slot.nbytes

@@ -176,22 +176,11 @@ class Reader:
                         continue
                     seen.add(entry.index)
                     wanted.setdefault(entry.obj, []).append(dataclasses.replace(entry, leaf=leaf))
-        runs: list[list[layout.PackEntry]] = []
-        for entries in wanted.values():
-            entries.sort(key=lambda e: e.offset)
-            run = [entries[0]]
-            for entry in entries[1:]:
-                last = run[-1]
-                end = entry.offset + entry.nbytes + layout.CRC_BYTES
-                if (
-                    entry.offset == last.offset + last.nbytes + layout.CRC_BYTES
-                    and end - run[0].offset <= chunks.RUN_BYTES
-                ):
-                    run.append(entry)
-                else:
-                    runs.append(run)
-                    run = [entry]
-            runs.append(run)
+        runs = [
+            run
+            for entries in wanted.values()
+            for run in chunks.runs(entries, chunks.RUN_BYTES, _entry_bytes)
+        ]
         if runs:
             kvstore = await self._packs()
             await asyncio.gather(*(self._read_run(kvstore, run) for run in runs))
@@ -448,6 +437,11 @@ class Reader:
         return jax.make_array_from_callback(
             shape, sharding, lambda idx: by_index[layout.normalize_index(idx, shape)]
         )
+
+
+def _entry_bytes(entry: layout.PackEntry) -> int:
+    """A pack entry's bytes in its object: its data and the crc32c after it."""
+    return entry.nbytes + layout.CRC_BYTES
 
 
 def _as_kind(info: Leaf, value: np.ndarray) -> Any:
