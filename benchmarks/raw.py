@@ -22,9 +22,10 @@ import contextlib
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -99,15 +100,19 @@ def file_put_get(directory: str, data: Sequence[bytes]) -> RawResult:
 
 
 # -------------------------------------------------------------------------------------- s3
-async def _s3_put_get(
-    endpoint: str, bucket: str, prefix: str, data: Sequence[bytes], keep: bool = False
-) -> RawResult:
+def _s3_client(endpoint: str) -> Any:
+    """An aiobotocore S3 client (``async with``) pooling ``OBJECT_STORE_CONCURRENCY`` connections."""
     from aiobotocore.config import AioConfig
     from aiobotocore.session import get_session
 
     config = AioConfig(max_pool_connections=OBJECT_STORE_CONCURRENCY)
-    session = get_session()
-    async with session.create_client("s3", endpoint_url=endpoint, config=config) as client:
+    return get_session().create_client("s3", endpoint_url=endpoint, config=config)
+
+
+async def _s3_put_get(
+    endpoint: str, bucket: str, prefix: str, data: Sequence[bytes], keep: bool = False
+) -> RawResult:
+    async with _s3_client(endpoint) as client:
         gate = asyncio.Semaphore(OBJECT_STORE_CONCURRENCY)
         keys = [f"{prefix}/obj{i:05d}" for i in range(len(data))]
 
@@ -149,9 +154,9 @@ def s3_put_get(
 
 
 # ------------------------------------------------------------------------------------- gcs
-async def _gcs_put_get(
-    endpoint: str, bucket: str, prefix: str, data: Sequence[bytes], keep: bool = False
-) -> RawResult:
+@contextlib.asynccontextmanager
+async def _gcs_fs(endpoint: str) -> AsyncIterator[Any]:
+    """An asynchronous gcsfs file system on ``endpoint``, its session closed afterwards."""
     from gcsfs.core import GCSFileSystem  # not the experimental class: no 60 s HNS probe
 
     fs = GCSFileSystem(
@@ -159,6 +164,16 @@ async def _gcs_put_get(
     )
     await fs._set_session()
     try:
+        yield fs
+    finally:
+        if fs.session is not None and not fs.session.closed:
+            await fs.session.close()
+
+
+async def _gcs_put_get(
+    endpoint: str, bucket: str, prefix: str, data: Sequence[bytes], keep: bool = False
+) -> RawResult:
+    async with _gcs_fs(endpoint) as fs:
         gate = asyncio.Semaphore(OBJECT_STORE_CONCURRENCY)
         paths = [f"{bucket}/{prefix}/obj{i:05d}" for i in range(len(data))]
 
@@ -183,9 +198,6 @@ async def _gcs_put_get(
         get_s = time.perf_counter() - start
         kept.clear()
         await fs._rm(paths)
-    finally:
-        if fs.session is not None and not fs.session.closed:
-            await fs.session.close()
     _check(got, data)
     return RawResult(put_s, get_s, len(data), got)
 
@@ -224,13 +236,7 @@ async def _get_ranges(
     jobs = [(path, a, b) for path, size in objects for a, b in ranges(size, span)]
     async with contextlib.AsyncExitStack() as stack:
         if kind == "s3":
-            from aiobotocore.config import AioConfig
-            from aiobotocore.session import get_session
-
-            config = AioConfig(max_pool_connections=OBJECT_STORE_CONCURRENCY)
-            client = await stack.enter_async_context(
-                get_session().create_client("s3", endpoint_url=endpoint, config=config)
-            )
+            client = await stack.enter_async_context(_s3_client(endpoint))
 
             async def fetch(path: str, a: int, b: int) -> bytes:
                 bucket, key = path.split("/", 1)
@@ -241,13 +247,7 @@ async def _get_ranges(
                     return bytes(await stream.read())
 
         else:
-            from gcsfs.core import GCSFileSystem
-
-            fs = GCSFileSystem(
-                asynchronous=True, endpoint_url=endpoint, token="anon", skip_instance_cache=True
-            )
-            await fs._set_session()
-            stack.push_async_callback(fs.session.close)
+            fs = await stack.enter_async_context(_gcs_fs(endpoint))
 
             async def fetch(path: str, a: int, b: int) -> bytes:
                 return bytes(await fs._cat_file(path, start=a, end=b))

@@ -35,7 +35,6 @@ def _result(restore: float, ranged: float) -> dict:
                 "median_s": med,
                 "restore_over_raw_ranged": restore / ranged,
                 "whole_over_restore": 5.4 / restore,
-                "raw_whole_over_raw_ranged": 5.6 / ranged,
                 "equal": True,
             }
         },
