@@ -21,7 +21,7 @@ import asyncio
 import threading
 import time
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import unquote
 
@@ -87,15 +87,37 @@ def test_spans_are_even_and_within_the_limit(
     assert all((b - a) * piece <= max(limit, piece) for a, b in got)
 
 
-def _media_ranges(log: list[tuple[str, str, float]], obj: str) -> list[tuple[int, int, float]]:
-    """The (start, end, arrival) of each media GET of ``obj`` the proxy saw, by start."""
-    key = obj.split("/", 1)[1]
-    out = []
-    for path, header, at in log:
-        if unquote(path.split("?")[0]).endswith("/o/" + key):
-            first, last = header.removeprefix("bytes=").split("-")
-            out.append((int(first), int(last) + 1, at))
-    return sorted(out)
+class _HeldRanges:
+    """A proxy ``delay`` hook: holds every GET ``picks`` chooses ``HOLD_S``, logging its range.
+
+    Requests made together arrive within ``HOLD_S`` of each other; one made
+    after another was answered arrives at least ``HOLD_S`` later.
+    """
+
+    HOLD_S = 1.0
+
+    def __init__(self, picks: Callable[[str], bool]) -> None:
+        self._picks = picks
+        self._lock = threading.Lock()
+        self.log: list[tuple[str, int, int, float]] = []  # path, start, end, arrival
+
+    def __call__(self, method: str, path: str, headers: Mapping[str, str], body: bytes) -> float:
+        path = unquote(path.split("?")[0])
+        if method != "GET" or not self._picks(path):
+            return 0.0
+        first, last = headers.get("Range", "").removeprefix("bytes=").split("-")
+        with self._lock:
+            self.log.append((path, int(first), int(last) + 1, time.monotonic()))
+        return self.HOLD_S
+
+    def ranges(self, key: str) -> list[tuple[int, int]]:
+        """The ranges of the GETs of ``key`` (a path ending), by start."""
+        return sorted((a, b) for path, a, b, _ in self.log if path.endswith(key))
+
+    def together(self, key: str) -> bool:
+        """Whether every GET of ``key`` was requested before the first was answered."""
+        arrivals = [at for path, _, _, at in self.log if path.endswith(key)]
+        return max(arrivals) - min(arrivals) < self.HOLD_S
 
 
 @pytest.mark.usefixtures("spans")
@@ -106,17 +128,7 @@ def test_a_large_object_is_read_in_spans_at_once_each_byte_once(
     with _save_all(url):
         objects = _f32_objects(url)
     assert len(objects) == 8
-    hold_s = 1.0
-    log: list[tuple[str, str, float]] = []
-    lock = threading.Lock()
-
-    def hold(method: str, path: str, headers: Mapping[str, str], body: bytes) -> float:
-        if method == "GET" and "alt=media" in path:
-            with lock:
-                log.append((path, headers.get("Range", ""), time.monotonic()))
-            return hold_s  # every answer held: requests made together arrive together
-        return 0.0
-
+    hold = _HeldRanges(lambda path: "/c/" in path)  # every chunk object's answer held
     with FaultProxy(servers.gcs.endpoint, fault_rate=0.0, flavor="gcs", delay=hold) as proxy:
         options = {
             "endpoint_url": proxy.endpoint,
@@ -128,16 +140,15 @@ def test_a_large_object_is_read_in_spans_at_once_each_byte_once(
             out = ckptr.restore(url, args=cc.args.StandardRestore(target))
     np.testing.assert_array_equal(np.asarray(out["f32"]), VALUES["f32"])
     for obj in objects:
-        ranges = _media_ranges(log, obj)
-        assert [(a, b) for a, b, _ in ranges] == [
+        key = "/o/" + obj.split("/", 1)[1]
+        assert hold.ranges(key) == [
             (0, 4 * PIECE),
             (4 * PIECE, 8 * PIECE),
             (8 * PIECE, 12 * PIECE),
             (12 * PIECE, SIZE),  # the last span carries the index
         ], obj
-        arrivals = [at for _, _, at in ranges]
-        # All four requested before the first was answered (each answer was held hold_s).
-        assert max(arrivals) - min(arrivals) < hold_s, obj
+        # All four requested before the first was answered (each answer was held).
+        assert hold.together(key), obj
 
 
 @pytest.mark.usefixtures("spans")
@@ -199,19 +210,7 @@ def test_a_large_pack_is_read_in_spans_at_once_each_byte_once(
     tree = {f"b{i:02d}": np.arange(256, dtype=np.float32) + i for i in range(40)}
     with cc.Checkpointer(cc.StandardCheckpointHandler()) as ckptr:
         ckptr.save(url, args=cc.args.StandardSave(tree))
-    hold_s = 1.0
-    log: list[tuple[str, str, float]] = []
-    lock = threading.Lock()
-
-    def hold(method: str, path: str, headers: Mapping[str, str], body: bytes) -> float:
-        if method == "GET" and "/packs/" in unquote(path):
-            with lock:
-                log.append(
-                    (unquote(path.split("?")[0]), headers.get("Range", ""), time.monotonic())
-                )
-            return hold_s
-        return 0.0
-
+    hold = _HeldRanges(lambda path: "/packs/" in path)
     with FaultProxy(servers.s3.endpoint, fault_rate=0.0, flavor="s3", delay=hold) as proxy:
         options = {
             "endpoint_url": proxy.endpoint,
@@ -221,17 +220,11 @@ def test_a_large_pack_is_read_in_spans_at_once_each_byte_once(
             out = ckptr.restore(url)
     for k, v in tree.items():
         np.testing.assert_array_equal(out[k], v, err_msg=k)
-    assert {path for path, _, _ in log} and len({path for path, _, _ in log}) == 1  # one pack
-    ranges = sorted(
-        (int(a), int(b) + 1, at)
-        for _, header, at in log
-        for a, b in [header.removeprefix("bytes=").split("-")]
-    )
-    assert [(a, b) for a, b, _ in ranges] == [
-        (k * 10 * entry, (k + 1) * 10 * entry) for k in range(4)
-    ]
-    arrivals = [at for _, _, at in ranges]
-    assert max(arrivals) - min(arrivals) < hold_s  # all requested before the first answer
+    packs = {path for path, _, _, _ in hold.log}
+    assert packs and len(packs) == 1  # one pack
+    (pack,) = packs
+    assert hold.ranges(pack) == [(k * 10 * entry, (k + 1) * 10 * entry) for k in range(4)]
+    assert hold.together(pack)  # all requested before the first answer
 
 
 # ----------------------------------------------------------------------------- the relay
