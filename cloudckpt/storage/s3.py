@@ -72,6 +72,22 @@ def _exact_filesystem_class() -> type:
     return ExactKeyS3FileSystem
 
 
+@functools.cache
+def _data_loader() -> Any:
+    """botocore's loader of service models and endpoints, shared by every backend's session.
+
+    A new session otherwise parses S3's model again when its client is made:
+    0.09-0.22 s of CPU for every manager, CLI command and process that opens an
+    S3 root, against 0.01 s with the loader shared (``s3fs`` ``set_session``,
+    measured on a 2-core host). The loader only reads botocore's data files
+    and caches what it read; credentials and profiles stay per session.
+    """
+    import aiobotocore.session
+
+    # Made by a session, so that it searches the same data paths (AWS_DATA_PATH).
+    return aiobotocore.session.AioSession().get_component("data_loader")
+
+
 def _lost_condition(exc: BaseException) -> bool:
     """A conditional request that failed because the condition no longer holds.
 
@@ -165,13 +181,17 @@ class S3Backend(FsspecObjectBackend):
         }
 
     def _new_filesystem(self) -> Any:
+        import aiobotocore.session
+
         client_kwargs = {"region_name": self.region} if self.region else {}
+        session = aiobotocore.session.AioSession(profile=self.profile)
+        session.register_component("data_loader", _data_loader())
         fs = _exact_filesystem_class()(
             asynchronous=True,
             skip_instance_cache=True,
             use_listings_cache=False,
             anon=self.anon,
-            profile=self.profile,
+            session=session,
             endpoint_url=self.endpoint_url,
             client_kwargs=client_kwargs,
             config_kwargs={
