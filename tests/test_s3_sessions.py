@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from cloudckpt.storage.s3 import S3Backend, _data_loader
+from cloudckpt.storage.s3 import S3Backend
+from cloudckpt.storage.s3client import data_loader
 from cloudckpt.testing.servers import LocalServers
 
 from .helpers import BUCKET, unique
@@ -51,7 +52,7 @@ def test_backends_share_the_model_loader_and_keep_their_own_profiles(
             assert await good.exists(key + "-bad") is False
             sessions = [(await b._fs()).session for b in (good, bad)]
             assert sessions[0] is not sessions[1]
-            assert all(s.get_component("data_loader") is _data_loader() for s in sessions)
+            assert all(s.get_component("data_loader") is data_loader() for s in sessions)
             assert good.credential_description.startswith("shared-credentials-file")
             assert bad.credential_description.endswith("...0000")
         finally:

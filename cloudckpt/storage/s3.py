@@ -23,13 +23,12 @@ the environment or a profile.
 from __future__ import annotations
 
 import email.utils
-import functools
 import os
 from collections.abc import Sequence
 from typing import Any
 
 from atomicity import ObjectInfo, Versioned
-from cloudckpt.storage import s3get, s3put
+from cloudckpt.storage import s3client, s3get, s3put
 from cloudckpt.storage._fsspec import FsspecObjectBackend, _mtime
 from cloudckpt.storage._stream import Buffer
 from cloudckpt.storage.base import CREATE_TOKEN_KEY, BucketSettings
@@ -51,41 +50,6 @@ _TS_CREDENTIAL_TYPES: dict[str, dict[str, Any] | None] = {
     "": {"type": "anonymous"},
 }
 _PROFILE_METHODS = frozenset({"shared-credentials-file", "config-file"})
-
-
-@functools.cache
-def _exact_filesystem_class() -> type:
-    import s3fs
-
-    class ExactKeyS3FileSystem(s3fs.S3FileSystem):
-        """s3fs with ``bucket/key`` split at the first slash and nothing else.
-
-        s3fs's own split cuts a key at ``?versionId=`` and reads access-point
-        ARNs; a checkpoint key is a literal string, so every s3fs call made
-        through this class (``_pipe_file`` included) addresses exactly it.
-        """
-
-        def split_path(self, path: str) -> tuple[str, str, None]:
-            bucket, _, key = path.partition("/")
-            return bucket, key, None
-
-    return ExactKeyS3FileSystem
-
-
-@functools.cache
-def _data_loader() -> Any:
-    """botocore's loader of service models and endpoints, shared by every backend's session.
-
-    A new session otherwise parses S3's model again when its client is made:
-    0.09-0.22 s of CPU for every manager, CLI command and process that opens an
-    S3 root, against 0.01 s with the loader shared (``s3fs`` ``set_session``,
-    measured on a 2-core host). The loader only reads botocore's data files
-    and caches what it read; credentials and profiles stay per session.
-    """
-    import aiobotocore.session
-
-    # Made by a session, so that it searches the same data paths (AWS_DATA_PATH).
-    return aiobotocore.session.AioSession().get_component("data_loader")
 
 
 def _lost_condition(exc: BaseException) -> bool:
@@ -181,28 +145,13 @@ class S3Backend(FsspecObjectBackend):
         }
 
     def _new_filesystem(self) -> Any:
-        import aiobotocore.session
-
-        client_kwargs = {"region_name": self.region} if self.region else {}
-        session = aiobotocore.session.AioSession(profile=self.profile)
-        session.register_component("data_loader", _data_loader())
-        fs = _exact_filesystem_class()(
-            asynchronous=True,
-            skip_instance_cache=True,
-            use_listings_cache=False,
-            anon=self.anon,
-            session=session,
+        return s3client.new_filesystem(
             endpoint_url=self.endpoint_url,
-            client_kwargs=client_kwargs,
-            config_kwargs={
-                # Retries happen once, in cloudckpt.storage.retry.
-                "retries": {"total_max_attempts": 1, "mode": "standard"},
-                "connect_timeout": self.request_timeout_s,
-                "read_timeout": self.request_timeout_s,
-            },
+            region=self.region,
+            profile=self.profile,
+            anon=self.anon,
+            request_timeout_s=self.request_timeout_s,
         )
-        fs.retries = 1
-        return fs
 
     async def _start(self, fs: Any) -> None:
         await fs.set_session()
