@@ -65,7 +65,10 @@ def _url(backend: str, tmp_path: Any) -> str:
 
 async def _objects(url: str) -> list[str]:
     root = StoragePath.from_url(url)
-    return sorted([o.path async for o in root.backend.list_prefix(root.path + "/")])
+    try:
+        return sorted([o.path async for o in root.backend.list_prefix(root.path + "/")])
+    finally:
+        await root.backend.aclose()  # its client lives on this asyncio.run's loop
 
 
 def _chunk_objects(url: str) -> list[str]:
@@ -76,9 +79,12 @@ def _rewrite(url: str, path: str, change: Any) -> None:
     backend = StoragePath.from_url(url).backend
 
     async def go() -> None:
-        data = await backend.get(path)
-        assert data is not None
-        await backend.put(path, change(bytearray(data)))
+        try:
+            data = await backend.get(path)
+            assert data is not None
+            await backend.put(path, change(bytearray(data)))
+        finally:
+            await backend.aclose()  # its client lives on this asyncio.run's loop
 
     asyncio.run(go())
 
