@@ -4,10 +4,11 @@ Run as ``python -m tests.crash_worker URL FIRST_STEP PHASE``, or with no
 arguments: then it imports JAX, prints ``READY`` and reads ``URL FIRST_STEP
 PHASE`` from its standard input, so that the campaign can start the next
 worker while the current one runs. It prints one line per event (``COPY n``,
-``WRITES n``, ``FINALIZE n``, ``COMMITTED n``), flushed, so the parent can kill it at a chosen instant of a chosen save. The
-phase named on the command line is stretched by a sleep so that a kill lands
-inside it, in every save but the first: that one must commit, and stretching
-it only made each kill 3 s longer.
+``WRITES n``, ``FINALIZE n``, ``COMMITTED n``), flushed, so the parent can
+kill it at a chosen instant of a chosen save. The phase named on the command
+line is stretched by a sleep so that a kill lands inside it, in every save
+but the first: that one must commit, and stretching it only made each kill
+3 s longer.
 """
 
 from __future__ import annotations
