@@ -25,6 +25,7 @@ def servers(
     """Both servers for the whole session, with the client environment applied."""
     workdir = tmp_path_factory.mktemp("servers")
     with local_servers(buckets=(BUCKET, "cloudckpt-other"), workdir=workdir) as srv:
+        _STARTED.append(srv)
         saved = {k: os.environ.get(k) for k in srv.env}
         os.environ.update(srv.env)
         reporter = request.config.pluginmanager.get_plugin("terminalreporter")
@@ -38,6 +39,23 @@ def servers(
                     os.environ.pop(key, None)
                 else:
                     os.environ[key] = value
+            _STARTED.remove(srv)
+
+
+#: The session's servers, once a test has asked for them.
+_STARTED: list[LocalServers] = []
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _empty_gcs_after_each_module() -> Iterator[None]:
+    """Each test module finds the GCS buckets empty (FakeGCS.empty_buckets says why).
+
+    Tests write under unique prefixes and read only their own, so nothing
+    crosses modules; an emptied bucket only keeps listings as cheap as on GCS.
+    """
+    yield
+    for srv in _STARTED:
+        srv.gcs.empty_buckets()
 
 
 @pytest.fixture(scope="session")
