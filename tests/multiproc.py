@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -16,13 +15,15 @@ from typing import IO, Any
 
 from cloudckpt.testing.servers import free_port
 
+from . import zygote
+
 REPO = Path(__file__).resolve().parent.parent
 
 
 @dataclass
 class Worker:
     process_id: int
-    proc: subprocess.Popen[str]
+    proc: zygote.Child
     lines: list[str] = field(default_factory=list)
     #: The process's stderr, kept apart from the stdout lines the tests parse.
     errors: IO[str] | None = None
@@ -61,8 +62,8 @@ def launch(
     return workers
 
 
-def popen(module: str, *args: str) -> tuple[subprocess.Popen[str], IO[str]]:
-    """Starts ``python -m module args`` as a worker, and its stderr file.
+def popen(module: str, *args: str) -> tuple[zygote.Child, IO[str]]:
+    """Starts ``python -m module args`` as a worker (forked from tests/zygote.py), and its stderr.
 
     C++ libraries in the workers (gloo, tensorstore's logging) write from their
     own threads at any time, to stderr and to fd 1: on a shared pipe their
@@ -73,13 +74,12 @@ def popen(module: str, *args: str) -> tuple[subprocess.Popen[str], IO[str]]:
     parent can read it (``tail``) while the child writes.
     """
     errors = tempfile.TemporaryFile(mode="a+", encoding="utf-8", errors="replace")  # noqa: SIM115 (the worker's, for its lifetime)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.protocol_stdout", module, *args],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=errors,
-        text=True,
+    proc = zygote.spawn(
+        "tests.protocol_stdout",
+        [module, *args],
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdin=False,
+        stderr=errors,
     )
     return proc, errors
 

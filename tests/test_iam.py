@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -31,6 +29,7 @@ from cloudckpt.testing.cloudiam import (
 from cloudckpt.testing.cloudproxy import CloudProxy
 from cloudckpt.testing.servers import LocalServers
 
+from . import zygote
 from .helpers import BUCKET, unique
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,14 +92,7 @@ def _run_worker(kind: str, proxy: CloudProxy, root: str, servers: LocalServers) 
     else:
         env["STORAGE_EMULATOR_HOST"] = proxy.endpoint
         env["TENSORSTORE_GCS_HTTP_URL"] = proxy.endpoint
-    done = subprocess.run(
-        [sys.executable, "-m", "tests.cloud_worker", root, proxy.phase_url],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = zygote.run("tests.cloud_worker", [root, proxy.phase_url], env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 

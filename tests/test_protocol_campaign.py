@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from cloudckpt.engine.loop import LoopThread
 from cloudckpt.testing.faultproxy import FaultProxy
 from cloudckpt.testing.servers import LocalServers
 
+from . import zygote
 from .helpers import BUCKET, unique
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,16 +47,9 @@ WRITERS = 3
 
 class Worker:
     def __init__(self, env: dict[str, str], *argv: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.campaign_worker", *argv],
-            cwd=REPO,
-            env=env,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL if argv[0] == "writer" else None,
-            text=True,
-            bufsize=1,
-        )
+        # A writer's errors are the faults it is fed; the others' reach the test's report.
+        with open(os.devnull, "w") if argv[0] == "writer" else nullcontext(sys.__stderr__) as err:
+            self.proc = zygote.spawn("tests.campaign_worker", list(argv), env=env, stderr=err)
 
     def send(self, line: str) -> None:
         assert self.proc.stdin is not None

@@ -15,8 +15,6 @@ import asyncio
 import json
 import os
 import re
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import unquote
@@ -27,6 +25,7 @@ from cloudckpt.storage.path import StoragePath
 from cloudckpt.testing.servers import LocalServers
 from cloudckpt.testing.stallproxy import StallProxy
 
+from . import zygote
 from .helpers import BUCKET, unique
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,20 +58,10 @@ def _run_worker(
     hedge_floor_s: float = FLOOR_S / 4,
 ) -> tuple[int, dict[str, object]]:
     env = worker_env(kind, proxy.endpoint)
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tests.stall_worker",
-            url,
-            str(floor_s),
-            str(attempts),
-            str(hedge_floor_s),
-        ],
-        cwd=ROOT,
+    done = zygote.run(
+        "tests.stall_worker",
+        [url, str(floor_s), str(attempts), str(hedge_floor_s)],
         env=env,
-        capture_output=True,
-        text=True,
         timeout=600,
     )
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
