@@ -1,11 +1,9 @@
 """A training loop that saves every step, for the crash campaign to SIGKILL.
 
-Run as ``python -m tests.crash_worker URL FIRST_STEP PHASE``, or with no
-arguments: then it imports JAX, prints ``READY`` and reads ``URL FIRST_STEP
-PHASE`` from its standard input, so that the campaign can start the next
-worker while the current one runs. It prints one line per event (``COPY n``,
-``WRITES n``, ``FINALIZE n``, ``COMMITTED n``), flushed, so the parent can
-kill it at a chosen instant of a chosen save. The phase named on the command
+Run as ``python -m tests.crash_worker URL FIRST_STEP PHASE`` (the campaign
+forks it from ``tests/zygote.py``, where JAX is already imported). It prints
+one line per event (``COPY n``, ``WRITES n``, ``FINALIZE n``, ``COMMITTED n``),
+flushed, so the parent can kill it at a chosen instant of a chosen save. The phase named on the command
 line is stretched by a sleep so that a kill lands inside it, in every save
 but the first: that one must commit, and stretching it only made each kill
 3 s longer.
@@ -131,11 +129,4 @@ if __name__ == "__main__":
     # type names a module other processes can import.
     from tests import crash_worker
 
-    args = sys.argv[1:]
-    if not args:
-        jax.devices()  # the CPU backend starts here, before the worker is needed
-        print("READY", flush=True)
-        args = sys.stdin.readline().split()
-        if not args:  # the campaign ended without needing this worker
-            sys.exit(0)
-    crash_worker.main(args)
+    crash_worker.main(sys.argv[1:])
