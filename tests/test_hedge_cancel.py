@@ -28,10 +28,10 @@ while the test looks at the proxy.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
-import subprocess
-import sys
 import time
+import traceback
 from typing import Any
 from urllib.parse import unquote
 
@@ -42,8 +42,9 @@ from cloudckpt.storage.deadline import RequestStalled, hedged, within
 from cloudckpt.testing.servers import LocalServers
 from cloudckpt.testing.stallproxy import StallProxy
 
+from . import zygote
 from .helpers import BUCKET, unique
-from .test_stragglers import ROOT, _upstream, worker_env
+from .test_stragglers import _upstream, worker_env
 
 #: The static bounds where cloudckpt's own requests are stalled: long, so that only an
 #: adaptive hedge answers the held request and only a cancellation closes it in time.
@@ -87,15 +88,7 @@ class Worker:
     ) -> None:
         env = worker_env(kind, proxy.endpoint)
         args = [url, str(floor_s), "1", str(floor_s)]  # one attempt: no retry answers for it
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.hedge_cancel_worker", *args],
-            cwd=ROOT,
-            env=env,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        self.process = zygote.spawn("tests.hedge_cancel_worker", args, env=env)
 
     def next_event(self) -> dict[str, Any]:
         assert self.process.stdout is not None
@@ -169,18 +162,17 @@ def _check_loser(proxy: StallProxy, pick: FirstOf, channel: str) -> None:
     assert proxy.stats.abandoned == 1
 
 
-@pytest.mark.parametrize(
-    ("kind", "phase", "methods", "marker", "channel"),
-    [
-        ("gcs", "restore", {"GET"}, "/arrays/7/c/", "aiohttp"),  # the direct chunk reader
-        ("gcs", "save", {"POST"}, "/packs/", "tensorstore"),
-        ("gcs", "save", {"POST"}, "/arrays/7/c/", "zarr"),  # tensorstore's chunk writeback
-        ("s3", "save", {"PUT"}, "/arrays/7/c/", "aiohttp"),  # direct chunk writes
-        ("s3", "restore", {"GET"}, "/arrays/7/c/", "aiohttp"),  # the direct chunk reader
-    ],
-    ids=["gcs-chunk-read", "gcs-pack-write", "gcs-chunk-write", "s3-chunk-write", "s3-chunk-read"],
-)
-def test_the_stalled_loser_of_a_hedge_is_stopped_when_the_hedge_wins(
+#: (id, kind, phase, methods held, marker, channel): the cases, run at once by the test below.
+CASES = [
+    ("gcs-chunk-read", "gcs", "restore", {"GET"}, "/arrays/7/c/", "aiohttp"),  # direct reader
+    ("gcs-pack-write", "gcs", "save", {"POST"}, "/packs/", "tensorstore"),
+    ("gcs-chunk-write", "gcs", "save", {"POST"}, "/arrays/7/c/", "zarr"),  # chunk writeback
+    ("s3-chunk-write", "s3", "save", {"PUT"}, "/arrays/7/c/", "aiohttp"),  # direct chunk writes
+    ("s3-chunk-read", "s3", "restore", {"GET"}, "/arrays/7/c/", "aiohttp"),  # direct reader
+]
+
+
+def _one_case(
     kind: str, phase: str, methods: set[str], marker: str, channel: str, servers: LocalServers
 ) -> None:
     url = f"{'s3' if kind == 's3' else 'gs'}://{BUCKET}/{unique('hcancel')}"
@@ -202,6 +194,26 @@ def test_the_stalled_loser_of_a_hedge_is_stopped_when_the_hedge_wins(
             worker.stop()
     assert worker.process.returncode == 0
     assert len(proxy.stats.stalled) == 1
+
+
+def test_the_stalled_loser_of_a_hedge_is_stopped_when_the_hedge_wins(
+    servers: LocalServers,
+) -> None:
+    """Every case at once, each with its own proxy, worker and run.
+
+    A case mostly waits: for a stall cut (``CUT_S``), then through the window in
+    which a retry would come (``RETRY_WITHIN_S``). One after another they took
+    70 s; at once, about as long as the slowest. A failure names its case.
+    """
+    with concurrent.futures.ThreadPoolExecutor(len(CASES)) as pool:
+        futures = {case[0]: pool.submit(_one_case, *case[1:], servers) for case in CASES}
+    failures = {name: f.exception() for name, f in futures.items() if f.exception() is not None}
+    if failures:
+        report = "\n".join(
+            f"{name}: {''.join(traceback.format_exception(error))[-2500:]}"
+            for name, error in failures.items()
+        )
+        raise AssertionError(f"{len(failures)} of {len(CASES)} cases failed:\n{report}")
 
 
 def test_a_request_cut_while_waiting_to_be_hedged_is_closed(servers: LocalServers) -> None:
