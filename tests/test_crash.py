@@ -5,13 +5,17 @@ step; it is killed during the copy, mid-way through the array writes, between
 the last data write and the marker, or just after a commit while retention
 deletes old steps. After each kill a fresh manager must list only steps that
 restore completely and bit-exactly, restore the latest, and its start-up
-clean-up must remove every trace of the killed save.
+clean-up must remove every trace of the killed save. The object-store
+workers reach their server through a proxy, and each check starts once every
+request the killed worker had sent has landed, as a restarted job's would.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import random
 import signal
 import time
@@ -23,24 +27,69 @@ import pytest
 import atomicity
 import cloudckpt as cc
 from cloudckpt.engine.loop import LoopThread
+from cloudckpt.testing.faultproxy import LoopbackProxy
+from cloudckpt.testing.servers import LocalServers
 
 from . import crash_worker, zygote
 from .helpers import BUCKET, unique
+from .test_stragglers import worker_env
 
-REPO = Path(__file__).resolve().parent.parent
 PHASES = ("copy", "writes", "marker", "retention")
 KILLS_PER_PHASE = 5  # per backend: 3 backends x 4 phases x 5 = 60 kills
 TRIGGER = {"copy": "COPY", "writes": "WRITES", "marker": "FINALIZE", "retention": "COMMITTED"}
 
 
-def _start(*argv: str) -> zygote.Child:
+class LandingProxy(LoopbackProxy):
+    """A pass-through proxy that knows when every request it was sent has landed.
+
+    A killed worker's requests do not die with it: one the server had received
+    (a retention's marker DELETE, say) is carried out after the kill, and a
+    checker that looked at once could list a step whose deletion was still
+    landing (seen on fake-gcs-server under load). A restarted job comes back
+    after its dead one's requests have landed; ``wait_landed`` is that moment.
+    The proxy reads each request whole before forwarding it, and goes on with
+    it when its client has gone, as a server does.
+    """
+
+    def __init__(self, upstream: str, flavor: str) -> None:
+        super().__init__(upstream, flavor)
+        self.in_flight = 0
+
+    async def _handle(self, request):  # type: ignore[no-untyped-def]
+        self.in_flight += 1  # only the proxy's loop touches it
+        try:
+            body = await request.read()
+            status, headers, payload = await self._pass_through(request, body)
+            return self._respond(request.method, status, headers, payload)
+        finally:
+            self.in_flight -= 1
+
+    def wait_landed(self, timeout_s: float = 60.0) -> None:
+        """Returns once no request is in flight over three turns of the proxy's loop."""
+
+        async def count() -> int:
+            await asyncio.sleep(0.02)  # bytes already sent get read and handled first
+            return self.in_flight
+
+        deadline = time.monotonic() + timeout_s
+        quiet = 0
+        while quiet < 3:
+            busy = asyncio.run_coroutine_threadsafe(count(), self._loop).result(timeout_s)
+            quiet = 0 if busy else quiet + 1
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{busy} requests still in flight after {timeout_s} s")
+
+
+def _start(*argv: str, env: dict[str, str] | None = None) -> zygote.Child:
     """A worker running ``argv``, forked from the zygote (JAX is already imported there)."""
-    return zygote.spawn("tests.crash_worker", list(argv), stdin=False)
+    return zygote.spawn("tests.crash_worker", list(argv), env=env, stdin=False)
 
 
-def _kill_once(url: str, first_step: int, phase: str, rng: random.Random) -> int:
+def _kill_once(
+    url: str, first_step: int, phase: str, rng: random.Random, env: dict[str, str] | None
+) -> int:
     """Runs a worker until the phase's event of a save after the first; returns that step."""
-    proc = _start(url, str(first_step), phase)
+    proc = _start(url, str(first_step), phase, env=env)
     try:
         assert proc.stdout is not None
         deadline = time.monotonic() + 120
@@ -97,47 +146,59 @@ def _check_survivors(url: str, loop: LoopThread) -> tuple[list[int], int]:
     return steps, leftovers
 
 
-def _campaign(kind: str, url: str, loop: LoopThread) -> collections.Counter[tuple[str, str]]:
+def _campaign(
+    kind: str, url: str, loop: LoopThread, servers: LocalServers | None
+) -> collections.Counter[tuple[str, str]]:
     """20 kills on one backend, one after another; returns (phase, outcome) counts."""
     tally: collections.Counter[tuple[str, str]] = collections.Counter()
     rng = random.Random(hash(kind) & 0xFFFF)
     next_step = 1
     plan = [phase for phase in PHASES for _ in range(KILLS_PER_PHASE)]
     rng.shuffle(plan)
-    for phase in plan:
-        killed_at = _kill_once(url, next_step, phase, rng)
-        steps, leftovers = _check_survivors(url, loop)
-        assert steps, f"{kind}: no committed step survived"
-        if phase in ("copy", "marker"):
-            assert killed_at not in steps, (
-                f"{kind}: the save of step {killed_at} was killed before its marker"
-            )
-        if phase == "retention":
-            outcome = "deletion cut short, cleaned" if leftovers else "deletions done first"
-        elif killed_at in steps:
-            outcome = "committed before the kill"
-        else:
-            outcome = "left debris, cleaned" if leftovers else "no debris"
-        tally[(phase, outcome)] += 1
-        next_step = max(steps[-1], killed_at) + 1
+    with contextlib.ExitStack() as stack:
+        proxy, env = None, None
+        if servers is not None:  # the workers reach the object store through the proxy
+            upstream = servers.s3.endpoint if kind == "s3" else servers.gcs.endpoint
+            proxy = stack.enter_context(LandingProxy(upstream, kind))
+            env = worker_env(kind, proxy.endpoint)
+        for phase in plan:
+            killed_at = _kill_once(url, next_step, phase, rng, env)
+            if proxy is not None:
+                proxy.wait_landed()
+            steps, leftovers = _check_survivors(url, loop)
+            assert steps, f"{kind}: no committed step survived"
+            if phase in ("copy", "marker"):
+                assert killed_at not in steps, (
+                    f"{kind}: the save of step {killed_at} was killed before its marker"
+                )
+            if phase == "retention":
+                outcome = "deletion cut short, cleaned" if leftovers else "deletions done first"
+            elif killed_at in steps:
+                outcome = "committed before the kill"
+            else:
+                outcome = "left debris, cleaned" if leftovers else "no debris"
+            tally[(phase, outcome)] += 1
+            next_step = max(steps[-1], killed_at) + 1
     return tally
 
 
 # 60 kills, each a fresh process: a minute or two on a loaded 2-core machine.
 @pytest.mark.timeout(900)
-def test_crash_campaign(request: pytest.FixtureRequest, tmp_path: Path, loop: LoopThread) -> None:
+def test_crash_campaign(servers: LocalServers, tmp_path: Path, loop: LoopThread) -> None:
     """The three backends' campaigns run at once: a kill cycle mostly waits (for a
     worker to reach its phase, for the servers), so three overlap in little more
     than the time of the slowest alone. Each has its own run and its own workers.
     """
-    request.getfixturevalue("servers")
     urls = {
         "file": str(tmp_path / "run"),
         "s3": f"s3://{BUCKET}/{unique('crash')}",
         "gcs": f"gs://{BUCKET}/{unique('crash')}",
     }
     with concurrent.futures.ThreadPoolExecutor(len(urls)) as pool:
-        futures = {kind: pool.submit(_campaign, kind, url, loop) for kind, url in urls.items()}
+        futures = {
+            kind: pool.submit(_campaign, kind, url, loop, None if kind == "file" else servers)
+            for kind, url in urls.items()
+        }
     failures = {kind: f.exception() for kind, f in futures.items() if f.exception() is not None}
     if failures:
         report = "; ".join(f"{kind}: {error!r}"[:2000] for kind, error in failures.items())
