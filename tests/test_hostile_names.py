@@ -180,6 +180,16 @@ def test_hostile_names_address_only_themselves(
         assert mngr.all_steps() == [2]
         _check_restored(mngr.restore(2), name, sibling, 2)
     sib.assert_untouched("save and retention")
+
+    # An abandoned save of step 1 of the hostile run, which retention just deleted; made
+    # now so that its zero-grace claim has aged past its grace by the time gc runs.
+    backend = store.backend
+    attempt = backend.default_temporary_path_class().from_final(
+        f"{hostile_root}/1", backend, grace_s=0
+    )
+    debris = f"{loop.run(attempt.create())}/state/pytree.json"
+    loop.run(backend.put(debris, b"half-written"))
+    abandoned_at = time.monotonic()
     _save_step(f"{h_url}/{name}", name, sibling, 20)
     _check_restored(_restore(f"{h_url}/{name}"), name, sibling, 20)
     sib.assert_untouched("save of a hostile step name")
@@ -204,17 +214,11 @@ def test_hostile_names_address_only_themselves(
     sib_copy.assert_untouched("cp")
     sib.assert_untouched("cp")
 
-    # gc: an abandoned save of step 1 of the hostile run (the sibling has a step 1).
-    backend = store.backend
-    attempt = backend.default_temporary_path_class().from_final(
-        f"{hostile_root}/1", backend, grace_s=0
-    )
-    debris = f"{loop.run(attempt.create())}/state/pytree.json"
-    loop.run(backend.put(debris, b"half-written"))
+    # gc: the abandoned save of step 1 made after retention (the sibling has a step 1).
     if not backend.supports_atomic_rename:
         # Staleness is judged by the store's clock (whole seconds on S3 and GCS):
-        # let the zero-grace claim be visibly older than its grace.
-        time.sleep(1.1)
+        # the zero-grace claim must be visibly older than its grace.
+        time.sleep(max(0.0, abandoned_at + 1.1 - time.monotonic()))
     code, out, err = _cli(capsys, "gc", "--yes", h_url)
     assert code == 0 and "deleted 1 uncommitted step" in out, (out, err)
     assert loop.run(backend.exists(debris)) is False
