@@ -7,23 +7,25 @@ process started once per test session, imports them (without starting JAX's
 backend: it runs no thread of its own, only OpenBLAS's idle ones, which
 OpenBLAS handles at fork) and forks a child per worker. It does not import
 cloudckpt (0.12 s), which refuses to run in a process forked from one that
-loaded it. The child takes the
-worker's standard streams, working directory, environment and arguments and
-runs its module as ``__main__``, as ``python -m`` would; it exits as a Python
-process does (non-daemon threads joined, ``atexit`` run, streams flushed).
+loaded it. The child takes the worker's standard streams, working directory,
+environment and arguments and runs its module as ``__main__``, as ``python
+-m`` would; it exits as a Python process does (non-daemon threads joined,
+``atexit`` run, streams flushed).
 
 What a forked worker shares with the zygote is what was imported: nothing the
 workers configure is read at import (endpoints, credentials and tensorstore's
 stall bounds are read from the environment at first use), ``random`` is
 reseeded at fork by Python, and every token cloudckpt makes comes from
-``os.urandom``. Workers that set JAX's environment before importing it, or
-join ``jax.distributed``, still start as fresh interpreters.
+``os.urandom``. JAX's backend starts in the child, so a worker may still set
+its device count or join ``jax.distributed``; a worker that needs JAX's
+environment variables read at import must start as a fresh interpreter.
 
 ``spawn`` answers a :class:`Child`, which quacks enough like ``subprocess.Popen``
 (``stdin``/``stdout``/``stderr``, ``pid``, ``poll``, ``wait``, ``kill``,
 ``send_signal``, ``communicate``) for the tests that used one. Signals go through
-a pidfd that the zygote opened at fork, so a signal can never reach a process
-that reused a reaped worker's pid.
+a pidfd that the zygote opened at fork, closed only once the worker is reaped
+and never while a signal is being sent, so a signal can never reach a process
+that reused a reaped worker's pid (or a descriptor number reused for another).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ import threading
 import time
 import traceback
 from collections.abc import Mapping
+from concurrent.futures import Future
 from pathlib import Path
 from typing import IO, Any
 
@@ -58,6 +61,7 @@ class Child:
         self.args = args
         self.pid = pid
         self._pidfd = pidfd
+        self._pidfd_lock = threading.Lock()  # a signal and the close at reaping never overlap
         self.stdin: IO[str] | None = streams.get("stdin")
         self.stdout: IO[str] | None = streams.get("stdout")
         self.stderr: IO[str] | None = streams.get("stderr")
@@ -65,11 +69,12 @@ class Child:
         self._ended = threading.Event()
 
     def _reaped(self, rc: int) -> None:
-        self.returncode = rc
+        with self._pidfd_lock:
+            self.returncode = rc
+            if self._pidfd is not None:
+                os.close(self._pidfd)
+                self._pidfd = None
         self._ended.set()
-        if self._pidfd is not None:
-            os.close(self._pidfd)
-            self._pidfd = None
 
     def poll(self) -> int | None:
         return self.returncode
@@ -81,11 +86,12 @@ class Child:
         return self.returncode
 
     def send_signal(self, sig: int) -> None:
-        pidfd = self._pidfd
-        if self.returncode is not None or pidfd is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            signal.pidfd_send_signal(pidfd, sig)
+        """Signals the worker, unless it was reaped (then it is a no-op, as with Popen)."""
+        with self._pidfd_lock:
+            if self._pidfd is None:
+                return
+            with contextlib.suppress(ProcessLookupError):  # exited, not yet reaped
+                signal.pidfd_send_signal(self._pidfd, sig)
 
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
@@ -149,9 +155,12 @@ class Zygote:
         theirs.close()
         self._lock = threading.Lock()
         self._next = 0
-        self._waiting: dict[int, tuple[threading.Event, list[Any]]] = {}
+        #: Per request: its arguments and our ends of its streams, until its pid comes.
+        self._waiting: dict[int, tuple[list[str], dict[str, Any], Future[Child]]] = {}
+        #: Children not yet reaped, by pid. A Child is made here, on the answering
+        #: thread, when its pid arrives, so its exit status (which comes later on the
+        #: same socket) always finds it.
         self._children: dict[int, Child] = {}
-        self._early: dict[int, int] = {}  # rc of children reaped before their Child was made
         self._reader = threading.Thread(target=self._read, name="zygote-answers", daemon=True)
         self._reader.start()
 
@@ -163,24 +172,20 @@ class Zygote:
                 data, fds = b"", []
             if not data:
                 with self._lock:
-                    for event, box in self._waiting.values():
-                        box.append({"error": "the zygote ended"})
-                        event.set()
+                    for _, _, future in self._waiting.values():
+                        future.set_exception(RuntimeError("the zygote ended"))
                     for child in self._children.values():
                         child._reaped(-signal.SIGKILL)
                 return
             answer = json.loads(data)
             with self._lock:
                 if "rc" in answer:
-                    child = self._children.pop(answer["pid"], None)
-                    if child is None:
-                        self._early[answer["pid"]] = answer["rc"]
-                    else:
-                        child._reaped(answer["rc"])
+                    self._children.pop(answer["pid"])._reaped(answer["rc"])
                 else:
-                    event, box = self._waiting.pop(answer["id"])
-                    box.extend([answer, fds[0] if fds else None])
-                    event.set()
+                    args, streams, future = self._waiting.pop(answer["id"])
+                    child = Child(args, answer["pid"], fds[0] if fds else None, streams)
+                    self._children[child.pid] = child
+                    future.set_result(child)
 
     def spawn(
         self,
@@ -211,12 +216,11 @@ class Zygote:
                 given.append(w)
             else:
                 given.append(os.dup(stderr.fileno()))
-            event: threading.Event = threading.Event()
-            box: list[Any] = []
+            future: Future[Child] = Future()
             with self._lock:
                 self._next += 1
                 ident = self._next
-                self._waiting[ident] = (event, box)
+                self._waiting[ident] = ([module, *args], mine, future)
                 request = {
                     "id": ident,
                     "module": module,
@@ -228,22 +232,15 @@ class Zygote:
         finally:
             for fd in given:
                 os.close(fd)
-        if not event.wait(timeout) or "pid" not in box[0]:
+        try:
+            return future.result(timeout)
+        except (RuntimeError, TimeoutError) as exc:
             for stream in mine.values():
                 stream.close()
             self._log.seek(0)
             raise RuntimeError(
-                f"the zygote did not fork {module}: {box[:1]}; its log: {self._log.read()[-3000:]}"
-            )
-        answer, pidfd = box
-        child = Child([module, *args], answer["pid"], pidfd, mine)
-        with self._lock:
-            rc = self._early.pop(child.pid, None)
-            if rc is None:
-                self._children[child.pid] = child
-        if rc is not None:
-            child._reaped(rc)
-        return child
+                f"the zygote did not fork {module} ({exc!r}); its log: {self._log.read()[-3000:]}"
+            ) from exc
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -322,7 +319,6 @@ def _child(request: dict[str, Any], fds: list[int]) -> None:
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
             os.close(fd)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         sys.stdin = open(0, encoding="utf-8", closefd=False)  # noqa: SIM115
         sys.stdout = open(1, "w", encoding="utf-8", buffering=1, closefd=False)  # noqa: SIM115
         sys.stderr = open(2, "w", encoding="utf-8", buffering=1, closefd=False)  # noqa: SIM115
