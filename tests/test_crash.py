@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import contextlib
+import functools
 import random
 import signal
 import time
@@ -31,7 +31,7 @@ from cloudckpt.testing.faultproxy import LoopbackProxy
 from cloudckpt.testing.servers import LocalServers
 
 from . import crash_worker, zygote
-from .helpers import BUCKET, unique
+from .helpers import BUCKET, run_at_once, unique
 from .test_stragglers import worker_env
 
 PHASES = ("copy", "writes", "marker", "retention")
@@ -185,26 +185,21 @@ def _campaign(
 # 60 kills, each a fresh process: a minute or two on a loaded 2-core machine.
 @pytest.mark.timeout(900)
 def test_crash_campaign(servers: LocalServers, tmp_path: Path, loop: LoopThread) -> None:
-    """The three backends' campaigns run at once: a kill cycle mostly waits (for a
-    worker to reach its phase, for the servers), so three overlap in little more
-    than the time of the slowest alone. Each has its own run and its own workers.
+    """The three backends' campaigns run at once, each on its own run with its own
+    workers; a failure names its backend.
     """
     urls = {
         "file": str(tmp_path / "run"),
         "s3": f"s3://{BUCKET}/{unique('crash')}",
         "gcs": f"gs://{BUCKET}/{unique('crash')}",
     }
-    with concurrent.futures.ThreadPoolExecutor(len(urls)) as pool:
-        futures = {
-            kind: pool.submit(_campaign, kind, url, loop, None if kind == "file" else servers)
+    tallies = run_at_once(
+        {
+            kind: functools.partial(_campaign, kind, url, loop, None if kind == "file" else servers)
             for kind, url in urls.items()
         }
-    failures = {kind: f.exception() for kind, f in futures.items() if f.exception() is not None}
-    if failures:
-        report = "; ".join(f"{kind}: {error!r}"[:2000] for kind, error in failures.items())
-        raise AssertionError(f"crash campaign failed: {report}") from next(iter(failures.values()))
-    for kind, future in futures.items():
-        tally = future.result()
+    )
+    for kind, tally in tallies.items():
         summary = ", ".join(
             f"{phase}/{outcome}: {n}" for (phase, outcome), n in sorted(tally.items())
         )

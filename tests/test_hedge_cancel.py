@@ -28,10 +28,9 @@ while the test looks at the proxy.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
+import functools
 import json
 import time
-import traceback
 from typing import Any
 from urllib.parse import unquote
 
@@ -43,7 +42,7 @@ from cloudckpt.testing.servers import LocalServers
 from cloudckpt.testing.stallproxy import StallProxy
 
 from . import zygote
-from .helpers import BUCKET, unique
+from .helpers import BUCKET, run_at_once, unique
 from .test_stragglers import _upstream, worker_env
 
 #: The static bounds where cloudckpt's own requests are stalled: long, so that only an
@@ -205,15 +204,7 @@ def test_the_stalled_loser_of_a_hedge_is_stopped_when_the_hedge_wins(
     which a retry would come (``RETRY_WITHIN_S``). One after another they took
     70 s; at once, about as long as the slowest. A failure names its case.
     """
-    with concurrent.futures.ThreadPoolExecutor(len(CASES)) as pool:
-        futures = {case[0]: pool.submit(_one_case, *case[1:], servers) for case in CASES}
-    failures = {name: f.exception() for name, f in futures.items() if f.exception() is not None}
-    if failures:
-        report = "\n".join(
-            f"{name}: {''.join(traceback.format_exception(error))[-2500:]}"
-            for name, error in failures.items()
-        )
-        raise AssertionError(f"{len(failures)} of {len(CASES)} cases failed:\n{report}")
+    run_at_once({case[0]: functools.partial(_one_case, *case[1:], servers) for case in CASES})
 
 
 def test_a_request_cut_while_waiting_to_be_hedged_is_closed(servers: LocalServers) -> None:
