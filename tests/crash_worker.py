@@ -3,10 +3,10 @@
 Run as ``python -m tests.crash_worker URL FIRST_STEP PHASE`` (the campaign
 forks it from ``tests/zygote.py``, where JAX is already imported). It prints
 one line per event (``COPY n``, ``WRITES n``, ``FINALIZE n``, ``COMMITTED n``),
-flushed, so the parent can kill it at a chosen instant of a chosen save. The phase named on the command
-line is stretched by a sleep so that a kill lands inside it, in every save
-but the first: that one must commit, and stretching it only made each kill
-3 s longer.
+flushed, so the parent can kill it at a chosen instant of a chosen save. The
+phase named on the command line is stretched by a sleep so that a kill lands
+inside it, in every save but the first: that one must commit, and stretching
+it only made each kill 3 s longer.
 """
 
 from __future__ import annotations
