@@ -1,17 +1,21 @@
-"""How many requests a restore makes per chunk object (issue 18), counted at a real S3 server.
+"""How many requests a restore makes per chunk object, and in what order (issue 18), at S3.
 
 Requests go through a fault-free ``FaultProxy`` in front of SeaweedFS, which
 logs every request it forwards. A restore onto the saved sharding reads each
 chunk object whole, once. A restore onto another mesh cuts through chunk
 objects; its regions are read in one tensorstore batch, so each object's
 shard index and inner chunks are fetched once for all the regions sharing
-it, not once per region.
+it, not once per region. The packed small leaves are read beside the arrays,
+not before them: a proxy holds the pack's GET until an array's GET arrives.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import contextlib
 import math
+from typing import Any
 
 import jax
 import numpy as np
@@ -20,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 import cloudckpt as cc
 from cloudckpt.storage.deadline import Deadlines
-from cloudckpt.testing.faultproxy import FaultProxy
+from cloudckpt.testing.faultproxy import FaultProxy, LoopbackProxy
 from cloudckpt.testing.servers import LocalServers
 
 from .helpers import BUCKET, unique
@@ -71,3 +75,73 @@ def test_each_chunk_object_is_fetched_once_per_restore(servers: LocalServers) ->
                 # ranged read of the inner chunks on another mesh, whatever the region count.
                 limit = 1 if name == "same mesh" else 2
                 assert max(gets.values()) <= limit, (name, gets)
+
+
+class PackHoldingProxy(LoopbackProxy):
+    """Forwards to S3, holding each GET of a pack object until a chunk's GET has arrived.
+
+    ``events`` lists ``(what, kind)`` in order: ``asked`` when a GET arrives,
+    ``answered`` when its answer goes back; ``kind`` is ``pack``, ``chunk`` or
+    ``other``. A pack GET is held ``hold_s`` at most, so a restore that waits
+    for its packs before it reads arrays still ends (late, and in the wrong order).
+    """
+
+    def __init__(self, upstream: str, hold_s: float = 5.0) -> None:
+        super().__init__(upstream, "s3")
+        self.hold_s = hold_s
+        self.events: list[tuple[str, str]] = []  # appended on the proxy's one loop thread
+        self._chunk_asked: asyncio.Event | None = None
+
+    async def _handle(self, request: Any) -> Any:
+        body = await request.read()
+        path = request.path
+        kind = "pack" if "/packs/" in path else "chunk" if "/c/" in path else "other"
+        if self._chunk_asked is None:
+            self._chunk_asked = asyncio.Event()
+        is_get = request.method == "GET"
+        if is_get:
+            self.events.append(("asked", kind))
+            if kind == "chunk":
+                self._chunk_asked.set()
+            if kind == "pack":
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._chunk_asked.wait(), self.hold_s)
+        answer = await self._pass_through(request, body)
+        if is_get:
+            self.events.append(("answered", kind))
+        return self._respond(request.method, *answer)
+
+
+def test_packed_leaves_are_read_beside_the_arrays(servers: LocalServers) -> None:
+    """Reading the packs costs no round trip before the arrays' bytes start to flow."""
+    big = np.arange(1024 * 256, dtype=np.float32).reshape(1024, 256)
+    small = {f"b{i}": np.full((16,), i, np.int32) for i in range(8)}  # packed
+    sharding = NamedSharding(_mesh((4, 2)), P("data", "model"))
+    tree = {"w": jax.device_put(big, sharding), **small}
+    with PackHoldingProxy(servers.s3.endpoint) as proxy:
+        url = f"s3://{BUCKET}/{unique('pack-order')}"
+        options = {
+            "endpoint_url": proxy.endpoint,
+            "deadlines": Deadlines(hedge=False, cut_min_s=60),  # the held GET is not cut
+        }
+        handler = cc.StandardCheckpointHandler(pack_below_bytes=4096)  # ``w`` is an array
+        with cc.Checkpointer(handler, storage_options=options) as ckptr:
+            ckptr.save(url, args=cc.args.StandardSave(tree))
+            target = {
+                "w": jax.ShapeDtypeStruct(big.shape, big.dtype, sharding=sharding),
+                **{k: np.zeros_like(v) for k, v in small.items()},
+            }
+            for name, args in (
+                ("onto shardings", cc.args.StandardRestore(target)),
+                ("to the host", cc.args.StandardRestore()),
+            ):
+                proxy._chunk_asked = None  # a fresh hold for this restore
+                proxy.events.clear()
+                out = ckptr.restore(url, args=args)
+                np.testing.assert_array_equal(np.asarray(out["w"]), big)
+                for k, v in small.items():
+                    np.testing.assert_array_equal(np.asarray(out[k]), v)
+                events = list(proxy.events)
+                assert ("asked", "pack") in events, (name, events)
+                first_chunk = events.index(("asked", "chunk"))
+                assert first_chunk < events.index(("answered", "pack")), (name, events)

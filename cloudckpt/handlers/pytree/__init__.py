@@ -167,12 +167,12 @@ class StandardCheckpointHandler(AsyncCheckpointHandler):
         reader = Reader(directory, saved, ByteBudget(self.max_inflight_bytes))
         if args.target is None:
             await _backing.check_stored(directory, document, range(len(saved)))
-            await reader.prefetch_packed(
-                (i, reader.regions_for(i, None)) for i in range(len(saved))
-            )
-            # A failing leaf cancels the others: nothing of this restore runs (or places
-            # bytes) after it has raised.
-            values = await chunks.all_or_cancel([reader.leaf_to_host(i) for i in range(len(saved))])
+            # Packed entries are read beside the arrays (start_packed). A failing leaf
+            # cancels the others: nothing of this restore runs (or places bytes) after
+            # it has raised.
+            packs = reader.start_packed((i, reader.regions_for(i, None)) for i in range(len(saved)))
+            leaves = [reader.leaf_to_host(i) for i in range(len(saved))]
+            values = (await chunks.all_or_cancel([packs, *leaves]))[1:]
             return rebuild(document.skeleton, list(values))
         by_path = {leaf.path: i for i, leaf in enumerate(saved)}
         targets, _ = flatten(args.target)
@@ -187,8 +187,9 @@ class StandardCheckpointHandler(AsyncCheckpointHandler):
         # Regions several processes need are read by one of them and shared (share.py).
         active = not self._members or len(self._members) == jax.process_count()
         shared = SharedReads(reader, plan.reads, enabled=args.share_reads and active)
-        await reader.prefetch_packed((i, shared.regions_for(i, t)) for i, t in plan.reads)
-        results = await chunks.all_or_cancel([shared.leaf_like(i, t) for i, t in plan.reads])
+        packs = reader.start_packed((i, shared.regions_for(i, t)) for i, t in plan.reads)
+        leaves = [shared.leaf_like(i, t) for i, t in plan.reads]
+        results = (await chunks.all_or_cancel([packs, *leaves]))[1:]
         values = {path: value for (path, _), value in zip(plan.paths, results, strict=True)}
         values.update(plan.untouched)
         return unflatten_like(args.target, values)

@@ -123,6 +123,8 @@ class Reader:
         self._hedge_stores: dict[int, asyncio.Future[Any]] = {}
         self._kvstore: asyncio.Future[Any] | None = None
         self._packed: dict[tuple[int, layout.Index], np.ndarray] = {}
+        #: The packed entries' reads started by ``start_packed``, which packed leaves await.
+        self._pack_reads: asyncio.Future[None] | None = None
         # Hedged reads wait for a slot here, not in tensorstore's admission queue
         # (their answer times must measure the store; see tail.REQUESTS_IN_FLIGHT).
         self._slots = tail.request_slots(directory.backend.deadlines)
@@ -153,6 +155,18 @@ class Reader:
                 for idx in sharding.addressable_devices_indices_map(shape).values()
             }
         )
+
+    def start_packed(self, requests: Any) -> asyncio.Future[None]:
+        """Starts :meth:`prefetch_packed` of ``requests`` and returns its task, without waiting.
+
+        The arrays' reads go on meanwhile, so the packs cost no round trip of
+        their own before the arrays' bytes flow; a packed leaf's region waits
+        for this task before it reads what the task has not. The caller awaits
+        the task with the leaves (its failure is theirs) and cancels it with them.
+        """
+        task = asyncio.ensure_future(self.prefetch_packed(list(requests)))
+        self._pack_reads = task
+        return task
 
     async def prefetch_packed(self, requests: Any) -> None:
         """Reads the packed entries these (leaf, regions) need: one ranged read per run.
@@ -378,6 +392,8 @@ class Reader:
         return self.directory / storage.key
 
     async def _packed_region(self, leaf: int, index: layout.Index, dtype: np.dtype) -> np.ndarray:
+        if self._pack_reads is not None:  # shared with other leaves: never cancelled from here
+            await asyncio.shield(self._pack_reads)
         await self.prefetch_packed([(leaf, [index])])  # no request for entries already read
         out = empty_aligned(layout.index_shape(index), dtype)
         covered = 0
