@@ -78,6 +78,8 @@ class Server:
         self.half_sent = asyncio.Event()
         self.go_on = asyncio.Event()
         self.rest_sent = asyncio.Event()
+        #: The client's address (its connection) of each request answered at /honour.
+        self.peers: list[Any] = []
 
 
 def _range_of(request: web.Request) -> tuple[int, int]:
@@ -88,6 +90,8 @@ def _range_of(request: web.Request) -> tuple[int, int]:
 
 def _app(server: Server) -> web.Application:
     async def honour(request: web.Request) -> web.StreamResponse:
+        assert request.transport is not None
+        server.peers.append(request.transport.get_extra_info("peername"))
         first, last = _range_of(request)
         if first >= len(DATA):
             return web.Response(status=416)
@@ -226,7 +230,7 @@ def test_a_large_body_lands_in_place_across_many_buffers(
         buffers = _buffers(*sizes)
         assert await _get(session, f"{base}/honour", 777, buffers) == sum(sizes)
         assert b"".join(buffers) == DATA[777 : 777 + sum(sizes)]
-        # The same session goes on working: the taken connection was closed, not pooled.
+        # The same session goes on working, on the connection handed back to its pool.
         again = _buffers(2 << 20)
         assert await _get(session, f"{base}/honour", 0, again) == 2 << 20
         assert bytes(again[0]) == DATA[: 2 << 20]
@@ -236,6 +240,67 @@ def test_a_large_body_lands_in_place_across_many_buffers(
 
     _run(scheme, tmp_path, test)
     assert len(received) == 2  # the two large bodies; the small one went through aiohttp
+
+
+@SCHEMES
+def test_a_body_received_whole_leaves_its_connection_to_the_next_request(
+    scheme: str, tmp_path: Path, received: list[int]
+) -> None:
+    """One connection carries many large bodies (no handshake, no slow start per read)."""
+
+    async def test(server: Server, base: str, session: aiohttp.ClientSession) -> None:
+        for k in range(4):
+            offset = 1000 * k
+            buffers = _buffers(1 << 20, 4, 1 << 20)
+            assert await _get(session, f"{base}/honour", offset, buffers) == (2 << 20) + 4
+            assert b"".join(buffers) == DATA[offset : offset + (2 << 20) + 4]
+            # aiohttp's own reader (a small body) on the connection handed back
+            small = _buffers(100)
+            assert await _get(session, f"{base}/honour", offset, small) == 100
+            assert bytes(small[0]) == DATA[offset : offset + 100]
+        sink, left, right = _halves()  # a sink's pieces, then the connection again
+        assert await _get(session, f"{base}/honour", 0, [sink]) == 2 << 20
+        await sink.settled()
+        values = np.frombuffer(DATA[: 2 << 20], np.float32).reshape(512, 1024)
+        np.testing.assert_array_equal(np.concatenate([left, right], axis=1), values)
+        assert len(server.peers) == 9 and len(set(server.peers)) == 1, server.peers
+
+    _run(scheme, tmp_path, test)
+    assert received == [(2 << 20) + 4] * 4 + [2 << 20]
+
+
+@SCHEMES
+def test_a_connection_is_never_reused_after_a_body_not_received_whole(
+    scheme: str, tmp_path: Path, received: list[int]
+) -> None:
+    """Buffers full before the body's end, or a cancelled read: closed, and the next is right."""
+
+    async def test(server: Server, base: str, session: aiohttp.ClientSession) -> None:
+        async def check(offset: int) -> None:
+            (buffer,) = _buffers(1 << 20)
+            assert await _get(session, f"{base}/honour", offset, [buffer]) == 1 << 20
+            assert bytes(buffer) == DATA[offset : offset + (1 << 20)]
+
+        await check(0)
+        (buffer,) = _buffers(1 << 20)  # a 3 MiB answer to a 1 MiB range: its rest is unread
+        assert await _get(session, f"{base}/ignore", 5, [buffer]) == 1 << 20
+        await check(7)
+        read = asyncio.ensure_future(_get(session, f"{base}/stall", 0, _buffers(2 << 20)))
+        await server.half_sent.wait()
+        await asyncio.sleep(0.2)  # the first half arrives: the body is being received
+        read.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await read
+        await check(11)
+        server.go_on.set()
+        await check(13)  # on the connection the last one handed back
+        assert len(server.peers) == 4
+        first, after_ignored, after_cancelled, last = server.peers
+        assert len({first, after_ignored, after_cancelled}) == 3, server.peers
+        assert last == after_cancelled
+
+    _run(scheme, tmp_path, test)
+    assert received == [1 << 20, len(DATA), 1 << 20, 2 << 20, 1 << 20, 1 << 20]
 
 
 @SCHEMES
