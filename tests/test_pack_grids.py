@@ -180,3 +180,37 @@ def test_at_pod_scale_the_document_is_small_and_the_reader_accepts_it() -> None:
     (entry,) = leaf.storage.overlapping(region)
     assert entry.obj.startswith(f"@{sm.ATTEMPT}/packs/0.") and entry.index == region
     assert sum(document.pack_sizes.values()) == result["object_bytes_total"]
+
+
+def test_cells_and_entries_of_a_region_match_numpys_raveling() -> None:
+    """A region's cells (few: counted in Python; many: numpy) and each entry's box, C order."""
+    from cloudckpt.format.packed import PackGrid, Placement
+
+    rng = np.random.default_rng(3)
+    for trial in range(300):
+        rank = int(rng.integers(1, 4))
+        grid = tuple(int(g) for g in rng.integers(1, 7, rank))
+        if trial % 10 == 0:
+            grid = (16, 12)[:rank] + grid[2:]  # regions of more than 64 cells: numpy's path
+        cell = tuple(int(c) for c in rng.integers(1, 5, rank))
+        shape = tuple(g * c for g, c in zip(grid, cell, strict=True))
+        cells = math.prod(grid)
+        placement = Placement.parse([int(w) for w in rng.integers(0, 3, cells)], 0)
+        runs = np.array([[0, 3, 0, cells, 7, 100]], np.int64)  # one run: number 7 at byte 100
+        pack = PackGrid(shape, cell, 4, "p/", placement, runs, np.zeros(cells, np.int64))
+        region = []
+        for n in shape:
+            a = int(rng.integers(0, n))
+            region.append((a, int(rng.integers(a + 1, n + 1))))
+        ranges = [np.arange(a // c, -(-b // c)) for (a, b), c in zip(region, cell, strict=True)]
+        mesh = np.meshgrid(*ranges, indexing="ij")
+        expected = np.ravel_multi_index([m.reshape(-1) for m in mesh], grid)
+        got = pack.cells_overlapping(tuple(region))
+        assert got.dtype == np.int64 and got.tolist() == expected.tolist(), (grid, cell, region)
+        for number in got.tolist()[:8]:
+            entry = pack.entry(number)
+            coords = np.unravel_index(number, grid)
+            box = tuple((int(i) * c, (int(i) + 1) * c) for i, c in zip(coords, cell, strict=True))
+            assert entry.index == box
+            assert entry.obj == f"p/packs/{placement.writers[number]}.7"
+            assert entry.offset == 100 + int(placement.ranks[number]) * (4 + 4)

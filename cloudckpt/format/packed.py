@@ -25,6 +25,8 @@ allocated from a count before it is bounded by the document's own length.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 import re
 from collections.abc import Iterable
@@ -34,6 +36,10 @@ from typing import Any
 import numpy as np
 
 from cloudckpt.format import layout
+
+#: Up to this many cells, :meth:`PackGrid.cells_overlapping` counts them in Python (a
+#: restore asks for each shard's few cells, thousands of times in a state of many leaves).
+_FEW_CELLS = 64
 
 #: The largest writer (process) number and pack object number, as names allow them.
 MAX_NUMBER = 9_999_999_999
@@ -102,27 +108,41 @@ class PackGrid:
     runs: np.ndarray  # (runs, 6) int64
     run_of: np.ndarray  # per cell: its run
 
-    @property
+    @functools.cached_property
     def grid(self) -> tuple[int, ...]:
         return tuple(n // c for n, c in zip(self.shape, self.cell, strict=True))
 
     def cells_overlapping(self, region: layout.Index) -> np.ndarray:
         """Numbers of the cells that share data with ``region`` (a valid region of the leaf)."""
-        ranges = [
-            np.arange(a // c, -(-b // c)) for (a, b), c in zip(region, self.cell, strict=True)
-        ]
-        if any(len(r) == 0 for r in ranges):
+        ranges = [range(a // c, -(-b // c)) for (a, b), c in zip(region, self.cell, strict=True)]
+        count = math.prod(len(r) for r in ranges)
+        if count == 0:
             return np.zeros(0, np.int64)
-        mesh = np.meshgrid(*ranges, indexing="ij")
-        return np.ravel_multi_index([m.reshape(-1) for m in mesh], self.grid).astype(np.int64)
+        grid = self.grid
+        if count <= _FEW_CELLS:  # a shard's few cells: plain arithmetic, no numpy set-up
+            strides = [math.prod(grid[k + 1 :]) for k in range(len(grid))]
+            return np.fromiter(
+                (
+                    sum(i * s for i, s in zip(at, strides, strict=True))
+                    for at in itertools.product(*ranges)
+                ),
+                np.int64,
+                count,
+            )
+        mesh = np.meshgrid(*(np.arange(r.start, r.stop) for r in ranges), indexing="ij")
+        return np.ravel_multi_index([m.reshape(-1) for m in mesh], grid).astype(np.int64)
 
     def entry(self, cell: int) -> layout.PackEntry:
-        _, _, first_rank, _, number, offset = (int(x) for x in self.runs[self.run_of[cell]])
+        _, _, first_rank, _, number, offset = self.runs[self.run_of[cell]].tolist()
         writer = int(self.placement.writers[cell])
         rank = int(self.placement.ranks[cell])
-        coords = np.unravel_index(cell, self.grid)
+        coords = []
+        rest = int(cell)
+        for n in reversed(self.grid):  # C order, as np.unravel_index
+            rest, i = divmod(rest, n)
+            coords.append(i)
         index = tuple(
-            (int(i) * c, (int(i) + 1) * c) for i, c in zip(coords, self.cell, strict=True)
+            (i * c, (i + 1) * c) for i, c in zip(reversed(coords), self.cell, strict=True)
         )
         at = offset + (rank - first_rank) * (self.cell_bytes + layout.CRC_BYTES)
         obj = f"{self.prefix}packs/{writer}.{number}"

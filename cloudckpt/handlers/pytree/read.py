@@ -125,6 +125,8 @@ class Reader:
         self._packed: dict[tuple[int, layout.Index], np.ndarray] = {}
         #: The packed entries' reads started by ``start_packed``, which packed leaves await.
         self._pack_reads: asyncio.Future[None] | None = None
+        #: The pack entries each (leaf, region) needs, found once per restore.
+        self._overlaps: dict[tuple[int, layout.Index], list[layout.PackEntry]] = {}
         # Hedged reads wait for a slot here, not in tensorstore's admission queue
         # (their answer times must measure the store; see tail.REQUESTS_IN_FLIGHT).
         self._slots = tail.request_slots(directory.backend.deadlines)
@@ -160,8 +162,8 @@ class Reader:
         """Starts :meth:`prefetch_packed` of ``requests`` and returns its task, without waiting.
 
         The arrays' reads go on meanwhile, so the packs cost no round trip of
-        their own before the arrays' bytes flow; a packed leaf's region waits
-        for this task before it reads what the task has not. The caller awaits
+        their own before the arrays' bytes flow; a packed leaf's regions wait
+        for this task before they read what the task has not. The caller awaits
         the task with the leaves (its failure is theirs) and cancels it with them.
         """
         task = asyncio.ensure_future(self.prefetch_packed(list(requests)))
@@ -185,7 +187,7 @@ class Reader:
                 continue
             seen: set[layout.Index] = set()
             for region in regions:
-                for entry in storage.overlapping(region):
+                for entry in self._overlapping(leaf, storage, region):
                     if (leaf, entry.index) in self._packed or entry.index in seen:
                         continue
                     seen.add(entry.index)
@@ -198,6 +200,16 @@ class Reader:
         if runs:
             kvstore = await self._packs()
             await asyncio.gather(*(self._read_run(kvstore, run) for run in runs))
+
+    def _overlapping(
+        self, leaf: int, storage: _document.PackedStorage, region: layout.Index
+    ) -> list[layout.PackEntry]:
+        """``storage.overlapping(region)``, found once per (leaf, region) in this restore."""
+        key = (leaf, region)
+        found = self._overlaps.get(key)
+        if found is None:
+            found = self._overlaps[key] = storage.overlapping(region)
+        return found
 
     async def _read_run(self, kvstore: Any, run: list[layout.PackEntry]) -> None:
         start = run[0].offset
@@ -290,9 +302,10 @@ class Reader:
         if isinstance(storage, _document.EmptyStorage):
             return [np.zeros(shape, dtype) for shape in shapes]
         if isinstance(storage, _document.PackedStorage):
-            return list(
-                await asyncio.gather(*(self._packed_region(leaf, i, dtype) for i in indices))
-            )
+            if self._pack_reads is not None:  # shared with other leaves: never cancelled here
+                await asyncio.shield(self._pack_reads)
+            await self.prefetch_packed([(leaf, indices)])  # no request for entries already read
+            return [self._packed_region(leaf, i, dtype) for i in indices]
         out: list[np.ndarray | None] = [None] * len(shapes)
         group: list[int] = []
         group_bytes = 0
@@ -391,15 +404,14 @@ class Reader:
         assert isinstance(storage, _document.ZarrStorage)
         return self.directory / storage.key
 
-    async def _packed_region(self, leaf: int, index: layout.Index, dtype: np.dtype) -> np.ndarray:
-        if self._pack_reads is not None:  # shared with other leaves: never cancelled from here
-            await asyncio.shield(self._pack_reads)
-        await self.prefetch_packed([(leaf, [index])])  # no request for entries already read
+    def _packed_region(self, leaf: int, index: layout.Index, dtype: np.dtype) -> np.ndarray:
+        """``leaf`` over ``index`` from its pack entries, all read already (``prefetch_packed``)."""
         out = empty_aligned(layout.index_shape(index), dtype)
         covered = 0
         storage = self.saved[leaf].storage
         assert isinstance(storage, _document.PackedStorage)
-        for entry in storage.overlapping(index):  # they tile the leaf (parse_pytree checks)
+        # They tile the leaf (parse_pytree checks).
+        for entry in self._overlapping(leaf, storage, index):
             overlap = layout.overlap(entry.index, index)
             assert overlap is not None
             data = self._packed[(leaf, entry.index)]
