@@ -7,7 +7,8 @@ memory stays near the bytes restored). These tests pin that down through
 jax's public API on the test suite's CPU devices, check that sharing never lets one computation change
 another array's values (a donated restored array is copied, not written in
 place), and that a packed entry cut short is refused before any value is
-returned.
+returned. A restore pauses the cyclic collector (its many new objects would set
+off full collections) and leaves it as it found it.
 """
 
 from __future__ import annotations
@@ -109,3 +110,67 @@ def test_a_pack_object_cut_short_is_refused_and_named(ckptr: Any, tmp_path) -> N
     with pytest.raises(cc.CorruptCheckpointError) as info:
         ckptr.restore(url, args=cc.args.StandardRestore(_target(tree)))
     assert f"{attempt}/packs/{victim}" in str(info.value)
+
+
+def test_a_restore_runs_with_the_collector_paused_and_leaves_it_as_it_was(
+    ckptr: Any, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No full collections over a restore's many new objects; the collector is left as it was."""
+    import gc
+
+    from cloudckpt.handlers.pytree.read import Reader
+
+    seen: list[bool] = []
+    regions = Reader.regions
+
+    async def watched(self: Any, leaf: int, indices: Any) -> Any:
+        seen.append(gc.isenabled())
+        return await regions(self, leaf, indices)
+
+    monkeypatch.setattr(Reader, "regions", watched)
+    m = _mesh()
+    tree = _tree(m)
+    url = str(tmp_path / "gc")
+    ckptr.save(url, args=cc.args.StandardSave(tree))
+    target = _target(tree)
+    assert gc.isenabled()
+    out = ckptr.restore(url, args=cc.args.StandardRestore(target))
+    assert seen and not any(seen), seen
+    assert gc.isenabled()
+    np.testing.assert_array_equal(np.asarray(out["replicated"]), np.asarray(tree["replicated"]))
+    gc.disable()  # a program that turned the collector off keeps it off
+    try:
+        seen.clear()
+        ckptr.restore(url, args=cc.args.StandardRestore(target))
+        assert seen and not any(seen)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_pauses_of_the_collector_nest_across_threads() -> None:
+    import gc
+    import threading
+
+    from cloudckpt.handlers.pytree.host import collector_paused
+
+    entered, leave = threading.Barrier(3), threading.Event()
+    states: list[bool] = []
+
+    def restore() -> None:
+        with collector_paused():
+            entered.wait()
+            leave.wait()
+            states.append(gc.isenabled())
+
+    threads = [threading.Thread(target=restore) for _ in range(2)]
+    for t in threads:
+        t.start()
+    entered.wait()
+    assert not gc.isenabled()  # both inside
+    with collector_paused():
+        leave.set()
+        for t in threads:
+            t.join()
+        assert states == [False, False] and not gc.isenabled()  # one pause is still open
+    assert gc.isenabled()

@@ -31,6 +31,7 @@ from cloudckpt.handlers.args import CheckpointArgs
 from cloudckpt.handlers.base import AsyncCheckpointHandler, save_attempt
 from cloudckpt.handlers.pytree import chunks
 from cloudckpt.handlers.pytree.budget import ByteBudget
+from cloudckpt.handlers.pytree.host import collector_paused
 from cloudckpt.handlers.pytree.match import match_targets
 from cloudckpt.handlers.pytree.plan import PlanOptions, plan_save
 from cloudckpt.handlers.pytree.read import ArrayMetadata, Reader, leaf_metadata
@@ -162,6 +163,10 @@ class StandardCheckpointHandler(AsyncCheckpointHandler):
             raise TypeError(
                 f"StandardCheckpointHandler restores with StandardRestore args, got {type(args).__name__}"
             )
+        with collector_paused():  # a restore of many leaves otherwise pays for full collections
+            return await self._restore(directory, args)
+
+    async def _restore(self, directory: StoragePath, args: StandardRestore) -> Any:
         document = await self._read_document(directory)
         saved = document.leaves
         reader = Reader(directory, saved, ByteBudget(self.max_inflight_bytes))

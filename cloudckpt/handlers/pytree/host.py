@@ -6,17 +6,23 @@ array in another byte order must be converted before it is planned, or it is
 stored as garbage with valid checksums. Memory layout (Fortran order,
 strides, negative strides) is handled by the copies each writer makes
 (``np.ascontiguousarray`` and ``ndarray.copy``, both C order).
+
+Also what a restore's host memory costs: aligned buffers, their pages mapped
+ahead (``prefault``), and the cyclic collector paused meanwhile (``collector_paused``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
+import gc
 import math
 import mmap
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -194,3 +200,37 @@ def _merged(steps: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
         else:
             out.append((lo, hi))
     return out
+
+
+_collector = threading.Lock()
+_pauses = 0  # restores inside collector_paused, in all threads
+_was_enabled = False  # whether the collector ran when the first of them began
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Pauses Python's cyclic garbage collector while inside; nested and concurrent uses count.
+
+    A restore of many leaves makes hundreds of thousands of objects that live
+    on (entries, regions, arrays), and each batch of new survivors sets off
+    another full collection over the whole heap: restoring 10,000 replicated
+    leaves took 2.6 s, of which the collector took 1.0-1.2 s (7 full and 93
+    middle collections), and 1.7-2.1 s with it paused. Reference counting
+    still frees whatever is not in a cycle; cycles made meanwhile (by any
+    thread: the collector is process-wide) wait for the next collection after
+    the pause. When the last pause ends, the collector runs again only if it
+    ran when the first one began: a program that turned it off keeps it off.
+    """
+    global _pauses, _was_enabled
+    with _collector:
+        if _pauses == 0:
+            _was_enabled = gc.isenabled()
+            gc.disable()
+        _pauses += 1
+    try:
+        yield
+    finally:
+        with _collector:
+            _pauses -= 1
+            if _pauses == 0 and _was_enabled:
+                gc.enable()
