@@ -309,19 +309,28 @@ def table(document: dict[str, Any]) -> str:
             f"-> {'linear' if s['linear'] else 'NOT linear'}"
         )
         lv = sc["leaves"]
-        lines.append(f"\n== Scaling: save time vs leaf count at {cfg['leaves_total_mib']:g} MiB ==")
+        lines.append(
+            f"\n== Scaling: save and restore time vs leaf count at {cfg['leaves_total_mib']:g} MiB =="
+        )
         lines += _rows(
-            ["leaves", "save s", "objects"],
+            ["leaves", "save s", "restore s", "objects"],
             [
-                [str(p["leaves"]), _f(p["median_s"], "{:.3f}"), str(p["objects"])]
+                [str(p["leaves"]), _f(p["median_s"], "{:.3f}"),
+                 _f(p.get("restore_s", float("nan")), "{:.3f}"), str(p["objects"])]
                 for p in lv["points"]
             ],
-        )
+        )  # fmt: skip
         fit = lv["fit_seconds_per_leaf"]
         lines.append(
             f"fit: {_f(fit['intercept'], '{:.3f}')} s + {_f(lv['us_per_leaf'], '{:.0f}')} us/leaf; "
             f"growth exponents {_exps(lv['exponents'])} -> {'linear' if lv['linear'] else 'NOT linear'}"
         )
+        if "restore_us_per_leaf" in lv:
+            rfit = lv["restore_fit_seconds_per_leaf"]
+            lines.append(
+                f"restore fit: {_f(rfit['intercept'], '{:.3f}')} s + "
+                f"{_f(lv['restore_us_per_leaf'], '{:.0f}')} us/leaf"
+            )
         aw = sc.get("awkward_shapes")
         if aw:
             lines.append("\n== Awkward shapes: same bytes, shard rows prime vs multiple of 128 ==")

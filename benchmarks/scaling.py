@@ -8,7 +8,9 @@
   gives seconds per GiB and the fixed cost.
 * Leaves: ``leaf_counts`` replicated vectors sharing ``leaves_total_mib``,
   saved on the file backend; the same exponent test on (leaves, seconds) and
-  a line giving the cost per leaf.
+  a line giving the cost per leaf. Each tree is also restored ``small_reps``
+  times from one save, into its own shardings (a restore after preemption
+  pays this per-leaf cost too), with its own line per leaf.
 * Goal: ``goal_leaves`` leaves of ``goal_leaf_bytes`` each (issue: 10,000
   leaves of a few KB in under a second on the file backend, with a bounded
   object count), on every selected backend; with ``--orbax-many-leaves``
@@ -44,6 +46,16 @@ def _saves(saver: Saver, target: Target, state: Any, reps: int, orbax: bool = Fa
             sizes = [o.size for o in list_objects(url)]
         remove(url)
     return {**samples(seconds), "objects": len(sizes), "object_sizes": sizes}
+
+
+def _restores(saver: Saver, target: Target, state: Any, reps: int) -> dict[str, Any]:
+    """Median restore time over ``reps`` restores of one save, into the state's own shardings."""
+    url = target.fresh("scale-restore")
+    saver.save(url, state)
+    abstract = tree.abstract_target(state)
+    seconds = [timed(lambda: saver.restore(url, abstract))[0] for _ in range(reps)]
+    remove(url)
+    return samples(seconds)
 
 
 def _sizes(ctx: Context, saver: Saver, target: Target) -> dict[str, Any]:
@@ -94,19 +106,34 @@ def _leaves(ctx: Context, saver: Saver, target: Target) -> dict[str, Any]:
         state = tree.many_leaves_tree(count, total, ctx.mesh)
         result = _saves(saver, target, state, cfg.small_reps)
         result.pop("object_sizes")
-        points.append({"leaves": count, "bytes": tree.tree_nbytes(state), **result})
+        restored = _restores(saver, target, state, cfg.small_reps)
+        points.append(
+            {
+                "leaves": count,
+                "bytes": tree.tree_nbytes(state),
+                **result,
+                "restore_s": restored["median_s"],
+                "restore_samples_s": restored["samples_s"],
+            }
+        )
         del state
         gc.collect()
-        ctx.log(f"{count} leaves: save {result['median_s']:.3f}s, {result['objects']} objects")
+        ctx.log(
+            f"{count} leaves: save {result['median_s']:.3f}s, {result['objects']} objects; "
+            f"restore {restored['median_s']:.3f}s"
+        )
     xs, ys = [p["leaves"] for p in points], [p["median_s"] for p in points]
     fit = linear_fit(xs, ys)
     exponents = _exponents(xs, ys)
+    restore_fit = linear_fit(xs, [p["restore_s"] for p in points])
     return {
         "points": points,
         "fit_seconds_per_leaf": fit,
         "us_per_leaf": fit["slope"] * 1e6,
         "exponents": exponents,
         "linear": _linear(exponents),
+        "restore_fit_seconds_per_leaf": restore_fit,
+        "restore_us_per_leaf": restore_fit["slope"] * 1e6,
     }
 
 
