@@ -127,6 +127,8 @@ class Reader:
         self._pack_reads: asyncio.Future[None] | None = None
         #: The pack entries each (leaf, region) needs, found once per restore.
         self._overlaps: dict[tuple[int, layout.Index], list[layout.PackEntry]] = {}
+        #: The regions of each (sharding, shape) on this process's devices (``_addressable``).
+        self._regions: dict[tuple[Any, tuple[int, ...]], list[layout.Index]] = {}
         # Hedged reads wait for a slot here, not in tensorstore's admission queue
         # (their answer times must measure the store; see tail.REQUESTS_IN_FLIGHT).
         self._slots = tail.request_slots(directory.backend.deadlines)
@@ -151,12 +153,23 @@ class Reader:
         sharding = getattr(target, "sharding", None)
         if not isinstance(sharding, jax.sharding.Sharding):
             return [layout.full_index(shape)]
-        return sorted(
-            {
-                layout.normalize_index(idx, shape)
-                for idx in sharding.addressable_devices_indices_map(shape).values()
-            }
-        )
+        return self._addressable(sharding, shape)
+
+    def _addressable(
+        self, sharding: jax.sharding.Sharding, shape: tuple[int, ...]
+    ) -> list[layout.Index]:
+        """The distinct regions of ``shape`` that ``sharding`` puts on this process's devices.
+
+        Found once per (sharding, shape) in a restore: a state's many leaves share a few
+        (jax's shardings are hashable; one that is not is looked up every time).
+        """
+        try:
+            found = self._regions.get((sharding, shape))
+        except TypeError:  # unhashable
+            return _addressable_regions(sharding, shape)
+        if found is None:
+            found = self._regions[(sharding, shape)] = _addressable_regions(sharding, shape)
+        return list(found)
 
     def start_packed(self, requests: Any) -> asyncio.Future[None]:
         """Starts :meth:`prefetch_packed` of ``requests`` and returns its task, without waiting.
@@ -452,12 +465,7 @@ class Reader:
         if not isinstance(sharding, jax.sharding.Sharding):
             value = await self.region(leaf, layout.full_index(shape))
             return _as_kind(info, value.astype(dtype, copy=False))
-        indices = sorted(
-            {
-                layout.normalize_index(idx, shape)
-                for idx in sharding.addressable_devices_indices_map(shape).values()
-            }
-        )
+        indices = self._addressable(sharding, shape)
         pieces = await self.regions(leaf, indices)
         by_index = {
             idx: piece.astype(dtype, copy=False) for idx, piece in zip(indices, pieces, strict=True)
@@ -465,6 +473,15 @@ class Reader:
         return jax.make_array_from_callback(
             shape, sharding, lambda idx: by_index[layout.normalize_index(idx, shape)]
         )
+
+
+def _addressable_regions(sharding: Any, shape: tuple[int, ...]) -> list[layout.Index]:
+    return sorted(
+        {
+            layout.normalize_index(idx, shape)
+            for idx in sharding.addressable_devices_indices_map(shape).values()
+        }
+    )
 
 
 def _entry_bytes(entry: layout.PackEntry) -> int:
