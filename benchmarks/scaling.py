@@ -8,8 +8,8 @@
   gives seconds per GiB and the fixed cost.
 * Leaves: ``leaf_counts`` replicated vectors sharing ``leaves_total_mib``,
   saved on the file backend; the same exponent test on (leaves, seconds) and
-  a line giving the cost per leaf. Each tree is also restored ``small_reps``
-  times from one save, into its own shardings (a restore after preemption
+  a line giving the cost per leaf. Each tree's first timed save is also
+  restored ``small_reps`` times, into its own shardings (a restore after preemption
   pays this per-leaf cost too), with its own line per leaf.
 * Goal: ``goal_leaves`` leaves of ``goal_leaf_bytes`` each (issue: 10,000
   leaves of a few KB in under a second on the file backend, with a bounded
@@ -34,28 +34,32 @@ from benchmarks.targets import Target, list_objects, remove
 from benchmarks.throughput import warm_up
 
 
-def _saves(saver: Saver, target: Target, state: Any, reps: int, orbax: bool = False) -> dict:
-    """Median save time over ``reps`` fresh saves; object count and sizes of the first."""
+def _saves(
+    saver: Saver, target: Target, state: Any, reps: int, orbax: bool = False, restores: int = 0
+) -> dict:
+    """Median save time over ``reps`` fresh saves; object count and sizes of the first.
+
+    ``restores``: the first save is also restored that many times, into the state's own
+    shardings (``restore_s`` and ``restore_samples_s``).
+    """
     seconds: list[float] = []
     sizes: list[int] = []
+    restored: list[float] = []
     for rep in range(reps):
         url = target.fresh_orbax("scale") if orbax else target.fresh("scale")
         elapsed, _ = timed(lambda url=url: saver.save(url, state))
         seconds.append(elapsed)
         if rep == 0:
             sizes = [o.size for o in list_objects(url)]
+            abstract = tree.abstract_target(state) if restores else None
+            for _ in range(restores):
+                restored.append(timed(lambda url=url, a=abstract: saver.restore(url, a))[0])
         remove(url)
-    return {**samples(seconds), "objects": len(sizes), "object_sizes": sizes}
-
-
-def _restores(saver: Saver, target: Target, state: Any, reps: int) -> dict[str, Any]:
-    """Median restore time over ``reps`` restores of one save, into the state's own shardings."""
-    url = target.fresh("scale-restore")
-    saver.save(url, state)
-    abstract = tree.abstract_target(state)
-    seconds = [timed(lambda: saver.restore(url, abstract))[0] for _ in range(reps)]
-    remove(url)
-    return samples(seconds)
+    out = {**samples(seconds), "objects": len(sizes), "object_sizes": sizes}
+    if restores:
+        back = samples(restored)
+        out.update(restore_s=back["median_s"], restore_samples_s=back["samples_s"])
+    return out
 
 
 def _sizes(ctx: Context, saver: Saver, target: Target) -> dict[str, Any]:
@@ -104,23 +108,14 @@ def _leaves(ctx: Context, saver: Saver, target: Target) -> dict[str, Any]:
     total = int(cfg.leaves_total_mib * MiB)
     for count in cfg.leaf_counts:
         state = tree.many_leaves_tree(count, total, ctx.mesh)
-        result = _saves(saver, target, state, cfg.small_reps)
+        result = _saves(saver, target, state, cfg.small_reps, restores=cfg.small_reps)
         result.pop("object_sizes")
-        restored = _restores(saver, target, state, cfg.small_reps)
-        points.append(
-            {
-                "leaves": count,
-                "bytes": tree.tree_nbytes(state),
-                **result,
-                "restore_s": restored["median_s"],
-                "restore_samples_s": restored["samples_s"],
-            }
-        )
+        points.append({"leaves": count, "bytes": tree.tree_nbytes(state), **result})
         del state
         gc.collect()
         ctx.log(
             f"{count} leaves: save {result['median_s']:.3f}s, {result['objects']} objects; "
-            f"restore {restored['median_s']:.3f}s"
+            f"restore {result['restore_s']:.3f}s"
         )
     xs, ys = [p["leaves"] for p in points], [p["median_s"] for p in points]
     fit = linear_fit(xs, ys)
