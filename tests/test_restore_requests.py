@@ -111,6 +111,15 @@ class PackHoldingProxy(LoopbackProxy):
             self.events.append(("answered", kind))
         return self._respond(request.method, *answer)
 
+    def reset(self) -> None:
+        """Forgets the events, and holds the next pack GET again (between restores)."""
+
+        async def clear() -> None:  # on the proxy's loop, where the handlers use them
+            self.events.clear()
+            self._chunk_asked = None
+
+        asyncio.run_coroutine_threadsafe(clear(), self._loop).result(10)
+
 
 def test_packed_leaves_are_read_beside_the_arrays(servers: LocalServers) -> None:
     """Reading the packs costs no round trip before the arrays' bytes start to flow."""
@@ -135,8 +144,7 @@ def test_packed_leaves_are_read_beside_the_arrays(servers: LocalServers) -> None
                 ("onto shardings", cc.args.StandardRestore(target)),
                 ("to the host", cc.args.StandardRestore()),
             ):
-                proxy._chunk_asked = None  # a fresh hold for this restore
-                proxy.events.clear()
+                proxy.reset()
                 out = ckptr.restore(url, args=args)
                 np.testing.assert_array_equal(np.asarray(out["w"]), big)
                 for k, v in small.items():
