@@ -197,44 +197,6 @@ def test_each_size_is_measured_then_the_faster_is_used_and_the_other_retried() -
     assert pages.best() is True and pages.pick() is True
 
 
-def test_one_slow_step_does_not_move_the_rest_onto_the_slower_size() -> None:
-    # Measured in 1 GiB restores: huge pages usually 0.1-0.2 s/GiB, small ones 0.45-0.6, and
-    # one huge step in about 30 at 0.85-3.9 s/GiB. Going by the last measure, that one step
-    # put every step after it on small pages until the next retry.
-    pages = PageSizes()
-    pages.record(True, 0.15, 1)
-    pages.record(False, 0.5, 1)
-    pages.record(True, 0.12, 1)
-    pages.record(True, 3.9, 1)  # a step that was descheduled, or met the host's slow memory
-    assert pages.best() is True
-    assert pages.cost[True] == pytest.approx(0.12)
-
-
-def test_a_lasting_change_is_followed_within_the_measures_kept() -> None:
-    pages = PageSizes()
-    pages.record(True, 0.15, 1)
-    pages.record(False, 0.5, 1)
-    for k in range(host.PREFAULT_MEASURES):
-        assert pages.best() is True, k  # older, cheaper measures of huge pages still count
-        pages.record(True, 2.0, 1)  # huge pages turned dear and stay so
-    assert pages.best() is False
-
-
-def test_pages_already_mapped_are_not_taken_for_free_ones() -> None:
-    # Bodies may land in a step before the prefault reaches it; mapping such a step costs
-    # next to nothing, and timing it as mapped would make that page size look free.
-    buffer = _aligned(4 * PREFAULT_STEP)
-    buffer[::_PAGE] = 1  # every page mapped by the fill before the prefault came
-    pages = _Costs(1.0)
-    prefault([buffer], pages)
-    assert pages.tried == []  # no step measured, hence no size judged from them
-    assert pages.cost == {True: None, False: None}
-    half = _aligned(4 * PREFAULT_STEP)
-    half[: half.nbytes // 2 : _PAGE] = 1  # the first two steps mapped already
-    prefault([half], pages)
-    assert len(pages.tried) == 2 and _resident(half) == 1.0
-
-
 def test_steps_cover_every_whole_page_once_cut_on_step_boundaries() -> None:
     buffer = _aligned(5 * PREFAULT_STEP + 12345, offset=_PAGE + 99)
     steps = host._steps([buffer])

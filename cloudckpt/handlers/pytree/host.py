@@ -19,11 +19,9 @@ import functools
 import gc
 import math
 import mmap
-import resource
 import sys
 import threading
 import time
-from collections import deque
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -74,8 +72,6 @@ PREFAULT_MIN_BYTES = 4 * 1024 * 1024
 PREFAULT_STEP = 8 * 1024 * 1024
 #: One step in this many tries the page size that has been slower, in case that changed.
 PREFAULT_EXPLORE = 16
-#: A page size's cost is the least of its last this many measures (see ``PageSizes``).
-PREFAULT_MEASURES = 4
 _PAGE = mmap.PAGESIZE
 #: A transparent huge page (x86-64 and 4 KiB-page arm64); steps are cut on multiples of it.
 _HUGE_PAGE = 2 * 1024 * 1024
@@ -107,63 +103,32 @@ class PageSizes:
     Which one a restore meets depends on how long ago memory was freed, so the
     choice is measured, not configured: each step is timed (thread CPU time, so
     other threads' turns do not count), the faster size is used, and every
-    ``PREFAULT_EXPLORE``-th step tries the other one again.
-
-    A size's cost is the least of its last ``PREFAULT_MEASURES`` measures, not
-    the last one. A single step can take many times its usual cost (a vCPU
-    descheduled inside the call still counts as the thread's time): in 1 GiB
-    restores here huge pages usually cost 0.1-0.2 s per GiB and small ones
-    0.45-0.6 s, yet about one huge step in 30 took 0.85-3.9 s per GiB. Going by
-    the last measure, one such step put every step after it on small pages, at
-    three to four times the cost, until the next retry. Delays only ever add
-    time, so the least of the recent measures is the cost without them, and a lasting
-    change (huge pages turning dear) still shows within ``PREFAULT_MEASURES``
-    steps of that size. A step counts only the pages its call mapped (see
-    ``_mapped``): pages the fill reached first would make a size look free.
-    One measure may serve several threads mapping at once (a restore's read
-    groups); its measures are kept under a lock.
+    ``PREFAULT_EXPLORE``-th step tries the other one again. One measure may serve
+    several threads mapping at once (a restore's read groups): a count lost or a
+    time overwritten between them only moves the next retry of the slower size.
     """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._measures: dict[bool, deque[float]] = {
-            huge: deque(maxlen=PREFAULT_MEASURES) for huge in (True, False)
-        }
+        self.cost: dict[bool, float | None] = {True: None, False: None}  # seconds per byte
         self.steps = 0
-
-    @property
-    def cost(self) -> dict[bool, float | None]:
-        """Seconds per byte of each size (True: huge pages), None where not yet measured."""
-        with self._lock:
-            return {huge: min(m) if m else None for huge, m in self._measures.items()}
 
     def best(self) -> bool:
         """The size measured faster so far (huge pages, numpy's default, until both are known)."""
-        return _faster(self.cost)
+        huge, small = self.cost[True], self.cost[False]
+        return huge is None or small is None or huge <= small
 
     def pick(self) -> bool:
         """The size for the next measured step: True for huge pages, False for small ones."""
-        cost = self.cost
-        with self._lock:
-            self.steps += 1
-            steps = self.steps
-        if cost[True] is None:
+        self.steps += 1
+        if self.cost[True] is None:
             return True
-        if cost[False] is None:
+        if self.cost[False] is None:
             return False
-        best = _faster(cost)
-        return (not best) if steps % PREFAULT_EXPLORE == 0 else best
+        best = self.best()
+        return (not best) if self.steps % PREFAULT_EXPLORE == 0 else best
 
     def record(self, huge: bool, seconds: float, nbytes: int) -> None:
-        """One step's measure: ``nbytes`` mapped with ``huge`` pages in ``seconds``."""
-        with self._lock:
-            self._measures[huge].append(seconds / nbytes)
-
-
-def _faster(cost: dict[bool, float | None]) -> bool:
-    """Whether huge pages cost no more than small ones (or either is not measured yet)."""
-    huge, small = cost[True], cost[False]
-    return huge is None or small is None or huge <= small
+        self.cost[huge] = seconds / nbytes
 
 
 def _steps(buffers: Sequence[np.ndarray]) -> list[tuple[int, int]]:
@@ -213,42 +178,17 @@ def prefault(buffers: Sequence[np.ndarray], pages: PageSizes | None = None) -> N
         whole = lo % _HUGE_PAGE == 0 and hi % _HUGE_PAGE == 0
         huge = pages.pick() if whole else pages.best()
         madvise(lo, hi - lo, _MADV_HUGEPAGE if huge else _MADV_NOHUGEPAGE)
-        faults, start = _thread_faults(), time.thread_time()
+        start = time.thread_time()
         if madvise(lo, hi - lo, _MADV_POPULATE_WRITE) != 0:
             return  # unsupported here: the first refusal says so for all of them
-        seconds = time.thread_time() - start
-        mapped = _mapped(hi - lo, faults, huge)
-        if not whole or not mapped:
+        if not whole:
             continue
-        pages.record(huge, seconds, mapped)
+        pages.record(huge, time.thread_time() - start, hi - lo)
         best = pages.best()
         if None not in pages.cost.values() and best != rest:
             for later_lo, later_hi in _merged(steps[k + 1 :]):
                 madvise(later_lo, later_hi - later_lo, _MADV_HUGEPAGE if best else _MADV_NOHUGEPAGE)
             rest = best
-
-
-def _thread_faults() -> int | None:
-    """The calling thread's page faults so far (Linux), None where the system does not count them."""
-    try:
-        return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
-    except (AttributeError, OSError):
-        return None
-
-
-def _mapped(nbytes: int, faults_before: int | None, huge: bool) -> int:
-    """The bytes of an ``nbytes`` step that its mapping call mapped, from the faults it took.
-
-    Bodies may land in a step before the prefault gets there, and pages already
-    mapped cost next to nothing: timed as the whole step, they would make that
-    size look free. Each fault maps one page of the advised size (more faults
-    than that, small pages where a huge one was refused, still map at most the
-    step). Where faults are not counted, the whole step is taken as mapped.
-    """
-    after = _thread_faults()
-    if faults_before is None or after is None:
-        return nbytes
-    return min(nbytes, (after - faults_before) * (_HUGE_PAGE if huge else _PAGE))
 
 
 def _merged(steps: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
