@@ -103,6 +103,19 @@ def full_index(shape: tuple[int, ...]) -> Index:
     return tuple((0, n) for n in shape)
 
 
+def unravel(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The C-order coordinates of element ``flat`` of ``shape`` (() for a shape of ()).
+
+    ``np.unravel_index`` for one element, without its numpy set-up (restores ask
+    for it per pack entry and per plane of a scattered chunk).
+    """
+    out = []
+    for n in reversed(shape):
+        flat, x = divmod(flat, n)
+        out.append(x)
+    return tuple(reversed(out))
+
+
 # ----------------------------------------------------------------------------------- zarr
 def tiles(regions: list[Index], shape: tuple[int, ...]) -> bool:
     """Whether non-empty ``regions`` tile ``shape`` exactly: a grid, no overlap, no gap."""

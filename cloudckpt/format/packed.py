@@ -136,14 +136,8 @@ class PackGrid:
         _, _, first_rank, _, number, offset = self.runs[self.run_of[cell]].tolist()
         writer = int(self.placement.writers[cell])
         rank = int(self.placement.ranks[cell])
-        coords = []
-        rest = int(cell)
-        for n in reversed(self.grid):  # C order, as np.unravel_index
-            rest, i = divmod(rest, n)
-            coords.append(i)
-        index = tuple(
-            (i * c, (i + 1) * c) for i, c in zip(reversed(coords), self.cell, strict=True)
-        )
+        coords = layout.unravel(int(cell), self.grid)
+        index = tuple((i * c, (i + 1) * c) for i, c in zip(coords, self.cell, strict=True))
         at = offset + (rank - first_rank) * (self.cell_bytes + layout.CRC_BYTES)
         obj = f"{self.prefix}packs/{writer}.{number}"
         return layout.PackEntry(-1, index, -1, obj, at, self.cell_bytes)

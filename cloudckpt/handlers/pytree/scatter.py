@@ -39,6 +39,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import crc32c
 import numpy as np
 
+from cloudckpt.format import layout
 from cloudckpt.storage.held import HeldClock
 
 
@@ -328,7 +329,7 @@ class Scatter:
             plane, r = divmod(row, self._plane)
             stop = min(end, row - r + self._plane)
             rows = block[row - first : stop - first]
-            at = _unravel(plane, self._leading)
+            at = layout.unravel(plane, self._leading)
             for view, lead, r0, r1, c0, c1 in self._parts:
                 if not all(a <= x < b for x, (a, b) in zip(at, lead, strict=True)):
                     continue
@@ -337,12 +338,3 @@ class Scatter:
                     where = tuple(x - a0 for x, (a0, _) in zip(at, lead, strict=True))
                     view[where][a - r0 : b - r0] = rows[a - r : b - r, c0:c1]
             row = stop
-
-
-def _unravel(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The C-order coordinates of element ``flat`` of ``shape`` (() for a shape of ())."""
-    out = []
-    for n in reversed(shape):
-        flat, x = divmod(flat, n)
-        out.append(x)
-    return tuple(reversed(out))
