@@ -71,7 +71,10 @@ def _after_fault(url: str, loop: LoopThread) -> None:
         mngr.wait_until_finished()
         assert mngr.all_steps() == [1]
     root = cc.StoragePath.from_url(url)
-    assert [c.name for c in loop.run(atomicity.scan(root.backend, root.path))] == ["1"]
+    try:
+        assert [c.name for c in loop.run(atomicity.scan(root.backend, root.path))] == ["1"]
+    finally:
+        loop.run(root.backend.aclose())  # its client lives on the test's loop
 
 
 @pytest.fixture
@@ -115,7 +118,10 @@ def test_primary_killed_before_the_marker(s3_root: str, loop: LoopThread) -> Non
     assert workers[1].proc.returncode is not None
     assert not any("hung" in line for line in workers[1].lines), tail(workers[1])
     root = cc.StoragePath.from_url(s3_root)
-    assert not loop.run(atomicity.is_committed(root.backend, f"{root.path}/2"))
+    try:
+        assert not loop.run(atomicity.is_committed(root.backend, f"{root.path}/2"))
+    finally:
+        loop.run(root.backend.aclose())
     _after_fault(s3_root, loop)
 
 

@@ -28,7 +28,7 @@ from jax.sharding import PartitionSpec as P
 import cloudckpt as cc
 from cloudckpt.engine.loop import LoopThread
 from cloudckpt.format.layout import full_index, index_shape
-from cloudckpt.format.pytree import ZarrStorage, read_pytree
+from cloudckpt.format.pytree import PytreeDocument, ZarrStorage, read_pytree
 from cloudckpt.handlers.pytree import layout
 from cloudckpt.testing.faultproxy import FaultProxy
 from cloudckpt.testing.servers import LocalServers
@@ -118,9 +118,13 @@ def _objects(loop: LoopThread, url: str) -> dict[str, int]:
     root = cc.StoragePath.from_url(url)
 
     async def collect() -> dict[str, int]:
-        return {
-            i.path[len(root.path) + 1 :]: i.size async for i in root.backend.list_prefix(root.path)
-        }
+        try:
+            return {
+                i.path[len(root.path) + 1 :]: i.size
+                async for i in root.backend.list_prefix(root.path)
+            }
+        finally:
+            await root.backend.aclose()  # its client lives on the test's loop
 
     return loop.run(collect())
 
@@ -137,7 +141,15 @@ def _data_objects(objects: dict[str, int]) -> dict[str, int]:
 
 def _leaf_keys(loop: LoopThread, url: str) -> dict[str, str]:
     """Leaf name -> its zarr key, from the stored pytree.json (read as restore reads it)."""
-    document = loop.run(read_pytree(cc.StoragePath.from_url(url)))
+    root = cc.StoragePath.from_url(url)
+
+    async def read() -> PytreeDocument:
+        try:
+            return await read_pytree(root)
+        finally:
+            await root.backend.aclose()
+
+    document = loop.run(read())
     return {
         leaf.path.strip("[]'"): leaf.storage.key
         for leaf in document.leaves

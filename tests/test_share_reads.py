@@ -76,11 +76,14 @@ def _data_bytes(loop: LoopThread, url: str) -> int:
     root = cc.StoragePath.from_url(url)
 
     async def collect() -> int:
-        sizes = [
-            i.size
-            async for i in root.backend.list_prefix(root.path)
-            if "/c/" in i.path or "/packs/" in i.path
-        ]
+        try:
+            sizes = [
+                i.size
+                async for i in root.backend.list_prefix(root.path)
+                if "/c/" in i.path or "/packs/" in i.path
+            ]
+        finally:
+            await root.backend.aclose()  # its client lives on the test's loop
         return sum(sizes)
 
     return loop.run(collect())
@@ -182,12 +185,15 @@ def test_a_corrupt_shared_region_fails_every_process(
     root = cc.StoragePath.from_url(url)
 
     async def flip() -> str:
-        chunks = sorted(
-            [i.path async for i in root.backend.list_prefix(root.path) if "/c/" in i.path]
-        )
-        data = await root.backend.get(chunks[0])
-        assert data is not None
-        await root.backend.put(chunks[0], data[:100] + bytes([data[100] ^ 0xFF]) + data[101:])
+        try:
+            chunks = sorted(
+                [i.path async for i in root.backend.list_prefix(root.path) if "/c/" in i.path]
+            )
+            data = await root.backend.get(chunks[0])
+            assert data is not None
+            await root.backend.put(chunks[0], data[:100] + bytes([data[100] ^ 0xFF]) + data[101:])
+        finally:
+            await root.backend.aclose()
         return chunks[0]
 
     loop.run(flip())
