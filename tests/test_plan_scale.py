@@ -199,3 +199,53 @@ def test_replicated_leaves_spread_as_before_and_the_totals_agree() -> None:
     replicated = [s.leaf for s in specs if KINDS[s.leaf % len(KINDS)][1] == ("model",)]
     writers = {p for p, (d, _) in enumerate(plans) for i in replicated if i in d.own}
     assert len(writers) > 1
+
+
+def test_a_deferred_description_is_the_same_and_made_once() -> None:
+    """``defer``: the primary's pack records wait for ``describe``; then equal the direct ones."""
+    specs = _specs(300)
+    opts = _options()
+    direct, _ = plan_layout(specs, opts, opts.primary_host, PROCESSES)
+    deferred, _ = plan_layout(specs, opts, opts.primary_host, PROCESSES, defer=True)
+    assert direct.describe is None and direct.placements
+    assert deferred.describe is not None and not deferred.placements
+    packed = sorted(deferred.packed)
+    assert packed and all(deferred.storage[i] == {"type": "packed"} for i in packed)
+    # What the copies need is decided without the description.
+    assert deferred.pack_entries == direct.pack_entries
+    assert deferred.pack_sizes == direct.pack_sizes
+    deferred.describe()
+    assert deferred.describe is None
+    assert deferred.storage == direct.storage and deferred.placements == direct.placements
+    # Only the primary writes pytree.json: the others have nothing to describe.
+    other, _ = plan_layout(specs, opts, (opts.primary_host + 1) % PROCESSES, PROCESSES, defer=True)
+    assert other.describe is None and not other.placements
+
+
+def test_an_async_save_describes_its_packs_off_the_callers_thread(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    import jax
+
+    import cloudckpt as cc
+    from cloudckpt.handlers.pytree import placement
+
+    threads: list[threading.Thread] = []
+    real = placement._describe_packs
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        threads.append(threading.current_thread())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(placement, "_describe_packs", spy)
+    state = {f"b{i}": jax.numpy.full((16,), i, jax.numpy.float32) for i in range(50)}
+    with cc.AsyncCheckpointer(cc.StandardCheckpointHandler()) as ckptr:
+        ckptr.save(str(tmp_path / "1"), args=cc.args.StandardSave(state))
+        ckptr.wait_until_finished()
+        restored = ckptr.restore(str(tmp_path / "1"))
+    assert len(threads) == 1 and threads[0] is not threading.current_thread()
+    assert sorted(restored) == sorted(state)
+    for name, value in state.items():
+        np.testing.assert_array_equal(np.asarray(restored[name]), np.asarray(value))

@@ -12,6 +12,7 @@ training.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +61,9 @@ class SavePlan:
     placements: list[list[int]] = field(default_factory=list)
     nbytes: int = 0
     attempt: str = ""
+    #: On the primary: completes ``leaves_json`` and ``placements`` for the packed leaves,
+    #: off the blocking part of a save (``write_plan`` runs it beside the data writes).
+    describe: Callable[[], None] | None = None
 
 
 def _on_cpu(array: jax.Array) -> bool:
@@ -190,11 +194,21 @@ def plan_save(tree: Any, opts: PlanOptions) -> SavePlan:
             continue
         specs.append(LeafSpec(i, path, shape, dtype, sharding))
         values[i] = (kind, array)
-    decided, plan.nbytes = plan_layout(specs, opts, me, jax.process_count())
+    decided, plan.nbytes = plan_layout(specs, opts, me, jax.process_count(), defer=True)
     for i, storage in decided.storage.items():
         plan.leaves_json[i]["storage"] = storage
     plan.zarr_specs = decided.zarr_specs
-    plan.placements = decided.placements
+    pending = decided.describe
+    if pending is not None:
+
+        def describe() -> None:
+            pending()  # replaces the packed leaves' records in decided.storage
+            for i in decided.packed:
+                plan.leaves_json[i]["storage"] = decided.storage[i]
+            plan.placements = decided.placements
+            plan.describe = None
+
+        plan.describe = describe
     plan.pack_entries = decided.pack_entries
     slots = {(e.leaf, e.index): e for e in decided.pack_entries}
     plan.packs = {obj: np.empty(size, np.uint8) for obj, size in decided.pack_sizes.items()}

@@ -169,7 +169,19 @@ async def write_plan(
     tasks += [write_region(r) for r in plan.regions]
     if primary:
         tasks += [create_metadata(leaf) for leaf in plan.zarr_specs]
-    await asyncio.gather(*tasks)
+    # The packed leaves' records for pytree.json, left out of the blocking part of the
+    # save (plan_save), are made on a worker thread while the data is written.
+    described = asyncio.ensure_future(asyncio.to_thread(plan.describe)) if plan.describe else None
+    failed: BaseException | None = None
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        if described is not None:
+            # Its thread runs on regardless: waited for, its error taken, either way.
+            await asyncio.wait([described])
+            failed = described.exception()
+    if failed is not None:
+        raise failed
     if primary:
         await write_pytree(
             directory,
