@@ -293,6 +293,15 @@ def table(document: dict[str, Any]) -> str:
         lines.append(
             f"cloudckpt/orbax blocking: {_f(blk['cloudckpt_vs_orbax'])}; goal: vs copy <= {GOALS['blocking_vs_copy']}"
         )
+        many = blk.get("many_leaves")
+        if many:
+            mt = {k: v["median_s"] for k, v in many["times"].items()}
+            lines.append(
+                f"{many['leaves']} leaves of {many['leaf_bytes']} B: plain copy "
+                f"{_f(mt['plain_copy'], '{:.3f}')}s, cloudckpt blocks "
+                f"{_f(mt['cloudckpt_block'], '{:.3f}')}s ({_f(many['cloudckpt_vs_copy'])}x the copy), "
+                f"commit done after {_f(mt['cloudckpt_total'])}s"
+            )
     sc = _get(document, "scaling")
     if sc:
         s = sc["sizes"]
