@@ -249,3 +249,30 @@ def test_an_async_save_describes_its_packs_off_the_callers_thread(
     assert sorted(restored) == sorted(state)
     for name, value in state.items():
         np.testing.assert_array_equal(np.asarray(restored[name]), np.asarray(value))
+
+
+def test_a_failing_description_fails_the_save_and_commits_nothing(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The records made in the background are part of the save: failing, nothing is committed."""
+    import jax
+
+    import cloudckpt as cc
+    from cloudckpt.handlers.pytree import placement
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("describing failed")
+
+    state = {f"b{i}": jax.numpy.full((16,), i, jax.numpy.float32) for i in range(20)}
+    with cc.CheckpointManager(str(tmp_path)) as mngr:
+        mngr.save(1, args=cc.args.Composite(state=cc.args.StandardSave(state)))
+        mngr.wait_until_finished()
+        monkeypatch.setattr(placement, "_describe_packs", broken)
+        with pytest.raises(RuntimeError, match="describing failed"):
+            mngr.save(2, args=cc.args.Composite(state=cc.args.StandardSave(state)))
+            mngr.wait_until_finished()
+        monkeypatch.undo()
+        assert mngr.all_steps() == [1]
+        restored = mngr.restore(1)["state"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1"]  # step 2's attempt removed
+    np.testing.assert_array_equal(np.asarray(restored["b7"]), np.full((16,), 7, np.float32))
