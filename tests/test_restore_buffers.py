@@ -174,3 +174,36 @@ def test_pauses_of_the_collector_nest_across_threads() -> None:
             t.join()
         assert states == [False, False] and not gc.isenabled()  # one pause is still open
     assert gc.isenabled()
+
+
+def test_direct_reads_allocate_their_buffers_off_the_event_loop(
+    ckptr: Any, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Mapping a region's new buffer waits for the memory-map lock the prefaults hold: a
+    worker thread waits for it, never the loop that runs (and on object stores receives) reads."""
+    import asyncio
+
+    from cloudckpt.handlers.pytree import read
+
+    calls: list[tuple[tuple[int, ...], bool]] = []
+    real = read.empty_aligned
+
+    def spy(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        try:
+            asyncio.get_running_loop()
+            calls.append((tuple(shape), True))
+        except RuntimeError:
+            calls.append((tuple(shape), False))
+        return real(shape, dtype)
+
+    state = _tree(_mesh())
+    ckptr.save(tmp_path / "x", args=cc.args.StandardSave(state))
+    monkeypatch.setattr(read, "empty_aligned", spy)
+    restored = ckptr.restore(tmp_path / "x", args=cc.args.StandardRestore(_target(state)))
+    # Packed leaves' regions ("small", "sharded": shards of 1 MiB or less) are cut from
+    # their packs on the loop; the zarr leaves' regions ("replicated" and both "columns"
+    # shards, 1024x1024 each, read straight into their buffers) get theirs on a worker.
+    zarr = [loop for shape, loop in calls if shape == (1024, 1024)]
+    assert len(zarr) >= 3 and not any(zarr), calls
+    for name, value in state.items():
+        np.testing.assert_array_equal(np.asarray(restored[name]), np.asarray(value))

@@ -347,7 +347,14 @@ class Reader:
         async def read_direct(members: list[int], nbytes: int) -> None:
             assert isinstance(storage, _document.ZarrStorage)
             async with self.budget.hold(nbytes):
-                buffers = [empty_aligned(shapes[k], storage.stored) for k in members]
+                # Allocated on a worker: mapping new memory takes the process's memory-map
+                # lock for writing, which waits while the prefaults and reads fault pages in.
+                # On the loop, that wait stalled every read (1 GiB from GCS, median of 8:
+                # 0.698 s onto 2x4 and 0.632 s onto the saved mesh, against 0.615 s and 0.58 s;
+                # from files, 0.415 s against 0.261 s, np.fromfile 0.192 s).
+                buffers = await asyncio.to_thread(
+                    lambda: [empty_aligned(shapes[k], storage.stored) for k in members]
+                )
                 # The pages are mapped by a worker while the first requests are in flight
                 # (host.prefault): fewer faults as the bodies land, contents untouched.
                 mapped = asyncio.ensure_future(asyncio.to_thread(prefault, buffers, self._pages))
