@@ -168,8 +168,9 @@ class Layout:
     placements: list[list[int]] = field(default_factory=list)
     #: leaf -> its shards (every process's), for the copy phase.
     shards: dict[int, list[layout.Shard]] = field(default_factory=dict)
-    #: On the primary, when ``plan_layout`` was asked to defer it: fills the packed leaves'
-    #: ``storage`` records and ``placements`` (what only ``pytree.json`` needs), once.
+    #: On the primary, when ``plan_layout`` was asked to defer it: completes the packed
+    #: leaves' ``storage`` records and ``placements`` in place (only ``pytree.json`` needs
+    #: them), once.
     describe: Callable[[], None] | None = None
 
 
@@ -251,7 +252,8 @@ def plan_layout(
     if me == opts.primary_host:  # only the primary writes pytree.json
 
         def describe() -> None:
-            out.placements = _describe_packs(packed, whole, out.storage, opts, prefix)
+            # In place: whoever holds the records or the placements list sees them complete.
+            out.placements.extend(_describe_packs(packed, whole, out.storage, opts, prefix))
             out.describe = None
 
         if defer:
@@ -268,7 +270,8 @@ def _describe_packs(
     opts: PlanOptions,
     prefix: str,
 ) -> list[list[int]]:
-    """Every packed leaf's ``storage`` record (a grid where its cells are one); the placements.
+    """Completes every packed leaf's ``storage`` record in place (a grid where its cells are
+    one); returns the placements.
 
     Fills every writer's packs as ``layout.pack_layout`` does (whole leaves
     first), with numpy, so no leaf stored as a grid has an entry built.
@@ -304,7 +307,7 @@ def _describe_packs(
                 entries = packing.cell_entries(
                     i, [s.index for s in table.shards], cells, number, offset, sizes, prefix
                 )
-                storage[i] = {"type": "packed", "entries": [e.to_json() for e in entries]}
+                storage[i]["entries"] = [e.to_json() for e in entries]
                 continue
             known = numbered.get(id(writers))
             if known is None or known[0] is not writers:
@@ -313,12 +316,11 @@ def _describe_packs(
                     placements.number(tuple(writers.tolist())),
                 )
             cell_bytes = math.prod(cell) * itemsize + CRC_BYTES
-            storage[i] = {
-                "type": "packed",
-                "cell": list(cell),
-                "placement": known[1],
-                "runs": packing.grid_runs(cells, number, offset, cell_bytes, split),
-            }
+            storage[i].update(
+                cell=list(cell),
+                placement=known[1],
+                runs=packing.grid_runs(cells, number, offset, cell_bytes, split),
+            )
     return placements.lists
 
 

@@ -61,8 +61,9 @@ class SavePlan:
     placements: list[list[int]] = field(default_factory=list)
     nbytes: int = 0
     attempt: str = ""
-    #: On the primary: completes ``leaves_json`` and ``placements`` for the packed leaves,
-    #: off the blocking part of a save (``write_plan`` runs it beside the data writes).
+    #: On the primary: completes the packed leaves' records in ``leaves_json`` and
+    #: ``placements`` in place, off the blocking part of a save (``write_plan`` runs it
+    #: beside the data writes).
     describe: Callable[[], None] | None = None
 
 
@@ -198,17 +199,10 @@ def plan_save(tree: Any, opts: PlanOptions) -> SavePlan:
     for i, storage in decided.storage.items():
         plan.leaves_json[i]["storage"] = storage
     plan.zarr_specs = decided.zarr_specs
-    pending = decided.describe
-    if pending is not None:
-
-        def describe() -> None:
-            pending()  # replaces the packed leaves' records in decided.storage
-            for i in decided.packed:
-                plan.leaves_json[i]["storage"] = decided.storage[i]
-            plan.placements = decided.placements
-            plan.describe = None
-
-        plan.describe = describe
+    # The primary's packed records and placements are completed in place by describe,
+    # which write_plan runs in the save's background part.
+    plan.placements = decided.placements
+    plan.describe = decided.describe
     plan.pack_entries = decided.pack_entries
     slots = {(e.leaf, e.index): e for e in decided.pack_entries}
     plan.packs = {obj: np.empty(size, np.uint8) for obj, size in decided.pack_sizes.items()}

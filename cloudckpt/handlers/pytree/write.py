@@ -171,7 +171,8 @@ async def write_plan(
         tasks += [create_metadata(leaf) for leaf in plan.zarr_specs]
     # The packed leaves' records for pytree.json, left out of the blocking part of the
     # save (plan_save), are made on a worker thread while the data is written.
-    described = asyncio.ensure_future(asyncio.to_thread(plan.describe)) if plan.describe else None
+    describe, plan.describe = plan.describe, None  # once per plan
+    described = asyncio.ensure_future(asyncio.to_thread(describe)) if describe else None
     failed: BaseException | None = None
     try:
         await asyncio.gather(*tasks)
