@@ -153,12 +153,19 @@ class _ClaimedPath:
             raise ValidationError(f"{temporary_path} has no {CLAIM_NAME}: no save started there")
 
     @staticmethod
-    async def _require_marker(final_path: str, store: Store) -> None:
-        if not await store.exists(join(final_path, MARKER_NAME)):
+    async def _require_marker(final_path: str, store: Store) -> str | None:
+        """The attempt the marker commits (None: unreadable); raises when there is none.
+
+        One GET, the same round trip as asking whether it exists: readers check
+        the documents they fetched beside it against the attempt it names.
+        """
+        found = await store.get(join(final_path, MARKER_NAME))
+        if found is None:
             raise ValidationError(
                 f"incomplete checkpoint at {final_path}: its commit marker "
                 f"{MARKER_NAME} is missing (the save did not finish or is still running)"
             )
+        return marker_attempt(found)
 
 
 def judge(
@@ -310,8 +317,8 @@ class CommitMarkerPath(_ClaimedPath):
         await cls._require_claim(temporary_path, store)
 
     @classmethod
-    async def validate_final(cls, final_path: str, store: Store) -> None:
-        await cls._require_marker(final_path, store)
+    async def validate_final(cls, final_path: str, store: Store) -> str | None:
+        return await cls._require_marker(final_path, store)
 
 
 class AtomicRenamePath(_ClaimedPath):
@@ -391,12 +398,12 @@ class AtomicRenamePath(_ClaimedPath):
         await cls._require_claim(temporary_path, store)
 
     @classmethod
-    async def validate_final(cls, final_path: str, store: Store) -> None:
+    async def validate_final(cls, final_path: str, store: Store) -> str | None:
         if is_temporary_name(basename(final_path)):
             raise ValidationError(
                 f"incomplete checkpoint at {final_path}: it still has its temporary name"
             )
-        await cls._require_marker(final_path, store)
+        return await cls._require_marker(final_path, store)
 
 
 async def revoke_by_rename(store: Store, path: str, claim_version: str | None = None) -> bool:

@@ -105,7 +105,9 @@ class TemporaryPath(Protocol):
     async def validate(cls, temporary_path: str, store: Store) -> None: ...
 
     @classmethod
-    async def validate_final(cls, final_path: str, store: Store) -> None: ...
+    async def validate_final(cls, final_path: str, store: Store) -> str | None:
+        """Raises ``ValidationError`` unless committed; returns the attempt its marker names."""
+        ...
 
 
 def marker_bytes(attempt: str) -> bytes:

@@ -40,7 +40,8 @@ from cloudckpt import orbax
 from cloudckpt.engine.commit import StepCommit
 from cloudckpt.engine.loop import LoopThread, check_not_forked, in_forked_child
 from cloudckpt.engine.multihost import MultiprocessingOptions, ProcessGroup
-from cloudckpt.format.step import StepMetadata, read_step_metadata
+from cloudckpt.format.early import EarlyReads, early_reads
+from cloudckpt.format.step import STEP_METADATA_NAME, StepMetadata, read_step_metadata
 from cloudckpt.handlers.args import CheckpointArgs
 from cloudckpt.handlers.base import AsyncCheckpointHandler, CheckpointHandler, attempt_scope
 from cloudckpt.storage import BackendCache
@@ -201,6 +202,7 @@ class Checkpointer:
                 metrics=dict(metrics or {}),
                 init_timestamp_nsecs=init_ns,
                 custom=dict(custom or {}),
+                attempt=tmp.claim.attempt,
             ),
         )
 
@@ -233,11 +235,17 @@ class Checkpointer:
         )
 
     # -------------------------------------------------------------------- restore
-    async def _check_committed(self, location: StoragePath) -> orbax.OrbaxStep | None:
-        """Raises unless ``location`` is committed; returns the Orbax step it is, if one."""
+    async def _check_committed(
+        self, location: StoragePath, early: EarlyReads | None = None
+    ) -> orbax.OrbaxStep | None:
+        """Raises unless ``location`` is committed; returns the Orbax step it is, if one.
+
+        Tells ``early`` which attempt the commit marker names: the documents read
+        beside the check are used only if they name it too.
+        """
         strategy = location.backend.default_temporary_path_class()
         try:
-            await strategy.validate_final(location.path, location.backend)
+            attempt = await strategy.validate_final(location.path, location.backend)
         except atomicity.ValidationError:
             # Orbax hook: a step Orbax wrote has no cloudckpt marker (docs/FORMAT.md).
             found = await orbax.probe(location)
@@ -247,7 +255,16 @@ class Checkpointer:
             if not await _has_objects(location):
                 raise FileNotFoundError(f"no checkpoint at {location}") from None
             raise
+        if early is not None:
+            early.attempt = attempt
         return None
+
+    def _documents(self, location: StoragePath, args: CheckpointArgs | None) -> list[StoragePath]:
+        """What the handler reads first; [] if it cannot say (its restore raises what is wrong)."""
+        try:
+            return list(self._handler.restore_documents(location, args))
+        except Exception:
+            return []
 
     def restore(self, path: PathLike, args: CheckpointArgs | None = None) -> Any:
         """Restores the committed checkpoint at ``path``.
@@ -259,30 +276,37 @@ class Checkpointer:
         location = self.location(path)
 
         async def run() -> Any:
-            found = await self._check_committed(location)
-            if found is not None:  # Orbax hook
-                return await orbax.restore_step(location, found, self._handler, args)
-            return await self._handler.restore(location, args)
+            # The handler's first documents are fetched beside the commit check.
+            async with early_reads(self._documents(location, args)) as early:
+                found = await self._check_committed(location, early)
+                if found is not None:  # Orbax hook
+                    return await orbax.restore_step(location, found, self._handler, args)
+                return await self._handler.restore(location, args)
 
         return self.run_on_loop(run())
 
     def metadata(self, path: PathLike) -> StepMetadata:
         """The step metadata of ``path`` with per-item metadata, reading no array data."""
         location = self.location(path)
+        documents = [
+            location / STEP_METADATA_NAME,
+            *self._handler.restore_documents(location, None),
+        ]
 
         async def run() -> StepMetadata:
-            try:
-                found = await self._check_committed(location)
-            except atomicity.ValidationError as exc:
-                raise ValueError(
-                    f"{exc}. Finalize the save first (wait for it to commit) before reading "
-                    "its metadata"
-                ) from None
-            if found is not None:  # Orbax hook
-                return await orbax.step_metadata(location, found, with_items=True)
-            step = await read_step_metadata(location)
-            step.item_metadata = await self._handler.metadata(location)
-            return step
+            async with early_reads(documents) as early:
+                try:
+                    found = await self._check_committed(location, early)
+                except atomicity.ValidationError as exc:
+                    raise ValueError(
+                        f"{exc}. Finalize the save first (wait for it to commit) before reading "
+                        "its metadata"
+                    ) from None
+                if found is not None:  # Orbax hook
+                    return await orbax.step_metadata(location, found, with_items=True)
+                step = await read_step_metadata(location)
+                step.item_metadata = await self._handler.metadata(location)
+                return step
 
         return self.run_on_loop(run())
 

@@ -37,7 +37,9 @@ import numpy as np
 
 from cloudckpt.errors import CorruptCheckpointError
 from cloudckpt.format import jsonio, layout, packed
+from cloudckpt.format.early import read_document
 from cloudckpt.format.packed import Refuse as _Refuse
+from cloudckpt.format.step import ATTEMPT_NAME as _ATTEMPT
 from cloudckpt.format.step import write_object
 from cloudckpt.storage.path import StoragePath
 
@@ -46,8 +48,6 @@ METADATA_NAME = "pytree.json"
 #: Newest ``format`` of ``pytree.json`` read, and the one written (2: per-attempt data names;
 #: 3: pack grids, :mod:`cloudckpt.format.packed`).
 PYTREE_FORMAT = 3
-#: What an attempt id in a key may look like: one path component, no dots.
-_ATTEMPT = re.compile(r"[0-9A-Za-z_-]{1,64}")
 #: Deepest skeleton accepted (``flatten`` recurses too, so deeper trees cannot be saved).
 MAX_DEPTH = 512
 #: Most dimensions of an array (numpy's own limit is 64).
@@ -224,11 +224,10 @@ async def read_pytree(directory: StoragePath) -> PytreeDocument:
         FileNotFoundError: the item has no ``pytree.json``.
         CorruptCheckpointError: as :func:`parse_pytree`, or a checksum mismatch.
     """
-    target = directory / METADATA_NAME
-    data = await target.backend.get(target.path)
-    if data is None:
+    document = await read_document(directory / METADATA_NAME, parse_pytree)
+    if document is None:
         raise FileNotFoundError(f"no pytree at {directory} ({METADATA_NAME} is missing)")
-    return parse_pytree(jsonio.loads(data, where=str(target)), where=str(target))
+    return document
 
 
 # ------------------------------------------------------------------------------- parsing

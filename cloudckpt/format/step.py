@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import atomicity
 from cloudckpt.errors import CorruptCheckpointError
 from cloudckpt.format import jsonio as _jsonio
+from cloudckpt.format.early import read_document
 from cloudckpt.storage.path import StoragePath
 
 STEP_METADATA_NAME = "_CHECKPOINT_METADATA"
@@ -16,6 +18,9 @@ STEP_METADATA_NAME = "_CHECKPOINT_METADATA"
 #: objects are named after the attempt that wrote them (``<item>/@<attempt>/...``); 3: pack
 #: grids in ``pytree.json`` (:mod:`cloudckpt.format.packed`).
 FORMAT_VERSION = 3
+#: What a recorded attempt id may look like: one path component, no dots (pytree.json's
+#: data keys start with ``@<attempt>/``).
+ATTEMPT_NAME = re.compile(r"[0-9A-Za-z_-]{1,64}")
 #: Names an item may not take: they are the step's own objects.
 RESERVED_NAMES = frozenset({STEP_METADATA_NAME, atomicity.MARKER_NAME, atomicity.CLAIM_NAME})
 #: The identities of cloudckpt's own item handlers as step metadata records them (their
@@ -67,6 +72,8 @@ class StepMetadata:
         commit_timestamp_nsecs: When all data was written, just before commit.
         custom: User fields given at save time.
         format_version: The on-storage format version.
+        attempt: The save attempt that wrote the step, whose commit marker names
+            it too (None in steps saved before the step metadata recorded it).
     """
 
     item_handlers: dict[str, str] | str | None = None
@@ -76,6 +83,7 @@ class StepMetadata:
     commit_timestamp_nsecs: int | None = None
     custom: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    attempt: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -131,6 +139,9 @@ def _problem(data: dict[str, Any]) -> str | None:
     for name in ("metrics", "custom"):
         if data.get(name) is not None and type(data[name]) is not dict:
             return f"{name} is {type(data[name]).__name__}, not an object"
+    attempt = data.get("attempt")
+    if attempt is not None and (type(attempt) is not str or not ATTEMPT_NAME.fullmatch(attempt)):
+        return f"attempt {attempt!r} is not an attempt id"
     for name in ("init_timestamp_nsecs", "commit_timestamp_nsecs"):
         value = data.get(name)
         if value is not None and (type(value) is not int or value < 0):
@@ -147,10 +158,10 @@ async def write_step_metadata(directory: StoragePath, metadata: StepMetadata) ->
 async def read_step_metadata(directory: StoragePath) -> StepMetadata:
     """Reads and verifies the step metadata; FileNotFoundError when absent."""
     target = directory / STEP_METADATA_NAME
-    data = await target.backend.get(target.path)
-    if data is None:
+    step = await read_document(target, StepMetadata.from_json)
+    if step is None:
         raise FileNotFoundError(f"no step metadata at {target}: not a cloudckpt checkpoint")
-    return StepMetadata.from_json(_jsonio.loads(data, where=str(target)), where=str(target))
+    return step
 
 
 async def write_object(target: StoragePath, data: bytes) -> None:

@@ -109,6 +109,11 @@ class CheckpointHandler(abc.ABC):
     #: Args type to default-construct when restoring without args (None: cannot).
     default_restore_args: ClassVar[type[CheckpointArgs] | None] = None
 
+    #: Objects under the item's directory that every restore reads before anything else,
+    #: each a checksummed JSON document whose ``attempt`` names the save that wrote it. A
+    #: checkpointer fetches them beside its commit check (:mod:`cloudckpt.format.early`).
+    RESTORE_DOCUMENTS: ClassVar[tuple[str, ...]] = ()
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         declared = cls.__dict__.get("TYPESTR")
@@ -142,6 +147,12 @@ class CheckpointHandler(abc.ABC):
         items returns ``{item: typestr}``, as the composite does.
         """
         return self.typestr()
+
+    def restore_documents(
+        self, directory: StoragePath, args: CheckpointArgs | None
+    ) -> list[StoragePath]:
+        """What a restore of ``directory`` with ``args`` reads first (no I/O, never raises)."""
+        return [directory / name for name in type(self).RESTORE_DOCUMENTS]
 
     @abc.abstractmethod
     async def save(self, directory: StoragePath, args: CheckpointArgs) -> None:

@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Awaitable, Sequence
 from typing import Any
 
-from cloudckpt.format.step import read_step_metadata, validate_item_name
+from cloudckpt.format.step import STEP_METADATA_NAME, read_step_metadata, validate_item_name
 from cloudckpt.handlers.args import CheckpointArgs, Composite
 from cloudckpt.handlers.base import AsyncCheckpointHandler, CheckpointHandler
 from cloudckpt.handlers.registry import (
@@ -164,6 +164,29 @@ class CompositeCheckpointHandler(AsyncCheckpointHandler):
             await handler.finalize(directory / item)
 
     # -------------------------------------------------------------------- restore
+    def restore_documents(
+        self, directory: StoragePath, args: CheckpointArgs | None
+    ) -> list[StoragePath]:
+        """The step metadata, and the documents of the items ``args`` names."""
+        found = [directory / STEP_METADATA_NAME]
+        for item, item_args in args.items() if isinstance(args, Composite) else ():
+            handler_cls = self._class_for_args(item, item_args)
+            if handler_cls is not None:
+                found += [directory / item / name for name in handler_cls.RESTORE_DOCUMENTS]
+        return found
+
+    def _class_for_args(self, item: str, args: CheckpointArgs) -> type[CheckpointHandler] | None:
+        """The handler class that would restore ``item`` with ``args``; None if in doubt."""
+        try:
+            validate_item_name(item)
+        except ValueError:
+            return None  # the restore refuses it, before any I/O
+        if self._registry is not None:
+            has = self._registry.has(item, args)
+            return type(self._registry.get(item, args)) if has else None
+        bound = self._bound.get(item)
+        return type(bound) if bound is not None else handler_class_for(type(args))
+
     async def _saved_items(self, directory: StoragePath) -> dict[str, str]:
         step = await read_step_metadata(directory)
         if not isinstance(step.item_handlers, dict):

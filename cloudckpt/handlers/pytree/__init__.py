@@ -83,6 +83,7 @@ class StandardCheckpointHandler(AsyncCheckpointHandler):
     """
 
     TYPESTR = PYTREE_TYPESTR  # on disk: never change
+    RESTORE_DOCUMENTS = (_document.METADATA_NAME,)
 
     def __init__(
         self,
