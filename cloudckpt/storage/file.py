@@ -186,9 +186,10 @@ def _get(path: str, byte_range: tuple[int, int] | None) -> bytes | None:
     fd = _open_object(path)
     if fd is None:
         return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # a directory: fdopen would refuse it
+        os.close(fd)
+        return None
     with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            return None
         if byte_range is None:
             return f.read()
         start, end = byte_range

@@ -255,6 +255,9 @@ class BackendTests:
     def test_a_directory_is_not_an_object(self, store: StoreUnderTest, loop: LoopThread) -> None:
         loop.run(store.backend.put(store.path("dir", "leaf"), b"x"))
         assert loop.run(store.backend.exists(store.path("dir"))) is False
+        # Read as an object, it is a missing one (a restore reads its marker this way).
+        assert loop.run(store.backend.get(store.path("dir"))) is None
+        assert loop.run(store.backend.get(store.path("dir"), (0, 1))) is None
 
     def test_list_prefix_is_recursive_and_exact(
         self, store: StoreUnderTest, loop: LoopThread
