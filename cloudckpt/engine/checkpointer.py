@@ -288,10 +288,7 @@ class Checkpointer:
     def metadata(self, path: PathLike) -> StepMetadata:
         """The step metadata of ``path`` with per-item metadata, reading no array data."""
         location = self.location(path)
-        documents = [
-            location / STEP_METADATA_NAME,
-            *self._handler.restore_documents(location, None),
-        ]
+        documents = [location / STEP_METADATA_NAME, *self._documents(location, None)]
 
         async def run() -> StepMetadata:
             async with early_reads(documents) as early:
