@@ -58,6 +58,8 @@ class Config:
     #: holding each connection's downloads to ``capped_rate_mbs`` MB/s.
     capped_size_mib: float = 256.0
     capped_rate_mbs: float = 25.0
+    #: The restore_latency scenario: how long the proxy holds every answer back.
+    latency_ms: float = 25.0
     capped_reps: int = 3
     scenarios: list[str] = field(default_factory=list)
     workdir: str = ""

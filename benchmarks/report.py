@@ -393,7 +393,7 @@ def table(document: dict[str, Any]) -> str:
         )
     lines += _straggler_lines(_get(document, "stragglers"))
     # Issue 14's scenarios print their own rows.
-    from benchmarks import capped, io_bytes, listing, protocol, scale_model
+    from benchmarks import capped, io_bytes, latency, listing, protocol, scale_model
 
     if _get(document, "io_bytes"):
         lines += io_bytes.table_lines(document["results"]["io_bytes"])
@@ -401,6 +401,8 @@ def table(document: dict[str, Any]) -> str:
         lines += listing.table_lines(document["results"]["listing"])
     if _get(document, "protocol"):
         lines += protocol.table_lines(document["results"]["protocol"])
+    if _get(document, "restore_latency"):
+        lines += latency.table_lines(document["results"]["restore_latency"])
     if _get(document, "scale_model"):
         lines += scale_model.table_lines(document["results"]["scale_model"])
     if _get(document, "capped_streams"):

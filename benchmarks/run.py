@@ -36,6 +36,7 @@ from benchmarks import (  # noqa: E402  (registers the scenarios)
     blocking,
     capped,
     io_bytes,
+    latency,
     listing,
     memory,
     multiprocess,
@@ -56,6 +57,7 @@ _ = (
     blocking,
     capped,
     io_bytes,
+    latency,
     listing,
     memory,
     multiprocess,
@@ -159,6 +161,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
         f"(default {defaults.capped_rate_mbs:g})",
     )
     p.add_argument(
+        "--latency-ms",
+        type=float,
+        help=f"restore_latency: ms every answer is held back (default {defaults.latency_ms:g})",
+    )
+    p.add_argument(
         "--capped-reps",
         type=int,
         help=f"repetitions of the capped_streams scenario (default {defaults.capped_reps})",
@@ -239,6 +246,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespac
         cfg.capped_size_mib = args.capped_size_mib
     if args.capped_rate_mbs is not None:
         cfg.capped_rate_mbs = args.capped_rate_mbs
+    if args.latency_ms is not None:
+        cfg.latency_ms = args.latency_ms
     if args.capped_reps is not None:
         cfg.capped_reps = args.capped_reps
     if args.straggler_floors:
