@@ -361,6 +361,26 @@ class TestLeafTypes:
             5,
         )
 
+    def test_zero_dimensional_leaves_restore_whatever_the_pack_threshold(self, tmp_path) -> None:
+        """Scalars are packed even when the threshold would give them zarr arrays of their own.
+
+        With ``pack_below_bytes=1`` an 8-byte scalar used to get zarr storage, which the
+        reader refuses (zarr storage is for arrays with axes): a checkpoint that never restored.
+        """
+        tree = {
+            "step": np.int64(7),
+            "lr": jnp.asarray(0.5, jnp.float32),
+            "flag": np.bool_(True),
+            "w": np.arange(64, dtype=np.float32),
+        }
+        with cc.Checkpointer(cc.StandardCheckpointHandler(pack_below_bytes=1)) as c:
+            c.save(str(tmp_path / "s"), args=cc.args.StandardSave(tree))
+            out = c.restore(str(tmp_path / "s"))
+        for key, value in tree.items():
+            assert np.asarray(out[key]).tobytes() == np.asarray(value).tobytes(), key
+            assert np.asarray(out[key]).dtype == np.asarray(value).dtype, key
+        assert (tmp_path / "s").is_dir() and any((tmp_path / "s").rglob("arrays/*"))
+
     def test_unsupported_leaf_is_named_before_any_io(
         self, ckptr: cc.Checkpointer, tmp_path
     ) -> None:

@@ -298,8 +298,8 @@ def array_layout(
     applies the same rule, with the chunk grid taken over the replica-split
     parts of each shard (identical to the shards when nothing is replicated).
     """
-    if max(s.nbytes for s in shards) < pack_below_bytes:
-        return None
+    if not shape or max(s.nbytes for s in shards) < pack_below_bytes:
+        return None  # zero-dimensional arrays are always packed
     chunk = chunk_grid(shape, shards, itemsize, max_object_bytes)
     return chunk, split_to_fit(chunk, itemsize, inner_chunk_bytes)
 

@@ -213,7 +213,8 @@ def plan_layout(
     if threshold is None:
         threshold = layout.pack_threshold(total, opts.max_object_bytes)
     for leaf in placed:
-        leaf.to_pack = leaf.table.max_bytes < threshold
+        # Zero-dimensional arrays are always packed: zarr storage is for arrays with axes.
+        leaf.to_pack = leaf.table.max_bytes < threshold or not leaf.spec.shape
     _place(placed, total, opts, processes)
     own_packed: list[tuple[int, layout.Shard]] = []
     for leaf in placed:
