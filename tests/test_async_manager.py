@@ -25,6 +25,8 @@ from cloudckpt.engine.loop import LoopThread
 from .backend_harness import ALL_KINDS, StoreUnderTest, make_store
 
 GATES: dict[str, threading.Event] = {}
+#: Set when a gated write starts waiting at its gate: its save has claimed the step by then.
+WAITING: dict[str, threading.Event] = {}
 
 
 class GatedHandler(cc.AsyncCheckpointHandler):
@@ -32,6 +34,8 @@ class GatedHandler(cc.AsyncCheckpointHandler):
 
     async def _write(self, directory: cc.StoragePath, args: GatedSave) -> None:
         if args.gate:
+            if args.gate in WAITING:
+                WAITING[args.gate].set()
             await asyncio.to_thread(GATES[args.gate].wait, 30)
         if args.sleep_s:
             await asyncio.sleep(args.sleep_s)
@@ -387,12 +391,14 @@ class TestRacingWriters:
         rename wins; the loser fails at its rename. Either way one commits,
         entirely.
         """
-        GATES["zombie"] = threading.Event()
+        GATES["zombie"], WAITING["zombie"] = threading.Event(), threading.Event()
         zombie = manager(store)
         fresh = manager(store)
         try:
             zombie.save(5, args=cc.args.Composite(x=GatedSave(111, gate="zombie")))
-            time.sleep(0.3)  # the zombie has claimed step 5 and is writing
+            # The zombie has claimed step 5 and is writing (a fixed sleep was not always enough
+            # on a loaded machine: the fresh job then claimed first).
+            assert WAITING["zombie"].wait(30)
             fresh.save(5, args=cc.args.Composite(x=GatedSave(222)))
             if store.backend.supports_atomic_rename:
                 fresh.wait_until_finished()  # the fresh job renames first
