@@ -166,3 +166,11 @@ def linear_fit(xs: Sequence[float], ys: Sequence[float]) -> dict[str, float]:
         "r2": 1 - ss_res / ss_tot if ss_tot else 1.0,
         "max_rel_dev": max(abs(y - f) / y for y, f in zip(ys, fitted, strict=True) if y),
     }
+
+
+def aligned(header: list[str], rows: list[list[str]]) -> list[str]:
+    """``header`` and ``rows`` as text lines, each column left-aligned to its widest cell."""
+    widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=True)]
+    return [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in [header, *rows]
+    ]

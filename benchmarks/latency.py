@@ -28,7 +28,7 @@ import jax
 import numpy as np
 
 import cloudckpt as cc
-from benchmarks.common import Context, scenario
+from benchmarks.common import Context, aligned, scenario
 from cloudckpt.storage.deadline import Deadlines
 from cloudckpt.testing.faultproxy import FaultProxy
 
@@ -140,9 +140,7 @@ def table_lines(result: dict[str, Any]) -> list[str]:
              f"{trips['restore']:.2f}", f"{med['manager_restore'] * 1000:.0f}",
              f"{trips['manager_restore']:.2f}"]
         )  # fmt: skip
-    widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=True)]
-    for row in [header, *rows]:
-        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+    lines += aligned(header, rows)
     lines.append(
         "restore: Checkpointer.restore of a small pytree; manager restore: CheckpointManager."
         "restore of a composite (that pytree and a JSON item). Before the early reads: 3 and 4"

@@ -30,7 +30,7 @@ from typing import Any
 
 import atomicity
 import cloudckpt as cc
-from benchmarks.common import Context, scenario
+from benchmarks.common import Context, aligned, scenario
 from cloudckpt.storage import Deadlines
 from cloudckpt.storage.path import StoragePath
 from cloudckpt.tools import inspect as _inspect
@@ -191,9 +191,7 @@ def table_lines(result: dict[str, Any]) -> list[str]:
     for name, r in result["backends"].items():
         for op, after in r["after"].items():
             rows.append([name, op, str(r["before"][op]), str(after)])
-    widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=True)]
-    for row in [header, *rows]:
-        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+    lines += aligned(header, rows)
     lines.append(
         "requests: HTTP requests through a counting proxy (S3, GCS); backend calls plus "
         "directory reads (file)"

@@ -27,7 +27,7 @@ import numpy as np
 
 import atomicity
 import cloudckpt as cc
-from benchmarks.common import Context, scenario
+from benchmarks.common import Context, aligned, scenario
 from cloudckpt.storage.path import StoragePath
 
 #: issue 12's baseline (198b6a8): one JSON item.
@@ -111,9 +111,7 @@ def table_lines(result: dict[str, Any]) -> list[str]:
                  str(before.get("protocol", "-")), str(r["documents"]), str(r["data_objects"]),
                  str(r["delete"]), str(before.get("delete", "-"))]
             )  # fmt: skip
-    widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=True)]
-    for row in [header, *rows]:
-        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+    lines += aligned(header, rows)
     lines.append(
         "save/delete: cloudckpt's storage calls (data objects, written through tensorstore, "
         "excluded); protocol: save minus the document creates; a GCS versioned read is 2 HTTP "
