@@ -282,6 +282,16 @@ def chunk_grid(
     return split_to_fit(chunk, itemsize, max_object_bytes)
 
 
+def is_packed(shape: tuple[int, ...], largest_shard_bytes: int, pack_below_bytes: int) -> bool:
+    """Whether an array is stored in packs rather than as a zarr array of its own.
+
+    Arrays whose largest shard is under the threshold are packed, and so is every
+    zero-dimensional array whatever its size: zarr storage is for arrays with axes
+    (the reader refuses a zero-dimensional one).
+    """
+    return not shape or largest_shard_bytes < pack_below_bytes
+
+
 def array_layout(
     shape: tuple[int, ...],
     itemsize: int,
@@ -298,8 +308,8 @@ def array_layout(
     applies the same rule, with the chunk grid taken over the replica-split
     parts of each shard (identical to the shards when nothing is replicated).
     """
-    if not shape or max(s.nbytes for s in shards) < pack_below_bytes:
-        return None  # zero-dimensional arrays are always packed
+    if is_packed(shape, max(s.nbytes for s in shards), pack_below_bytes):
+        return None
     chunk = chunk_grid(shape, shards, itemsize, max_object_bytes)
     return chunk, split_to_fit(chunk, itemsize, inner_chunk_bytes)
 

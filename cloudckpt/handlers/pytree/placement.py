@@ -213,8 +213,7 @@ def plan_layout(
     if threshold is None:
         threshold = layout.pack_threshold(total, opts.max_object_bytes)
     for leaf in placed:
-        # Zero-dimensional arrays are always packed: zarr storage is for arrays with axes.
-        leaf.to_pack = leaf.table.max_bytes < threshold or not leaf.spec.shape
+        leaf.to_pack = layout.is_packed(leaf.spec.shape, leaf.table.max_bytes, threshold)
     _place(placed, total, opts, processes)
     own_packed: list[tuple[int, layout.Shard]] = []
     for leaf in placed:
