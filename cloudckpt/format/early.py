@@ -87,8 +87,7 @@ async def read_document(target: StoragePath, parse: Callable[..., T]) -> T | Non
     """
     where = str(target)
     early = _EARLY.get()
-    pending = early.take(target) if early is not None else None
-    if pending is not None and early is not None:
+    if early is not None and (pending := early.take(target)) is not None:
         try:
             data = await pending
         except Exception:  # read again below, which raises what is wrong
