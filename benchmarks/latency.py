@@ -19,8 +19,6 @@ metadata, documents, data); now the documents go out with the marker.
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -28,7 +26,8 @@ import jax
 import numpy as np
 
 import cloudckpt as cc
-from benchmarks.common import Context, aligned, scenario
+from benchmarks import tree as tree_lib
+from benchmarks.common import Context, aligned, median, scenario, timed
 from cloudckpt.storage.deadline import Deadlines
 from cloudckpt.testing.faultproxy import FaultProxy
 
@@ -39,13 +38,6 @@ def _tree(ctx: Context) -> dict[str, Any]:
     return {"w": jax.device_put(w, sharding), "b": np.arange(16, dtype=np.float32)}
 
 
-def _abstract(tree: dict[str, Any]) -> dict[str, Any]:
-    return {
-        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=getattr(v, "sharding", None))
-        for k, v in tree.items()
-    }
-
-
 def _composite(pytree: cc.StandardCheckpointHandler) -> cc.CompositeCheckpointHandler:
     registry = cc.HandlerRegistry()
     registry.add("state", cc.args.StandardSave, pytree)
@@ -53,12 +45,6 @@ def _composite(pytree: cc.StandardCheckpointHandler) -> cc.CompositeCheckpointHa
     registry.add("meta", cc.args.JsonSave, cc.JsonCheckpointHandler)
     registry.add("meta", cc.args.JsonRestore, cc.JsonCheckpointHandler)
     return cc.CompositeCheckpointHandler(handler_registry=registry)
-
-
-def _timed(fn: Callable[[], Any]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def _measure(ctx: Context, url: str, proxy: FaultProxy) -> dict[str, Any]:
@@ -79,7 +65,7 @@ def _measure(ctx: Context, url: str, proxy: FaultProxy) -> dict[str, Any]:
     with cc.Checkpointer(pytree) as saver:
         saver.save(plain_url, args=cc.args.StandardSave(tree))
     options = {"endpoint_url": proxy.endpoint, "deadlines": Deadlines(hedge=False, cut_min_s=60)}
-    restore_args = cc.args.StandardRestore(_abstract(tree))
+    restore_args = cc.args.StandardRestore(tree_lib.abstract_target(tree))
     composite_args = cc.args.Composite(state=restore_args, meta=cc.args.JsonRestore())
     with (
         cc.Checkpointer(pytree, storage_options=options) as ckptr,
@@ -97,8 +83,8 @@ def _measure(ctx: Context, url: str, proxy: FaultProxy) -> dict[str, Any]:
         for rep in range(ctx.config.small_reps):
             order = list(ops) if rep % 2 == 0 else list(reversed(ops))
             for name in order:
-                times[name].append(_timed(ops[name]))
-    med = {name: statistics.median(v) for name, v in times.items()}
+                times[name].append(timed(ops[name])[0])
+    med = {name: median(v) for name, v in times.items()}
     return {
         "seconds": times,
         "median_s": med,
