@@ -190,6 +190,8 @@ def test_step_metadata_read_during_a_resave_is_the_new_save(
         direct.save(url, args=_save_args(1.0, True), custom={"run": "first"})
         assert held.metadata(url).custom == {"run": "first"}
         assert proxy.held == ["documents"]
+        # The checkpointer and the composite both read it: one GET serves both.
+        assert proxy.gets["_CHECKPOINT_METADATA"] == 1
         proxy.reset()
         proxy.meanwhile = lambda: direct.save(
             url, args=_save_args(2.0, True), custom={"run": "second"}, force=True
@@ -197,6 +199,8 @@ def test_step_metadata_read_during_a_resave_is_the_new_save(
         step = held.metadata(url)
         assert proxy.held == ["documents"]
         assert step.custom == {"run": "second"}
+        # The stale early answer is dropped at once: each reader then reads the new one.
+        assert proxy.gets["_CHECKPOINT_METADATA"] == 3
         assert step.item_metadata["state"]["w"].shape == (256, 64)
 
 

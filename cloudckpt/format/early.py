@@ -33,7 +33,12 @@ T = TypeVar("T")
 
 
 class EarlyReads:
-    """GETs started before the commit check, each handed out once."""
+    """GETs started before the commit check.
+
+    An answer the check vouches for serves every reader of its object in this
+    restore (a composite's ``metadata()`` reads the step metadata twice); one it
+    does not is dropped, and each reader reads the object itself.
+    """
 
     def __init__(self, targets: Iterable[StoragePath]) -> None:
         self._tasks: dict[tuple[int, str], asyncio.Future[bytes | None]] = {}
@@ -45,11 +50,14 @@ class EarlyReads:
         #: and for a marker that names none): the only attempt an early answer may name.
         self.attempt: str | None = None
 
-    def take(self, target: StoragePath) -> asyncio.Future[bytes | None] | None:
-        return self._tasks.pop((id(target.backend), target.path), None)
+    def answer(self, target: StoragePath) -> asyncio.Future[bytes | None] | None:
+        return self._tasks.get((id(target.backend), target.path))
+
+    def drop(self, target: StoragePath) -> None:
+        self._tasks.pop((id(target.backend), target.path), None)
 
     async def aclose(self) -> None:
-        """Stops the reads nobody took (a failed check, an item not in the checkpoint)."""
+        """Stops the reads still running (a failed check, an item not in the checkpoint)."""
         tasks, self._tasks = list(self._tasks.values()), {}
         for task in tasks:
             task.cancel()
@@ -81,13 +89,13 @@ async def read_document(target: StoragePath, parse: Callable[..., T]) -> T | Non
     """The checksummed JSON document at ``target``, ``parse``d; None when there is none.
 
     ``parse(payload, where=...)`` validates the payload (untrusted) and types
-    it. The early read of ``target`` is taken when there is one and the
+    it. The early read of ``target`` is used when there is one and the
     document's ``attempt`` is the one the commit marker names; otherwise the
     object is read now.
     """
     where = str(target)
     early = _EARLY.get()
-    if early is not None and (pending := early.take(target)) is not None:
+    if early is not None and (pending := early.answer(target)) is not None:
         try:
             data = await pending
         except Exception:  # read again below, which raises what is wrong
@@ -99,5 +107,6 @@ async def read_document(target: StoragePath, parse: Callable[..., T]) -> T | Non
                 value = None
             if value is not None and getattr(value, "attempt", None) == early.attempt:
                 return value
+        early.drop(target)
     data = await target.backend.get(target.path)
     return None if data is None else parse(jsonio.loads(data, where=where), where=where)
